@@ -1,0 +1,122 @@
+//! Safety properties of Raft (Figure 3), checked beside the cluster after every event.
+//!
+//! - Election Safety: at most one leader per term.
+//! - Log Matching: two logs with an entry of the same index and term are identical up to it.
+//!   Checked incrementally with a hash chain: the hash at index i covers every entry up to i, so
+//!   one (index, term) must always map to one chain hash, whichever node holds it.
+//! - Leader Completeness: a new leader holds every entry anyone has applied.
+//! - State Machine Safety: no two nodes apply different entries at one index.
+
+use std::collections::BTreeMap;
+
+use sixfive_raft::{Entry, EntryKind, Index, NodeId, RaftLog, Term};
+
+/// Hash chain of one node's log: index -> hash of the log through that index.
+#[derive(Clone, Debug, Default)]
+pub struct Chain {
+    hashes: BTreeMap<Index, u64>,
+}
+
+fn mix(prev: u64, e: &Entry) -> u64 {
+    let mut h = prev ^ 0xcbf2_9ce4_8422_2325;
+    let kind = match e.kind {
+        EntryKind::Normal => 1u8,
+        EntryKind::Noop => 2,
+    };
+    for b in e.term.to_le_bytes().iter().chain(e.index.to_le_bytes().iter()).chain([kind].iter()).chain(e.data.iter()) {
+        h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Global record of what has been seen, and the checks.
+#[derive(Clone, Debug, Default)]
+pub struct Checker {
+    leaders: BTreeMap<Term, NodeId>,
+    chain_at: BTreeMap<(Index, Term), u64>,
+    applied: BTreeMap<Index, Entry>,
+    chains: BTreeMap<NodeId, Chain>,
+}
+
+impl Checker {
+    /// Election Safety, and Leader Completeness for a node that just became leader.
+    pub fn on_leader(&mut self, id: NodeId, term: Term, log: &RaftLog) {
+        match self.leaders.get(&term) {
+            Some(&other) => assert_eq!(other, id, "two leaders in term {term}: {other} and {id}"),
+            None => {
+                self.leaders.insert(term, id);
+                let base = log.snapshot().meta.index;
+                for (&i, e) in self.applied.range(base + 1..) {
+                    assert_eq!(log.term(i), Some(e.term), "leader {id} of term {term} lacks applied entry {i} (Leader Completeness)");
+                }
+            }
+        }
+    }
+
+    /// The node persisted `entries` (which replace anything at or after the first).
+    pub fn on_entries(&mut self, id: NodeId, entries: &[Entry], log: &RaftLog) {
+        let Some(first) = entries.first() else { return };
+        let prev_index = first.index - 1;
+        let prev_term = log.term(prev_index);
+        let chain = self.chains.entry(id).or_default();
+        chain.hashes.split_off(&first.index);
+        let mut h = if prev_index == 0 {
+            0
+        } else if let Some(&h) = chain.hashes.get(&prev_index) {
+            h
+        } else {
+            let t = prev_term.expect("entry before an append is held");
+            *self.chain_at.get(&(prev_index, t)).expect("snapshot point was seen before")
+        };
+        for e in entries {
+            h = mix(h, e);
+            chain.hashes.insert(e.index, h);
+            let seen = *self.chain_at.entry((e.index, e.term)).or_insert(h);
+            assert_eq!(seen, h, "Log Matching violated at index {} term {} on node {id}", e.index, e.term);
+        }
+    }
+
+    /// The node's log now starts after a snapshot ending at (index, term).
+    pub fn on_snapshot(&mut self, id: NodeId, index: Index, term: Term) {
+        let chain = self.chains.entry(id).or_default();
+        chain.hashes.clear();
+        if index > 0 {
+            let h = *self.chain_at.get(&(index, term)).expect("a snapshot point some node once held");
+            chain.hashes.insert(index, h);
+        }
+    }
+
+    /// The node compacted its log through `index`: forget older hashes (memory stays bounded).
+    pub fn on_compact(&mut self, id: NodeId, index: Index) {
+        let chain = self.chains.entry(id).or_default();
+        chain.hashes = chain.hashes.split_off(&index);
+    }
+
+    /// The node restarted from its disk: rebuild its chain from the log it restored.
+    pub fn on_restart(&mut self, id: NodeId, log: &RaftLog) {
+        let meta = log.snapshot().meta;
+        self.on_snapshot(id, meta.index, meta.term);
+        let entries: Vec<Entry> = log.entries().cloned().collect();
+        self.on_entries(id, &entries, log);
+    }
+
+    /// State Machine Safety: `e` is applied by `id`.
+    pub fn on_apply(&mut self, id: NodeId, e: &Entry) {
+        match self.applied.get(&e.index) {
+            Some(prev) => assert_eq!(prev, e, "node {id} applied a different entry at index {}", e.index),
+            None => {
+                self.applied.insert(e.index, e.clone());
+            }
+        }
+    }
+
+    /// Entries applied anywhere, by index.
+    pub fn applied(&self) -> &BTreeMap<Index, Entry> {
+        &self.applied
+    }
+
+    /// Leaders seen, by term.
+    pub fn leaders(&self) -> &BTreeMap<Term, NodeId> {
+        &self.leaders
+    }
+}

@@ -1,0 +1,603 @@
+//! A Raft cluster running in virtual time: every node is a [`RawNode`] with a [`SimStorage`],
+//! every message is encoded, routed through the faulty [`Network`] and decoded, and the
+//! [`Checker`] watches every event. The methods named after the course's tester
+//! (`check_one_leader`, `one`, `n_committed`, `wait`, ...) let scenario tests read like the
+//! course's own.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sixfive_raft::{
+    Config, EntryKind, Index, Message, NodeId, RawNode, ReadState, Role, Status, Storage, Term, persist_ready,
+};
+use sixfive_sim::{EventQueue, Fate, MS, Micros, NetConfig, Network, Rng, SEC};
+
+use crate::checker::Checker;
+use crate::storage::SimStorage;
+
+/// Length of one Raft tick in virtual time.
+pub const TICK: Micros = 10 * MS;
+
+/// How a simulated cluster is set up.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// Number of nodes (ids 1..=nodes).
+    pub nodes: usize,
+    /// Network fault model at the start.
+    pub net: NetConfig,
+    /// Take a snapshot whenever an applied index `i` has `(i + 1) % every == 0` (the course's rule).
+    pub snapshot_every: Option<u64>,
+    /// Probability that a node crashes in the middle of persisting a `Ready` (after writing,
+    /// before syncing), losing the unsynced writes.
+    pub crash_in_ready: f64,
+    /// Crashes tear: a random prefix of the unsynced writes survives.
+    pub torn_writes: bool,
+    /// Adjusts each node's Raft configuration.
+    pub tweak: fn(&mut Config),
+}
+
+impl ClusterConfig {
+    /// `nodes` nodes on a reliable network, no snapshots, clean crashes.
+    pub fn new(nodes: usize) -> ClusterConfig {
+        ClusterConfig {
+            nodes,
+            net: NetConfig::default(),
+            snapshot_every: None,
+            crash_in_ready: 0.0,
+            torn_writes: false,
+            tweak: |_| {},
+        }
+    }
+
+    /// Same, on an unreliable network.
+    pub fn unreliable(nodes: usize) -> ClusterConfig {
+        ClusterConfig { net: NetConfig { unreliable: true, ..Default::default() }, ..ClusterConfig::new(nodes) }
+    }
+}
+
+/// The test application's state: which command was applied at which index.
+/// Its snapshot is this whole structure, so a restored node knows its history.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AppliedLog {
+    /// Highest index applied (no-ops included).
+    pub last_applied: Index,
+    /// Commands by index (no-ops excluded).
+    pub cmds: BTreeMap<Index, Vec<u8>>,
+}
+
+enum Event {
+    Tick { node: usize, incarnation: u64 },
+    Deliver { from: NodeId, to: NodeId, reply: bool, bytes: Vec<u8> },
+}
+
+struct Slot {
+    id: NodeId,
+    storage: SimStorage,
+    raw: Option<RawNode>,
+    /// What this node's application has applied (kept across a crash, reset at restart).
+    sm: AppliedLog,
+    incarnation: u64,
+    reads: Vec<ReadState>,
+    /// Snapshots received from a leader and installed.
+    installed_snapshots: u64,
+}
+
+/// The simulated cluster.
+pub struct Cluster {
+    cfg: ClusterConfig,
+    /// The run's randomness; tests draw from it too, so the seed decides everything.
+    pub rng: Rng,
+    now: Micros,
+    /// The network; tests change its faults and partitions directly.
+    pub net: Network,
+    queue: EventQueue<Event>,
+    slots: Vec<Slot>,
+    checker: Checker,
+    trace: u64,
+    events: u64,
+}
+
+/// Encodes a test command from a number.
+pub fn cmd(n: u64) -> Vec<u8> {
+    n.to_le_bytes().to_vec()
+}
+
+impl Cluster {
+    /// A cluster whose every choice follows from `seed`; all nodes start at once.
+    pub fn new(cfg: ClusterConfig, seed: u64) -> Cluster {
+        let mut c = Cluster {
+            rng: Rng::new(seed),
+            now: 0,
+            net: Network::new(cfg.net),
+            queue: EventQueue::default(),
+            slots: (1..=cfg.nodes as u64)
+                .map(|id| Slot {
+                    id,
+                    storage: SimStorage::default(),
+                    raw: None,
+                    sm: AppliedLog::default(),
+                    incarnation: 0,
+                    reads: Vec::new(),
+                    installed_snapshots: 0,
+                })
+                .collect(),
+            checker: Checker::default(),
+            trace: 0xcbf2_9ce4_8422_2325,
+            events: 0,
+            cfg,
+        };
+        for id in c.ids() {
+            c.restart(id);
+        }
+        c
+    }
+
+    /// Node ids.
+    pub fn ids(&self) -> Vec<NodeId> {
+        (1..=self.slots.len() as u64).collect()
+    }
+
+    /// Virtual time now.
+    pub fn now(&self) -> Micros {
+        self.now
+    }
+
+    /// Hash of every event so far: equal for two runs of the same seed.
+    pub fn trace_hash(&self) -> u64 {
+        self.trace
+    }
+
+    /// Events processed so far.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// The checker's record.
+    pub fn checker(&self) -> &Checker {
+        &self.checker
+    }
+
+    fn trace(&mut self, tag: u64, data: &[u8]) {
+        let mut h = self.trace;
+        for b in self.now.to_le_bytes().iter().chain(tag.to_le_bytes().iter()).chain(data.iter()) {
+            h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.trace = h;
+    }
+
+    fn slot(&mut self, id: NodeId) -> &mut Slot {
+        &mut self.slots[(id - 1) as usize]
+    }
+
+    // ------------------------------------------------------------ time
+
+    /// Runs every event due within the next `d` of virtual time.
+    pub fn sleep(&mut self, d: Micros) {
+        let until = self.now + d;
+        while let Some((t, ev)) = self.queue.pop_until(until) {
+            self.now = t;
+            self.events += 1;
+            match ev {
+                Event::Tick { node, incarnation } => self.on_tick(node, incarnation),
+                Event::Deliver { from, to, reply, bytes } => self.on_deliver(from, to, reply, bytes),
+            }
+        }
+        self.now = until;
+    }
+
+    fn on_tick(&mut self, node: usize, incarnation: u64) {
+        let slot = &mut self.slots[node];
+        if slot.incarnation != incarnation {
+            return; // a tick of a crashed instance
+        }
+        let Some(raw) = slot.raw.as_mut() else { return };
+        raw.tick();
+        let id = slot.id;
+        self.trace(1, &id.to_le_bytes());
+        self.drive(id);
+        self.queue.push(self.now + TICK, Event::Tick { node, incarnation });
+    }
+
+    fn on_deliver(&mut self, from: NodeId, to: NodeId, reply: bool, bytes: Vec<u8>) {
+        if self.slot(to).raw.is_none() || !self.net.arrive(from, to, reply) {
+            return;
+        }
+        self.trace(2, &bytes);
+        let m: Message = postcard::from_bytes(&bytes).expect("messages decode");
+        self.slot(to).raw.as_mut().expect("live").step(m).expect("messages from voters to their receiver");
+        self.drive(to);
+    }
+
+    fn send(&mut self, m: Message) {
+        let bytes = postcard::to_allocvec(&m).expect("messages encode");
+        let reply = m.body.is_response();
+        match self.net.send(&mut self.rng, self.now, m.from, m.to, reply, bytes.len()) {
+            Fate::Deliver(at) => self.queue.push(at, Event::Deliver { from: m.from, to: m.to, reply, bytes }),
+            Fate::Drop | Fate::FailAt(_) => {}
+        }
+    }
+
+    /// Processes every `Ready` of node `id` the way a real driver would (see [`sixfive_raft::Ready`]).
+    fn drive(&mut self, id: NodeId) {
+        let i = (id - 1) as usize;
+        loop {
+            let slot = &mut self.slots[i];
+            let Some(raw) = slot.raw.as_mut() else { return };
+            if !raw.has_ready() {
+                break;
+            }
+            let rd = raw.ready();
+            // 1. Persist. Possibly crash between the writes and the sync.
+            if rd.must_sync() && self.cfg.crash_in_ready > 0.0 && self.rng.chance(self.cfg.crash_in_ready) {
+                let st = &mut slot.storage;
+                if let Some(s) = &rd.snapshot {
+                    st.save_snapshot(s).expect("infallible");
+                }
+                st.append(&rd.entries).expect("infallible");
+                if let Some(hs) = &rd.hard_state {
+                    st.save_hard_state(hs).expect("infallible");
+                }
+                self.trace(3, &id.to_le_bytes());
+                self.crash(id);
+                return;
+            }
+            persist_ready(&mut slot.storage, &rd).expect("infallible");
+            if let Some(s) = &rd.snapshot {
+                self.checker.on_snapshot(id, s.meta.index, s.meta.term);
+            }
+            let raw = self.slots[i].raw.as_ref().expect("live");
+            self.checker.on_entries(id, &rd.entries, raw.log());
+            // 2. Send.
+            for m in rd.messages.iter().cloned() {
+                self.send(m);
+            }
+            // 3. Apply.
+            let slot = &mut self.slots[i];
+            if let Some(s) = &rd.snapshot {
+                let sm: AppliedLog = postcard::from_bytes(&s.data).expect("snapshot decodes");
+                assert_eq!(sm.last_applied, s.meta.index, "snapshot contents do not match its index");
+                slot.sm = sm;
+                slot.installed_snapshots += 1;
+            }
+            let mut take_snapshot = None;
+            for e in &rd.committed_entries {
+                assert_eq!(e.index, slot.sm.last_applied + 1, "node {id} applied index {} out of order", e.index);
+                slot.sm.last_applied = e.index;
+                if e.kind == EntryKind::Normal {
+                    slot.sm.cmds.insert(e.index, e.data.clone());
+                }
+                self.checker.on_apply(id, e);
+                if self.cfg.snapshot_every.is_some_and(|n| (e.index + 1) % n == 0) {
+                    take_snapshot = Some((e.index, postcard::to_allocvec(&slot.sm).expect("encodes")));
+                }
+            }
+            slot.reads.extend(rd.read_states.iter().cloned());
+            let raw = slot.raw.as_mut().expect("live");
+            raw.advance(&rd);
+            // The application snapshots and saves it, as the course's tester does.
+            if let Some((index, data)) = take_snapshot {
+                if let Ok(snap) = raw.compact(index, data) {
+                    slot.storage.save_snapshot(&snap).expect("infallible");
+                    slot.storage.sync().expect("infallible");
+                    self.checker.on_compact(id, index);
+                }
+            }
+        }
+        let raw = self.slots[i].raw.as_ref().expect("live");
+        let st = raw.status();
+        if st.role == Role::Leader {
+            self.checker.on_leader(id, st.term, raw.log());
+        }
+    }
+
+    // ------------------------------------------------------------ faults
+
+    /// Stops node `id`: its unsynced writes are lost (or torn), its in-memory state is gone.
+    pub fn crash(&mut self, id: NodeId) {
+        let torn = self.cfg.torn_writes;
+        let slot = &mut self.slots[(id - 1) as usize];
+        if slot.raw.take().is_some() {
+            slot.storage.disk.crash(&mut self.rng, torn);
+            slot.incarnation += 1;
+            self.trace(4, &id.to_le_bytes());
+        }
+    }
+
+    /// Starts a new instance of node `id` from what its disk holds (crashing a running one first).
+    pub fn restart(&mut self, id: NodeId) {
+        self.crash(id);
+        let mut rc = Config::new(id, self.ids());
+        rc.seed = self.rng.next_u64();
+        (self.cfg.tweak)(&mut rc);
+        let slot = &mut self.slots[(id - 1) as usize];
+        let state = slot.storage.initial_state().expect("infallible");
+        slot.sm = match &state.snapshot {
+            Some(s) => {
+                let sm: AppliedLog = postcard::from_bytes(&s.data).expect("snapshot decodes");
+                assert_eq!(sm.last_applied, s.meta.index, "stored snapshot does not match its index");
+                sm
+            }
+            None => AppliedLog::default(),
+        };
+        slot.reads.clear();
+        let raw = RawNode::restart(rc, state).expect("valid config");
+        self.checker.on_restart(id, raw.log());
+        slot.raw = Some(raw);
+        let node = (id - 1) as usize;
+        let incarnation = slot.incarnation;
+        let phase = self.rng.below(TICK);
+        self.queue.push(self.now + phase, Event::Tick { node, incarnation });
+        self.trace(5, &id.to_le_bytes());
+    }
+
+    /// Sets the probability of a crash in the middle of persisting a `Ready`.
+    pub fn set_crash_in_ready(&mut self, p: f64) {
+        self.cfg.crash_in_ready = p;
+    }
+
+    /// Cuts node `id` off the network.
+    pub fn disconnect(&mut self, id: NodeId) {
+        self.net.disconnect(id);
+        self.trace(6, &id.to_le_bytes());
+    }
+
+    /// Reconnects node `id`.
+    pub fn connect(&mut self, id: NodeId) {
+        self.net.connect(id);
+        self.trace(7, &id.to_le_bytes());
+    }
+
+    /// Whether node `id` is running.
+    pub fn is_live(&self, id: NodeId) -> bool {
+        self.slots[(id - 1) as usize].raw.is_some()
+    }
+
+    /// Whether node `id` is running and connected.
+    pub fn is_up(&self, id: NodeId) -> bool {
+        self.is_live(id) && self.net.is_connected(id)
+    }
+
+    // ------------------------------------------------------------ client operations
+
+    /// Proposes `cmd` at node `id` (the course's `Start`): index and term, or `None` if it is
+    /// not running or not the leader.
+    pub fn start(&mut self, id: NodeId, cmd: Vec<u8>) -> Option<(Index, Term)> {
+        self.trace(8, &cmd);
+        let r = self.slot(id).raw.as_mut()?.propose(cmd).ok()?;
+        self.drive(id);
+        Some(r)
+    }
+
+    /// Asks node `id` for a ReadIndex; the answer lands in [`Cluster::reads`].
+    pub fn read_index(&mut self, id: NodeId, ctx: Vec<u8>) -> bool {
+        let ok = self.slot(id).raw.as_mut().is_some_and(|r| r.read_index(ctx).is_ok());
+        if ok {
+            self.drive(id);
+        }
+        ok
+    }
+
+    /// Asks leader `id` to hand leadership to `to`.
+    pub fn transfer_leader(&mut self, id: NodeId, to: NodeId) -> bool {
+        let ok = self.slot(id).raw.as_mut().is_some_and(|r| r.transfer_leader(to).is_ok());
+        if ok {
+            self.drive(id);
+        }
+        ok
+    }
+
+    /// ReadIndex answers node `id` produced since it started.
+    pub fn reads(&self, id: NodeId) -> &[ReadState] {
+        &self.slots[(id - 1) as usize].reads
+    }
+
+    /// Node `id`'s status, if running.
+    pub fn status(&self, id: NodeId) -> Option<Status> {
+        self.slots[(id - 1) as usize].raw.as_ref().map(|r| r.status())
+    }
+
+    /// What node `id`'s application applied.
+    pub fn applied(&self, id: NodeId) -> &AppliedLog {
+        &self.slots[(id - 1) as usize].sm
+    }
+
+    /// Bytes of Raft state node `id` has on disk (log and hard state, not the snapshot).
+    pub fn raft_state_bytes(&self, id: NodeId) -> usize {
+        self.slots[(id - 1) as usize].storage.disk.read().raft_state_bytes()
+    }
+
+    /// Snapshots node `id` received from leaders and installed, over all its restarts.
+    pub fn installed_snapshots(&self, id: NodeId) -> u64 {
+        self.slots[(id - 1) as usize].installed_snapshots
+    }
+
+    /// Largest Raft state on any node's disk (the course's `LogSize`).
+    pub fn max_raft_state_bytes(&self) -> usize {
+        self.ids().into_iter().map(|id| self.raft_state_bytes(id)).max().unwrap_or(0)
+    }
+
+    /// Bytes of node `id`'s snapshot on disk.
+    pub fn snapshot_bytes(&self, id: NodeId) -> usize {
+        self.slots[(id - 1) as usize].storage.disk.read().snapshot_bytes()
+    }
+
+    /// RPCs (requests) received by all nodes.
+    pub fn rpc_total(&self) -> u64 {
+        self.net.total().rpcs_received
+    }
+
+    /// Bytes sent by all nodes.
+    pub fn bytes_total(&self) -> u64 {
+        self.net.total().bytes_sent
+    }
+
+    /// A description of every node, for failure messages.
+    pub fn dump(&self) -> String {
+        let mut out = format!("at {} us:\n", self.now);
+        for s in &self.slots {
+            match &s.raw {
+                None => out += &format!("  node {}: down\n", s.id),
+                Some(r) => {
+                    out += &format!("  node {} (connected: {}): {:?} applied {}\n", s.id, self.net.is_connected(s.id), r.status(), s.sm.last_applied);
+                    for (id, p) in r.progress() {
+                        out += &format!("    -> {id}: match {} next {} {:?} probe_sent {} inflight {}\n", p.match_index, p.next_index, p.state, p.probe_sent, p.inflights.len());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    // ------------------------------------------------------------ the course's tester helpers
+
+    /// Polls (10 times, 450-550 ms apart) until exactly one connected node leads the newest
+    /// term; fails on two leaders in one term or on none at all.
+    pub fn check_one_leader(&mut self) -> NodeId {
+        for _ in 0..10 {
+            let d = self.rng.range(450, 550) * MS;
+            self.sleep(d);
+            let mut leaders: BTreeMap<Term, Vec<NodeId>> = BTreeMap::new();
+            for id in self.ids() {
+                if let Some(st) = self.status(id).filter(|_| self.net.is_connected(id)) {
+                    if st.role == Role::Leader {
+                        leaders.entry(st.term).or_default().push(id);
+                    }
+                }
+            }
+            for (term, ls) in &leaders {
+                assert!(ls.len() <= 1, "term {term} has {} (>1) leaders: {ls:?}", ls.len());
+            }
+            if let Some((_, ls)) = leaders.iter().next_back() {
+                return ls[0];
+            }
+        }
+        panic!("expected one leader, got none");
+    }
+
+    /// All connected nodes agree on the term; returns it.
+    pub fn check_terms(&self) -> Term {
+        let mut term = None;
+        for id in self.ids().into_iter().filter(|&id| self.is_up(id)) {
+            let t = self.status(id).expect("live").term;
+            match term {
+                None => term = Some(t),
+                Some(x) => assert_eq!(x, t, "servers disagree on term"),
+            }
+        }
+        term.expect("some node is up")
+    }
+
+    /// No connected node believes it leads.
+    pub fn check_no_leader(&self) {
+        for id in self.ids().into_iter().filter(|&id| self.is_up(id)) {
+            assert_ne!(self.status(id).expect("live").role, Role::Leader, "node {id} is leader, but no leader was expected");
+        }
+    }
+
+    /// How many nodes have applied `index`, and the command there (all must agree).
+    pub fn n_committed(&self, index: Index) -> (usize, Option<Vec<u8>>) {
+        let mut count = 0;
+        let mut cmd: Option<&Vec<u8>> = None;
+        for s in &self.slots {
+            if s.sm.last_applied >= index {
+                let c = s.sm.cmds.get(&index);
+                if count > 0 {
+                    assert_eq!(cmd, c, "committed values do not match at index {index}");
+                }
+                cmd = c;
+                count += 1;
+            }
+        }
+        (count, cmd.cloned())
+    }
+
+    /// The course's `one`: keep submitting `cmd` to connected nodes for up to 10 s until one
+    /// leader takes it and at least `expected` nodes apply it within 2 s. Returns its index.
+    pub fn one(&mut self, cmd: Vec<u8>, expected: usize, retry: bool) -> Index {
+        self.one_many(vec![cmd], expected, retry)[0]
+    }
+
+    /// Several `one` calls running at the same time (as concurrent clients would).
+    pub fn one_many(&mut self, cmds: Vec<Vec<u8>>, expected: usize, retry: bool) -> Vec<Index> {
+        enum State {
+            Starting,
+            Waiting { index: Index, since: Micros },
+        }
+        struct Task {
+            cmd: Vec<u8>,
+            wake: Micros,
+            state: State,
+            done: Option<Index>,
+        }
+        let t0 = self.now;
+        let n = self.slots.len() as u64;
+        let mut starts = 0;
+        let mut tasks: Vec<Task> =
+            cmds.into_iter().map(|cmd| Task { cmd, wake: t0, state: State::Starting, done: None }).collect();
+        loop {
+            let mut next_wake = None::<Micros>;
+            for t in tasks.iter_mut().filter(|t| t.done.is_none()) {
+                assert!(self.now - t0 < 10 * SEC, "one({:?}) failed to reach agreement in 10 s\n{}", t.cmd, self.dump());
+                if t.wake <= self.now {
+                    match t.state {
+                        State::Starting => {
+                            t.wake = self.now + 50 * MS;
+                            for _ in 0..n {
+                                starts = (starts + 1) % n;
+                                let id = starts + 1;
+                                if self.is_up(id) {
+                                    if let Some((index, _)) = self.start(id, t.cmd.clone()) {
+                                        t.state = State::Waiting { index, since: self.now };
+                                        t.wake = self.now;
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        State::Waiting { index, since } => {
+                            let (nd, c) = self.n_committed(index);
+                            if nd > 0 && nd >= expected && c.as_ref() == Some(&t.cmd) {
+                                t.done = Some(index);
+                                continue;
+                            }
+                            if self.now - since >= 2 * SEC {
+                                assert!(retry, "one({:?}) failed to reach agreement", t.cmd);
+                                t.state = State::Starting;
+                            } else {
+                                t.wake = self.now + 20 * MS;
+                            }
+                        }
+                    }
+                }
+                next_wake = Some(next_wake.map_or(t.wake, |w| w.min(t.wake)));
+            }
+            match next_wake {
+                None => return tasks.into_iter().map(|t| t.done.expect("finished")).collect(),
+                Some(w) => self.sleep(w.saturating_sub(self.now)),
+            }
+        }
+    }
+
+    /// Waits (with back-off) until `n` nodes applied `index`; `None` if some node moved past
+    /// `start_term` meanwhile (the proposal may have been lost).
+    pub fn wait(&mut self, index: Index, n: usize, start_term: Option<Term>) -> Option<Vec<u8>> {
+        let mut to = 10 * MS;
+        for _ in 0..30 {
+            if self.n_committed(index).0 >= n {
+                break;
+            }
+            self.sleep(to);
+            if to < SEC {
+                to *= 2;
+            }
+            if let Some(t) = start_term {
+                if self.ids().iter().any(|&id| self.status(id).is_some_and(|s| s.term > t)) {
+                    return None;
+                }
+            }
+        }
+        let (nd, c) = self.n_committed(index);
+        assert!(nd >= n, "only {nd} decided for index {index}; wanted {n}");
+        c
+    }
+}

@@ -1,0 +1,178 @@
+//! The swarm: one seed picks a cluster shape, a fault mix and a workload; the cluster runs a
+//! safety phase with faults at random and then a liveness phase on a healed network.
+//!
+//! Checked: everything [`crate::Checker`] checks after every event (one leader per term, log
+//! matching, leader completeness, one command per index), that every ReadIndex answer is at
+//! least every index applied anywhere before the read was asked, and that after healing every
+//! node applies a new command and agrees on the whole applied history.
+
+use std::collections::BTreeMap;
+
+use sixfive_raft::Role;
+use sixfive_sim::{MS, Micros, NetConfig, Rng, SEC};
+
+use crate::cluster::{Cluster, ClusterConfig, cmd};
+
+/// What one swarm run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SwarmReport {
+    /// The seed.
+    pub seed: u64,
+    /// Nodes in the cluster.
+    pub nodes: usize,
+    /// Commands proposed (accepted by a leader).
+    pub proposed: u64,
+    /// Distinct indexes applied by some node.
+    pub applied: u64,
+    /// Terms that had a leader.
+    pub leaders: u64,
+    /// Crashes injected (including crashes in the middle of a write).
+    pub crashes: u64,
+    /// Partitions and disconnections injected.
+    pub partitions: u64,
+    /// Reads answered through ReadIndex.
+    pub reads: u64,
+    /// Simulator events processed.
+    pub events: u64,
+    /// Virtual time simulated.
+    pub virtual_micros: Micros,
+    /// Trace hash (equal for equal seeds).
+    pub trace: u64,
+}
+
+/// Runs one swarm seed; panics (with the checker's message) on any violation.
+pub fn run(seed: u64, fault_micros: Micros) -> SwarmReport {
+    let mut pick = Rng::new(seed ^ 0x5EED);
+    let nodes = *pick.pick(&[3usize, 5, 5, 7]);
+    let mut cfg = ClusterConfig::new(nodes);
+    cfg.net = NetConfig { unreliable: pick.chance(0.5), long_reordering: pick.chance(0.3), long_delays: false };
+    cfg.snapshot_every = if pick.chance(0.6) { Some(pick.range(3, 40)) } else { None };
+    cfg.crash_in_ready = if pick.chance(0.5) { 0.002 } else { 0.0 };
+    cfg.torn_writes = pick.chance(0.5);
+    // Small limits so that batching, pipelining windows and chunked snapshots are exercised.
+    cfg.tweak = if pick.chance(0.5) {
+        |c| {
+            c.max_msg_bytes = 64;
+            c.max_inflight_msgs = 2;
+            c.snapshot_chunk_bytes = 40;
+        }
+    } else {
+        |_| {}
+    };
+    let mut c = Cluster::new(cfg, seed);
+    let ids = c.ids();
+    let mut rep = SwarmReport { seed, nodes, ..Default::default() };
+    let mut next_cmd = 1u64;
+    // ctx -> highest index applied anywhere when the read was asked.
+    let mut read_floor: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+    let mut reads_seen: BTreeMap<u64, usize> = BTreeMap::new();
+
+    let end = c.now() + fault_micros;
+    while c.now() < end {
+        let step = c.rng.range(1, 60) * MS;
+        c.sleep(step);
+        check_reads(&c, &ids, &read_floor, &mut reads_seen);
+        let roll = c.rng.below(100);
+        let id = *c.rng.pick(&ids);
+        match roll {
+            0..=39 => {
+                for _ in 0..c.rng.range(1, 4) {
+                    let target = *c.rng.pick(&ids);
+                    if c.start(target, cmd(next_cmd)).is_some() {
+                        rep.proposed += 1;
+                    }
+                    next_cmd += 1;
+                }
+            }
+            40..=47 => {
+                let floor = c.checker().applied().keys().next_back().copied().unwrap_or(0);
+                let ctx = next_cmd.to_le_bytes().to_vec();
+                next_cmd += 1;
+                if c.read_index(id, ctx.clone()) {
+                    read_floor.insert(ctx, floor);
+                }
+            }
+            48..=54 => {
+                if c.is_live(id) {
+                    c.crash(id);
+                    rep.crashes += 1;
+                } else {
+                    c.restart(id);
+                }
+            }
+            55..=60 => {
+                if c.net.is_connected(id) {
+                    c.disconnect(id);
+                    rep.partitions += 1;
+                } else {
+                    c.connect(id);
+                }
+            }
+            61..=65 => {
+                let mut shuffled = ids.clone();
+                c.rng.shuffle(&mut shuffled);
+                let cut = c.rng.range(1, ids.len() as u64 - 1) as usize;
+                c.net.partition(&[&shuffled[..cut], &shuffled[cut..]]);
+                rep.partitions += 1;
+            }
+            66..=72 => c.net.heal(),
+            73..=75 => {
+                let leader = ids.iter().copied().find(|&i| c.status(i).is_some_and(|s| s.role == Role::Leader));
+                if let Some(l) = leader {
+                    c.transfer_leader(l, id);
+                }
+            }
+            76..=77 => c.net.config.unreliable = !c.net.config.unreliable,
+            78 => c.net.config.long_reordering = !c.net.config.long_reordering,
+            _ => {}
+        }
+    }
+
+    // Liveness: heal everything; the cluster must converge and make progress.
+    c.net.heal();
+    c.net.config = NetConfig::default();
+    c.set_crash_in_ready(0.0);
+    for &id in &ids {
+        c.connect(id);
+        if !c.is_live(id) {
+            c.restart(id);
+        }
+    }
+    c.sleep(2 * SEC); // let long-delayed messages drain
+    let index = c.one(cmd(u64::MAX), nodes, true);
+    c.wait(index, nodes, None);
+    check_reads(&c, &ids, &read_floor, &mut reads_seen);
+    // Every node applied the same history, and it is the one the checker saw.
+    let reference = c.applied(ids[0]).cmds.clone();
+    for &id in &ids {
+        let log = c.applied(id);
+        assert!(log.last_applied >= index, "node {id} did not catch up");
+        let upto: BTreeMap<_, _> = log.cmds.range(..=index).map(|(k, v)| (*k, v.clone())).collect();
+        let reference_upto: BTreeMap<_, _> = reference.range(..=index).map(|(k, v)| (*k, v.clone())).collect();
+        assert_eq!(upto, reference_upto, "node {id} applied a different history");
+    }
+    rep.applied = c.checker().applied().len() as u64;
+    rep.leaders = c.checker().leaders().len() as u64;
+    rep.reads = reads_seen.values().map(|&n| n as u64).sum();
+    rep.events = c.events();
+    rep.virtual_micros = c.now();
+    rep.trace = c.trace_hash();
+    rep
+}
+
+/// ReadIndex safety: an answered read's index is at least every index applied before it was
+/// asked (so a read never misses an acknowledged write).
+fn check_reads(c: &Cluster, ids: &[u64], floor: &BTreeMap<Vec<u8>, u64>, seen: &mut BTreeMap<u64, usize>) {
+    for &id in ids {
+        let reads = c.reads(id);
+        let done = seen.entry(id).or_insert(0);
+        if reads.len() < *done {
+            *done = 0; // restarted: its list began again
+        }
+        for r in &reads[*done..] {
+            let f = floor.get(&r.ctx).expect("a read we asked for");
+            assert!(r.index >= *f, "read at index {} misses index {f} applied before it was asked", r.index);
+        }
+        *done = reads.len();
+    }
+}

@@ -1,0 +1,49 @@
+//! # sixfive-raft: a sans-IO Raft core
+//!
+//! The consensus algorithm of Ongaro and Ousterhout's "In Search of an Understandable Consensus
+//! Algorithm" (cited as "section N") and Ongaro's thesis (cited as "thesis section N"), as a pure
+//! state machine in the style of etcd-io/raft and tikv/raft-rs. It has no threads, clock,
+//! sockets or files: the same input on the same state gives the same output, so a simulator can
+//! drive a whole cluster deterministically and a production driver can run it over TCP and disk.
+//!
+//! Inputs: [`RawNode::tick`], [`RawNode::step`], [`RawNode::propose`], [`RawNode::read_index`],
+//! [`RawNode::transfer_leader`], [`RawNode::compact`]. Output: [`Ready`], whose documentation
+//! says what the driver must do and in which order, acknowledged with [`RawNode::advance`].
+//!
+//! Features: elections with randomised timeouts, pre-vote, check-quorum with leader lease;
+//! replication with fast backtracking, batching (every proposal made between two `Ready`s goes
+//! out in one message per follower), pipelining with a bounded in-flight window, a message size
+//! limit; snapshots with chunked InstallSnapshot; ReadIndex; leadership transfer.
+//!
+//! Design choices: the log lives in memory after the latest snapshot (the application compacts
+//! it by taking snapshots), so the core never reads storage; the cluster's voters are fixed at
+//! start; a new leader appends a no-op entry, so the first command of a fresh cluster has index 2.
+//!
+//! ```
+//! use sixfive_raft::{Config, RawNode};
+//! let mut node = RawNode::new(Config::new(1, vec![1])).unwrap();
+//! node.campaign(); // a single-voter cluster elects itself
+//! let (index, _term) = node.propose(b"x".to_vec()).unwrap();
+//! let ready = node.ready();
+//! // persist ready.entries / ready.hard_state, send ready.messages, then apply:
+//! assert_eq!(ready.committed_entries.last().unwrap().index, index);
+//! node.advance(&ready);
+//! ```
+#![deny(missing_docs)]
+
+mod config;
+mod log;
+mod progress;
+mod raft;
+mod raw_node;
+mod read_only;
+mod storage;
+mod types;
+
+pub use config::{Config, ConfigError};
+pub use log::RaftLog;
+pub use progress::{Progress, ProgressState};
+pub use raft::{ProposeError, Role};
+pub use raw_node::{CompactError, RawNode, Ready, Status, StepError};
+pub use storage::{RestoredState, Storage, persist_ready};
+pub use types::*;

@@ -1,0 +1,721 @@
+//! The consensus state machine: roles, elections, replication, commitment, snapshots,
+//! ReadIndex and leadership transfer. Pure: input is `tick`/`step`/`propose`, output is
+//! messages and log changes collected for the next `Ready`.
+
+use std::collections::BTreeMap;
+
+use crate::config::Config;
+use crate::log::RaftLog;
+use crate::progress::{Progress, ProgressState};
+use crate::read_only::ReadOnly;
+use crate::types::*;
+
+/// A node's role (section 5.1, plus the pre-candidate of thesis section 9.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Answers leaders and candidates.
+    Follower,
+    /// Asking whether an election could be won, without raising its term.
+    PreCandidate,
+    /// Asking for votes in a new term.
+    Candidate,
+    /// Replicates its log to the others.
+    Leader,
+}
+
+/// Why a proposal (or a read, or a transfer) was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProposeError {
+    /// Only the leader takes proposals; `leader` is who this node believes leads, if anyone.
+    NotLeader {
+        /// Best guess of the current leader.
+        leader: Option<NodeId>,
+    },
+    /// The leader is handing leadership over and takes no new proposals meanwhile.
+    TransferInProgress,
+}
+
+impl std::fmt::Display for ProposeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProposeError::NotLeader { leader: Some(l) } => write!(f, "not the leader; try node {l}"),
+            ProposeError::NotLeader { leader: None } => write!(f, "not the leader; no leader known, retry later"),
+            ProposeError::TransferInProgress => write!(f, "leadership transfer in progress; retry shortly"),
+        }
+    }
+}
+impl std::error::Error for ProposeError {}
+
+/// The Raft state of one node.
+pub struct Raft {
+    pub(crate) id: NodeId,
+    /// Sorted, distinct, includes `id`.
+    pub(crate) voters: Vec<NodeId>,
+    pub(crate) cfg: Config,
+    /// Invariant: never decreases.
+    pub(crate) term: Term,
+    /// Invariant: once `Some` in a term, stays the same until the term changes (one vote per term).
+    pub(crate) vote: Option<NodeId>,
+    pub(crate) leader: Option<NodeId>,
+    pub(crate) role: Role,
+    pub(crate) log: RaftLog,
+    /// Leader only: one entry per other voter.
+    pub(crate) progress: BTreeMap<NodeId, Progress>,
+    /// Candidate/pre-candidate only: answers received.
+    votes: BTreeMap<NodeId, bool>,
+    election_elapsed: u32,
+    heartbeat_elapsed: u32,
+    randomized_election_ticks: u32,
+    pub(crate) msgs: Vec<Message>,
+    read_only: ReadOnly,
+    pub(crate) read_states: Vec<ReadState>,
+    lead_transferee: Option<NodeId>,
+    /// Follower only: a snapshot being received in chunks.
+    incoming_snapshot: Option<(SnapshotMeta, Vec<u8>)>,
+    rng: u64,
+}
+
+impl Raft {
+    pub(crate) fn new(cfg: Config, hs: HardState, log: RaftLog) -> Raft {
+        let mut voters = cfg.voters.clone();
+        voters.sort_unstable();
+        let mut r = Raft {
+            id: cfg.id,
+            voters,
+            term: hs.term,
+            vote: hs.vote,
+            leader: None,
+            role: Role::Follower,
+            log,
+            progress: BTreeMap::new(),
+            votes: BTreeMap::new(),
+            election_elapsed: 0,
+            heartbeat_elapsed: 0,
+            randomized_election_ticks: 0,
+            msgs: Vec::new(),
+            read_only: ReadOnly::default(),
+            read_states: Vec::new(),
+            lead_transferee: None,
+            incoming_snapshot: None,
+            rng: cfg.seed ^ 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(cfg.id),
+            cfg,
+        };
+        r.become_follower(hs.term, None);
+        r
+    }
+
+    /// Majority size.
+    pub(crate) fn quorum(&self) -> usize {
+        self.voters.len() / 2 + 1
+    }
+
+    pub(crate) fn hard_state(&self) -> HardState {
+        HardState { term: self.term, vote: self.vote, commit: self.log.committed }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // splitmix64: small, seedable, good enough for timeouts.
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn send(&mut self, to: NodeId, body: MessageBody) {
+        debug_assert_ne!(to, self.id, "a node never messages itself");
+        self.msgs.push(Message { from: self.id, to, term: self.term, body });
+    }
+
+    fn others(&self) -> Vec<NodeId> {
+        self.voters.iter().copied().filter(|&v| v != self.id).collect()
+    }
+
+    // ---------------------------------------------------------------- role changes
+
+    fn reset(&mut self, term: Term) {
+        if self.term != term {
+            assert!(term > self.term, "term goes back from {} to {term}", self.term);
+            self.term = term;
+            self.vote = None;
+        }
+        self.leader = None;
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+        let e = self.cfg.election_ticks as u64;
+        self.randomized_election_ticks = (e + self.next_random() % e) as u32;
+        self.votes.clear();
+        self.progress.clear();
+        self.read_only = ReadOnly::default();
+        self.lead_transferee = None;
+    }
+
+    pub(crate) fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        self.reset(term);
+        self.role = Role::Follower;
+        self.leader = leader;
+    }
+
+    fn become_pre_candidate(&mut self) {
+        assert_ne!(self.role, Role::Leader, "a leader does not pre-campaign");
+        // Term and vote stay as they are: a pre-vote changes no persistent state.
+        self.votes.clear();
+        self.leader = None;
+        self.election_elapsed = 0;
+        let e = self.cfg.election_ticks as u64;
+        self.randomized_election_ticks = (e + self.next_random() % e) as u32;
+        self.role = Role::PreCandidate;
+    }
+
+    fn become_candidate(&mut self) {
+        assert_ne!(self.role, Role::Leader, "a leader does not campaign");
+        self.reset(self.term + 1);
+        self.vote = Some(self.id);
+        self.role = Role::Candidate;
+    }
+
+    fn become_leader(&mut self) {
+        assert_eq!(self.role, Role::Candidate, "only a candidate becomes leader");
+        self.reset(self.term);
+        self.role = Role::Leader;
+        self.leader = Some(self.id);
+        let next = self.log.last_index() + 1;
+        for id in self.others() {
+            self.progress.insert(id, Progress::new(next));
+        }
+        // Section 5.4.2 / thesis 6.4: a no-op of our own term lets earlier entries commit and
+        // lets ReadIndex know the commit index is current.
+        self.append_entry(EntryKind::Noop, Vec::new());
+    }
+
+    /// Starts an election (pre-vote first when enabled, unless this is a leadership transfer).
+    pub(crate) fn campaign(&mut self, transfer: bool) {
+        if self.role == Role::Leader {
+            return;
+        }
+        let pre = self.cfg.pre_vote && !transfer;
+        if pre {
+            self.become_pre_candidate();
+        } else {
+            self.become_candidate();
+        }
+        self.votes.insert(self.id, true);
+        if self.poll_won() {
+            // Single-voter cluster.
+            if pre {
+                self.campaign(true);
+            } else {
+                self.become_leader();
+            }
+            return;
+        }
+        let term = if pre { self.term + 1 } else { self.term };
+        let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
+        for to in self.others() {
+            self.msgs.push(Message {
+                from: self.id,
+                to,
+                term,
+                body: MessageBody::Vote { pre, last_index, last_term, transfer },
+            });
+        }
+    }
+
+    fn poll_won(&self) -> bool {
+        self.votes.values().filter(|&&g| g).count() >= self.quorum()
+    }
+
+    fn poll_lost(&self) -> bool {
+        self.votes.values().filter(|&&g| !g).count() >= self.quorum()
+    }
+
+    // ---------------------------------------------------------------- tick
+
+    pub(crate) fn tick(&mut self) {
+        self.election_elapsed += 1;
+        if self.role == Role::Leader {
+            self.tick_leader();
+        } else if self.election_elapsed >= self.randomized_election_ticks {
+            self.election_elapsed = 0;
+            self.campaign(false);
+        }
+    }
+
+    fn tick_leader(&mut self) {
+        self.heartbeat_elapsed += 1;
+        if self.election_elapsed >= self.cfg.election_ticks {
+            self.election_elapsed = 0;
+            if self.cfg.check_quorum {
+                let active = 1 + self.progress.values().filter(|p| p.recent_active).count();
+                if active < self.quorum() {
+                    // Check-quorum: we may be cut off; let a connected majority elect someone.
+                    self.become_follower(self.term, None);
+                    return;
+                }
+                for p in self.progress.values_mut() {
+                    p.recent_active = false;
+                }
+            }
+            // A transfer that did not finish within an election timeout is abandoned.
+            self.lead_transferee = None;
+        }
+        if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
+            self.heartbeat_elapsed = 0;
+            self.broadcast_heartbeat();
+        }
+    }
+
+    fn broadcast_heartbeat(&mut self) {
+        let seq = self.read_only.seq;
+        for to in self.others() {
+            let commit = self.progress[&to].match_index.min(self.log.committed);
+            self.send(to, MessageBody::Heartbeat { commit, read_seq: seq });
+        }
+    }
+
+    // ---------------------------------------------------------------- proposals
+
+    fn append_entry(&mut self, kind: EntryKind, data: Vec<u8>) -> Index {
+        let index = self.log.last_index() + 1;
+        self.log.append(&[Entry { term: self.term, index, kind, data }]);
+        // The leader counts itself once the entry is persisted; the Ready contract persists
+        // entries before any message goes out, so no follower can ack before we hold it.
+        self.maybe_commit();
+        index
+    }
+
+    pub(crate) fn propose(&mut self, data: Vec<u8>) -> Result<(Index, Term), ProposeError> {
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader { leader: self.leader });
+        }
+        if self.lead_transferee.is_some() {
+            return Err(ProposeError::TransferInProgress);
+        }
+        let index = self.append_entry(EntryKind::Normal, data);
+        Ok((index, self.term))
+    }
+
+    /// Sends whatever each follower is missing. Called before every `Ready` is built, so all
+    /// proposals made since the last `Ready` go out together (batching).
+    pub(crate) fn flush_appends(&mut self) {
+        if self.role != Role::Leader {
+            return;
+        }
+        for to in self.others() {
+            while self.send_append(to, false) {}
+        }
+    }
+
+    /// Whether `flush_appends` would send anything.
+    pub(crate) fn has_appends_to_send(&self) -> bool {
+        self.role == Role::Leader
+            && self.progress.values().any(|p| {
+                !p.is_paused(self.cfg.max_inflight_msgs) && p.next_index <= self.log.last_index()
+            })
+    }
+
+    /// Sends one `Append` (or snapshot chunk) to `to`. Returns true if more could follow at once.
+    fn send_append(&mut self, to: NodeId, allow_empty: bool) -> bool {
+        let max_inflight = self.cfg.max_inflight_msgs;
+        let pr = self.progress.get(&to).expect("progress for every follower");
+        if pr.is_paused(max_inflight) {
+            return false;
+        }
+        let next = pr.next_index;
+        if next <= self.log.snapshot.meta.index {
+            // The entries it needs are compacted: stream the snapshot instead (section 7).
+            let meta = self.log.snapshot.meta;
+            self.progress.get_mut(&to).expect("exists").become_snapshot(meta);
+            self.send_snapshot_chunk(to, 0);
+            return false;
+        }
+        let last = self.log.last_index();
+        if next > last && !allow_empty {
+            return false;
+        }
+        let prev_index = next - 1;
+        let prev_term = self.log.term(prev_index).expect("prev_index held");
+        let entries = self.log.slice(next, last + 1, self.cfg.max_msg_bytes);
+        let sent_last = entries.last().map(|e| e.index);
+        let commit = self.log.committed;
+        self.send(to, MessageBody::Append { prev_index, prev_term, entries, commit });
+        let pr = self.progress.get_mut(&to).expect("exists");
+        match pr.state {
+            ProgressState::Replicate => {
+                if let Some(l) = sent_last {
+                    pr.next_index = l + 1;
+                    pr.inflights.push_back(l);
+                }
+                sent_last.is_some() && pr.next_index <= last
+            }
+            ProgressState::Probe => {
+                pr.probe_sent = true;
+                false
+            }
+            ProgressState::Snapshot { .. } => unreachable!("paused"),
+        }
+    }
+
+    fn send_snapshot_chunk(&mut self, to: NodeId, offset: u64) {
+        let snap = &self.log.snapshot;
+        let len = snap.data.len() as u64;
+        let end = (offset + self.cfg.snapshot_chunk_bytes as u64).min(len);
+        let body = MessageBody::Snapshot {
+            meta: snap.meta,
+            offset,
+            data: snap.data[offset as usize..end as usize].to_vec(),
+            done: end == len,
+        };
+        self.send(to, body);
+    }
+
+    /// Figure 2, rules for leaders: commit the highest index stored on a majority, but only by
+    /// counting entries of the current term (section 5.4.2, Figure 8).
+    fn maybe_commit(&mut self) -> bool {
+        if self.role != Role::Leader {
+            return false;
+        }
+        let mut matches: Vec<Index> = self.progress.values().map(|p| p.match_index).collect();
+        matches.push(self.log.last_index());
+        matches.sort_unstable_by(|a, b| b.cmp(a));
+        let candidate = matches[self.quorum() - 1];
+        if candidate > self.log.committed && self.log.term(candidate) == Some(self.term) {
+            let had_committed_in_term = self.committed_in_term();
+            self.log.commit_to(candidate);
+            if !had_committed_in_term {
+                for ctx in std::mem::take(&mut self.read_only.before_first_commit) {
+                    self.start_read(ctx);
+                }
+            }
+            return true;
+        }
+        false
+    }
+
+    fn committed_in_term(&self) -> bool {
+        self.log.term(self.log.committed) == Some(self.term)
+    }
+
+    // ---------------------------------------------------------------- ReadIndex
+
+    pub(crate) fn read_index(&mut self, ctx: Vec<u8>) -> Result<(), ProposeError> {
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader { leader: self.leader });
+        }
+        if !self.committed_in_term() {
+            // Our commit index may lag the true one until our no-op commits (thesis 6.4 step 1).
+            self.read_only.before_first_commit.push(ctx);
+            return Ok(());
+        }
+        self.start_read(ctx);
+        Ok(())
+    }
+
+    fn start_read(&mut self, ctx: Vec<u8>) {
+        let index = self.log.committed;
+        if self.voters.len() == 1 {
+            self.read_states.push(ReadState { index, ctx });
+            return;
+        }
+        self.read_only.add(index, ctx);
+        self.broadcast_heartbeat();
+    }
+
+    // ---------------------------------------------------------------- transfer
+
+    pub(crate) fn transfer_leader(&mut self, to: NodeId) -> Result<(), ProposeError> {
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader { leader: self.leader });
+        }
+        if to == self.id || !self.progress.contains_key(&to) {
+            return Ok(()); // nothing to do, or not a voter (the RawNode boundary rejects that)
+        }
+        self.lead_transferee = Some(to);
+        self.election_elapsed = 0;
+        if self.progress[&to].match_index == self.log.last_index() {
+            self.send(to, MessageBody::TimeoutNow);
+        } else {
+            self.send_append(to, true);
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- step
+
+    pub(crate) fn step(&mut self, m: Message) {
+        let leader_msg = matches!(
+            m.body,
+            MessageBody::Append { .. } | MessageBody::Heartbeat { .. } | MessageBody::Snapshot { .. }
+        );
+        if m.term > self.term {
+            if let MessageBody::Vote { transfer, .. } = m.body {
+                let in_lease = self.cfg.check_quorum
+                    && self.leader.is_some()
+                    && self.election_elapsed < self.cfg.election_ticks;
+                if in_lease && !transfer {
+                    // Leader lease: we heard from a live leader recently, so this candidate is
+                    // disruptive (e.g. just rejoined after a partition). Ignore it.
+                    return;
+                }
+            }
+            match m.body {
+                MessageBody::Vote { pre: true, .. } => {}
+                MessageBody::VoteResponse { pre: true, granted: true } => {}
+                _ => {
+                    let leader = if leader_msg { Some(m.from) } else { None };
+                    self.become_follower(m.term, leader);
+                }
+            }
+        } else if m.term < self.term {
+            if leader_msg && (self.cfg.check_quorum || self.cfg.pre_vote) {
+                // A stale leader (or one cut off) learns our term and steps down.
+                self.send(m.from, MessageBody::AppendResponse { index: 0, success: false, hint: None });
+            } else if let MessageBody::Vote { pre: true, .. } = m.body {
+                self.send(m.from, MessageBody::VoteResponse { pre: true, granted: false });
+            }
+            return;
+        }
+
+        match m.body {
+            MessageBody::Vote { pre, last_index, last_term, .. } => {
+                self.handle_vote(m.from, m.term, pre, last_index, last_term)
+            }
+            MessageBody::VoteResponse { pre, granted } => self.handle_vote_response(m.from, pre, granted),
+            MessageBody::Append { prev_index, prev_term, entries, commit } => {
+                self.become_follower_of(m.from);
+                self.handle_append(m.from, prev_index, prev_term, commit, entries);
+            }
+            MessageBody::Heartbeat { commit, read_seq } => {
+                self.become_follower_of(m.from);
+                debug_assert!(commit <= self.log.last_index(), "heartbeat commit past our log");
+                self.log.commit_to(commit.min(self.log.last_index()));
+                self.send(m.from, MessageBody::HeartbeatResponse { read_seq });
+            }
+            MessageBody::Snapshot { meta, offset, data, done } => {
+                self.become_follower_of(m.from);
+                self.handle_snapshot_chunk(m.from, meta, offset, data, done);
+            }
+            MessageBody::TimeoutNow => {
+                if self.role != Role::Leader {
+                    self.campaign(true);
+                }
+            }
+            MessageBody::AppendResponse { index, success, hint } => {
+                if self.role == Role::Leader {
+                    self.handle_append_response(m.from, index, success, hint);
+                }
+            }
+            MessageBody::HeartbeatResponse { read_seq } => {
+                if self.role == Role::Leader {
+                    self.handle_heartbeat_response(m.from, read_seq);
+                }
+            }
+            MessageBody::SnapshotResponse { index, next_offset, done } => {
+                if self.role == Role::Leader {
+                    self.handle_snapshot_response(m.from, index, next_offset, done);
+                }
+            }
+        }
+    }
+
+    /// A message of the current term from a leader: follow it.
+    fn become_follower_of(&mut self, leader: NodeId) {
+        if self.role != Role::Follower {
+            // Section 5.2: a candidate that hears from a leader of its term steps down.
+            assert_ne!(self.role, Role::Leader, "two leaders in term {}", self.term);
+            self.become_follower(self.term, Some(leader));
+        }
+        self.leader = Some(leader);
+        self.election_elapsed = 0;
+    }
+
+    fn handle_vote(&mut self, from: NodeId, term: Term, pre: bool, last_index: Index, last_term: Term) {
+        let can_vote = self.vote == Some(from)
+            || (self.vote.is_none() && self.leader.is_none())
+            || (pre && term > self.term);
+        let granted = can_vote && self.log.is_up_to_date(last_index, last_term);
+        if granted && !pre {
+            self.vote = Some(from);
+            self.election_elapsed = 0;
+        }
+        // A granted pre-vote answers in the term the candidate would use, so it is not stale.
+        let reply_term = if pre && granted { term } else { self.term };
+        self.msgs.push(Message {
+            from: self.id,
+            to: from,
+            term: reply_term,
+            body: MessageBody::VoteResponse { pre, granted },
+        });
+    }
+
+    fn handle_vote_response(&mut self, from: NodeId, pre: bool, granted: bool) {
+        let expected = if pre { Role::PreCandidate } else { Role::Candidate };
+        if self.role != expected {
+            return;
+        }
+        self.votes.insert(from, granted);
+        if self.poll_won() {
+            if pre {
+                self.campaign(true);
+            } else {
+                self.become_leader();
+            }
+        } else if self.poll_lost() {
+            self.become_follower(self.term, None);
+        }
+    }
+
+    fn handle_append(&mut self, from: NodeId, prev_index: Index, prev_term: Term, commit: Index, entries: Vec<Entry>) {
+        if prev_index < self.log.snapshot.meta.index {
+            // Already compacted here: everything up to our commit index matches the leader.
+            let index = self.log.committed;
+            self.send(from, MessageBody::AppendResponse { index, success: true, hint: None });
+            return;
+        }
+        match self.log.maybe_append(prev_index, prev_term, commit, &entries) {
+            Some(last_new) => {
+                self.send(from, MessageBody::AppendResponse { index: last_new, success: true, hint: None })
+            }
+            None => {
+                let hint = self.log.reject_hint(prev_index);
+                self.send(from, MessageBody::AppendResponse { index: prev_index, success: false, hint: Some(hint) });
+            }
+        }
+    }
+
+    fn handle_append_response(&mut self, from: NodeId, index: Index, success: bool, hint: Option<RejectHint>) {
+        let Some(pr) = self.progress.get_mut(&from) else { return };
+        pr.recent_active = true;
+        if !success {
+            let Some(hint) = hint else { return };
+            let next = self.log.next_after_reject(hint);
+            let pr = self.progress.get_mut(&from).expect("exists");
+            if pr.maybe_decrease_to(index, next) {
+                self.send_append(from, false);
+            }
+            return;
+        }
+        if !pr.maybe_update(index) {
+            return;
+        }
+        if pr.state == ProgressState::Probe {
+            pr.become_replicate();
+        }
+        self.maybe_commit();
+        if self.lead_transferee == Some(from) && self.progress[&from].match_index == self.log.last_index() {
+            self.send(from, MessageBody::TimeoutNow);
+        }
+    }
+
+    fn handle_heartbeat_response(&mut self, from: NodeId, read_seq: u64) {
+        let last = self.log.last_index();
+        let Some(pr) = self.progress.get_mut(&from) else { return };
+        pr.recent_active = true;
+        pr.probe_sent = false;
+        if pr.inflights.len() >= self.cfg.max_inflight_msgs {
+            pr.inflights.pop_front();
+        }
+        match pr.state {
+            ProgressState::Snapshot { acked_offset, meta } => {
+                // A chunk may have been lost: resend from where the follower confirmed.
+                if meta == self.log.snapshot.meta {
+                    self.send_snapshot_chunk(from, acked_offset);
+                } else {
+                    self.progress.get_mut(&from).expect("exists").become_probe();
+                }
+            }
+            _ if pr.match_index < last => {
+                // An Append may have been lost; sending at next_index makes the follower tell us.
+                self.send_append(from, true);
+            }
+            _ => {}
+        }
+        if read_seq > 0 {
+            let quorum = self.quorum();
+            for r in self.read_only.ack(from, read_seq, quorum) {
+                self.read_states.push(ReadState { index: r.index, ctx: r.ctx });
+            }
+        }
+    }
+
+    fn handle_snapshot_chunk(&mut self, from: NodeId, meta: SnapshotMeta, offset: u64, data: Vec<u8>, done: bool) {
+        if meta.index <= self.log.committed {
+            // Stale: we already have all of it.
+            self.incoming_snapshot = None;
+            let index = self.log.committed;
+            self.send(from, MessageBody::SnapshotResponse { index, next_offset: 0, done: true });
+            return;
+        }
+        if offset == 0 {
+            self.incoming_snapshot = Some((meta, Vec::new()));
+        }
+        let next_offset = match &mut self.incoming_snapshot {
+            Some((m, buf)) if *m == meta && buf.len() as u64 == offset => {
+                buf.extend_from_slice(&data);
+                buf.len() as u64
+            }
+            Some((m, buf)) if *m == meta => buf.len() as u64, // duplicate or out of order
+            _ => 0,
+        };
+        if !(done && next_offset == offset + data.len() as u64) {
+            self.send(from, MessageBody::SnapshotResponse { index: meta.index, next_offset, done: false });
+            return;
+        }
+        let (meta, data) = self.incoming_snapshot.take().expect("just filled");
+        if self.log.match_term(meta.index, meta.term) {
+            // We hold the entry the snapshot ends at, so our log already matches through it.
+            self.log.commit_to(meta.index);
+        } else {
+            self.log.restore(Snapshot { meta, data });
+        }
+        self.send(from, MessageBody::SnapshotResponse { index: meta.index, next_offset, done: true });
+    }
+
+    fn handle_snapshot_response(&mut self, from: NodeId, index: Index, next_offset: u64, done: bool) {
+        let Some(pr) = self.progress.get_mut(&from) else { return };
+        pr.recent_active = true;
+        if done {
+            pr.maybe_update(index);
+            if matches!(pr.state, ProgressState::Snapshot { .. }) {
+                pr.become_probe();
+            }
+            self.maybe_commit();
+            return;
+        }
+        if let ProgressState::Snapshot { meta, acked_offset } = &mut pr.state {
+            if *meta == self.log.snapshot.meta && meta.index == index && next_offset > *acked_offset {
+                *acked_offset = next_offset;
+                self.send_snapshot_chunk(from, next_offset);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- snapshots from the app
+
+    pub(crate) fn compact(&mut self, index: Index, data: Vec<u8>) -> Snapshot {
+        self.log.compact(index, data)
+    }
+
+    // ---------------------------------------------------------------- invariants
+
+    /// Panics if an invariant does not hold. Run after every input in debug builds.
+    pub(crate) fn check_invariants(&self) {
+        self.log.check_invariants();
+        match self.role {
+            Role::Leader => {
+                assert_eq!(self.leader, Some(self.id), "a leader knows it leads");
+                assert_eq!(self.vote, Some(self.id), "a leader voted for itself");
+                assert_eq!(self.progress.len(), self.voters.len() - 1, "progress for every follower");
+                for (id, p) in &self.progress {
+                    assert!(p.match_index < p.next_index, "match {} >= next {} for {id}", p.match_index, p.next_index);
+                    assert!(p.match_index <= self.log.last_index(), "follower {id} matches past our log");
+                }
+            }
+            Role::Candidate => assert_eq!(self.vote, Some(self.id), "a candidate voted for itself"),
+            Role::Follower | Role::PreCandidate => assert!(self.progress.is_empty(), "only leaders track progress"),
+        }
+        if let Some(l) = self.leader {
+            assert!(self.voters.contains(&l), "leader {l} is not a voter");
+        }
+    }
+}

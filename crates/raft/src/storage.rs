@@ -1,0 +1,57 @@
+//! What a driver must keep on stable storage, and in which order.
+//!
+//! The core never calls storage itself (it has no IO). The driver takes each [`crate::Ready`],
+//! writes it through a [`Storage`] with [`persist_ready`], and at start-up rebuilds the node
+//! from [`Storage::initial_state`] with [`crate::RawNode::restart`].
+
+use crate::types::{Entry, HardState, Snapshot};
+
+/// Everything a node persisted, as read back after a restart.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoredState {
+    /// Term, vote and commit index.
+    pub hard_state: HardState,
+    /// Latest snapshot, if any. The application restores its state machine from it.
+    pub snapshot: Option<Snapshot>,
+    /// Entries after the snapshot, in index order without holes.
+    pub entries: Vec<Entry>,
+}
+
+/// Stable storage for one node's Raft state.
+///
+/// Each write call must be atomic on its own (a crash keeps it whole or drops it whole); writes
+/// reach the disk in the order they were made; `sync` returns once all earlier writes are durable.
+pub trait Storage {
+    /// The storage's error.
+    type Error: std::fmt::Debug;
+    /// What was persisted (an empty state for a new node).
+    fn initial_state(&self) -> Result<RestoredState, Self::Error>;
+    /// Replaces the hard state.
+    fn save_hard_state(&mut self, hs: &HardState) -> Result<(), Self::Error>;
+    /// Drops stored entries with index `>= entries[0].index`, then appends `entries`.
+    fn append(&mut self, entries: &[Entry]) -> Result<(), Self::Error>;
+    /// Stores a snapshot and drops the entries it covers. If the stored log does not hold the
+    /// snapshot's last entry with the same term, every entry is dropped (section 7).
+    fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), Self::Error>;
+    /// Makes every earlier write durable.
+    fn sync(&mut self) -> Result<(), Self::Error>;
+}
+
+/// Writes a `Ready`'s persistent parts in the order that keeps a crash at any point recoverable:
+/// snapshot, then entries, then hard state (so a durable commit index never points past durable
+/// entries), then `sync`. Only after this returns may the `Ready`'s messages be sent.
+pub fn persist_ready<S: Storage>(storage: &mut S, ready: &crate::Ready) -> Result<(), S::Error> {
+    if let Some(s) = &ready.snapshot {
+        storage.save_snapshot(s)?;
+    }
+    if !ready.entries.is_empty() {
+        storage.append(&ready.entries)?;
+    }
+    if let Some(hs) = &ready.hard_state {
+        storage.save_hard_state(hs)?;
+    }
+    if ready.must_sync() {
+        storage.sync()?;
+    }
+    Ok(())
+}
