@@ -71,28 +71,30 @@ pub fn run(seed: u64, fault_micros: Micros) -> SwarmReport {
     while c.now() < end {
         let step = c.rng.range(1, 60) * MS;
         c.sleep(step);
-        check_reads(&c, &ids, &read_floor, &mut reads_seen);
-        let roll = c.rng.below(100);
+        rep.reads += check_reads(&c, &ids, &read_floor, &mut reads_seen);
+        let roll = c.rng.below(1000);
         let id = *c.rng.pick(&ids);
+        // Clients mostly talk to whoever claims to lead, sometimes to anyone.
+        let leader = ids.iter().copied().filter(|&i| c.status(i).is_some_and(|s| s.role == Role::Leader)).last();
+        let target = if c.rng.chance(0.8) { leader.unwrap_or(id) } else { id };
         match roll {
-            0..=39 => {
+            0..=499 => {
                 for _ in 0..c.rng.range(1, 4) {
-                    let target = *c.rng.pick(&ids);
                     if c.start(target, cmd(next_cmd)).is_some() {
                         rep.proposed += 1;
                     }
                     next_cmd += 1;
                 }
             }
-            40..=47 => {
+            500..=559 => {
                 let floor = c.checker().applied().keys().next_back().copied().unwrap_or(0);
                 let ctx = next_cmd.to_le_bytes().to_vec();
                 next_cmd += 1;
-                if c.read_index(id, ctx.clone()) {
+                if c.read_index(target, ctx.clone()) {
                     read_floor.insert(ctx, floor);
                 }
             }
-            48..=54 => {
+            560..=574 => {
                 if c.is_live(id) {
                     c.crash(id);
                     rep.crashes += 1;
@@ -100,7 +102,7 @@ pub fn run(seed: u64, fault_micros: Micros) -> SwarmReport {
                     c.restart(id);
                 }
             }
-            55..=60 => {
+            575..=589 => {
                 if c.net.is_connected(id) {
                     c.disconnect(id);
                     rep.partitions += 1;
@@ -108,22 +110,28 @@ pub fn run(seed: u64, fault_micros: Micros) -> SwarmReport {
                     c.connect(id);
                 }
             }
-            61..=65 => {
+            590..=599 => {
                 let mut shuffled = ids.clone();
                 c.rng.shuffle(&mut shuffled);
                 let cut = c.rng.range(1, ids.len() as u64 - 1) as usize;
                 c.net.partition(&[&shuffled[..cut], &shuffled[cut..]]);
                 rep.partitions += 1;
             }
-            66..=72 => c.net.heal(),
-            73..=75 => {
-                let leader = ids.iter().copied().find(|&i| c.status(i).is_some_and(|s| s.role == Role::Leader));
+            600..=624 => {
+                // Heal one thing at a time, so faults come and go.
+                c.net.heal();
+                c.connect(id);
+                if !c.is_live(id) {
+                    c.restart(id);
+                }
+            }
+            625..=629 => {
                 if let Some(l) = leader {
                     c.transfer_leader(l, id);
                 }
             }
-            76..=77 => c.net.config.unreliable = !c.net.config.unreliable,
-            78 => c.net.config.long_reordering = !c.net.config.long_reordering,
+            630..=634 => c.net.config.unreliable = !c.net.config.unreliable,
+            635..=637 => c.net.config.long_reordering = !c.net.config.long_reordering,
             _ => {}
         }
     }
@@ -141,7 +149,7 @@ pub fn run(seed: u64, fault_micros: Micros) -> SwarmReport {
     c.sleep(2 * SEC); // let long-delayed messages drain
     let index = c.one(cmd(u64::MAX), nodes, true);
     c.wait(index, nodes, None);
-    check_reads(&c, &ids, &read_floor, &mut reads_seen);
+    rep.reads += check_reads(&c, &ids, &read_floor, &mut reads_seen);
     // Every node applied the same history, and it is the one the checker saw.
     let reference = c.applied(ids[0]).cmds.clone();
     for &id in &ids {
@@ -153,7 +161,6 @@ pub fn run(seed: u64, fault_micros: Micros) -> SwarmReport {
     }
     rep.applied = c.checker().applied().len() as u64;
     rep.leaders = c.checker().leaders().len() as u64;
-    rep.reads = reads_seen.values().map(|&n| n as u64).sum();
     rep.events = c.events();
     rep.virtual_micros = c.now();
     rep.trace = c.trace_hash();
@@ -162,7 +169,8 @@ pub fn run(seed: u64, fault_micros: Micros) -> SwarmReport {
 
 /// ReadIndex safety: an answered read's index is at least every index applied before it was
 /// asked (so a read never misses an acknowledged write).
-fn check_reads(c: &Cluster, ids: &[u64], floor: &BTreeMap<Vec<u8>, u64>, seen: &mut BTreeMap<u64, usize>) {
+fn check_reads(c: &Cluster, ids: &[u64], floor: &BTreeMap<Vec<u8>, u64>, seen: &mut BTreeMap<u64, usize>) -> u64 {
+    let mut answered = 0;
     for &id in ids {
         let reads = c.reads(id);
         let done = seen.entry(id).or_insert(0);
@@ -172,7 +180,9 @@ fn check_reads(c: &Cluster, ids: &[u64], floor: &BTreeMap<Vec<u8>, u64>, seen: &
         for r in &reads[*done..] {
             let f = floor.get(&r.ctx).expect("a read we asked for");
             assert!(r.index >= *f, "read at index {} misses index {f} applied before it was asked", r.index);
+            answered += 1;
         }
         *done = reads.len();
     }
+    answered
 }

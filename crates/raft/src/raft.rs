@@ -683,7 +683,10 @@ impl Raft {
             return;
         }
         if let ProgressState::Snapshot { meta, acked_offset } = &mut pr.state {
-            if *meta == self.log.snapshot.meta && meta.index == index && next_offset > *acked_offset {
+            // Follow the offset the follower asks for: forward as chunks land, backward if it
+            // lost its partial copy (it restarted). An answer repeating the offset we already
+            // follow is a duplicate (a resent chunk): ignoring it keeps a single chunk stream.
+            if *meta == self.log.snapshot.meta && meta.index == index && next_offset != *acked_offset {
                 *acked_offset = next_offset;
                 self.send_snapshot_chunk(from, next_offset);
             }
