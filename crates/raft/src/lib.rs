@@ -47,3 +47,8 @@ pub use raft::{ProposeError, Role};
 pub use raw_node::{CompactError, RawNode, Ready, Status, StepError};
 pub use storage::{RestoredState, Storage, persist_ready};
 pub use types::*;
+
+/// The README's examples are compiled and run as doctests, so they cannot go stale.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -38,6 +38,9 @@ pub struct Progress {
     pub inflights: VecDeque<Index>,
     /// Heard from since the last check-quorum round.
     pub recent_active: bool,
+    /// Ticks since `match_index` last advanced while Appends were in flight; when this grows
+    /// past two heartbeats the in-flight Appends are presumed lost.
+    pub stalled_ticks: u32,
 }
 
 impl Progress {
@@ -49,6 +52,7 @@ impl Progress {
             probe_sent: false,
             inflights: VecDeque::new(),
             recent_active: false,
+            stalled_ticks: 0,
         }
     }
 
@@ -65,6 +69,7 @@ impl Progress {
 
     pub(crate) fn become_replicate(&mut self) {
         self.state = ProgressState::Replicate;
+        self.stalled_ticks = 0;
         self.next_index = self.match_index + 1;
         self.probe_sent = false;
         self.inflights.clear();
@@ -91,6 +96,7 @@ impl Progress {
         if updated {
             self.match_index = index;
             self.probe_sent = false;
+            self.stalled_ticks = 0;
         }
         self.next_index = self.next_index.max(index + 1);
         while self.inflights.front().is_some_and(|&i| i <= index) {

@@ -243,6 +243,11 @@ impl Raft {
 
     fn tick_leader(&mut self) {
         self.heartbeat_elapsed += 1;
+        for p in self.progress.values_mut() {
+            if !p.inflights.is_empty() {
+                p.stalled_ticks = p.stalled_ticks.saturating_add(1);
+            }
+        }
         if self.election_elapsed >= self.cfg.election_ticks {
             self.election_elapsed = 0;
             if self.cfg.check_quorum {
@@ -624,8 +629,14 @@ impl Raft {
                     self.progress.get_mut(&from).expect("exists").become_probe();
                 }
             }
-            _ if pr.match_index < last => {
-                // An Append may have been lost; sending at next_index makes the follower tell us.
+            _ if pr.match_index < last
+                && (pr.inflights.is_empty() || pr.stalled_ticks >= 2 * self.cfg.heartbeat_ticks) =>
+            {
+                // The follower lags and nothing in flight is making progress: an Append was
+                // probably lost. An Append at next_index makes the follower say where it is.
+                // (With Appends still in flight we wait: on a network that reorders, this probe
+                // could overtake them and cause a needless rejection and resend.)
+                self.progress.get_mut(&from).expect("exists").stalled_ticks = 0;
                 self.send_append(from, true);
             }
             _ => {}

@@ -7,7 +7,7 @@ use sixfive_sim::SEC;
 #[test]
 fn swarm_random_faults() {
     let mut total = swarm::SwarmReport::default();
-    sixfive_sim::seeds::run_seeds("swarm_random_faults", 200, |seed| {
+    sixfive_sim::seeds::run_seeds("swarm_random_faults", 500, |seed| {
         let r = swarm::run(seed, 20 * SEC);
         total.proposed += r.proposed;
         total.applied += r.applied;
