@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use sixfive_raft_sim::swarm::{self, SwarmReport};
 use sixfive_sim::SEC;
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "sixfive", version, about = "Raft, replicated KV, sharded KV and MapReduce, made real")]
 struct Cli {
@@ -20,6 +22,27 @@ enum Command {
     Sim {
         #[command(subcommand)]
         what: SimCommand,
+    },
+    /// Measures; prints figures.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// CPU cost of consensus: three in-process nodes with no IO replicate and commit entries.
+    RaftCore {
+        /// Entries to commit.
+        #[arg(long, default_value_t = 1_000_000)]
+        entries: u64,
+        /// Bytes per entry.
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+        /// Proposals between two Ready rounds (the batch the leader sends in one Append).
+        #[arg(long, default_value_t = 64)]
+        batch: u64,
     },
 }
 
@@ -49,6 +72,7 @@ fn main() -> ExitCode {
         Command::Sim { what: SimCommand::Raft { seeds, seed, fault_secs, verbose } } => {
             sim_raft(seeds, seed, fault_secs, verbose)
         }
+        Command::Bench { what: BenchCommand::RaftCore { entries, size, batch } } => bench::raft_core(entries, size, batch),
     }
 }
 
