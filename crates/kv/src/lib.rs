@@ -1,0 +1,22 @@
+//! # sixfive-kv: the key/value service
+//!
+//! - [`store`]: the state machine: versioned Put/Get, exactly-once Append, Delete, ordered
+//!   Scan, with size limits checked before anything changes;
+//! - [`server`]: the single-server service and its [`server::Request`] protocol;
+//! - [`clerk`]: its client, which retries until it hears back and reports a retried Put's
+//!   ErrVersion as ErrMaybe, and records histories for linearizability checks;
+//! - [`lock`]: a lock built only on the clerk's Get and Put.
+//!
+//! Servers are [`sixfive_rpc::Node`]s and clerks are async over [`sixfive_rpc::Transport`],
+//! so the deterministic simulator and the production runtime run the same code.
+#![deny(missing_docs)]
+
+pub mod clerk;
+pub mod lock;
+pub mod server;
+pub mod store;
+
+pub use clerk::{Clerk, History, Record};
+pub use lock::{Lock, LockError};
+pub use server::{KvServer, Request};
+pub use store::{KvError, KvStore, Op, OpResult};
