@@ -160,9 +160,16 @@ fn search<M: Model>(model: &M, ops: &[&Op<M::Input, M::Output>], deadline: Insta
     let words = n.div_ceil(64);
     let mut linearized = vec![0u64; words];
     let mut cache: HashSet<(Vec<u64>, M::State)> = HashSet::new();
-    let mut stack: Vec<(usize, M::State)> = Vec::new();
+    // (call entry linearized, state before it, pass it was chosen in)
+    let mut stack: Vec<(usize, M::State, bool)> = Vec::new();
     let mut state = model.init();
     let mut entry = next[head];
+    // Candidates are tried in two passes over the window of pending calls: first operations
+    // whose outcome is known, then those whose outcome is unknown. Both passes together try
+    // every candidate, so the search stays complete; but an unknown operation that nothing
+    // observed is then linearized at the end for free instead of being tried everywhere first
+    // (which is exponential in the number of such operations).
+    let mut unknown_pass = false;
     let mut steps = 0u64;
     while next[head] != nil {
         steps += 1;
@@ -172,27 +179,35 @@ fn search<M: Model>(model: &M, ops: &[&Op<M::Input, M::Output>], deadline: Insta
         let ev = events[entry];
         if ev.is_call {
             let op = ops[ev.op];
-            if let Some(new_state) = model.step(&state, &op.input, op.output.as_ref()) {
-                linearized[ev.op / 64] |= 1 << (ev.op % 64);
-                if cache.insert((linearized.clone(), new_state.clone())) {
-                    stack.push((entry, std::mem::replace(&mut state, new_state)));
-                    unlink(entry, &mut next, &mut prev);
-                    unlink(ev.ret_event, &mut next, &mut prev);
-                    entry = next[head];
-                    continue;
+            if op.output.is_none() == unknown_pass {
+                if let Some(new_state) = model.step(&state, &op.input, op.output.as_ref()) {
+                    linearized[ev.op / 64] |= 1 << (ev.op % 64);
+                    if cache.insert((linearized.clone(), new_state.clone())) {
+                        stack.push((entry, std::mem::replace(&mut state, new_state), unknown_pass));
+                        unlink(entry, &mut next, &mut prev);
+                        unlink(ev.ret_event, &mut next, &mut prev);
+                        entry = next[head];
+                        unknown_pass = false;
+                        continue;
+                    }
+                    linearized[ev.op / 64] &= !(1 << (ev.op % 64));
                 }
-                linearized[ev.op / 64] &= !(1 << (ev.op % 64));
             }
             entry = next[entry];
+        } else if !unknown_pass {
+            // End of the window: now try the operations with unknown outcomes.
+            unknown_pass = true;
+            entry = next[head];
         } else {
             // A return whose call we could not linearize before it: undo the latest choice.
-            let Some((call_entry, old_state)) = stack.pop() else { return Search::Fail };
+            let Some((call_entry, old_state, pass)) = stack.pop() else { return Search::Fail };
             let e = events[call_entry];
             linearized[e.op / 64] &= !(1 << (e.op % 64));
             state = old_state;
             relink(e.ret_event, &mut next, &mut prev);
             relink(call_entry, &mut next, &mut prev);
             entry = next[call_entry];
+            unknown_pass = pass;
         }
     }
     Search::Ok

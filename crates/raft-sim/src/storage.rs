@@ -102,4 +102,8 @@ impl Storage for SimStorage {
         self.disk.sync();
         Ok(())
     }
+
+    fn raft_state_bytes(&self) -> usize {
+        self.disk.read().raft_state_bytes()
+    }
 }

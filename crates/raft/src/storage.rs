@@ -35,6 +35,9 @@ pub trait Storage {
     fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), Self::Error>;
     /// Makes every earlier write durable.
     fn sync(&mut self) -> Result<(), Self::Error>;
+    /// Bytes of Raft state held (hard state and entries, not the snapshot): what an application
+    /// compares with its limit to decide when to take a snapshot.
+    fn raft_state_bytes(&self) -> usize;
 }
 
 /// Writes a `Ready`'s persistent parts in the order that keeps a crash at any point recoverable:

@@ -666,6 +666,9 @@ fn restart_restores_persisted_state() {
         fn sync(&mut self) -> Result<(), ()> {
             Ok(())
         }
+        fn raft_state_bytes(&self) -> usize {
+            self.0.entries.iter().map(|e| e.data.len() + 24).sum()
+        }
     }
     let mut store = Mem::default();
     let mut n = RawNode::new(Config::new(1, vec![1])).unwrap();

@@ -1,0 +1,430 @@
+//! # sixfive-rsm: a replicated state machine on Raft
+//!
+//! [`Rsm`] is sans-IO like the core under it: it owns a [`RawNode`], the [`Storage`] the
+//! node persists to, and the application's [`StateMachine`]. Commands go through the log
+//! ([`Rsm::submit`]); read-only queries go through ReadIndex ([`Rsm::query`]) and never touch
+//! the log. Each call to [`Rsm::process`] runs the Ready loop (persist, then hand out the
+//! messages to send, then apply) and returns the submissions that finished:
+//!
+//! - a command finishes when the entry at its index is applied: with its result if the entry
+//!   is the one submitted here, with [`SubmitError::WrongLeader`] (not applied) if another
+//!   leader's entry took that index;
+//! - every pending command fails with [`SubmitError::Abandoned`] (outcome unknown) and every
+//!   pending query with [`SubmitError::WrongLeader`] as soon as this node stops leading or its
+//!   term changes, so callers never wait on a deposed leader;
+//! - [`Rsm::shutdown`] fails everything still pending with [`SubmitError::Shutdown`].
+//!
+//! When the persisted Raft state reaches `max_raft_state` bytes, the state machine is
+//! snapshotted at the applied index and the log compacted; a restarted node restores the
+//! snapshot and replays the log after it.
+//!
+//! [`RsmNode`] serves an `Rsm` as a [`sixfive_rpc::Node`]: peers exchange Raft messages,
+//! clients send [`RsmRequest`]s and get [`RsmReply`]s.
+#![deny(missing_docs)]
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sixfive_raft::{Config, ConfigError, EntryKind, Index, Message, NodeId, ProposeError, RawNode, Role, Status, Storage, Term, persist_ready};
+use sixfive_rpc::{CallId, Ctx, Endpoint, Micros, Node};
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+/// Context of one applied command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApplyCtx {
+    /// Log index of the command.
+    pub index: Index,
+    /// Time the leader stamped on the command; never decreases along the log as the state
+    /// machine sees it (use it for deterministic expiry, e.g. of client sessions).
+    pub time: Micros,
+}
+
+/// What the application replicates. Must be deterministic: the same commands in the same
+/// order give the same results and state on every replica.
+pub trait StateMachine {
+    /// Applies a committed command; returns its result.
+    fn apply(&mut self, cmd: &[u8], ctx: ApplyCtx) -> Vec<u8>;
+    /// Answers a read-only query from the current state.
+    fn query(&self, query: &[u8]) -> Vec<u8>;
+    /// Serializes the whole state.
+    fn snapshot(&self) -> Vec<u8>;
+    /// Replaces the state with a snapshot's.
+    fn restore(&mut self, snapshot: &[u8]);
+}
+
+/// Why a submission did not complete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum SubmitError {
+    /// Refused: this node does not lead, or the command's log slot went to another leader's
+    /// entry. The command was not applied. Retry at `leader` if known.
+    #[error("not the leader (leader: {leader:?}); the command was not applied, retry there")]
+    WrongLeader {
+        /// Who this node believes leads.
+        leader: Option<NodeId>,
+    },
+    /// This node stopped leading after proposing the command and before seeing it applied: it
+    /// may or may not be applied by the new leader. Retry there (with a session, so the
+    /// command takes effect at most once).
+    #[error("leadership lost after proposing; the command may or may not be applied (leader: {leader:?})")]
+    Abandoned {
+        /// Who this node believes leads.
+        leader: Option<NodeId>,
+    },
+    /// The server is shutting down.
+    #[error("server shutting down")]
+    Shutdown,
+}
+
+/// Identifies one submission on one node.
+pub type SubmitId = u64;
+
+/// A finished submission.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// Which one.
+    pub id: SubmitId,
+    /// Its result.
+    pub result: Result<Vec<u8>, SubmitError>,
+}
+
+/// What a log entry carries: the command plus who proposed it, so the proposer can tell its
+/// own entry from another leader's at the same index.
+#[derive(Serialize, Deserialize)]
+struct LogCommand {
+    origin: NodeId,
+    id: SubmitId,
+    time: Micros,
+    cmd: Vec<u8>,
+}
+
+/// The replicated state machine of one node.
+pub struct Rsm<S, M> {
+    raw: RawNode,
+    storage: S,
+    sm: M,
+    id: NodeId,
+    max_raft_state: Option<usize>,
+    next_id: SubmitId,
+    /// Largest command time applied (the state machine's clock never goes back).
+    clock: Micros,
+    /// Commands proposed here: index -> (term, id).
+    pending: BTreeMap<Index, (Term, SubmitId)>,
+    /// Queries waiting for their ReadIndex round: id -> (term, query).
+    reads_waiting: BTreeMap<SubmitId, (Term, Vec<u8>)>,
+    /// Queries whose read index is known: (index, id, query), served once applied.
+    reads_ready: Vec<(Index, SubmitId, Vec<u8>)>,
+}
+
+impl<S: Storage, M: StateMachine> Rsm<S, M> {
+    /// A node over `storage` (empty for a new node; otherwise it restarts from it, restoring
+    /// the snapshot into `sm` and replaying the log). `max_raft_state`: snapshot when the
+    /// persisted Raft state reaches that many bytes; `None`: never.
+    pub fn new(cfg: Config, storage: S, mut sm: M, max_raft_state: Option<usize>) -> Result<Self, ConfigError> {
+        let state = storage.initial_state().map_err(|e| ConfigError(format!("cannot read storage: {e:?}")))?;
+        if let Some(s) = &state.snapshot {
+            sm.restore(&s.data);
+        }
+        let id = cfg.id;
+        let raw = RawNode::restart(cfg, state)?;
+        Ok(Rsm {
+            raw,
+            storage,
+            sm,
+            id,
+            max_raft_state,
+            next_id: 1,
+            clock: 0,
+            pending: BTreeMap::new(),
+            reads_waiting: BTreeMap::new(),
+            reads_ready: Vec::new(),
+        })
+    }
+
+    /// One Raft tick.
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    /// A message from a peer (invalid ones are refused and change nothing).
+    pub fn step(&mut self, m: Message) -> Result<(), sixfive_raft::StepError> {
+        self.raw.step(m)
+    }
+
+    fn not_leader(&self) -> SubmitError {
+        SubmitError::WrongLeader { leader: self.raw.status().leader }
+    }
+
+    /// Proposes a command stamped with `now`. It completes in a later [`Rsm::process`].
+    pub fn submit(&mut self, cmd: Vec<u8>, now: Micros) -> Result<SubmitId, SubmitError> {
+        let id = self.next_id;
+        let entry = postcard::to_allocvec(&LogCommand { origin: self.id, id, time: now, cmd }).expect("encodes");
+        match self.raw.propose(entry) {
+            Ok((index, term)) => {
+                self.next_id += 1;
+                self.pending.insert(index, (term, id));
+                Ok(id)
+            }
+            Err(ProposeError::NotLeader { leader }) => Err(SubmitError::WrongLeader { leader }),
+            Err(ProposeError::TransferInProgress) => Err(SubmitError::WrongLeader { leader: None }),
+        }
+    }
+
+    /// Asks a read-only query; answered once leadership is confirmed (ReadIndex) and the
+    /// state machine has applied the read index. Never appends to the log.
+    pub fn query(&mut self, query: Vec<u8>) -> Result<SubmitId, SubmitError> {
+        let id = self.next_id;
+        match self.raw.read_index(id.to_le_bytes().to_vec()) {
+            Ok(()) => {
+                self.next_id += 1;
+                self.reads_waiting.insert(id, (self.raw.status().term, query));
+                Ok(id)
+            }
+            Err(_) => Err(self.not_leader()),
+        }
+    }
+
+    /// Runs the Ready loop. Returns the messages to send (everything they depend on is
+    /// already persisted) and the submissions that finished.
+    pub fn process(&mut self) -> Result<(Vec<Message>, Vec<Completion>), S::Error> {
+        let mut msgs = Vec::new();
+        let mut done = Vec::new();
+        while self.raw.has_ready() {
+            let rd = self.raw.ready();
+            persist_ready(&mut self.storage, &rd)?;
+            msgs.extend(rd.messages.iter().cloned());
+            if let Some(s) = &rd.snapshot {
+                self.sm.restore(&s.data);
+                // Commands at or below the snapshot were applied or overwritten by others and
+                // cannot be told apart any more: outcome unknown (clients retry, sessions dedup).
+                let later = self.pending.split_off(&(s.meta.index + 1));
+                for (_, (_, id)) in std::mem::replace(&mut self.pending, later) {
+                    done.push(Completion { id, result: Err(SubmitError::Abandoned { leader: None }) });
+                }
+            }
+            for e in &rd.committed_entries {
+                let mine = self.pending.remove(&e.index);
+                if e.kind == EntryKind::Noop {
+                    if let Some((_, id)) = mine {
+                        done.push(Completion { id, result: Err(SubmitError::WrongLeader { leader: None }) });
+                    }
+                    continue;
+                }
+                let c: LogCommand = postcard::from_bytes(&e.data).expect("log entries are our own encoding");
+                self.clock = self.clock.max(c.time);
+                let result = self.sm.apply(&c.cmd, ApplyCtx { index: e.index, time: self.clock });
+                if let Some((_, id)) = mine {
+                    let ok = c.origin == self.id && c.id == id;
+                    let result = if ok { Ok(result) } else { Err(SubmitError::WrongLeader { leader: None }) };
+                    done.push(Completion { id, result });
+                }
+            }
+            for rs in &rd.read_states {
+                let id = u64::from_le_bytes(rs.ctx.as_slice().try_into().expect("our ctx"));
+                if let Some((_, q)) = self.reads_waiting.remove(&id) {
+                    self.reads_ready.push((rs.index, id, q));
+                }
+            }
+            self.raw.advance(&rd);
+        }
+        let applied = self.raw.status().applied;
+        let (ready, later): (Vec<_>, Vec<_>) = self.reads_ready.drain(..).partition(|(i, _, _)| *i <= applied);
+        self.reads_ready = later;
+        for (_, id, q) in ready {
+            done.push(Completion { id, result: Ok(self.sm.query(&q)) });
+        }
+        self.fail_if_deposed(&mut done);
+        self.maybe_snapshot()?;
+        Ok((msgs, done))
+    }
+
+    /// Everything pending fails once this node stops leading or its term moves on.
+    fn fail_if_deposed(&mut self, done: &mut Vec<Completion>) {
+        let st = self.raw.status();
+        let leading = st.role == Role::Leader;
+        let leader = st.leader.filter(|&l| l != self.id);
+        let err = SubmitError::WrongLeader { leader };
+        let stale_cmds: Vec<Index> =
+            self.pending.iter().filter(|(_, (t, _))| !leading || *t != st.term).map(|(i, _)| *i).collect();
+        for i in stale_cmds {
+            let (_, id) = self.pending.remove(&i).expect("listed");
+            done.push(Completion { id, result: Err(SubmitError::Abandoned { leader }) });
+        }
+        let stale_reads: Vec<SubmitId> =
+            self.reads_waiting.iter().filter(|(_, (t, _))| !leading || *t != st.term).map(|(id, _)| *id).collect();
+        for id in stale_reads {
+            self.reads_waiting.remove(&id);
+            done.push(Completion { id, result: Err(err.clone()) });
+        }
+        if !leading {
+            for (_, id, _) in self.reads_ready.drain(..) {
+                done.push(Completion { id, result: Err(err.clone()) });
+            }
+        }
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<(), S::Error> {
+        let Some(max) = self.max_raft_state else { return Ok(()) };
+        if self.storage.raft_state_bytes() < max {
+            return Ok(());
+        }
+        let applied = self.raw.status().applied;
+        if let Ok(snap) = self.raw.compact(applied, self.sm.snapshot()) {
+            self.storage.save_snapshot(&snap)?;
+            self.storage.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Fails every pending submission: the server is going away.
+    pub fn shutdown(&mut self) -> Vec<Completion> {
+        let mut done: Vec<Completion> = std::mem::take(&mut self.pending)
+            .into_values()
+            .map(|(_, id)| Completion { id, result: Err(SubmitError::Shutdown) })
+            .collect();
+        done.extend(std::mem::take(&mut self.reads_waiting).into_keys().map(|id| Completion { id, result: Err(SubmitError::Shutdown) }));
+        done.extend(self.reads_ready.drain(..).map(|(_, id, _)| Completion { id, result: Err(SubmitError::Shutdown) }));
+        done
+    }
+
+    /// Raft status.
+    pub fn status(&self) -> Status {
+        self.raw.status()
+    }
+
+    /// The state machine.
+    pub fn state_machine(&self) -> &M {
+        &self.sm
+    }
+
+    /// The storage.
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// The Raft node (for tools and tests).
+    pub fn raw(&mut self) -> &mut RawNode {
+        &mut self.raw
+    }
+}
+
+/// A client's request to an [`RsmNode`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RsmRequest {
+    /// Replicate and apply this command.
+    Command(Vec<u8>),
+    /// Answer this read-only query linearizably (ReadIndex).
+    Query(Vec<u8>),
+}
+
+/// An [`RsmNode`]'s answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RsmReply {
+    /// The command's or query's result.
+    Done(Vec<u8>),
+    /// Refused or abandoned; see the error.
+    Failed(SubmitError),
+    /// The request could not be decoded.
+    Malformed(String),
+}
+
+/// How often Raft ticks.
+pub const TICK_MICROS: Micros = 10_000;
+const TICK_TIMER: u64 = 1;
+
+/// An [`Rsm`] served over RPC: peers' Raft messages arrive as one-way messages (Raft node id =
+/// endpoint), clients send [`RsmRequest`]s.
+pub struct RsmNode<S, M> {
+    rsm: Rsm<S, M>,
+    waiting: BTreeMap<SubmitId, (Endpoint, CallId)>,
+}
+
+impl<S: Storage, M: StateMachine> RsmNode<S, M> {
+    /// A node serving `rsm`.
+    pub fn new(rsm: Rsm<S, M>) -> RsmNode<S, M> {
+        RsmNode { rsm, waiting: BTreeMap::new() }
+    }
+
+    /// The replicated state machine.
+    pub fn rsm(&self) -> &Rsm<S, M> {
+        &self.rsm
+    }
+
+    /// The replicated state machine, mutably (tests submit directly, as the course's do).
+    pub fn rsm_mut(&mut self) -> &mut Rsm<S, M> {
+        &mut self.rsm
+    }
+
+    /// Runs the Ready loop and carries out its results: sends messages, answers clients.
+    /// Returns the completions of submissions made directly (not through a request).
+    pub fn flush(&mut self, ctx: &mut dyn Ctx) -> Vec<Completion> {
+        let (msgs, done) = self.rsm.process().expect("storage failed: cannot continue safely");
+        for m in msgs {
+            ctx.send(m.to, postcard::to_allocvec(&m).expect("encodes"));
+        }
+        self.answer(ctx, done)
+    }
+
+    fn answer(&mut self, ctx: &mut dyn Ctx, done: Vec<Completion>) -> Vec<Completion> {
+        let mut direct = Vec::new();
+        for c in done {
+            match self.waiting.remove(&c.id) {
+                Some((to, call)) => {
+                    let reply = match c.result {
+                        Ok(r) => RsmReply::Done(r),
+                        Err(e) => RsmReply::Failed(e),
+                    };
+                    ctx.reply(to, call, postcard::to_allocvec(&reply).expect("encodes"));
+                }
+                None => direct.push(c),
+            }
+        }
+        direct
+    }
+}
+
+impl<S: Storage, M: StateMachine> Node for RsmNode<S, M> {
+    fn on_start(&mut self, ctx: &mut dyn Ctx) {
+        ctx.set_timer(TICK_MICROS, TICK_TIMER);
+    }
+
+    fn on_timer(&mut self, ctx: &mut dyn Ctx, _id: u64) {
+        self.rsm.tick();
+        self.flush(ctx);
+        ctx.set_timer(TICK_MICROS, TICK_TIMER);
+    }
+
+    fn on_message(&mut self, ctx: &mut dyn Ctx, _from: Endpoint, message: Vec<u8>) {
+        // A message that does not decode or does not belong to this cluster is dropped.
+        if let Ok(m) = postcard::from_bytes::<Message>(&message) {
+            if self.rsm.step(m).is_ok() {
+                self.flush(ctx);
+            }
+        }
+    }
+
+    fn on_request(&mut self, ctx: &mut dyn Ctx, from: Endpoint, call: CallId, request: Vec<u8>) {
+        let submitted = match postcard::from_bytes::<RsmRequest>(&request) {
+            Ok(RsmRequest::Command(cmd)) => self.rsm.submit(cmd, ctx.now()),
+            Ok(RsmRequest::Query(q)) => self.rsm.query(q),
+            Err(e) => {
+                let reply = RsmReply::Malformed(e.to_string());
+                ctx.reply(from, call, postcard::to_allocvec(&reply).expect("encodes"));
+                return;
+            }
+        };
+        match submitted {
+            Ok(id) => {
+                self.waiting.insert(id, (from, call));
+                self.flush(ctx);
+            }
+            Err(e) => ctx.reply(from, call, postcard::to_allocvec(&RsmReply::Failed(e)).expect("encodes")),
+        }
+    }
+
+    fn on_shutdown(&mut self, ctx: &mut dyn Ctx) {
+        let done = self.rsm.shutdown();
+        self.answer(ctx, done);
+    }
+}
