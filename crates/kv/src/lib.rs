@@ -5,7 +5,9 @@
 //! - [`server`]: the single-server service and its [`server::Request`] protocol;
 //! - [`clerk`]: its client, which retries until it hears back and reports a retried Put's
 //!   ErrVersion as ErrMaybe, and records histories for linearizability checks;
-//! - [`lock`]: a lock built only on the clerk's Get and Put.
+//! - [`lock`]: a lock built only on the clerk's Get and Put;
+//! - [`replicated`]: the fault-tolerant service: the store as a replicated state machine
+//!   with exactly-once client sessions, and the clerk that finds the leader.
 //!
 //! Servers are [`sixfive_rpc::Node`]s and clerks are async over [`sixfive_rpc::Transport`],
 //! so the deterministic simulator and the production runtime run the same code.
@@ -13,10 +15,12 @@
 
 pub mod clerk;
 pub mod lock;
+pub mod replicated;
 pub mod server;
 pub mod store;
 
 pub use clerk::{Clerk, History, Record};
 pub use lock::{Lock, LockError};
+pub use replicated::{KvSm, RaftClerk};
 pub use server::{KvServer, Request};
 pub use store::{KvError, KvStore, Op, OpResult};

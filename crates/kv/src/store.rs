@@ -183,11 +183,10 @@ impl KvStore {
         if let Err(e) = self.validate(op) {
             return OpResult::Err(e);
         }
+        if op.is_read_only() {
+            return self.read(op);
+        }
         match op {
-            Op::Get { key } => match self.data.get(key) {
-                Some((v, ver)) => OpResult::Value { value: v.clone(), version: *ver },
-                None => OpResult::Err(KvError::NoKey),
-            },
             Op::Put { key, value, version } => match self.data.get_mut(key) {
                 Some((v, ver)) if *ver == *version => {
                     *v = value.clone();
@@ -212,6 +211,20 @@ impl KvStore {
                 Some(_) => OpResult::Ok,
                 None => OpResult::Err(KvError::NoKey),
             },
+            Op::Get { .. } | Op::Scan { .. } => unreachable!("reads are handled by read()"),
+        }
+    }
+
+    /// Answers a read-only operation (Get, Scan); never changes the store.
+    pub fn read(&self, op: &Op) -> OpResult {
+        if let Err(e) = self.validate(op) {
+            return OpResult::Err(e);
+        }
+        match op {
+            Op::Get { key } => match self.data.get(key) {
+                Some((v, ver)) => OpResult::Value { value: v.clone(), version: *ver },
+                None => OpResult::Err(KvError::NoKey),
+            },
             Op::Scan { start, end, limit } => {
                 let upper = match end {
                     Some(e) => std::ops::Bound::Excluded(e.clone()),
@@ -228,6 +241,7 @@ impl KvStore {
                     .collect();
                 OpResult::Entries(entries)
             }
+            _ => OpResult::Err(KvError::Malformed("not a read-only operation".into())),
         }
     }
 

@@ -115,6 +115,8 @@ pub struct Rsm<S, M> {
     reads_waiting: BTreeMap<SubmitId, (Term, Vec<u8>)>,
     /// Queries whose read index is known: (index, id, query), served once applied.
     reads_ready: Vec<(Index, SubmitId, Vec<u8>)>,
+    /// Snapshots received from a leader and installed.
+    snapshots_installed: u64,
 }
 
 impl<S: Storage, M: StateMachine> Rsm<S, M> {
@@ -139,6 +141,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             pending: BTreeMap::new(),
             reads_waiting: BTreeMap::new(),
             reads_ready: Vec::new(),
+            snapshots_installed: 0,
         })
     }
 
@@ -196,6 +199,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             msgs.extend(rd.messages.iter().cloned());
             if let Some(s) = &rd.snapshot {
                 self.sm.restore(&s.data);
+                self.snapshots_installed += 1;
                 // Commands at or below the snapshot were applied or overwritten by others and
                 // cannot be told apart any more: outcome unknown (clients retry, sessions dedup).
                 let later = self.pending.split_off(&(s.meta.index + 1));
@@ -286,6 +290,11 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
         done.extend(std::mem::take(&mut self.reads_waiting).into_keys().map(|id| Completion { id, result: Err(SubmitError::Shutdown) }));
         done.extend(self.reads_ready.drain(..).map(|(_, id, _)| Completion { id, result: Err(SubmitError::Shutdown) }));
         done
+    }
+
+    /// Snapshots received from a leader and installed since this node started.
+    pub fn snapshots_installed(&self) -> u64 {
+        self.snapshots_installed
     }
 
     /// Raft status.

@@ -45,8 +45,10 @@ pub struct Counters {
 
 /// The network: who can reach whom, and what each message suffers.
 ///
-/// Two endpoints can talk when neither is disconnected and both are in the same partition
-/// group. Reachability is checked when a message is sent and again when it arrives.
+/// Two endpoints can talk when neither is disconnected and they are in the same partition
+/// group, or one of them is in no group (clients usually: they reach every side of a
+/// partition of the servers). Reachability is checked when a message is sent and again when
+/// it arrives.
 #[derive(Clone, Debug, Default)]
 pub struct Network {
     /// The fault model; may be changed at any time.
@@ -64,9 +66,13 @@ impl Network {
 
     /// Whether `a` can reach `b` now.
     pub fn reachable(&self, a: Endpoint, b: Endpoint) -> bool {
-        !self.disconnected.contains(&a)
-            && !self.disconnected.contains(&b)
-            && self.group.get(&a).copied().unwrap_or(0) == self.group.get(&b).copied().unwrap_or(0)
+        if self.disconnected.contains(&a) || self.disconnected.contains(&b) {
+            return false;
+        }
+        match (self.group.get(&a), self.group.get(&b)) {
+            (Some(ga), Some(gb)) => ga == gb,
+            _ => true,
+        }
     }
 
     /// Cuts every link of `e`.
@@ -85,7 +91,7 @@ impl Network {
     }
 
     /// Splits the network: endpoints of different groups cannot talk. Endpoints not named
-    /// join group 0.
+    /// reach every group.
     pub fn partition(&mut self, groups: &[&[Endpoint]]) {
         self.group.clear();
         for (g, members) in groups.iter().enumerate() {
@@ -166,6 +172,7 @@ mod tests {
         assert!(n.reachable(1, 2));
         n.partition(&[&[1, 2], &[3]]);
         assert!(n.reachable(1, 2) && !n.reachable(1, 3));
+        assert!(n.reachable(9, 1) && n.reachable(9, 3), "an endpoint in no group reaches all");
         n.disconnect(2);
         assert!(!n.reachable(1, 2));
         n.connect(2);
