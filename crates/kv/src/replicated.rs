@@ -226,3 +226,64 @@ impl<T: Transport> RaftClerk<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(client: u64, seq: u64, op: Op) -> Vec<u8> {
+        postcard::to_allocvec(&Request { client, seq, op }).unwrap()
+    }
+    fn append(k: &str, a: &str) -> Op {
+        Op::Append { key: k.into(), arg: a.into() }
+    }
+    fn apply(sm: &mut KvSm, c: Vec<u8>, index: u64, time: Micros) -> OpResult {
+        postcard::from_bytes(&sm.apply(&c, ApplyCtx { index, time })).unwrap()
+    }
+
+    #[test]
+    fn retries_are_answered_not_reapplied() {
+        let mut sm = KvSm::default();
+        assert_eq!(apply(&mut sm, cmd(1, 1, append("k", "x")), 1, 0), OpResult::Appended { old: "".into() });
+        assert_eq!(apply(&mut sm, cmd(1, 1, append("k", "x")), 2, 0), OpResult::Appended { old: "".into() }, "retry answered from the session");
+        assert_eq!(apply(&mut sm, cmd(1, 2, append("k", "y")), 3, 0), OpResult::Appended { old: "x".into() });
+        assert_eq!(apply(&mut sm, cmd(1, 1, append("k", "x")), 4, 0), OpResult::Err(KvError::Stale), "an old duplicate is refused");
+        let q = postcard::to_allocvec(&Op::Get { key: "k".into() }).unwrap();
+        let got: OpResult = postcard::from_bytes(&sm.query(&q)).unwrap();
+        assert_eq!(got, OpResult::Value { value: "xy".into(), version: 2 });
+    }
+
+    #[test]
+    fn sessions_survive_snapshot_and_restore() {
+        let mut sm = KvSm::default();
+        apply(&mut sm, cmd(7, 1, append("k", "x")), 1, 5);
+        let mut other = KvSm::default();
+        other.restore(&sm.snapshot());
+        assert_eq!(other, sm);
+        assert_eq!(apply(&mut other, cmd(7, 1, append("k", "x")), 2, 6), OpResult::Appended { old: "".into() });
+        assert_eq!(other.store().read(&Op::Get { key: "k".into() }), OpResult::Value { value: "x".into(), version: 1 });
+    }
+
+    #[test]
+    fn sessions_expire_deterministically_and_stay_bounded() {
+        let log: Vec<(Vec<u8>, Micros)> = (0..50u64).map(|i| (cmd(i % 7, i / 7 + 1, append("k", "z")), i * 3)).collect();
+        let run = || {
+            let mut sm = KvSm::with_limits(20, 4);
+            for (i, (c, t)) in log.iter().enumerate() {
+                apply(&mut sm, c.clone(), i as u64 + 1, *t);
+                assert!(sm.sessions() <= 4, "more sessions than the maximum");
+            }
+            sm
+        };
+        let (a, b) = (run(), run());
+        assert_eq!(a.snapshot(), b.snapshot(), "two replicas of the same log keep the same sessions");
+        // At log time 147 with a 20 us TTL, only clients active since 127 remain.
+        assert!(a.sessions.values().all(|s| s.last_active + 20 >= 147));
+        assert!(a.sessions() >= 1);
+        // An expired client's retry is applied again (documented cost of expiry).
+        let mut sm = KvSm::with_limits(10, 100);
+        apply(&mut sm, cmd(1, 1, append("e", "a")), 1, 0);
+        apply(&mut sm, cmd(2, 1, append("f", "b")), 2, 100);
+        assert_eq!(sm.sessions(), 1, "client 1 expired");
+    }
+}

@@ -136,7 +136,7 @@ pub enum KvError {
 }
 
 /// The store: key -> (value, version).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct KvStore {
     data: BTreeMap<String, (String, u64)>,
 }

@@ -5,7 +5,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use sixfive_kv::{Clerk, KvError, KvServer};
+mod common;
+
+use sixfive_kv::{Clerk, History, KvError, KvServer};
 use sixfive_sim::{NetConfig, World, seeds::run_seeds};
 
 struct Counting;
@@ -62,11 +64,12 @@ fn mem_put_many_clients_2() {
         let w = World::new(seed, NetConfig::default());
         w.start_node(1, KvServer::new());
         let value = "v".repeat(VALUE);
+        let h = History::default();
         for batch in 0..CLIENTS / 1000 {
             let handles: Vec<_> = (0..1000)
                 .map(|i| {
                     let id = batch * 1000 + i;
-                    let mut ck = Clerk::new(w.client(1_000_000 + id), 1, id);
+                    let mut ck = Clerk::new(w.client(1_000_000 + id), 1, id).with_history(h.clone());
                     let v = value.clone();
                     w.spawn(async move { ck.put(&format!("k{id}"), &v, 0).await })
                 })
@@ -86,6 +89,7 @@ fn mem_put_many_clients_2() {
         let per_client = (footprint - (CLIENTS as isize) * VALUE as isize) / CLIENTS as isize;
         eprintln!("server footprint {footprint} bytes: {per_client} bytes per client beyond the values");
         assert!(per_client <= 200, "{per_client} bytes per client beyond the values (limit 200)");
+        common::check_versioned(&h.records());
     });
 }
 
@@ -95,7 +99,8 @@ fn mem_large_value_overwritten_2() {
         const BIG: usize = 10 << 20;
         let w = World::new(seed, NetConfig::default());
         w.start_node(1, KvServer::new());
-        let mut ck = Clerk::new(w.client(1000), 1, 0);
+        let h = History::default();
+        let mut ck = Clerk::new(w.client(1000), 1, 0).with_history(h.clone());
         w.block_on(async move {
             ck.append("k", &"x".repeat(BIG)).await.unwrap();
             // The reply to this Append carries the 10 MiB old value; the server must not keep it.
@@ -109,5 +114,6 @@ fn mem_large_value_overwritten_2() {
         let footprint = server_footprint(&w);
         eprintln!("server footprint after overwriting a 10 MiB value: {footprint} bytes");
         assert!(footprint < BIG as isize, "server still holds {footprint} bytes");
+        common::check_store(&h.records());
     });
 }

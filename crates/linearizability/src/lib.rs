@@ -75,18 +75,18 @@ pub enum Verdict {
 /// Checks `history` against `model` within `budget`.
 pub fn check<M: Model>(model: &M, history: &[Op<M::Input, M::Output>], budget: Duration) -> Verdict {
     let deadline = Instant::now() + budget;
-    let mut keys: Vec<u64> = history.iter().map(|op| model.partition(&op.input)).collect();
-    keys.sort_unstable();
-    keys.dedup();
+    // One pass to group operations by partition (history order is kept within a partition).
+    let mut parts: std::collections::BTreeMap<u64, Vec<&Op<M::Input, M::Output>>> = std::collections::BTreeMap::new();
+    for op in history {
+        parts.entry(model.partition(&op.input)).or_default().push(op);
+    }
     let mut unknown = false;
-    for key in keys {
-        let part: Vec<&Op<M::Input, M::Output>> =
-            history.iter().filter(|op| model.partition(&op.input) == key).collect();
-        match search(model, &part, deadline) {
+    for part in parts.values() {
+        match search(model, part, deadline) {
             Search::Ok => {}
             Search::Timeout => unknown = true,
             Search::Fail => {
-                return Verdict::NotLinearizable(explain(model, &part, deadline));
+                return Verdict::NotLinearizable(explain(model, part, deadline));
             }
         }
     }

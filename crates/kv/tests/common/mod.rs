@@ -64,6 +64,30 @@ pub fn check_appends(history: &[Record]) {
     verdict(check(&AppendKv, &ops, CHECK_BUDGET), "append KV");
 }
 
+/// Checks a history of any single-key operations against the store itself as the sequential
+/// specification (the generic model), partitioned by key.
+pub fn check_store(history: &[Record]) {
+    use sixfive_kv::KvStore;
+    use sixfive_linearizability::models::FnModel;
+    let model = FnModel::new(
+        KvStore::default(),
+        |s: &KvStore, op: &Op| {
+            let mut next = s.clone();
+            let r = next.apply(op);
+            (next, r)
+        },
+        |op: &Op| {
+            assert!(!matches!(op, Op::Scan { .. }), "scans span keys; check them another way");
+            op.key().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+        },
+    );
+    let ops: Vec<HOp<Op, OpResult>> = history
+        .iter()
+        .map(|r| HOp { client: r.client, call: r.call, ret: r.ret, input: r.op.clone(), output: r.result.clone() })
+        .collect();
+    verdict(check(&model, &ops, CHECK_BUDGET), "KV store");
+}
+
 /// The token client `c` appends as its `j`-th append.
 pub fn token(c: u64, j: u64) -> String {
     format!("x {c} {j} y")
