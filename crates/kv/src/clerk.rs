@@ -101,47 +101,27 @@ impl<T: Transport> Clerk<T> {
 
     /// Value and version of `key`.
     pub async fn get(&mut self, key: &str) -> Result<(String, u64), KvError> {
-        match self.recorded(Op::Get { key: key.into() }).await {
-            OpResult::Value { value, version } => Ok((value, version)),
-            OpResult::Err(e) => Err(e),
-            r => Err(KvError::Malformed(format!("unexpected reply {r:?}"))),
-        }
+        self.recorded(Op::Get { key: key.into() }).await.into_value()
     }
 
     /// Sets `key` to `value` if its version is `version`. `Err(Maybe)`: a retry found another
     /// version, so this Put may or may not have been applied.
     pub async fn put(&mut self, key: &str, value: &str, version: u64) -> Result<(), KvError> {
-        match self.recorded(Op::Put { key: key.into(), value: value.into(), version }).await {
-            OpResult::Ok => Ok(()),
-            OpResult::Err(e) => Err(e),
-            r => Err(KvError::Malformed(format!("unexpected reply {r:?}"))),
-        }
+        self.recorded(Op::Put { key: key.into(), value: value.into(), version }).await.into_done()
     }
 
     /// Appends `arg` to `key` exactly once; returns the old value.
     pub async fn append(&mut self, key: &str, arg: &str) -> Result<String, KvError> {
-        match self.recorded(Op::Append { key: key.into(), arg: arg.into() }).await {
-            OpResult::Appended { old } => Ok(old),
-            OpResult::Err(e) => Err(e),
-            r => Err(KvError::Malformed(format!("unexpected reply {r:?}"))),
-        }
+        self.recorded(Op::Append { key: key.into(), arg: arg.into() }).await.into_appended()
     }
 
     /// Removes `key`.
     pub async fn delete(&mut self, key: &str) -> Result<(), KvError> {
-        match self.recorded(Op::Delete { key: key.into() }).await {
-            OpResult::Ok => Ok(()),
-            OpResult::Err(e) => Err(e),
-            r => Err(KvError::Malformed(format!("unexpected reply {r:?}"))),
-        }
+        self.recorded(Op::Delete { key: key.into() }).await.into_done()
     }
 
     /// Entries with `start <= key < end`, at most `limit`.
     pub async fn scan(&mut self, start: &str, end: Option<&str>, limit: u32) -> Result<Vec<(String, String, u64)>, KvError> {
-        match self.recorded(Op::Scan { start: start.into(), end: end.map(Into::into), limit }).await {
-            OpResult::Entries(e) => Ok(e),
-            OpResult::Err(e) => Err(e),
-            r => Err(KvError::Malformed(format!("unexpected reply {r:?}"))),
-        }
+        self.recorded(Op::Scan { start: start.into(), end: end.map(Into::into), limit }).await.into_entries()
     }
 }

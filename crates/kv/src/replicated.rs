@@ -199,31 +199,29 @@ impl<T: Transport> RaftClerk<T> {
         result
     }
 
-    /// Value and version of `key`.
+    /// Value and version of `key` (linearizable, through ReadIndex).
     pub async fn get(&mut self, key: &str) -> Result<(String, u64), KvError> {
-        match self.run(Op::Get { key: key.into() }).await {
-            OpResult::Value { value, version } => Ok((value, version)),
-            OpResult::Err(e) => Err(e),
-            r => Err(KvError::Malformed(format!("unexpected reply {r:?}"))),
-        }
+        self.run(Op::Get { key: key.into() }).await.into_value()
     }
 
     /// Sets `key` to `value` if its version is `version`; exactly once.
     pub async fn put(&mut self, key: &str, value: &str, version: u64) -> Result<(), KvError> {
-        match self.run(Op::Put { key: key.into(), value: value.into(), version }).await {
-            OpResult::Ok => Ok(()),
-            OpResult::Err(e) => Err(e),
-            r => Err(KvError::Malformed(format!("unexpected reply {r:?}"))),
-        }
+        self.run(Op::Put { key: key.into(), value: value.into(), version }).await.into_done()
     }
 
     /// Appends `arg` to `key` exactly once; returns the old value.
     pub async fn append(&mut self, key: &str, arg: &str) -> Result<String, KvError> {
-        match self.run(Op::Append { key: key.into(), arg: arg.into() }).await {
-            OpResult::Appended { old } => Ok(old),
-            OpResult::Err(e) => Err(e),
-            r => Err(KvError::Malformed(format!("unexpected reply {r:?}"))),
-        }
+        self.run(Op::Append { key: key.into(), arg: arg.into() }).await.into_appended()
+    }
+
+    /// Removes `key`; exactly once.
+    pub async fn delete(&mut self, key: &str) -> Result<(), KvError> {
+        self.run(Op::Delete { key: key.into() }).await.into_done()
+    }
+
+    /// Entries with `start <= key < end`, at most `limit` (linearizable, through ReadIndex).
+    pub async fn scan(&mut self, start: &str, end: Option<&str>, limit: u32) -> Result<Vec<(String, String, u64)>, KvError> {
+        self.run(Op::Scan { start: start.into(), end: end.map(Into::into), limit }).await.into_entries()
     }
 }
 

@@ -90,6 +90,48 @@ pub enum OpResult {
     Err(KvError),
 }
 
+impl OpResult {
+    fn unexpected(self) -> KvError {
+        KvError::Malformed(format!("unexpected reply {self:?}"))
+    }
+
+    /// A Get's answer: value and version.
+    pub fn into_value(self) -> Result<(String, u64), KvError> {
+        match self {
+            OpResult::Value { value, version } => Ok((value, version)),
+            OpResult::Err(e) => Err(e),
+            r => Err(r.unexpected()),
+        }
+    }
+
+    /// A Put's or Delete's answer.
+    pub fn into_done(self) -> Result<(), KvError> {
+        match self {
+            OpResult::Ok => Ok(()),
+            OpResult::Err(e) => Err(e),
+            r => Err(r.unexpected()),
+        }
+    }
+
+    /// An Append's answer: the old value.
+    pub fn into_appended(self) -> Result<String, KvError> {
+        match self {
+            OpResult::Appended { old } => Ok(old),
+            OpResult::Err(e) => Err(e),
+            r => Err(r.unexpected()),
+        }
+    }
+
+    /// A Scan's answer.
+    pub fn into_entries(self) -> Result<Vec<(String, String, u64)>, KvError> {
+        match self {
+            OpResult::Entries(e) => Ok(e),
+            OpResult::Err(e) => Err(e),
+            r => Err(r.unexpected()),
+        }
+    }
+}
+
 /// Why an operation was refused. Nothing changed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum KvError {

@@ -450,3 +450,34 @@ fn append_exactly_once_faults_4b() {
         check_appends(&h.records());
     });
 }
+
+/// Beyond the course: Delete, Scan and the limits through the replicated path; bad input gets
+/// a clear error and changes nothing.
+#[test]
+fn scan_delete_and_limits_replicated() {
+    run_seeds("scan_delete_and_limits_replicated", 1, |seed| {
+        let cl = cluster(seed, 3, false, None);
+        let h = History::default();
+        let mut ck = clerk(&cl, 1000, 1, &h);
+        let c = cl.world.client(1001);
+        cl.world.block_on(async move {
+            for k in ["a", "b", "c", "d"] {
+                ck.put(k, k, 0).await.unwrap();
+            }
+            let keys = |e: Vec<(String, String, u64)>| e.into_iter().map(|(k, _, _)| k).collect::<Vec<_>>();
+            assert_eq!(keys(ck.scan("b", Some("d"), 10).await.unwrap()), ["b", "c"]);
+            assert_eq!(keys(ck.scan("", None, 3).await.unwrap()), ["a", "b", "c"]);
+            ck.delete("b").await.unwrap();
+            assert_eq!(ck.delete("b").await, Err(KvError::NoKey));
+            assert_eq!(keys(ck.scan("", None, 10).await.unwrap()), ["a", "c", "d"]);
+            let huge = "x".repeat(sixfive_kv::store::MAX_VALUE_BYTES + 1);
+            assert!(matches!(ck.put("a", &huge, 1).await, Err(KvError::ValueTooLarge { .. })));
+            assert!(matches!(ck.scan("", None, 1_000_000).await, Err(KvError::ScanLimit { .. })));
+            assert_eq!(ck.get("a").await.unwrap(), ("a".into(), 1), "a refused Put changed nothing");
+            // Garbage to a server: a clear error back, nothing applied.
+            let reply = c.call(1, vec![0xFF; 8], SEC).await.unwrap();
+            let r: sixfive_rsm::RsmReply = postcard::from_bytes(&reply).unwrap();
+            assert!(matches!(r, sixfive_rsm::RsmReply::Malformed(_)), "{r:?}");
+        });
+    });
+}
