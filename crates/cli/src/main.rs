@@ -8,6 +8,7 @@ use sixfive_raft_sim::swarm::{self, SwarmReport};
 use sixfive_sim::SEC;
 
 mod bench;
+mod mr;
 
 #[derive(Parser)]
 #[command(name = "sixfive", version, about = "Raft, replicated KV, sharded KV and MapReduce, made real")]
@@ -22,6 +23,11 @@ enum Command {
     Sim {
         #[command(subcommand)]
         what: SimCommand,
+    },
+    /// MapReduce: coordinator, workers, the sequential reference, and whole local jobs.
+    Mr {
+        #[command(subcommand)]
+        what: mr::MrCommand,
     },
     /// Measures; prints figures.
     Bench {
@@ -73,6 +79,7 @@ fn main() -> ExitCode {
             sim_raft(seeds, seed, fault_secs, verbose)
         }
         Command::Bench { what: BenchCommand::RaftCore { entries, size, batch } } => bench::raft_core(entries, size, batch),
+        Command::Mr { what } => mr::main(what),
     }
 }
 

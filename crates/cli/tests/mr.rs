@@ -1,0 +1,363 @@
+//! Section 1: MapReduce with real processes over real sockets, as the course's test-mr.sh
+//! runs it: a coordinator and workers started separately in a scratch directory, each under a
+//! time limit, the output compared (sorted, blank lines dropped) with the sequential run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sixfive");
+
+fn inputs() -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/gutenberg");
+    let mut v: Vec<String> = std::fs::read_dir(&dir)
+        .expect("data/gutenberg is in the repository")
+        .map(|e| e.unwrap().path().canonicalize().unwrap().to_string_lossy().to_string())
+        .filter(|p| p.ends_with(".txt"))
+        .collect();
+    v.sort();
+    assert_eq!(v.len(), 8, "the eight Gutenberg texts");
+    v
+}
+
+/// A fresh scratch directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sixfive-mr-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn sixfive(dir: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.current_dir(dir).stdout(Stdio::null());
+    c
+}
+
+fn coordinator(dir: &Path, extra: &[&str]) -> Child {
+    let sock = format!("unix:{}", dir.join("coordinator.sock").display());
+    sixfive(dir).args(["mr", "coordinator", "--listen", &sock, "--reduces", "10"]).args(extra).args(inputs()).spawn().unwrap()
+}
+
+fn worker(dir: &Path, app: &str) -> Child {
+    worker_in(dir, dir, app)
+}
+
+/// A worker whose current directory and work directory are `cwd` and `work` (separate for
+/// the no-shared-filesystem tests).
+fn worker_in(cwd: &Path, work: &Path, app: &str) -> Child {
+    let sock = format!("unix:{}", cwd.join("coordinator.sock").display());
+    sixfive(cwd).args(["mr", "worker", "--coordinator", &sock, "--app", app]).arg("--work-dir").arg(work).spawn().unwrap()
+}
+
+fn wait_limit(c: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s;
+        }
+        if t0.elapsed() > limit {
+            let _ = c.kill();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `sort mr-out* | grep .`
+fn output(dir: &Path) -> Vec<String> {
+    let mut lines = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap().to_string_lossy().starts_with("mr-out-") {
+            lines.extend(std::fs::read_to_string(&p).unwrap().lines().filter(|l| !l.is_empty()).map(String::from));
+        }
+    }
+    lines.sort();
+    lines
+}
+
+fn sequential(dir: &Path, app: &str) -> Vec<String> {
+    let seq_dir = dir.join("seq");
+    std::fs::create_dir_all(&seq_dir).unwrap();
+    let ok = sixfive(&seq_dir).args(["mr", "sequential", "--app", app, "--out", "mr-correct"]).args(inputs()).status().unwrap();
+    assert!(ok.success());
+    let mut v: Vec<String> =
+        std::fs::read_to_string(seq_dir.join("mr-correct")).unwrap().lines().filter(|l| !l.is_empty()).map(String::from).collect();
+    v.sort();
+    v
+}
+
+/// A coordinator and `n` workers of `app`; waits for all of them within the course's 45 s.
+fn run_job(dir: &Path, app: &str, n: usize) -> Vec<String> {
+    let mut c = coordinator(dir, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut ws: Vec<Child> = (0..n).map(|_| worker(dir, app)).collect();
+    assert!(wait_limit(&mut c, Duration::from_secs(45), "coordinator").success());
+    for w in ws.iter_mut() {
+        wait_limit(w, Duration::from_secs(45), "worker");
+    }
+    output(dir)
+}
+
+#[test]
+fn mr_wc() {
+    let dir = scratch("wc");
+    let got = run_job(&dir, "wc", 3);
+    assert_eq!(got.len(), 22_107, "distinct words");
+    let total: u64 = got.iter().map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap()).sum();
+    assert_eq!(total, 623_948, "words in all");
+    assert!(got.contains(&"A 509".to_string()));
+    assert!(got == sequential(&dir, "wc"), "word count output differs from the sequential run");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| {
+        let n = e.unwrap().file_name().to_string_lossy().to_string();
+        n.starts_with(".tmp-").then_some(n)
+    }).collect();
+    assert!(leftovers.is_empty(), "temporary files left visible: {leftovers:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn mr_indexer() {
+    let dir = scratch("indexer");
+    let got = run_job(&dir, "indexer", 2);
+    assert!(got == sequential(&dir, "indexer"), "indexer output differs from the sequential run");
+    assert!(got.iter().all(|l| l.split(' ').count() == 3), "each line is 'word N docs'");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn mr_map_parallel() {
+    let dir = scratch("mtiming");
+    let got = run_job(&dir, "mtiming", 2);
+    let workers = got.iter().filter(|l| l.starts_with("times-")).count();
+    assert_eq!(workers, 2, "expected 2 workers to run map tasks: {got:?}");
+    let parallel = got.iter().filter(|l| l.starts_with("parallel-") && l.split(' ').skip(1).any(|n| n == "2")).count();
+    assert!(parallel >= 1, "map workers did not run in parallel: {got:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn mr_reduce_parallel() {
+    let dir = scratch("rtiming");
+    let got = run_job(&dir, "rtiming", 2);
+    let parallel = got.iter().filter(|l| l.len() == 3 && l.ends_with(" 2")).count();
+    assert!(parallel >= 2, "too few parallel reduces: {got:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn mr_job_count() {
+    let dir = scratch("jobcount");
+    let got = run_job(&dir, "jobcount", 4);
+    assert_eq!(got, vec!["a 8".to_string()], "a map task ran more than once (or not at all)");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn mr_early_exit() {
+    let dir = scratch("early_exit");
+    let mut c = coordinator(&dir, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut procs: Vec<Child> = (0..3).map(|_| worker(&dir, "early_exit")).collect();
+    procs.push(c);
+    // Wait for the first process to exit, and take the output as it is then.
+    let t0 = Instant::now();
+    let first = loop {
+        if let Some(i) = procs.iter_mut().position(|p| p.try_wait().unwrap().is_some()) {
+            break i;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(45), "no process exited within 45 s");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let initial = output(&dir);
+    for p in procs.iter_mut() {
+        wait_limit(p, Duration::from_secs(45), "process");
+    }
+    c = procs.pop().unwrap();
+    drop(c);
+    let last = output(&dir);
+    assert!(!initial.is_empty(), "process {first} exited before any output existed");
+    assert_eq!(initial, last, "output changed after the first process exited: someone exited early");
+    assert_eq!(last, sequential(&dir, "early_exit"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn mr_crash() {
+    let dir = scratch("crash");
+    let expected = sequential(&dir, "nocrash");
+    let mut c = coordinator(&dir, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    // Workers that crash are restarted, in a loop, while the coordinator lives.
+    let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let loops: Vec<_> = (0..4)
+        .map(|_| {
+            let (dir, alive) = (dir.clone(), alive.clone());
+            std::thread::spawn(move || {
+                while alive.load(std::sync::atomic::Ordering::SeqCst) {
+                    let mut w = worker(&dir, "crash");
+                    let _ = wait_limit(&mut w, Duration::from_secs(120), "crashing worker");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+        })
+        .collect();
+    let st = wait_limit(&mut c, Duration::from_secs(120), "coordinator");
+    alive.store(false, std::sync::atomic::Ordering::SeqCst);
+    for l in loops {
+        l.join().unwrap();
+    }
+    assert!(st.success());
+    assert!(output(&dir) == expected, "crash output differs from nocrash's");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn status(dir: &Path) -> Option<sixfive_mapreduce::proto::JobStatus> {
+    use sixfive_mapreduce::proto::{Addr, Reply, Request, call};
+    let addr = Addr::Unix(dir.join("coordinator.sock"));
+    match call::<_, Reply>(&addr, &Request::Status) {
+        Ok(Reply::Status(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// No shared filesystem: every worker has its own directory and serves its map output to the
+/// reducers. A worker that finished map tasks is killed with SIGKILL while reduces run; its
+/// map tasks run again elsewhere and the output is still right.
+#[test]
+fn mr_no_shared_fs_kill_map_holder() {
+    let dir = scratch("noshared");
+    let mut c = coordinator(&dir, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    let dirs: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("w{i}"))).collect();
+    let mut ws: Vec<Child> = dirs
+        .iter()
+        .map(|d| {
+            std::fs::create_dir_all(d).unwrap();
+            worker_in(&dir, d, "early_exit")
+        })
+        .collect();
+    // When the reduce phase starts, kill a worker holding map output.
+    let t0 = Instant::now();
+    let victim = loop {
+        let s = status(&dir);
+        if s.as_ref().is_some_and(|s| s.maps_done == s.maps) {
+            let holder = dirs.iter().position(|d| {
+                std::fs::read_dir(d).unwrap().any(|e| {
+                    let n = e.unwrap().file_name().to_string_lossy().to_string();
+                    n.starts_with("mr-") && !n.starts_with("mr-out")
+                })
+            });
+            break holder.expect("some worker holds map output");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "map phase did not finish");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    ws[victim].kill().unwrap(); // SIGKILL
+    ws[victim].wait().unwrap();
+    let mut reexecuted = 0;
+    while c.try_wait().unwrap().is_none() {
+        if let Some(s) = status(&dir) {
+            reexecuted = reexecuted.max(s.reexecuted);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "job did not finish after the kill");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (i, w) in ws.iter_mut().enumerate() {
+        if i != victim {
+            wait_limit(w, Duration::from_secs(20), "worker");
+        }
+    }
+    assert!(reexecuted > 0, "no map task was re-executed after its output was lost");
+    assert_eq!(output(&dir), sequential(&dir, "early_exit"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A straggler (a worker stopped with SIGSTOP in the middle of a task) does not hold the job
+/// to the task timeout when backup tasks are on: with a 60 s timeout the job still finishes
+/// in well under 60 s.
+#[test]
+fn mr_straggler_backup_tasks() {
+    let dir = scratch("straggler");
+    let t0 = Instant::now();
+    let mut c = coordinator(&dir, &["--backup-tasks", "--task-timeout-secs", "60"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut ws: Vec<Child> = (0..3).map(|_| worker(&dir, "jobcount")).collect();
+    // jobcount's maps take 2-5 s: stop a worker in the middle of its first one.
+    std::thread::sleep(Duration::from_millis(1000));
+    let pid = ws[0].id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let mut backups = 0;
+    while c.try_wait().unwrap().is_none() {
+        if let Some(s) = status(&dir) {
+            backups = backups.max(s.backups);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(50), "the straggler held the job towards the 60 s timeout");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    for w in ws.iter_mut() {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    assert!(backups >= 1, "no backup task was started");
+    let out = output(&dir);
+    assert_eq!(out.len(), 1, "{out:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Beyond the course: `mr run` (coordinator and workers as child processes) over TCP, the
+/// streaming app (map and reduce as shell commands), and bad input refused before any work.
+#[test]
+fn mr_run_tcp_streaming_and_bad_input() {
+    let dir = scratch("run");
+    let expected = sequential(&dir, "wc");
+    let out = dir.join("tcp");
+    std::fs::create_dir_all(&out).unwrap();
+    let ok = sixfive(&dir).args(["mr", "run", "--app", "wc", "--workers", "2", "--tcp", "--out"]).arg(&out).args(inputs()).status().unwrap();
+    assert!(ok.success());
+    assert!(output(&out) == expected, "TCP run differs from the sequential run");
+
+    let out = dir.join("stream");
+    std::fs::create_dir_all(&out).unwrap();
+    let map = r#"tr -cs 'A-Za-z' '\n' | grep . | sed 's/$/\t1/'"#;
+    let reduce = r#"awk -F'\t' '{c[$1]+=$2} END {for (k in c) print k, c[k]}'"#;
+    let ok = sixfive(&dir)
+        .args(["mr", "run", "--app", "stream", "--map-cmd", map, "--reduce-cmd", reduce, "--workers", "2", "--out"])
+        .arg(&out)
+        .args(inputs())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert!(output(&out) == expected, "streaming word count differs from the built-in one");
+
+    // Bad input: a clear error, a non-zero exit, and no output.
+    let bad = dir.join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--app".into(), "wc".into(), "/no/such/file.txt".into()], "/no/such/file.txt"),
+        (vec!["--app".into(), "nope".into(), inputs()[0].clone()], "unknown app"),
+        (vec!["--app".into(), "stream".into(), inputs()[0].clone()], "--map-cmd"),
+    ];
+    for (args, needle) in cases {
+        let o = Command::new(BIN).current_dir(&bad).args(["mr", "run", "--out"]).arg(&bad).args(&args).output().unwrap();
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{args:?}: error {err:?} does not mention {needle:?}");
+        assert!(output(&bad).is_empty(), "output written despite bad input");
+    }
+    let o = Command::new(BIN).args(["mr", "worker", "--coordinator", "not an address", "--app", "wc"]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("bad address"));
+
+    // Non-UTF-8 input does not crash a worker.
+    let odd = dir.join("odd");
+    std::fs::create_dir_all(&odd).unwrap();
+    let f = odd.join("latin1.txt");
+    std::fs::write(&f, b"caf\xe9 caf\xe9 ok\n\xff\xfe words\n").unwrap();
+    let ok = sixfive(&odd).args(["mr", "run", "--app", "wc", "--workers", "1", "--out"]).arg(&odd).arg(&f).status().unwrap();
+    assert!(ok.success());
+    let got = output(&odd);
+    assert!(got.contains(&"ok 1".to_string()) && got.contains(&"words 1".to_string()), "{got:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,340 @@
+//! Applications: what map and reduce do. Written in Rust against [`App`] and registered by
+//! name, or run as external commands ([`Streaming`]) so apps can be written in any language.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A MapReduce application.
+pub trait App: Send + Sync {
+    /// Calls `emit(key, value)` for each pair the input produces. `contents` is one input
+    /// chunk (whole lines) of `file`; invalid UTF-8 has been replaced.
+    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str));
+
+    /// The output value for `key` given all its values.
+    fn reduce(&self, key: &str, values: &[String]) -> Result<String, String>;
+
+    /// Optional combiner: folds `value` into `acc` (both values of `key`) on the map side, so
+    /// less data crosses the network. Must agree with `reduce` (e.g. sums for word count).
+    /// Return false if this app has no combiner.
+    fn combine(&self, _key: &str, _acc: &mut String, _value: &str) -> bool {
+        false
+    }
+
+    /// Whether [`App::combine`] is implemented.
+    fn has_combiner(&self) -> bool {
+        false
+    }
+
+    /// Reduces a whole task's sorted groups into output lines. The default calls
+    /// [`App::reduce`] per key and writes "key value"; the streaming app overrides it to run
+    /// its command once per task.
+    fn reduce_task(&self, groups: &mut dyn Iterator<Item = (String, Vec<String>)>, out: &mut dyn FnMut(&str) -> std::io::Result<()>) -> Result<(), String> {
+        for (k, vs) in groups {
+            let v = self.reduce(&k, &vs)?;
+            out(&format!("{k} {v}")).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// Why an app could not be made.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AppError {
+    /// No app of that name.
+    #[error("unknown app {0:?}; known apps: {known}", known = NAMES.join(", "))]
+    Unknown(String),
+    /// The streaming app needs its commands.
+    #[error("the stream app needs --map-cmd and --reduce-cmd")]
+    MissingCommands,
+}
+
+/// Names of the built-in apps.
+pub const NAMES: &[&str] = &["wc", "indexer", "mtiming", "rtiming", "jobcount", "early_exit", "crash", "nocrash", "stream"];
+
+/// Makes the app called `name`. `map_cmd`/`reduce_cmd` are for the `stream` app.
+pub fn by_name(name: &str, map_cmd: Option<&str>, reduce_cmd: Option<&str>) -> Result<Box<dyn App>, AppError> {
+    Ok(match name {
+        "wc" => Box::new(WordCount),
+        "indexer" => Box::new(Indexer),
+        "mtiming" => Box::new(MapTiming),
+        "rtiming" => Box::new(ReduceTiming),
+        "jobcount" => Box::new(JobCount::default()),
+        "early_exit" => Box::new(EarlyExit),
+        "crash" => Box::new(Crash { crash: true }),
+        "nocrash" => Box::new(Crash { crash: false }),
+        "stream" => match (map_cmd, reduce_cmd) {
+            (Some(m), Some(r)) => Box::new(Streaming { map_cmd: m.to_string(), reduce_cmd: r.to_string() }),
+            _ => return Err(AppError::MissingCommands),
+        },
+        other => return Err(AppError::Unknown(other.to_string())),
+    })
+}
+
+/// Words are maximal runs of letters.
+fn words(s: &str) -> impl Iterator<Item = &str> {
+    s.split(|c: char| !c.is_alphabetic()).filter(|w| !w.is_empty())
+}
+
+/// Word count: "word count". Its combiner adds counts on the map side.
+pub struct WordCount;
+
+impl App for WordCount {
+    fn map(&self, _file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+        for w in words(contents) {
+            emit(w, "1");
+        }
+    }
+    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
+        let mut sum = 0u64;
+        for v in values {
+            sum += v.parse::<u64>().map_err(|e| format!("bad count {v:?}: {e}"))?;
+        }
+        Ok(sum.to_string())
+    }
+    fn combine(&self, _key: &str, acc: &mut String, value: &str) -> bool {
+        let a: u64 = acc.parse().unwrap_or(0);
+        let b: u64 = value.parse().unwrap_or(0);
+        *acc = (a + b).to_string();
+        true
+    }
+    fn has_combiner(&self) -> bool {
+        true
+    }
+}
+
+/// Inverted index: "word N doc1,doc2,...".
+pub struct Indexer;
+
+impl App for Indexer {
+    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+        let mut seen = std::collections::BTreeSet::new();
+        for w in words(contents) {
+            if seen.insert(w) {
+                emit(w, file);
+            }
+        }
+    }
+    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
+        let mut docs: Vec<&str> = values.iter().map(String::as_str).collect();
+        docs.sort_unstable();
+        docs.dedup();
+        Ok(format!("{} {}", docs.len(), docs.join(",")))
+    }
+}
+
+/// Counts workers that are in `phase` right now: each leaves a marker file named after its
+/// pid in the working directory and checks which markers belong to live processes.
+fn nparallel(phase: &str) -> usize {
+    let pid = std::process::id();
+    let mine = format!("mr-worker-{phase}-{pid}");
+    let _ = std::fs::write(&mine, "x");
+    let prefix = format!("mr-worker-{phase}-");
+    let mut live = 0;
+    if let Ok(dir) = std::fs::read_dir(".") {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(p) = name.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) {
+                if std::path::Path::new(&format!("/proc/{p}")).exists() {
+                    live += 1;
+                }
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = std::fs::remove_file(&mine);
+    live
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Test app: how many workers run map tasks at the same time.
+pub struct MapTiming;
+
+impl App for MapTiming {
+    fn map(&self, _file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+        let t = now_secs();
+        let pid = std::process::id();
+        let n = nparallel("map");
+        emit(&format!("times-{pid}"), &format!("{t:.1}"));
+        emit(&format!("parallel-{pid}"), &n.to_string());
+    }
+    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
+        let mut v = values.to_vec();
+        v.sort();
+        Ok(v.join(" "))
+    }
+}
+
+/// Test app: how many workers run reduce tasks at the same time.
+pub struct ReduceTiming;
+
+impl App for ReduceTiming {
+    fn map(&self, _file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+        for k in ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"] {
+            emit(k, "1");
+        }
+    }
+    fn reduce(&self, _key: &str, _values: &[String]) -> Result<String, String> {
+        Ok(nparallel("reduce").to_string())
+    }
+}
+
+/// Test app: each map invocation leaves a uniquely named marker; the reducer counts them.
+#[derive(Default)]
+pub struct JobCount {
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl App for JobCount {
+    fn map(&self, _file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+        let n = self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::fs::write(format!("mr-worker-jobcount-{}-{n}", std::process::id()), "x");
+        let jitter = (now_secs().fract() * 3000.0) as u64;
+        std::thread::sleep(Duration::from_millis(2000 + jitter));
+        emit("a", "x");
+    }
+    fn reduce(&self, _key: &str, _values: &[String]) -> Result<String, String> {
+        let n = std::fs::read_dir(".")
+            .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("mr-worker-jobcount")).count())
+            .unwrap_or(0);
+        Ok(n.to_string())
+    }
+}
+
+/// Test app: some reduce tasks take 3 s, to catch workers or coordinators that exit early.
+pub struct EarlyExit;
+
+impl App for EarlyExit {
+    fn map(&self, file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+        emit(file, "1");
+    }
+    fn reduce(&self, key: &str, values: &[String]) -> Result<String, String> {
+        if key.contains("sherlock") || key.contains("tom") {
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        Ok(values.len().to_string())
+    }
+}
+
+/// Test apps `crash` and `nocrash`: the same output; `crash` exits the process with
+/// probability 1/3 and sleeps up to 10 s with probability 1/3 in every map and reduce.
+pub struct Crash {
+    crash: bool,
+}
+
+impl Crash {
+    fn maybe_crash(&self) {
+        if !self.crash {
+            return;
+        }
+        // Entropy from the OS via the hasher's random keys: every call differs.
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(now_secs().to_bits());
+        let r = h.finish() % 1000;
+        if r < 330 {
+            std::process::exit(1);
+        } else if r < 660 {
+            std::thread::sleep(Duration::from_millis(h.finish() % 10_000));
+        }
+    }
+}
+
+impl App for Crash {
+    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+        self.maybe_crash();
+        emit("a", file);
+        emit("b", &file.len().to_string());
+        emit("c", &contents.len().to_string());
+        emit("d", "xyzzy");
+    }
+    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
+        self.maybe_crash();
+        let mut v = values.to_vec();
+        v.sort();
+        Ok(v.join(" "))
+    }
+}
+
+/// An app made of two shell commands. Map: the command reads the chunk on stdin (with
+/// `MR_INPUT_FILE` set) and writes "key<TAB>value" lines. Reduce: the command runs once per
+/// reduce task, reads that task's "key<TAB>value" lines sorted by key on stdin, and writes
+/// output lines (conventionally "key value").
+pub struct Streaming {
+    /// Map command (run with `sh -c`).
+    pub map_cmd: String,
+    /// Reduce command (run with `sh -c`).
+    pub reduce_cmd: String,
+}
+
+fn run_filter(cmd: &str, env: &[(&str, &str)], input: Vec<u8>, mut line: impl FnMut(&str) -> Result<(), String>) -> Result<(), String> {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input); // a command that stops reading early is its own business
+    });
+    let stdout = child.stdout.take().expect("piped");
+    for l in BufReader::new(stdout).split(b'\n') {
+        let l = l.map_err(|e| format!("reading from {cmd:?}: {e}"))?;
+        line(&String::from_utf8_lossy(&l))?;
+    }
+    let _ = writer.join();
+    let status = child.wait().map_err(|e| e.to_string())?;
+    if !status.success() {
+        return Err(format!("command {cmd:?} failed: {status}"));
+    }
+    Ok(())
+}
+
+impl App for Streaming {
+    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+        let r = run_filter(&self.map_cmd, &[("MR_INPUT_FILE", file)], contents.as_bytes().to_vec(), |l| {
+            match l.split_once('\t') {
+                Some((k, v)) => emit(k, v),
+                None => emit(l, ""),
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            // The framework turns a panic in map into a failed task.
+            panic!("{e}");
+        }
+    }
+
+    fn reduce(&self, _key: &str, _values: &[String]) -> Result<String, String> {
+        Err("the stream app reduces whole tasks".into())
+    }
+
+    fn reduce_task(&self, groups: &mut dyn Iterator<Item = (String, Vec<String>)>, out: &mut dyn FnMut(&str) -> std::io::Result<()>) -> Result<(), String> {
+        let mut input = Vec::new();
+        for (k, vs) in groups {
+            for v in vs {
+                input.extend_from_slice(k.as_bytes());
+                input.push(b'\t');
+                input.extend_from_slice(v.as_bytes());
+                input.push(b'\n');
+            }
+        }
+        run_filter(&self.reduce_cmd, &[], input, |l| out(l).map_err(|e| e.to_string()))
+    }
+}
+
+/// Groups pairs sorted by key (used by the sequential runner).
+pub fn group_sorted(pairs: Vec<(String, String)>) -> BTreeMap<String, Vec<String>> {
+    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, v) in pairs {
+        m.entry(k).or_default().push(v);
+    }
+    m
+}

@@ -1,0 +1,19 @@
+//! # sixfive-mapreduce: MapReduce as real processes
+//!
+//! A [`coordinator`] hands out map tasks (input chunks, split at line boundaries) and then
+//! reduce tasks to [`worker`]s over UNIX or TCP sockets. Map output stays on the worker that
+//! wrote it and is fetched by reducers from that worker's file server, so workers need no
+//! shared filesystem; if a worker holding finished map output dies, those map tasks run
+//! again. Tasks silent past a timeout are handed to another worker; optional backup tasks
+//! race stragglers near the end of a phase. Every intermediate and output file is written
+//! under a temporary name and renamed, so no partial file is ever visible.
+//!
+//! Apps implement [`app::App`] (map, reduce, optional combiner) and are registered by name;
+//! the `stream` app runs external commands, so apps can be written in any language.
+#![deny(missing_docs)]
+
+pub mod app;
+pub mod coordinator;
+pub mod proto;
+pub mod split;
+pub mod worker;
