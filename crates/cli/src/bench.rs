@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 use std::process::ExitCode;
 use std::time::Instant;
 
+
 use sixfive_raft::{Config, EntryKind, Message, RawNode, Role};
 
 /// Peak resident memory of this process, from /proc (Linux), in KiB.
@@ -73,6 +74,121 @@ pub fn raft_core(entries: u64, size: usize, batch: u64) -> ExitCode {
     println!("  {:.2} us of core CPU per entry (all three nodes together)", secs * 1e6 / entries as f64);
     if let Some(kib) = peak_rss_kib() {
         println!("  peak RSS {:.1} MiB", kib as f64 / 1024.0);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Builds a deterministic corpus of about `size_mib` MiB in `dir` (files of 16 MiB) from the
+/// lines of the texts in `texts`, picked by a seeded generator.
+fn make_corpus(texts: &std::path::Path, dir: &std::path::Path, size_mib: u64) -> Result<Vec<String>, String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut names: Vec<_> = std::fs::read_dir(texts).map_err(|e| format!("{}: {e}", texts.display()))?.flatten().map(|e| e.path()).collect();
+    names.sort();
+    for p in names {
+        let t = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        lines.extend(String::from_utf8_lossy(&t).lines().map(|l| format!("{l}\n")));
+    }
+    if lines.is_empty() {
+        return Err(format!("no text in {}", texts.display()));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let total = size_mib << 20;
+    let per_file = 16u64 << 20;
+    let mut state = 0x5EED_u64;
+    let mut files = Vec::new();
+    let mut written = 0;
+    while written < total {
+        let path = dir.join(format!("corpus-{:03}.txt", files.len()));
+        let mut buf = String::with_capacity(per_file as usize + 4096);
+        while (buf.len() as u64) < per_file.min(total - written) {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            buf.push_str(&lines[((z ^ (z >> 31)) % lines.len() as u64) as usize]);
+        }
+        written += buf.len() as u64;
+        std::fs::write(&path, &buf).map_err(|e| e.to_string())?;
+        files.push(path.to_string_lossy().to_string());
+    }
+    Ok(files)
+}
+
+/// The baseline: a plain single-threaded Rust word count.
+fn plain_word_count(files: &[String]) -> std::collections::HashMap<String, u64> {
+    let mut counts: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for f in files {
+        let bytes = std::fs::read(f).expect("corpus file");
+        let text = String::from_utf8_lossy(&bytes);
+        for w in text.split(|c: char| !c.is_alphabetic()).filter(|w| !w.is_empty()) {
+            match counts.get_mut(w) {
+                Some(n) => *n += 1,
+                None => {
+                    counts.insert(w.to_string(), 1);
+                }
+            }
+        }
+    }
+    counts
+}
+
+/// Word count on a generated corpus: plain single-threaded Rust vs MapReduce with N workers.
+pub fn mapreduce(size_mib: u64, workers: usize, texts: &std::path::Path, keep: bool) -> ExitCode {
+    if size_mib == 0 || workers == 0 {
+        eprintln!("error: --size-mib and --workers must be at least 1");
+        return ExitCode::from(2);
+    }
+    let dir = std::env::temp_dir().join(format!("sixfive-bench-mr-{}", std::process::id()));
+    let files = match make_corpus(texts, &dir.join("input"), size_mib) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let bytes: u64 = files.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
+    let mb = bytes as f64 / 1e6;
+    println!("corpus: {} files, {:.1} MB, in {}", files.len(), mb, dir.join("input").display());
+
+    let t = Instant::now();
+    let counts = plain_word_count(&files);
+    let plain = t.elapsed().as_secs_f64();
+    println!("plain single-threaded word count: {plain:.2} s ({:.1} MB/s), {} distinct words", mb / plain, counts.len());
+
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).expect("out dir");
+    let app = crate::mr::AppArgs { app: "wc".into(), map_cmd: None, reduce_cmd: None };
+    let job = crate::mr::JobArgs { reduces: 10, out: out.clone(), chunk_mib: 64, task_timeout_secs: 60, backup_tasks: false };
+    let t = Instant::now();
+    let code = crate::mr::run_job(&app, &job, workers, false, &files);
+    let mr = t.elapsed().as_secs_f64();
+    if code != ExitCode::SUCCESS {
+        return code;
+    }
+    println!("mapreduce word count, {workers} workers: {mr:.2} s from launch until every process exited ({:.1} MB/s)", mb / mr);
+    println!("  ratio (launch to exit) mapreduce / plain: {:.2}; the job's own wall time is the 'done in' line above", mr / plain);
+    // Same answer as the plain count?
+    let mut mismatches = 0;
+    let mut seen = 0;
+    for e in std::fs::read_dir(&out).expect("out").flatten() {
+        if !e.file_name().to_string_lossy().starts_with("mr-out-") {
+            continue;
+        }
+        for line in std::fs::read_to_string(e.path()).unwrap_or_default().lines() {
+            let (w, n) = line.rsplit_once(' ').unwrap_or((line, "0"));
+            seen += 1;
+            if counts.get(w).copied() != n.parse().ok() {
+                mismatches += 1;
+            }
+        }
+    }
+    if mismatches > 0 || seen != counts.len() {
+        eprintln!("error: mapreduce output differs from the plain count ({mismatches} mismatches, {seen} vs {} words)", counts.len());
+        return ExitCode::FAILURE;
+    }
+    println!("  outputs agree on all {seen} words");
+    if !keep {
+        let _ = std::fs::remove_dir_all(&dir);
     }
     ExitCode::SUCCESS
 }

@@ -50,6 +50,21 @@ enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         batch: u64,
     },
+    /// Word count on a generated corpus: a plain single-threaded Rust count vs MapReduce.
+    Mr {
+        /// Corpus size in MiB.
+        #[arg(long, default_value_t = 128)]
+        size_mib: u64,
+        /// Worker processes.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Directory of texts to draw lines from.
+        #[arg(long, default_value = "data/gutenberg")]
+        texts: std::path::PathBuf,
+        /// Keep the corpus and output.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -79,6 +94,7 @@ fn main() -> ExitCode {
             sim_raft(seeds, seed, fault_secs, verbose)
         }
         Command::Bench { what: BenchCommand::RaftCore { entries, size, batch } } => bench::raft_core(entries, size, batch),
+        Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, keep } } => bench::mapreduce(size_mib, workers, &texts, keep),
         Command::Mr { what } => mr::main(what),
     }
 }

@@ -127,7 +127,8 @@ fn write_stats(path: &Option<PathBuf>, role: &str) {
     if let (Some(p), Some(kib)) = (path, peak_rss_kib()) {
         use std::io::Write;
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p) {
-            let _ = writeln!(f, "{role} {} {kib}", std::process::id());
+            // One write call: appends of concurrent processes do not interleave.
+            let _ = f.write_all(format!("{role} {} {kib}\n", std::process::id()).as_bytes());
         }
     }
 }
@@ -169,7 +170,7 @@ pub fn main(cmd: MrCommand) -> ExitCode {
                 Ok(l) => l,
                 Err(e) => return fail(format!("cannot listen at {addr}: {e}")),
             };
-            let st = serve(listener, Coordinator::new(coordinator_config(&job), chunks), Duration::from_millis(500));
+            let st = serve(listener, Coordinator::new(coordinator_config(&job), chunks), Duration::from_millis(200));
             write_stats(&stats_file, "coordinator");
             match st.failed {
                 Some(why) => fail(format!("job failed: {why}")),

@@ -94,14 +94,32 @@ impl App for WordCount {
         Ok(sum.to_string())
     }
     fn combine(&self, _key: &str, acc: &mut String, value: &str) -> bool {
-        let a: u64 = acc.parse().unwrap_or(0);
-        let b: u64 = value.parse().unwrap_or(0);
-        *acc = (a + b).to_string();
+        add_decimal(acc, value);
         true
     }
     fn has_combiner(&self) -> bool {
         true
     }
+}
+
+/// Adds the decimal number `b` to the decimal number in `acc`, in place. Adding "1" (every
+/// word count emit) touches only the last digits, with no parsing or allocation.
+fn add_decimal(acc: &mut String, b: &str) {
+    if b == "1" && !acc.is_empty() && acc.bytes().all(|d| d.is_ascii_digit()) {
+        let nines = acc.bytes().rev().take_while(|&d| d == b'9').count();
+        let len = acc.len();
+        if nines == len {
+            *acc = format!("1{}", "0".repeat(len));
+        } else {
+            let d = acc.as_bytes()[len - nines - 1];
+            acc.truncate(len - nines - 1);
+            acc.push((d + 1) as char);
+            acc.extend(std::iter::repeat_n('0', nines));
+        }
+        return;
+    }
+    let sum = acc.parse::<u64>().unwrap_or(0) + b.parse::<u64>().unwrap_or(0);
+    *acc = sum.to_string();
 }
 
 /// Inverted index: "word N doc1,doc2,...".
@@ -327,6 +345,31 @@ impl App for Streaming {
             }
         }
         run_filter(&self.reduce_cmd, &[], input, |l| out(l).map_err(|e| e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_addition_in_place() {
+        for (a, b, sum) in [("0", "1", "1"), ("9", "1", "10"), ("199", "1", "200"), ("41", "1", "42"), ("12", "30", "42"), ("999", "1", "1000")] {
+            let mut acc = a.to_string();
+            add_decimal(&mut acc, b);
+            assert_eq!(acc, sum);
+        }
+    }
+
+    #[test]
+    fn word_count_combiner_agrees_with_reduce() {
+        let wc = WordCount;
+        let mut acc = "1".to_string();
+        for v in ["1", "1", "5", "1"] {
+            wc.combine("w", &mut acc, v);
+        }
+        assert_eq!(acc, wc.reduce("w", &["1".into(), "1".into(), "1".into(), "5".into(), "1".into()]).unwrap());
+        assert_eq!(by_name("nope", None, None).err(), Some(AppError::Unknown("nope".into())));
     }
 }
 

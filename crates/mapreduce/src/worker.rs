@@ -4,7 +4,9 @@
 //! Intermediate and output files are written under a temporary name and renamed into place,
 //! so a worker that dies mid-write never leaves a visible partial file.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use rustc_hash::FxHashMap;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -60,7 +62,7 @@ pub fn run_worker(cfg: WorkerConfig, app: Arc<dyn App>) -> Result<WorkerReport, 
             Ok(other) => return Err(format!("unexpected reply from the coordinator: {other:?}")),
             Err(e) => {
                 if !contacted && started.elapsed() < cfg.connect_patience {
-                    std::thread::sleep(Duration::from_millis(100));
+                    std::thread::sleep(Duration::from_millis(20));
                     continue;
                 }
                 if !contacted {
@@ -87,7 +89,7 @@ pub fn run_worker(cfg: WorkerConfig, app: Arc<dyn App>) -> Result<WorkerReport, 
                 }
             }
             Task::Wait => {
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(Duration::from_millis(25));
                 continue;
             }
             Task::Exit => return Ok(report),
@@ -162,21 +164,22 @@ fn run_map(app: &dyn App, dir: &Path, task: usize, file: &str, offset: u64, len:
     let contents = String::from_utf8_lossy(&bytes);
     let mut out_bytes = 0;
     if app.has_combiner() {
-        // Map-side combining: one value per key per bucket.
-        let mut buckets: Vec<HashMap<String, String>> = vec![HashMap::new(); n_reduce];
-        app.map(file, &contents, &mut |k, v| {
-            let b = &mut buckets[bucket(k, n_reduce)];
-            match b.get_mut(k) {
-                Some(acc) => {
-                    app.combine(k, acc, v);
-                }
-                None => {
-                    b.insert(k.to_string(), v.to_string());
-                }
+        // Map-side combining: one value per key. Buckets are assigned once per distinct key
+        // when writing, not once per emitted pair.
+        let mut combined: FxHashMap<String, String> = FxHashMap::default();
+        app.map(file, &contents, &mut |k, v| match combined.get_mut(k) {
+            Some(acc) => {
+                app.combine(k, acc, v);
+            }
+            None => {
+                combined.insert(k.to_string(), v.to_string());
             }
         });
-        for (r, b) in buckets.into_iter().enumerate() {
-            let mut pairs: Vec<(String, String)> = b.into_iter().collect();
+        let mut buckets: Vec<Vec<(String, String)>> = vec![Vec::new(); n_reduce];
+        for (k, v) in combined {
+            buckets[bucket(&k, n_reduce)].push((k, v));
+        }
+        for (r, mut pairs) in buckets.into_iter().enumerate() {
             pairs.sort_unstable();
             out_bytes += write_bucket(dir, task, r, &pairs)?;
         }
