@@ -7,12 +7,7 @@ use std::time::Instant;
 
 use sixfive_raft::{Config, EntryKind, Message, RawNode, Role};
 
-/// Peak resident memory of this process, from /proc (Linux), in KiB.
-pub fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
+use sixfive_mapreduce::cli::peak_rss_kib;
 
 /// Three nodes in one thread: every message is handed over in memory, every Ready is "persisted"
 /// by dropping it. What remains is the core's own work per entry: appending, building and
@@ -157,10 +152,11 @@ pub fn mapreduce(size_mib: u64, workers: usize, texts: &std::path::Path, keep: b
 
     let out = dir.join("out");
     std::fs::create_dir_all(&out).expect("out dir");
-    let app = crate::mr::AppArgs { app: "wc".into(), map_cmd: None, reduce_cmd: None };
-    let job = crate::mr::JobArgs { reduces: 10, out: out.clone(), chunk_mib: 64, task_timeout_secs: 60, backup_tasks: false };
+    let app = sixfive_mapreduce::cli::AppArgs { app: "wc".into(), map_cmd: None, reduce_cmd: None };
+    let job = sixfive_mapreduce::cli::JobArgs { reduces: 10, out: out.clone(), chunk_mib: 64, task_timeout_secs: 60, backup_tasks: false };
+    let registry = sixfive_mapreduce::app::Registry::builtins();
     let t = Instant::now();
-    let code = crate::mr::run_job(&app, &job, workers, false, &files);
+    let code = sixfive_mapreduce::cli::run_job(&registry, &["mr"], &app, &job, workers, false, &files);
     let mr = t.elapsed().as_secs_f64();
     if code != ExitCode::SUCCESS {
         return code;

@@ -8,7 +8,6 @@ use sixfive_raft_sim::swarm::{self, SwarmReport};
 use sixfive_sim::SEC;
 
 mod bench;
-mod mr;
 
 #[derive(Parser)]
 #[command(name = "sixfive", version, about = "Raft, replicated KV, sharded KV and MapReduce, made real")]
@@ -27,7 +26,7 @@ enum Command {
     /// MapReduce: coordinator, workers, the sequential reference, and whole local jobs.
     Mr {
         #[command(subcommand)]
-        what: mr::MrCommand,
+        what: sixfive_mapreduce::cli::MrCommand,
     },
     /// Measures; prints figures.
     Bench {
@@ -95,7 +94,7 @@ fn main() -> ExitCode {
         }
         Command::Bench { what: BenchCommand::RaftCore { entries, size, batch } } => bench::raft_core(entries, size, batch),
         Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, keep } } => bench::mapreduce(size_mib, workers, &texts, keep),
-        Command::Mr { what } => mr::main(what),
+        Command::Mr { what } => sixfive_mapreduce::cli::main(what, &sixfive_mapreduce::app::Registry::builtins(), &["mr"]),
     }
 }
 

@@ -43,33 +43,78 @@ pub trait App: Send + Sync {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AppError {
     /// No app of that name.
-    #[error("unknown app {0:?}; known apps: {known}", known = NAMES.join(", "))]
-    Unknown(String),
+    #[error("unknown app {name:?}; known apps: {known}")]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// The registered names.
+        known: String,
+    },
     /// The streaming app needs its commands.
     #[error("the stream app needs --map-cmd and --reduce-cmd")]
     MissingCommands,
 }
 
-/// Names of the built-in apps.
-pub const NAMES: &[&str] = &["wc", "indexer", "mtiming", "rtiming", "jobcount", "early_exit", "crash", "nocrash", "stream"];
+/// Options some apps take.
+#[derive(Clone, Debug, Default)]
+pub struct AppOptions {
+    /// For `stream`: the map command.
+    pub map_cmd: Option<String>,
+    /// For `stream`: the reduce command.
+    pub reduce_cmd: Option<String>,
+}
 
-/// Makes the app called `name`. `map_cmd`/`reduce_cmd` are for the `stream` app.
-pub fn by_name(name: &str, map_cmd: Option<&str>, reduce_cmd: Option<&str>) -> Result<Box<dyn App>, AppError> {
-    Ok(match name {
-        "wc" => Box::new(WordCount),
-        "indexer" => Box::new(Indexer),
-        "mtiming" => Box::new(MapTiming),
-        "rtiming" => Box::new(ReduceTiming),
-        "jobcount" => Box::new(JobCount::default()),
-        "early_exit" => Box::new(EarlyExit),
-        "crash" => Box::new(Crash { crash: true }),
-        "nocrash" => Box::new(Crash { crash: false }),
-        "stream" => match (map_cmd, reduce_cmd) {
-            (Some(m), Some(r)) => Box::new(Streaming { map_cmd: m.to_string(), reduce_cmd: r.to_string() }),
-            _ => return Err(AppError::MissingCommands),
-        },
-        other => return Err(AppError::Unknown(other.to_string())),
-    })
+/// Makes an app from its options.
+pub type Factory = Box<dyn Fn(&AppOptions) -> Result<Box<dyn App>, AppError> + Send + Sync>;
+
+/// Apps by name. A program registers its own apps next to the built-ins and hands the
+/// registry to [`crate::cli::main`].
+pub struct Registry {
+    apps: BTreeMap<String, Factory>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn empty() -> Registry {
+        Registry { apps: BTreeMap::new() }
+    }
+
+    /// The built-in apps: wc, indexer, mtiming, rtiming, jobcount, early_exit, crash,
+    /// nocrash, stream.
+    pub fn builtins() -> Registry {
+        let mut r = Registry::empty();
+        r.register("wc", |_| Ok(Box::new(WordCount)));
+        r.register("indexer", |_| Ok(Box::new(Indexer)));
+        r.register("mtiming", |_| Ok(Box::new(MapTiming)));
+        r.register("rtiming", |_| Ok(Box::new(ReduceTiming)));
+        r.register("jobcount", |_| Ok(Box::new(JobCount::default())));
+        r.register("early_exit", |_| Ok(Box::new(EarlyExit)));
+        r.register("crash", |_| Ok(Box::new(Crash { crash: true })));
+        r.register("nocrash", |_| Ok(Box::new(Crash { crash: false })));
+        r.register("stream", |o| match (&o.map_cmd, &o.reduce_cmd) {
+            (Some(m), Some(r)) => Ok(Box::new(Streaming { map_cmd: m.clone(), reduce_cmd: r.clone() })),
+            _ => Err(AppError::MissingCommands),
+        });
+        r
+    }
+
+    /// Registers (or replaces) the app `name`.
+    pub fn register(&mut self, name: &str, f: impl Fn(&AppOptions) -> Result<Box<dyn App>, AppError> + Send + Sync + 'static) {
+        self.apps.insert(name.to_string(), Box::new(f));
+    }
+
+    /// Makes the app `name`.
+    pub fn make(&self, name: &str, opts: &AppOptions) -> Result<Box<dyn App>, AppError> {
+        match self.apps.get(name) {
+            Some(f) => f(opts),
+            None => Err(AppError::Unknown { name: name.to_string(), known: self.names().join(", ") }),
+        }
+    }
+
+    /// Registered names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.apps.keys().cloned().collect()
+    }
 }
 
 /// Words are maximal runs of letters.
@@ -369,7 +414,8 @@ mod tests {
             wc.combine("w", &mut acc, v);
         }
         assert_eq!(acc, wc.reduce("w", &["1".into(), "1".into(), "1".into(), "5".into(), "1".into()]).unwrap());
-        assert_eq!(by_name("nope", None, None).err(), Some(AppError::Unknown("nope".into())));
+        let err = Registry::builtins().make("nope", &AppOptions::default()).err().unwrap();
+        assert!(err.to_string().contains("wc"), "the error lists the known apps: {err}");
     }
 }
 

@@ -8,11 +8,14 @@
 //! race stragglers near the end of a phase. Every intermediate and output file is written
 //! under a temporary name and renamed, so no partial file is ever visible.
 //!
-//! Apps implement [`app::App`] (map, reduce, optional combiner) and are registered by name;
-//! the `stream` app runs external commands, so apps can be written in any language.
+//! Apps implement [`app::App`] (map, reduce, optional combiner) and are registered by name in
+//! an [`app::Registry`]; the `stream` app runs external commands, so apps can be written in
+//! any language. [`cli`] is the command line (`sixfive mr ...`), reusable by a program with
+//! apps of its own (see `examples/custom_app.rs`).
 #![deny(missing_docs)]
 
 pub mod app;
+pub mod cli;
 pub mod coordinator;
 pub mod proto;
 pub mod split;

@@ -1,4 +1,8 @@
-//! `sixfive mr ...`: MapReduce as separate processes.
+//! The MapReduce command line: coordinator, worker, sequential reference and whole local jobs.
+//!
+//! The `sixfive` binary serves these as `sixfive mr ...` with the built-in apps. A program
+//! with apps of its own registers them and calls [`main`] with its [`Registry`]; `run` then
+//! starts that program's own executable as coordinator and workers.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -6,18 +10,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use sixfive_mapreduce::app;
-use sixfive_mapreduce::coordinator::{Coordinator, CoordinatorConfig, serve};
-use sixfive_mapreduce::proto::{Addr, JobStatus, Listener, Reply, Request, call};
-use sixfive_mapreduce::split::split_inputs;
-use sixfive_mapreduce::worker::{WorkerConfig, run_sequential, run_worker};
 
-use crate::bench::peak_rss_kib;
+use crate::app::{App, AppOptions, Registry};
+use crate::coordinator::{Coordinator, CoordinatorConfig, serve};
+use crate::proto::{Addr, JobStatus, Listener, Reply, Request, call};
+use crate::split::{Chunk, split_inputs};
+use crate::worker::{WorkerConfig, run_sequential, run_worker};
+
+/// Peak resident memory of this process, from /proc (Linux), in KiB.
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
 
 /// Which app, for the commands that run one.
 #[derive(Args, Clone, Debug)]
 pub struct AppArgs {
-    /// App name: wc, indexer, mtiming, rtiming, jobcount, early_exit, crash, nocrash, stream.
+    /// App name (built-in: wc, indexer, mtiming, rtiming, jobcount, early_exit, crash,
+    /// nocrash, stream).
     #[arg(long)]
     pub app: String,
     /// For `--app stream`: shell command for map (chunk on stdin, "key<TAB>value" lines out).
@@ -29,8 +40,9 @@ pub struct AppArgs {
 }
 
 impl AppArgs {
-    fn make(&self) -> Result<Box<dyn app::App>, String> {
-        app::by_name(&self.app, self.map_cmd.as_deref(), self.reduce_cmd.as_deref()).map_err(|e| e.to_string())
+    fn make(&self, registry: &Registry) -> Result<Box<dyn App>, String> {
+        let opts = AppOptions { map_cmd: self.map_cmd.clone(), reduce_cmd: self.reduce_cmd.clone() };
+        registry.make(&self.app, &opts).map_err(|e| e.to_string())
     }
 }
 
@@ -62,6 +74,7 @@ pub enum MrCommand {
         /// Where to listen: unix:/path/to.sock or host:port.
         #[arg(long)]
         listen: String,
+        /// How the job is cut and timed.
         #[command(flatten)]
         job: JobArgs,
         /// Write "coordinator <pid> <peak RSS KiB>" here on exit.
@@ -76,6 +89,7 @@ pub enum MrCommand {
         /// The coordinator's address.
         #[arg(long)]
         coordinator: String,
+        /// Which app.
         #[command(flatten)]
         app: AppArgs,
         /// This worker's directory for intermediate files (default: the current directory).
@@ -91,6 +105,7 @@ pub enum MrCommand {
     },
     /// The sequential reference: one process, no RPC; writes one sorted output file.
     Sequential {
+        /// Which app.
         #[command(flatten)]
         app: AppArgs,
         /// Output file.
@@ -102,8 +117,10 @@ pub enum MrCommand {
     },
     /// Runs a whole job here: a coordinator and N worker processes, with progress and a summary.
     Run {
+        /// Which app.
         #[command(flatten)]
         app: AppArgs,
+        /// How the job is cut and timed.
         #[command(flatten)]
         job: JobArgs,
         /// Worker processes.
@@ -144,7 +161,7 @@ fn coordinator_config(job: &JobArgs) -> CoordinatorConfig {
 }
 
 /// Checks a job's arguments before anything starts.
-fn validate_job(job: &JobArgs, inputs: &[String]) -> Result<Vec<sixfive_mapreduce::split::Chunk>, String> {
+fn validate_job(job: &JobArgs, inputs: &[String]) -> Result<Vec<Chunk>, String> {
     if job.reduces == 0 || job.chunk_mib == 0 || job.task_timeout_secs == 0 {
         return Err("--reduces, --chunk-mib and --task-timeout-secs must be at least 1".into());
     }
@@ -154,8 +171,10 @@ fn validate_job(job: &JobArgs, inputs: &[String]) -> Result<Vec<sixfive_mapreduc
     split_inputs(inputs, job.chunk_mib << 20)
 }
 
-/// Runs an `mr` subcommand.
-pub fn main(cmd: MrCommand) -> ExitCode {
+/// Runs a MapReduce command with the apps of `registry`. `prefix` is what this executable
+/// needs before `coordinator`/`worker` on its command line (`["mr"]` for `sixfive`), so
+/// that `run` can start it again as the coordinator and the workers.
+pub fn main(cmd: MrCommand, registry: &Registry, prefix: &[&str]) -> ExitCode {
     match cmd {
         MrCommand::Coordinator { listen, job, stats_file, inputs } => {
             let addr: Addr = match listen.parse() {
@@ -178,7 +197,7 @@ pub fn main(cmd: MrCommand) -> ExitCode {
             }
         }
         MrCommand::Worker { coordinator, app, work_dir, listen, stats_file } => {
-            let app = match app.make() {
+            let app = match app.make(registry) {
                 Ok(a) => a,
                 Err(e) => return fail(e),
             };
@@ -206,7 +225,7 @@ pub fn main(cmd: MrCommand) -> ExitCode {
             }
         }
         MrCommand::Sequential { app, out, inputs } => {
-            let app = match app.make() {
+            let app = match app.make(registry) {
                 Ok(a) => a,
                 Err(e) => return fail(e),
             };
@@ -215,7 +234,7 @@ pub fn main(cmd: MrCommand) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        MrCommand::Run { app, job, workers, tcp, inputs } => run_job(&app, &job, workers, tcp, &inputs),
+        MrCommand::Run { app, job, workers, tcp, inputs } => run_job(registry, prefix, &app, &job, workers, tcp, &inputs),
     }
 }
 
@@ -226,10 +245,11 @@ fn status(addr: &Addr) -> Option<JobStatus> {
     }
 }
 
-/// A whole job on this machine. Returns the coordinator's exit status.
-pub fn run_job(app: &AppArgs, job: &JobArgs, workers: usize, tcp: bool, inputs: &[String]) -> ExitCode {
+/// A whole job on this machine: this executable started again as the coordinator and as
+/// `workers` workers. Returns the coordinator's exit status.
+pub fn run_job(registry: &Registry, prefix: &[&str], app: &AppArgs, job: &JobArgs, workers: usize, tcp: bool, inputs: &[String]) -> ExitCode {
     // Everything that can be wrong is checked before any process starts.
-    if let Err(e) = app.make() {
+    if let Err(e) = app.make(registry) {
         return fail(e);
     }
     if workers == 0 {
@@ -260,7 +280,8 @@ pub fn run_job(app: &AppArgs, job: &JobArgs, workers: usize, tcp: bool, inputs: 
     let started = Instant::now();
     let mut coord = Command::new(&exe);
     coord
-        .args(["mr", "coordinator", "--listen", &addr, "--reduces", &job.reduces.to_string()])
+        .args(prefix)
+        .args(["coordinator", "--listen", &addr, "--reduces", &job.reduces.to_string()])
         .args(["--chunk-mib", &job.chunk_mib.to_string(), "--task-timeout-secs", &job.task_timeout_secs.to_string()])
         .arg("--out")
         .arg(&job.out)
@@ -277,7 +298,7 @@ pub fn run_job(app: &AppArgs, job: &JobArgs, workers: usize, tcp: bool, inputs: 
     for i in 0..workers {
         let dir = job_dir.join(format!("worker-{i}"));
         let mut w = Command::new(&exe);
-        w.args(["mr", "worker", "--coordinator", &addr, "--app", &app.app]).arg("--work-dir").arg(&dir).arg("--stats-file").arg(&stats);
+        w.args(prefix).args(["worker", "--coordinator", &addr, "--app", &app.app]).arg("--work-dir").arg(&dir).arg("--stats-file").arg(&stats);
         if let Some(m) = &app.map_cmd {
             w.args(["--map-cmd", m]);
         }

@@ -1,0 +1,90 @@
+//! The library used directly: a custom app registered by name, a coordinator and two workers
+//! on threads of this process over a UNIX socket, compared with the sequential runner.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sixfive_mapreduce::app::{App, AppOptions, Registry};
+use sixfive_mapreduce::coordinator::{Coordinator, CoordinatorConfig, serve};
+use sixfive_mapreduce::proto::{Addr, Listener};
+use sixfive_mapreduce::split::split_inputs;
+use sixfive_mapreduce::worker::{WorkerConfig, run_sequential, run_worker};
+
+/// Counts words by their first letter, case-folded.
+struct Initials;
+
+impl App for Initials {
+    fn map(&self, _file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+        for w in contents.split(|c: char| !c.is_alphabetic()).filter(|w| !w.is_empty()) {
+            let first: String = w.chars().next().unwrap().to_lowercase().collect();
+            emit(&first, "1");
+        }
+    }
+    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
+        Ok(values.len().to_string())
+    }
+}
+
+fn sorted_lines(dir: &Path, prefix: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with(prefix) {
+            v.extend(std::fs::read_to_string(e.path()).unwrap().lines().filter(|l| !l.is_empty()).map(String::from));
+        }
+    }
+    v.sort();
+    v
+}
+
+#[test]
+fn custom_app_in_process_matches_sequential() {
+    let mut registry = Registry::builtins();
+    registry.register("initials", |_| Ok(Box::new(Initials)));
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/gutenberg");
+    let inputs: Vec<String> = ["pg-grimm.txt", "pg-metamorphosis.txt"].iter().map(|f| data.join(f).to_string_lossy().to_string()).collect();
+    let dir = std::env::temp_dir().join(format!("sixfive-mr-lib-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("out")).unwrap();
+
+    // Small chunks: each file becomes several map tasks.
+    let chunks = split_inputs(&inputs, 64 << 10).unwrap();
+    assert!(chunks.len() > 4);
+    let cfg = CoordinatorConfig {
+        n_reduce: 3,
+        out_dir: dir.join("out").to_string_lossy().to_string(),
+        task_timeout: Duration::from_secs(10),
+        backup_tasks: false,
+        max_task_failures: 3,
+    };
+    let addr = Addr::Unix(dir.join("coordinator.sock"));
+    let listener = Listener::bind(&addr).unwrap();
+    let coordinator = std::thread::spawn(move || serve(listener, Coordinator::new(cfg, chunks), Duration::from_millis(200)));
+    let workers: Vec<_> = (0..2)
+        .map(|i| {
+            let app: Arc<dyn App> = Arc::from(registry.make("initials", &AppOptions::default()).unwrap());
+            let cfg = WorkerConfig {
+                coordinator: addr.clone(),
+                listen: Addr::Unix(dir.join(format!("w{i}.sock"))),
+                work_dir: dir.join(format!("w{i}")),
+                connect_patience: Duration::from_secs(5),
+            };
+            std::thread::spawn(move || run_worker(cfg, app))
+        })
+        .collect();
+    let status = coordinator.join().unwrap();
+    assert!(status.done && status.failed.is_none(), "{status:?}");
+    let ran: u64 = workers.into_iter().map(|w| w.join().unwrap().unwrap().maps).sum();
+    assert_eq!(ran as usize, status.maps, "every map task ran exactly once");
+
+    let seq = dir.join("seq");
+    run_sequential(&Initials, &inputs, &seq).unwrap();
+    let expected: Vec<String> = {
+        let mut v: Vec<String> = std::fs::read_to_string(&seq).unwrap().lines().map(String::from).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(sorted_lines(&dir.join("out"), "mr-out-"), expected);
+    assert!(expected.iter().any(|l| l.starts_with("t ")));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
