@@ -27,6 +27,39 @@ pub struct Record {
     pub result: Option<OpResult>,
 }
 
+/// Typed key/value operations, for any clerk that can run an [`Op`] to its answer.
+#[allow(async_fn_in_trait)] // clerks run on one thread in the simulator; no Send bound wanted
+pub trait KvClient {
+    /// Runs `op` until an answer comes.
+    async fn run(&mut self, op: Op) -> OpResult;
+
+    /// Value and version of `key`.
+    async fn get(&mut self, key: &str) -> Result<(String, u64), KvError> {
+        self.run(Op::Get { key: key.into() }).await.into_value()
+    }
+
+    /// Sets `key` to `value` if its version is `version` (0: the key must not exist).
+    /// The single-server clerk answers `Err(Maybe)` when a retry found another version.
+    async fn put(&mut self, key: &str, value: &str, version: u64) -> Result<(), KvError> {
+        self.run(Op::Put { key: key.into(), value: value.into(), version }).await.into_done()
+    }
+
+    /// Appends `arg` to `key` exactly once; returns the old value.
+    async fn append(&mut self, key: &str, arg: &str) -> Result<String, KvError> {
+        self.run(Op::Append { key: key.into(), arg: arg.into() }).await.into_appended()
+    }
+
+    /// Removes `key`.
+    async fn delete(&mut self, key: &str) -> Result<(), KvError> {
+        self.run(Op::Delete { key: key.into() }).await.into_done()
+    }
+
+    /// Entries with `start <= key < end`, at most `limit`.
+    async fn scan(&mut self, start: &str, end: Option<&str>, limit: u32) -> Result<Vec<(String, String, u64)>, KvError> {
+        self.run(Op::Scan { start: start.into(), end: end.map(Into::into), limit }).await.into_entries()
+    }
+}
+
 /// A shared list of [`Record`]s that clerks append to.
 #[derive(Clone, Debug, Default)]
 pub struct History(Arc<Mutex<Vec<Record>>>);
@@ -98,30 +131,10 @@ impl<T: Transport> Clerk<T> {
         }
         r
     }
+}
 
-    /// Value and version of `key`.
-    pub async fn get(&mut self, key: &str) -> Result<(String, u64), KvError> {
-        self.recorded(Op::Get { key: key.into() }).await.into_value()
-    }
-
-    /// Sets `key` to `value` if its version is `version`. `Err(Maybe)`: a retry found another
-    /// version, so this Put may or may not have been applied.
-    pub async fn put(&mut self, key: &str, value: &str, version: u64) -> Result<(), KvError> {
-        self.recorded(Op::Put { key: key.into(), value: value.into(), version }).await.into_done()
-    }
-
-    /// Appends `arg` to `key` exactly once; returns the old value.
-    pub async fn append(&mut self, key: &str, arg: &str) -> Result<String, KvError> {
-        self.recorded(Op::Append { key: key.into(), arg: arg.into() }).await.into_appended()
-    }
-
-    /// Removes `key`.
-    pub async fn delete(&mut self, key: &str) -> Result<(), KvError> {
-        self.recorded(Op::Delete { key: key.into() }).await.into_done()
-    }
-
-    /// Entries with `start <= key < end`, at most `limit`.
-    pub async fn scan(&mut self, start: &str, end: Option<&str>, limit: u32) -> Result<Vec<(String, String, u64)>, KvError> {
-        self.recorded(Op::Scan { start: start.into(), end: end.map(Into::into), limit }).await.into_entries()
+impl<T: Transport> KvClient for Clerk<T> {
+    async fn run(&mut self, op: Op) -> OpResult {
+        self.recorded(op).await
     }
 }

@@ -19,7 +19,7 @@ pub mod replicated;
 pub mod server;
 pub mod store;
 
-pub use clerk::{Clerk, History, Record};
+pub use clerk::{Clerk, History, KvClient, Record};
 pub use lock::{Lock, LockError};
 pub use replicated::{KvSm, RaftClerk};
 pub use server::{KvServer, Request};

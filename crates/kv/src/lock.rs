@@ -6,7 +6,7 @@
 
 use sixfive_rpc::Transport;
 
-use crate::clerk::Clerk;
+use crate::clerk::{Clerk, KvClient};
 use crate::store::KvError;
 
 /// Pause between attempts while someone else holds the lock.

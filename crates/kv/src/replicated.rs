@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sixfive_rpc::{Endpoint, Micros, Transport};
 use sixfive_rsm::{ApplyCtx, RsmReply, RsmRequest, StateMachine, SubmitError};
 
-use crate::clerk::{History, Record};
+use crate::clerk::{History, KvClient, Record};
 use crate::server::Request;
 use crate::store::{KvError, KvStore, Op, OpResult};
 
@@ -163,7 +163,7 @@ impl<T: Transport> RaftClerk<T> {
     }
 
     /// Runs `op` until some leader answers.
-    pub async fn run(&mut self, op: Op) -> OpResult {
+    async fn run_op(&mut self, op: Op) -> OpResult {
         let call = self.t.now();
         let req = if op.is_read_only() {
             RsmRequest::Query(postcard::to_allocvec(&op).expect("encodes"))
@@ -198,30 +198,12 @@ impl<T: Transport> RaftClerk<T> {
         }
         result
     }
+}
 
-    /// Value and version of `key` (linearizable, through ReadIndex).
-    pub async fn get(&mut self, key: &str) -> Result<(String, u64), KvError> {
-        self.run(Op::Get { key: key.into() }).await.into_value()
-    }
-
-    /// Sets `key` to `value` if its version is `version`; exactly once.
-    pub async fn put(&mut self, key: &str, value: &str, version: u64) -> Result<(), KvError> {
-        self.run(Op::Put { key: key.into(), value: value.into(), version }).await.into_done()
-    }
-
-    /// Appends `arg` to `key` exactly once; returns the old value.
-    pub async fn append(&mut self, key: &str, arg: &str) -> Result<String, KvError> {
-        self.run(Op::Append { key: key.into(), arg: arg.into() }).await.into_appended()
-    }
-
-    /// Removes `key`; exactly once.
-    pub async fn delete(&mut self, key: &str) -> Result<(), KvError> {
-        self.run(Op::Delete { key: key.into() }).await.into_done()
-    }
-
-    /// Entries with `start <= key < end`, at most `limit` (linearizable, through ReadIndex).
-    pub async fn scan(&mut self, start: &str, end: Option<&str>, limit: u32) -> Result<Vec<(String, String, u64)>, KvError> {
-        self.run(Op::Scan { start: start.into(), end: end.map(Into::into), limit }).await.into_entries()
+/// Writes are exactly-once (sessions); Gets and Scans are linearizable through ReadIndex.
+impl<T: Transport> KvClient for RaftClerk<T> {
+    async fn run(&mut self, op: Op) -> OpResult {
+        self.run_op(op).await
     }
 }
 

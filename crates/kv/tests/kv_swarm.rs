@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use common::*;
-use sixfive_kv::{History, KvError, KvSm, RaftClerk, Record};
+use sixfive_kv::{History, KvClient, KvError, KvSm, RaftClerk, Record};
 use sixfive_rpc::Transport;
 use sixfive_rsm::testkit::RsmCluster;
 use sixfive_sim::{MS, NetConfig, Rng, SEC, seeds::run_seeds};

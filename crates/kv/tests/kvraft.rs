@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use common::*;
-use sixfive_kv::{History, KvError, KvSm, RaftClerk};
+use sixfive_kv::{History, KvClient, KvError, KvSm, RaftClerk};
 use sixfive_raft::NodeId;
 use sixfive_rpc::Transport;
 use sixfive_rsm::testkit::{RsmCluster, TestNode};

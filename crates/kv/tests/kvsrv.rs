@@ -7,7 +7,7 @@ use std::rc::Rc;
 
 use common::*;
 use sixfive_rpc::Transport;
-use sixfive_kv::{Clerk, History, KvError, KvServer, Lock, LockError};
+use sixfive_kv::{Clerk, History, KvClient, KvError, KvServer, Lock, LockError};
 use sixfive_sim::{MS, NetConfig, SEC, SimClient, World, seeds::run_seeds};
 
 const SERVER: u64 = 1;

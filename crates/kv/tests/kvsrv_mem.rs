@@ -7,7 +7,7 @@ use std::cell::Cell;
 
 mod common;
 
-use sixfive_kv::{Clerk, History, KvError, KvServer};
+use sixfive_kv::{Clerk, History, KvClient, KvError, KvServer};
 use sixfive_sim::{NetConfig, World, seeds::run_seeds};
 
 struct Counting;
