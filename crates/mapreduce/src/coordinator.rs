@@ -40,7 +40,8 @@ pub struct CoordinatorConfig {
 enum Status {
     Idle,
     Running,
-    Done { addr: String },
+    /// Finished by the attempt `attempt` of the worker serving at `addr`.
+    Done { addr: String, attempt: u64 },
 }
 
 #[derive(Clone, Debug)]
@@ -67,6 +68,9 @@ pub struct Coordinator {
     reduces: Vec<TaskState>,
     workers: BTreeMap<WorkerId, (String, Duration)>,
     status: JobStatus,
+    /// Attempt ids: a random base per job plus a counter, so no two attempts of this or any
+    /// other job share file names.
+    next_attempt: u64,
 }
 
 impl Coordinator {
@@ -81,6 +85,7 @@ impl Coordinator {
             chunks,
             workers: BTreeMap::new(),
             status,
+            next_attempt: job_nonce() << 24,
         }
     }
 
@@ -97,12 +102,12 @@ impl Coordinator {
                 self.status.workers = self.workers.len();
                 Reply::Task(self.assign(worker, now))
             }
-            Request::MapDone { worker, task, bytes_in, bytes_out } => {
+            Request::MapDone { worker, task, attempt, bytes_in, bytes_out } => {
                 if let Some(t) = self.maps.get_mut(task) {
                     if !matches!(t.status, Status::Done { .. }) {
                         let addr = self.workers.get(&worker).map(|w| w.0.clone()).unwrap_or_default();
                         t.took = t.attempts.iter().find(|a| a.0 == worker).map(|a| now.saturating_sub(a.1));
-                        t.status = Status::Done { addr };
+                        t.status = Status::Done { addr, attempt };
                         t.attempts.clear();
                         self.status.maps_done += 1;
                         self.status.bytes_in += bytes_in;
@@ -115,7 +120,7 @@ impl Coordinator {
                 if let Some(t) = self.reduces.get_mut(task) {
                     if !matches!(t.status, Status::Done { .. }) {
                         t.took = t.attempts.iter().find(|a| a.0 == worker).map(|a| now.saturating_sub(a.1));
-                        t.status = Status::Done { addr: String::new() };
+                        t.status = Status::Done { addr: String::new(), attempt: 0 };
                         t.attempts.clear();
                         self.status.reduces_done += 1;
                         self.status.bytes_out += bytes_out;
@@ -142,7 +147,7 @@ impl Coordinator {
             Request::FetchFailed { worker, reduce, map: _, addr } => {
                 // The worker that held that output is presumed dead: everything it held is lost.
                 for t in self.maps.iter_mut() {
-                    if t.status == (Status::Done { addr: addr.clone() }) {
+                    if matches!(&t.status, Status::Done { addr: a, .. } if *a == addr) {
                         t.status = Status::Idle;
                         self.status.maps_done -= 1;
                         self.status.reexecuted += 1;
@@ -190,22 +195,32 @@ impl Coordinator {
         }
         tasks[i].status = Status::Running;
         tasks[i].attempts.push((worker, now));
+        let attempt = self.next_attempt;
+        self.next_attempt += 1;
         if phase_is_map {
             let c = &self.chunks[i];
-            Task::Map { id: i, file: c.file.clone(), offset: c.offset, len: c.len, n_reduce: self.cfg.n_reduce }
+            Task::Map { id: i, attempt, file: c.file.clone(), offset: c.offset, len: c.len, n_reduce: self.cfg.n_reduce }
         } else {
             let sources = self
                 .maps
                 .iter()
                 .enumerate()
                 .map(|(m, t)| match &t.status {
-                    Status::Done { addr } => (m, addr.clone()),
+                    Status::Done { addr, attempt } => (m, addr.clone(), *attempt),
                     _ => unreachable!("reduce phase starts after every map is done"),
                 })
                 .collect();
             Task::Reduce { id: i, sources, out_dir: self.cfg.out_dir.clone() }
         }
     }
+}
+
+/// A random number per coordinator (so attempt ids differ between jobs).
+fn job_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() & 0xFF_FFFF_FFFF
 }
 
 /// A running task with a single attempt that has run much longer than the phase's finished
@@ -294,7 +309,7 @@ mod tests {
         }
     }
     fn map_done(c: &mut Coordinator, w: u64, task: usize, secs: u64) {
-        c.handle(Request::MapDone { worker: w, task, bytes_in: 10, bytes_out: 5 }, Duration::from_secs(secs));
+        c.handle(Request::MapDone { worker: w, task, attempt: 7, bytes_in: 10, bytes_out: 5 }, Duration::from_secs(secs));
     }
 
     #[test]
@@ -302,12 +317,17 @@ mod tests {
         let mut c = coord(2, false);
         let (a, b) = (get(&mut c, 1, 0), get(&mut c, 2, 0));
         assert_eq!((id(&a), id(&b)), (0, 1));
+        let attempt = |t: &Task| match t {
+            Task::Map { attempt, .. } => *attempt,
+            t => panic!("{t:?}"),
+        };
+        assert_ne!(attempt(&a), attempt(&b), "every attempt has its own id");
         assert_eq!(get(&mut c, 3, 0), Task::Wait, "no reduce before every map is done");
         map_done(&mut c, 1, 0, 1);
         map_done(&mut c, 2, 1, 1);
         let r = get(&mut c, 3, 1);
         match &r {
-            Task::Reduce { sources, .. } => assert_eq!(sources, &vec![(0, "w1".to_string()), (1, "w2".to_string())]),
+            Task::Reduce { sources, .. } => assert_eq!(sources, &vec![(0, "w1".to_string(), 7), (1, "w2".to_string(), 7)]),
             t => panic!("{t:?}"),
         }
         get(&mut c, 1, 1);

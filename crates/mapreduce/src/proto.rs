@@ -213,6 +213,8 @@ pub enum Request {
         worker: WorkerId,
         /// Which map task.
         task: usize,
+        /// Which attempt (names its files).
+        attempt: u64,
         /// Input bytes read.
         bytes_in: u64,
         /// Intermediate bytes written.
@@ -260,6 +262,8 @@ pub enum Task {
     Map {
         /// Task number.
         id: usize,
+        /// This attempt's unique id: output files are `mr-<id>-<r>-<attempt>`.
+        attempt: u64,
         /// Input file.
         file: String,
         /// Chunk start.
@@ -269,12 +273,12 @@ pub enum Task {
         /// Reduce buckets.
         n_reduce: usize,
     },
-    /// Reduce bucket `id`: fetch map task `m`'s output from each `(m, addr)`.
+    /// Reduce bucket `id`: fetch the winning attempt of each map task from its worker.
     Reduce {
         /// Task number.
         id: usize,
-        /// Where each map task's output is.
-        sources: Vec<(usize, String)>,
+        /// Where each map task's output is: (map task, worker address, attempt).
+        sources: Vec<(usize, String, u64)>,
         /// Directory for `mr-out-<id>`.
         out_dir: String,
     },
@@ -328,8 +332,21 @@ pub enum Reply {
 /// missing) followed by the bytes.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Fetch {
-    /// `mr-<map>-<reduce>`.
+    /// `mr-<map>-<reduce>-<attempt>`.
     pub name: String,
+}
+
+/// The name of map task `map`'s output for bucket `reduce`, written by attempt `attempt`.
+pub fn intermediate_name(map: usize, reduce: usize, attempt: u64) -> String {
+    format!("mr-{map}-{reduce}-{attempt}")
+}
+
+/// Whether `name` is an intermediate file name (and nothing else, e.g. no path).
+pub fn is_intermediate_name(name: &str) -> bool {
+    name.strip_prefix("mr-").is_some_and(|rest| {
+        let parts: Vec<&str> = rest.split('-').collect();
+        parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
 
 /// FNV-1a of the key, as the course's `ihash`: which reduce bucket a key goes to.
@@ -340,4 +357,22 @@ pub fn bucket(key: &str, n_reduce: usize) -> usize {
         h = h.wrapping_mul(0x0100_0193);
     }
     ((h & 0x7fff_ffff) as usize) % n_reduce
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_intermediate_names_are_served() {
+        assert!(is_intermediate_name(&intermediate_name(3, 7, 123456789)));
+        for bad in ["mr-1-2", "mr-1-2-3-4", "mr-out-1", "../mr-1-2-3", "mr-1-2-3/../../etc", "mr--2-3", "x-1-2-3"] {
+            assert!(!is_intermediate_name(bad), "{bad}");
+        }
+        assert!("unix:".parse::<Addr>().is_err());
+        assert!("no address".parse::<Addr>().is_err());
+        assert_eq!("unix:/tmp/x.sock".parse::<Addr>().unwrap(), Addr::Unix("/tmp/x.sock".into()));
+        assert_eq!("127.0.0.1:0".parse::<Addr>().unwrap(), Addr::Tcp("127.0.0.1:0".into()));
+        assert_eq!(bucket("a", 10), bucket("a", 10));
+    }
 }

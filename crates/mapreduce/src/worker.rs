@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::app::App;
-use crate::proto::{Addr, Fetch, Listener, Reply, Request, Stream, Task, WorkerId, bucket, call, recv, send};
+use crate::proto::{Addr, Fetch, Listener, Reply, Request, Stream, Task, WorkerId, bucket, call, intermediate_name, is_intermediate_name, recv, send};
 
 /// How a worker runs.
 pub struct WorkerConfig {
@@ -73,10 +73,10 @@ pub fn run_worker(cfg: WorkerConfig, app: Arc<dyn App>) -> Result<WorkerReport, 
         };
         contacted = true;
         let outcome = match task {
-            Task::Map { id: task, file, offset, len, n_reduce } => {
+            Task::Map { id: task, attempt, file, offset, len, n_reduce } => {
                 report.maps += 1;
-                match guarded(|| run_map(app.as_ref(), &cfg.work_dir, task, &file, offset, len, n_reduce)) {
-                    Ok((bytes_in, bytes_out)) => Request::MapDone { worker: id, task, bytes_in, bytes_out },
+                match guarded(|| run_map(app.as_ref(), &cfg.work_dir, task, attempt, &file, offset, len, n_reduce)) {
+                    Ok((bytes_in, bytes_out)) => Request::MapDone { worker: id, task, attempt, bytes_in, bytes_out },
                     Err(reason) => Request::TaskFailed { worker: id, map: true, task, reason },
                 }
             }
@@ -155,8 +155,9 @@ fn read_record(r: &mut impl Read) -> io::Result<Option<(String, String)>> {
     Ok(Some((k, v)))
 }
 
-/// Maps one chunk into `n_reduce` sorted intermediate files `mr-<task>-<r>`.
-fn run_map(app: &dyn App, dir: &Path, task: usize, file: &str, offset: u64, len: u64, n_reduce: usize) -> Result<(u64, u64), String> {
+/// Maps one chunk into `n_reduce` sorted intermediate files `mr-<task>-<r>-<attempt>`.
+#[allow(clippy::too_many_arguments)]
+fn run_map(app: &dyn App, dir: &Path, task: usize, attempt: u64, file: &str, offset: u64, len: u64, n_reduce: usize) -> Result<(u64, u64), String> {
     let mut f = File::open(file).map_err(|e| format!("input {file}: {e}"))?;
     std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
     let mut bytes = vec![0u8; len as usize];
@@ -181,21 +182,21 @@ fn run_map(app: &dyn App, dir: &Path, task: usize, file: &str, offset: u64, len:
         }
         for (r, mut pairs) in buckets.into_iter().enumerate() {
             pairs.sort_unstable();
-            out_bytes += write_bucket(dir, task, r, &pairs)?;
+            out_bytes += write_bucket(dir, &intermediate_name(task, r, attempt), &pairs)?;
         }
     } else {
         let mut buckets: Vec<Vec<(String, String)>> = vec![Vec::new(); n_reduce];
         app.map(file, &contents, &mut |k, v| buckets[bucket(k, n_reduce)].push((k.to_string(), v.to_string())));
         for (r, mut pairs) in buckets.into_iter().enumerate() {
             pairs.sort_by(|a, b| a.0.cmp(&b.0));
-            out_bytes += write_bucket(dir, task, r, &pairs)?;
+            out_bytes += write_bucket(dir, &intermediate_name(task, r, attempt), &pairs)?;
         }
     }
     Ok((len, out_bytes))
 }
 
-fn write_bucket(dir: &Path, task: usize, r: usize, pairs: &[(String, String)]) -> Result<u64, String> {
-    write_atomically(&dir.join(format!("mr-{task}-{r}")), |w| {
+fn write_bucket(dir: &Path, name: &str, pairs: &[(String, String)]) -> Result<u64, String> {
+    write_atomically(&dir.join(name), |w| {
         for (k, v) in pairs {
             write_record(w, k, v)?;
         }
@@ -205,26 +206,38 @@ fn write_bucket(dir: &Path, task: usize, r: usize, pairs: &[(String, String)]) -
 }
 
 /// Fetches map outputs for bucket `task`, merges them by key, reduces, writes `mr-out-<task>`.
-/// `Ok(Err((map, addr)))` if a map output could not be fetched.
+/// A map output that cannot be fetched from its worker is read from this worker's own
+/// directory if it is there (workers sharing a directory, or a worker restarted in it): the
+/// name includes the winning attempt, so only that attempt's file is ever read.
+/// `Ok(Err((map, addr)))` if a map output is nowhere to be had.
 #[allow(clippy::type_complexity)]
-fn run_reduce(app: &dyn App, dir: &Path, task: usize, sources: &[(usize, String)], out_dir: &Path) -> Result<Result<u64, (usize, String)>, String> {
+fn run_reduce(app: &dyn App, dir: &Path, task: usize, sources: &[(usize, String, u64)], out_dir: &Path) -> Result<Result<u64, (usize, String)>, String> {
     let mut fetched = Vec::new();
+    let mut inputs = Vec::new();
     let cleanup = |files: &[PathBuf]| {
         for f in files {
             let _ = std::fs::remove_file(f);
         }
     };
-    for (m, addr) in sources {
+    for (m, addr, attempt) in sources {
+        let name = intermediate_name(*m, task, *attempt);
         let local = dir.join(format!(".fetched-{task}-{m}-{}", nonce()));
-        if fetch(addr, &format!("mr-{m}-{task}"), &local).is_err() {
-            let _ = std::fs::remove_file(&local);
-            cleanup(&fetched);
-            return Ok(Err((*m, addr.clone())));
+        if fetch(addr, &name, &local).is_ok() {
+            fetched.push(local.clone());
+            inputs.push(local);
+            continue;
         }
-        fetched.push(local);
+        let _ = std::fs::remove_file(&local);
+        let own = dir.join(&name);
+        if own.is_file() {
+            inputs.push(own);
+            continue;
+        }
+        cleanup(&fetched);
+        return Ok(Err((*m, addr.clone())));
     }
     let mut runs = Vec::new();
-    for f in &fetched {
+    for f in &inputs {
         runs.push(BufReader::with_capacity(256 << 10, File::open(f).map_err(|e| e.to_string())?));
     }
     let mut merge = Merge::new(runs).map_err(|e| e.to_string())?;
@@ -309,19 +322,14 @@ fn fetch(addr: &str, name: &str, local: &Path) -> io::Result<()> {
     out.flush()
 }
 
-/// Serves intermediate files from `dir` (only names `mr-<m>-<r>`, nothing else).
+/// Serves intermediate files from `dir` (only names `mr-<m>-<r>-<attempt>`, nothing else).
 fn serve_files(listener: Listener, dir: PathBuf) {
     loop {
         let Ok(mut s) = listener.accept() else { continue };
         let dir = dir.clone();
         std::thread::spawn(move || {
             let Ok(Fetch { name }) = recv::<Fetch>(&mut s) else { return };
-            let valid = name.strip_prefix("mr-").is_some_and(|rest| {
-                let mut parts = rest.split('-');
-                parts.next().is_some_and(|a| a.parse::<usize>().is_ok())
-                    && parts.next().is_some_and(|b| b.parse::<usize>().is_ok())
-                    && parts.next().is_none()
-            });
+            let valid = is_intermediate_name(&name);
             let file = if valid { File::open(dir.join(&name)).ok() } else { None };
             match file {
                 Some(mut f) => {
