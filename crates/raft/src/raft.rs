@@ -33,6 +33,8 @@ pub enum ProposeError {
     },
     /// The leader is handing leadership over and takes no new proposals meanwhile.
     TransferInProgress,
+    /// The node named is not a voter of this cluster.
+    UnknownNode(NodeId),
 }
 
 impl std::fmt::Display for ProposeError {
@@ -41,6 +43,7 @@ impl std::fmt::Display for ProposeError {
             ProposeError::NotLeader { leader: Some(l) } => write!(f, "not the leader; try node {l}"),
             ProposeError::NotLeader { leader: None } => write!(f, "not the leader; no leader known, retry later"),
             ProposeError::TransferInProgress => write!(f, "leadership transfer in progress; retry shortly"),
+            ProposeError::UnknownNode(n) => write!(f, "node {n} is not a voter of this cluster"),
         }
     }
 }

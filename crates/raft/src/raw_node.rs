@@ -179,7 +179,7 @@ impl RawNode {
     /// Hands leadership to `to` once it has caught up (thesis section 3.10).
     pub fn transfer_leader(&mut self, to: NodeId) -> Result<(), ProposeError> {
         if !self.raft.voters.contains(&to) {
-            return Err(ProposeError::NotLeader { leader: self.raft.leader });
+            return Err(ProposeError::UnknownNode(to));
         }
         let r = self.raft.transfer_leader(to);
         self.check();

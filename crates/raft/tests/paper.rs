@@ -557,6 +557,7 @@ fn leadership_transfer_3_10() {
     net.node(1).propose(b"x".to_vec()).unwrap();
     net.stabilize();
     net.heal();
+    assert_eq!(net.node(1).transfer_leader(9), Err(ProposeError::UnknownNode(9)));
     net.node(1).transfer_leader(3).unwrap();
     assert_eq!(net.node(1).propose(b"y".to_vec()), Err(ProposeError::TransferInProgress));
     net.stabilize();

@@ -170,7 +170,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 Ok(id)
             }
             Err(ProposeError::NotLeader { leader }) => Err(SubmitError::WrongLeader { leader }),
-            Err(ProposeError::TransferInProgress) => Err(SubmitError::WrongLeader { leader: None }),
+            Err(ProposeError::TransferInProgress | ProposeError::UnknownNode(_)) => Err(SubmitError::WrongLeader { leader: None }),
         }
     }
 
