@@ -355,6 +355,18 @@ fn mr_run_tcp_streaming_and_bad_input() {
         assert!(err.contains(needle), "{args:?}: error {err:?} does not mention {needle:?}");
         assert!(output(&bad).is_empty(), "output written despite bad input");
     }
+    // An app that keeps failing fails the job, with its reason, instead of retrying forever.
+    let o = Command::new(BIN)
+        .current_dir(&bad)
+        .args(["mr", "run", "--app", "stream", "--map-cmd", "exit 3", "--reduce-cmd", "cat", "--workers", "2", "--out"])
+        .arg(&bad)
+        .arg(&inputs()[0])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "a job whose map always fails succeeded");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("failed 4 times") && err.contains("exit status: 3"), "{err}");
+    assert!(output(&bad).is_empty());
     let o = Command::new(BIN).args(["mr", "worker", "--coordinator", "not an address", "--app", "wc"]).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("bad address"));
 
