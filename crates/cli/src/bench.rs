@@ -4,7 +4,6 @@ use std::collections::VecDeque;
 use std::process::ExitCode;
 use std::time::Instant;
 
-
 use sixfive_raft::{Config, EntryKind, Message, RawNode, Role};
 
 use sixfive_mapreduce::cli::peak_rss_kib;
@@ -65,7 +64,11 @@ pub fn raft_core(entries: u64, size: usize, batch: u64) -> ExitCode {
     let secs = started.elapsed().as_secs_f64();
     assert_eq!(applied[0], entries, "leader applied every entry");
     println!("raft-core: {entries} entries of {size} B, batch {batch}, 3 nodes in one thread, no IO");
-    println!("  {:.0} entries/s committed and applied on the leader ({:.1} MB/s of payload)", entries as f64 / secs, (entries as f64 * size as f64) / secs / 1e6);
+    println!(
+        "  {:.0} entries/s committed and applied on the leader ({:.1} MB/s of payload)",
+        entries as f64 / secs,
+        (entries as f64 * size as f64) / secs / 1e6
+    );
     println!("  {:.2} us of core CPU per entry (all three nodes together)", secs * 1e6 / entries as f64);
     if let Some(kib) = peak_rss_kib() {
         println!("  peak RSS {:.1} MiB", kib as f64 / 1024.0);
@@ -77,7 +80,11 @@ pub fn raft_core(entries: u64, size: usize, batch: u64) -> ExitCode {
 /// lines of the texts in `texts`, picked by a seeded generator.
 fn make_corpus(texts: &std::path::Path, dir: &std::path::Path, size_mib: u64) -> Result<Vec<String>, String> {
     let mut lines: Vec<String> = Vec::new();
-    let mut names: Vec<_> = std::fs::read_dir(texts).map_err(|e| format!("{}: {e}", texts.display()))?.flatten().map(|e| e.path()).collect();
+    let mut names: Vec<_> = std::fs::read_dir(texts)
+        .map_err(|e| format!("{}: {e}", texts.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     names.sort();
     for p in names {
         let t = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -148,12 +155,22 @@ pub fn mapreduce(size_mib: u64, workers: usize, texts: &std::path::Path, keep: b
     let t = Instant::now();
     let counts = plain_word_count(&files);
     let plain = t.elapsed().as_secs_f64();
-    println!("plain single-threaded word count: {plain:.2} s ({:.1} MB/s), {} distinct words", mb / plain, counts.len());
+    println!(
+        "plain single-threaded word count: {plain:.2} s ({:.1} MB/s), {} distinct words",
+        mb / plain,
+        counts.len()
+    );
 
     let out = dir.join("out");
     std::fs::create_dir_all(&out).expect("out dir");
     let app = sixfive_mapreduce::cli::AppArgs { app: "wc".into(), map_cmd: None, reduce_cmd: None };
-    let job = sixfive_mapreduce::cli::JobArgs { reduces: 10, out: out.clone(), chunk_mib: 64, task_timeout_secs: 60, backup_tasks: false };
+    let job = sixfive_mapreduce::cli::JobArgs {
+        reduces: 10,
+        out: out.clone(),
+        chunk_mib: 64,
+        task_timeout_secs: 60,
+        backup_tasks: false,
+    };
     let registry = sixfive_mapreduce::app::Registry::builtins();
     let t = Instant::now();
     let code = sixfive_mapreduce::cli::run_job(&registry, &["mr"], &app, &job, workers, false, &files);
@@ -161,8 +178,14 @@ pub fn mapreduce(size_mib: u64, workers: usize, texts: &std::path::Path, keep: b
     if code != ExitCode::SUCCESS {
         return code;
     }
-    println!("mapreduce word count, {workers} workers: {mr:.2} s from launch until every process exited ({:.1} MB/s)", mb / mr);
-    println!("  ratio (launch to exit) mapreduce / plain: {:.2}; the job's own wall time is the 'done in' line above", mr / plain);
+    println!(
+        "mapreduce word count, {workers} workers: {mr:.2} s from launch until every process exited ({:.1} MB/s)",
+        mb / mr
+    );
+    println!(
+        "  ratio (launch to exit) mapreduce / plain: {:.2}; the job's own wall time is the 'done in' line above",
+        mr / plain
+    );
     // Same answer as the plain count?
     let mut mismatches = 0;
     let mut seen = 0;
@@ -179,7 +202,10 @@ pub fn mapreduce(size_mib: u64, workers: usize, texts: &std::path::Path, keep: b
         }
     }
     if mismatches > 0 || seen != counts.len() {
-        eprintln!("error: mapreduce output differs from the plain count ({mismatches} mismatches, {seen} vs {} words)", counts.len());
+        eprintln!(
+            "error: mapreduce output differs from the plain count ({mismatches} mismatches, {seen} vs {} words)",
+            counts.len()
+        );
         return ExitCode::FAILURE;
     }
     println!("  outputs agree on all {seen} words");

@@ -92,9 +92,15 @@ fn main() -> ExitCode {
         Command::Sim { what: SimCommand::Raft { seeds, seed, fault_secs, verbose } } => {
             sim_raft(seeds, seed, fault_secs, verbose)
         }
-        Command::Bench { what: BenchCommand::RaftCore { entries, size, batch } } => bench::raft_core(entries, size, batch),
-        Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, keep } } => bench::mapreduce(size_mib, workers, &texts, keep),
-        Command::Mr { what } => sixfive_mapreduce::cli::main(what, &sixfive_mapreduce::app::Registry::builtins(), &["mr"]),
+        Command::Bench { what: BenchCommand::RaftCore { entries, size, batch } } => {
+            bench::raft_core(entries, size, batch)
+        }
+        Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, keep } } => {
+            bench::mapreduce(size_mib, workers, &texts, keep)
+        }
+        Command::Mr { what } => {
+            sixfive_mapreduce::cli::main(what, &sixfive_mapreduce::app::Registry::builtins(), &["mr"])
+        }
     }
 }
 

@@ -36,7 +36,12 @@ fn sixfive(dir: &Path) -> Command {
 
 fn coordinator(dir: &Path, extra: &[&str]) -> Child {
     let sock = format!("unix:{}", dir.join("coordinator.sock").display());
-    sixfive(dir).args(["mr", "coordinator", "--listen", &sock, "--reduces", "10"]).args(extra).args(inputs()).spawn().unwrap()
+    sixfive(dir)
+        .args(["mr", "coordinator", "--listen", &sock, "--reduces", "10"])
+        .args(extra)
+        .args(inputs())
+        .spawn()
+        .unwrap()
 }
 
 fn worker(dir: &Path, app: &str) -> Child {
@@ -51,7 +56,13 @@ fn worker_in(cwd: &Path, work: &Path, app: &str) -> Child {
 
 fn worker_args(cwd: &Path, work: &Path, app_args: &[&str]) -> Child {
     let sock = format!("unix:{}", cwd.join("coordinator.sock").display());
-    sixfive(cwd).args(["mr", "worker", "--coordinator", &sock]).args(app_args).arg("--work-dir").arg(work).spawn().unwrap()
+    sixfive(cwd)
+        .args(["mr", "worker", "--coordinator", &sock])
+        .args(app_args)
+        .arg("--work-dir")
+        .arg(work)
+        .spawn()
+        .unwrap()
 }
 
 /// Word count as shell commands (for runs that need a slow reduce).
@@ -88,10 +99,18 @@ fn output(dir: &Path) -> Vec<String> {
 fn sequential(dir: &Path, app: &str) -> Vec<String> {
     let seq_dir = dir.join("seq");
     std::fs::create_dir_all(&seq_dir).unwrap();
-    let ok = sixfive(&seq_dir).args(["mr", "sequential", "--app", app, "--out", "mr-correct"]).args(inputs()).status().unwrap();
+    let ok = sixfive(&seq_dir)
+        .args(["mr", "sequential", "--app", app, "--out", "mr-correct"])
+        .args(inputs())
+        .status()
+        .unwrap();
     assert!(ok.success());
-    let mut v: Vec<String> =
-        std::fs::read_to_string(seq_dir.join("mr-correct")).unwrap().lines().filter(|l| !l.is_empty()).map(String::from).collect();
+    let mut v: Vec<String> = std::fs::read_to_string(seq_dir.join("mr-correct"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
     v.sort();
     v
 }
@@ -117,10 +136,13 @@ fn mr_wc() {
     assert_eq!(total, 623_948, "words in all");
     assert!(got.contains(&"A 509".to_string()));
     assert!(got == sequential(&dir, "wc"), "word count output differs from the sequential run");
-    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| {
-        let n = e.unwrap().file_name().to_string_lossy().to_string();
-        n.starts_with(".tmp-").then_some(n)
-    }).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().to_string();
+            n.starts_with(".tmp-").then_some(n)
+        })
+        .collect();
     assert!(leftovers.is_empty(), "temporary files left visible: {leftovers:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -325,14 +347,31 @@ fn mr_run_tcp_streaming_and_bad_input() {
     let expected = sequential(&dir, "wc");
     let out = dir.join("tcp");
     std::fs::create_dir_all(&out).unwrap();
-    let ok = sixfive(&dir).args(["mr", "run", "--app", "wc", "--workers", "2", "--tcp", "--out"]).arg(&out).args(inputs()).status().unwrap();
+    let ok = sixfive(&dir)
+        .args(["mr", "run", "--app", "wc", "--workers", "2", "--tcp", "--out"])
+        .arg(&out)
+        .args(inputs())
+        .status()
+        .unwrap();
     assert!(ok.success());
     assert!(output(&out) == expected, "TCP run differs from the sequential run");
 
     let out = dir.join("stream");
     std::fs::create_dir_all(&out).unwrap();
     let ok = sixfive(&dir)
-        .args(["mr", "run", "--app", "stream", "--map-cmd", STREAM_MAP, "--reduce-cmd", STREAM_REDUCE, "--workers", "2", "--out"])
+        .args([
+            "mr",
+            "run",
+            "--app",
+            "stream",
+            "--map-cmd",
+            STREAM_MAP,
+            "--reduce-cmd",
+            STREAM_REDUCE,
+            "--workers",
+            "2",
+            "--out",
+        ])
         .arg(&out)
         .args(inputs())
         .status()
@@ -349,7 +388,8 @@ fn mr_run_tcp_streaming_and_bad_input() {
         (vec!["--app".into(), "stream".into(), inputs()[0].clone()], "--map-cmd"),
     ];
     for (args, needle) in cases {
-        let o = Command::new(BIN).current_dir(&bad).args(["mr", "run", "--out"]).arg(&bad).args(&args).output().unwrap();
+        let o =
+            Command::new(BIN).current_dir(&bad).args(["mr", "run", "--out"]).arg(&bad).args(&args).output().unwrap();
         assert!(!o.status.success(), "{args:?} succeeded");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(needle), "{args:?}: error {err:?} does not mention {needle:?}");
@@ -367,7 +407,8 @@ fn mr_run_tcp_streaming_and_bad_input() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("failed 4 times") && err.contains("exit status: 3"), "{err}");
     assert!(output(&bad).is_empty());
-    let o = Command::new(BIN).args(["mr", "worker", "--coordinator", "not an address", "--app", "wc"]).output().unwrap();
+    let o =
+        Command::new(BIN).args(["mr", "worker", "--coordinator", "not an address", "--app", "wc"]).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("bad address"));
 
     // Non-UTF-8 input does not crash a worker.
@@ -375,7 +416,8 @@ fn mr_run_tcp_streaming_and_bad_input() {
     std::fs::create_dir_all(&odd).unwrap();
     let f = odd.join("latin1.txt");
     std::fs::write(&f, b"caf\xe9 caf\xe9 ok\n\xff\xfe words\n").unwrap();
-    let ok = sixfive(&odd).args(["mr", "run", "--app", "wc", "--workers", "1", "--out"]).arg(&odd).arg(&f).status().unwrap();
+    let ok =
+        sixfive(&odd).args(["mr", "run", "--app", "wc", "--workers", "1", "--out"]).arg(&odd).arg(&f).status().unwrap();
     assert!(ok.success());
     let got = output(&odd);
     assert!(got.contains(&"ok 1".to_string()) && got.contains(&"words 1".to_string()), "{got:?}");

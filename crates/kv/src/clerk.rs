@@ -55,7 +55,12 @@ pub trait KvClient {
     }
 
     /// Entries with `start <= key < end`, at most `limit`.
-    async fn scan(&mut self, start: &str, end: Option<&str>, limit: u32) -> Result<Vec<(String, String, u64)>, KvError> {
+    async fn scan(
+        &mut self,
+        start: &str,
+        end: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(String, String, u64)>, KvError> {
         self.run(Op::Scan { start: start.into(), end: end.map(Into::into), limit }).await.into_entries()
     }
 }
@@ -105,7 +110,8 @@ impl<T: Transport> Clerk<T> {
     /// Sends `op` until a reply comes; returns it and whether the first attempt was answered.
     async fn run(&mut self, op: &Op) -> (OpResult, bool) {
         self.seq += 1;
-        let req = postcard::to_allocvec(&Request { client: self.client, seq: self.seq, op: op.clone() }).expect("encodes");
+        let req =
+            postcard::to_allocvec(&Request { client: self.client, seq: self.seq, op: op.clone() }).expect("encodes");
         let mut first = true;
         loop {
             if let Ok(bytes) = self.t.call(self.server, req.clone(), CALL_TIMEOUT).await {

@@ -55,7 +55,13 @@ impl Default for KvSm {
 impl KvSm {
     /// A state machine whose sessions expire after `ttl` of log time and number at most `max`.
     pub fn with_limits(ttl: Micros, max: usize) -> KvSm {
-        KvSm { store: KvStore::default(), sessions: BTreeMap::new(), by_activity: BTreeSet::new(), ttl, max_sessions: max }
+        KvSm {
+            store: KvStore::default(),
+            sessions: BTreeMap::new(),
+            by_activity: BTreeSet::new(),
+            ttl,
+            max_sessions: max,
+        }
     }
 
     /// The store.
@@ -78,7 +84,9 @@ impl KvSm {
             }
         }
         let reply = self.store.apply(&req.op);
-        if let Some(old) = self.sessions.insert(req.client, Session { seq: req.seq, reply: reply.clone(), last_active: now }) {
+        if let Some(old) =
+            self.sessions.insert(req.client, Session { seq: req.seq, reply: reply.clone(), last_active: now })
+        {
             self.by_activity.remove(&(old.last_active, req.client));
         }
         self.by_activity.insert((now, req.client));
@@ -169,21 +177,30 @@ impl<T: Transport> RaftClerk<T> {
             RsmRequest::Query(postcard::to_allocvec(&op).expect("encodes"))
         } else {
             self.seq += 1;
-            RsmRequest::Command(postcard::to_allocvec(&Request { client: self.client, seq: self.seq, op: op.clone() }).expect("encodes"))
+            RsmRequest::Command(
+                postcard::to_allocvec(&Request { client: self.client, seq: self.seq, op: op.clone() })
+                    .expect("encodes"),
+            )
         };
         let bytes = postcard::to_allocvec(&req).expect("encodes");
         let mut failures_in_a_row = 0;
         let result = loop {
             let to = self.servers[self.leader];
-            let reply = self.t.call(to, bytes.clone(), RAFT_CALL_TIMEOUT).await.ok().and_then(|b| postcard::from_bytes::<RsmReply>(&b).ok());
+            let reply = self
+                .t
+                .call(to, bytes.clone(), RAFT_CALL_TIMEOUT)
+                .await
+                .ok()
+                .and_then(|b| postcard::from_bytes::<RsmReply>(&b).ok());
             match reply {
                 Some(RsmReply::Done(r)) => {
-                    break postcard::from_bytes::<OpResult>(&r).unwrap_or_else(|e| OpResult::Err(KvError::Malformed(e.to_string())));
+                    break postcard::from_bytes::<OpResult>(&r)
+                        .unwrap_or_else(|e| OpResult::Err(KvError::Malformed(e.to_string())));
                 }
                 Some(RsmReply::Malformed(m)) => break OpResult::Err(KvError::Malformed(m)),
-                Some(RsmReply::Failed(SubmitError::WrongLeader { leader: Some(l) } | SubmitError::Abandoned { leader: Some(l) }))
-                    if self.servers.contains(&l) =>
-                {
+                Some(RsmReply::Failed(
+                    SubmitError::WrongLeader { leader: Some(l) } | SubmitError::Abandoned { leader: Some(l) },
+                )) if self.servers.contains(&l) => {
                     self.leader = self.servers.iter().position(|&s| s == l).expect("contains");
                 }
                 _ => self.leader = (self.leader + 1) % self.servers.len(),
@@ -225,9 +242,17 @@ mod tests {
     fn retries_are_answered_not_reapplied() {
         let mut sm = KvSm::default();
         assert_eq!(apply(&mut sm, cmd(1, 1, append("k", "x")), 1, 0), OpResult::Appended { old: "".into() });
-        assert_eq!(apply(&mut sm, cmd(1, 1, append("k", "x")), 2, 0), OpResult::Appended { old: "".into() }, "retry answered from the session");
+        assert_eq!(
+            apply(&mut sm, cmd(1, 1, append("k", "x")), 2, 0),
+            OpResult::Appended { old: "".into() },
+            "retry answered from the session"
+        );
         assert_eq!(apply(&mut sm, cmd(1, 2, append("k", "y")), 3, 0), OpResult::Appended { old: "x".into() });
-        assert_eq!(apply(&mut sm, cmd(1, 1, append("k", "x")), 4, 0), OpResult::Err(KvError::Stale), "an old duplicate is refused");
+        assert_eq!(
+            apply(&mut sm, cmd(1, 1, append("k", "x")), 4, 0),
+            OpResult::Err(KvError::Stale),
+            "an old duplicate is refused"
+        );
         let q = postcard::to_allocvec(&Op::Get { key: "k".into() }).unwrap();
         let got: OpResult = postcard::from_bytes(&sm.query(&q)).unwrap();
         assert_eq!(got, OpResult::Value { value: "xy".into(), version: 2 });
@@ -246,7 +271,8 @@ mod tests {
 
     #[test]
     fn sessions_expire_deterministically_and_stay_bounded() {
-        let log: Vec<(Vec<u8>, Micros)> = (0..50u64).map(|i| (cmd(i % 7, i / 7 + 1, append("k", "z")), i * 3)).collect();
+        let log: Vec<(Vec<u8>, Micros)> =
+            (0..50u64).map(|i| (cmd(i % 7, i / 7 + 1, append("k", "z")), i * 3)).collect();
         let run = || {
             let mut sm = KvSm::with_limits(20, 4);
             for (i, (c, t)) in log.iter().enumerate() {

@@ -59,10 +59,10 @@ impl KvServer {
             self.sessions.insert(req.client, Session { seq: req.seq, reply: Some(r.clone()) });
             return r;
         }
-        if let Some(s) = self.sessions.get_mut(&req.client) {
-            if req.seq > s.seq {
-                s.reply = None; // the client has its Append's answer: forget it
-            }
+        if let Some(s) = self.sessions.get_mut(&req.client)
+            && req.seq > s.seq
+        {
+            s.reply = None; // the client has its Append's answer: forget it
         }
         self.store.apply(&req.op)
     }

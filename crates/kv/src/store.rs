@@ -330,7 +330,8 @@ mod tests {
         for k in ["b", "c", "d"] {
             s.apply(&put(k, k, 0));
         }
-        let scan = |start: &str, end: Option<&str>, limit| Op::Scan { start: start.into(), end: end.map(Into::into), limit };
+        let scan =
+            |start: &str, end: Option<&str>, limit| Op::Scan { start: start.into(), end: end.map(Into::into), limit };
         let keys = |r: OpResult| match r {
             OpResult::Entries(e) => e.into_iter().map(|(k, _, _)| k).collect::<Vec<_>>(),
             r => panic!("{r:?}"),
@@ -355,7 +356,10 @@ mod tests {
         let half = "x".repeat(MAX_VALUE_BYTES / 2 + 1);
         assert_eq!(s.apply(&Op::Append { key: "h".into(), arg: half.clone() }), OpResult::Appended { old: "".into() });
         let after_first = s.clone();
-        assert!(matches!(s.apply(&Op::Append { key: "h".into(), arg: half }), OpResult::Err(KvError::ValueTooLarge { .. })));
+        assert!(matches!(
+            s.apply(&Op::Append { key: "h".into(), arg: half }),
+            OpResult::Err(KvError::ValueTooLarge { .. })
+        ));
         assert_eq!(s, after_first);
         let scan = Op::Scan { start: "".into(), end: None, limit: MAX_SCAN_LIMIT + 1 };
         assert!(matches!(s.apply(&scan), OpResult::Err(KvError::ScanLimit { .. })));

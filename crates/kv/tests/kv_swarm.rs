@@ -28,7 +28,8 @@ fn swarm(seed: u64) {
     let servers = *pick.pick(&[3u64, 5]);
     let clients = pick.range(2, 6);
     let vkeys = pick.range(1, 3);
-    let net = NetConfig { unreliable: pick.chance(0.5), long_reordering: pick.chance(0.2), long_delays: pick.chance(0.2) };
+    let net =
+        NetConfig { unreliable: pick.chance(0.5), long_reordering: pick.chance(0.2), long_delays: pick.chance(0.2) };
     let max_raft_state = if pick.chance(0.5) { Some(pick.range(300, 3000) as usize) } else { None };
     let cl = Rc::new(RsmCluster::new(seed, servers, net, max_raft_state, KvSm::default));
     let h = History::default();
@@ -131,7 +132,7 @@ fn swarm(seed: u64) {
         assert_eq!(versions[key], *n, "key {key}: version {} but {n} acknowledged Puts", versions[key]);
     }
     for c in 0..clients {
-        check_client_appends(&[appended.clone()], c, Some(acked_now.appends.get(&c).copied().unwrap_or(0)));
+        check_client_appends(std::slice::from_ref(&appended), c, Some(acked_now.appends.get(&c).copied().unwrap_or(0)));
     }
     let records = h.records();
     let (appends, versioned): (Vec<Record>, Vec<Record>) = records.into_iter().partition(|r| r.op.key() == "a");

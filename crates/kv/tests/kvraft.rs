@@ -52,7 +52,11 @@ fn generic(seed: u64, o: Opts) {
                 cl.world.spawn(async move {
                     let mut n = 0u64;
                     while !done.get() {
-                        let key = if o.random_keys { format!("k{}", ck.transport().world().random(3)) } else { format!("c{i}") };
+                        let key = if o.random_keys {
+                            format!("k{}", ck.transport().world().random(3))
+                        } else {
+                            format!("c{i}")
+                        };
                         let ver = match ck.get(&key).await {
                             Ok((_, v)) => v,
                             Err(KvError::NoKey) => 0,
@@ -199,7 +203,15 @@ fn persist_partition_unreliable_4b() {
 fn persist_partition_unreliable_linearizable_4b() {
     run(
         "persist_partition_unreliable_linearizable_4b",
-        Opts { clients: 15, servers: 7, crash: true, partitions: true, unreliable: true, random_keys: true, ..Opts::ZERO },
+        Opts {
+            clients: 15,
+            servers: 7,
+            crash: true,
+            partitions: true,
+            unreliable: true,
+            random_keys: true,
+            ..Opts::ZERO
+        },
     );
 }
 
@@ -441,9 +453,8 @@ fn append_exactly_once_faults_4b() {
             v
         });
         let mut ck = clerk(&cl, 999, 99, &h);
-        let values = cl.world.block_on(async move {
-            vec![ck.get("k0").await.unwrap().0, ck.get("k1").await.unwrap().0]
-        });
+        let values =
+            cl.world.block_on(async move { vec![ck.get("k0").await.unwrap().0, ck.get("k1").await.unwrap().0] });
         for (c, &n) in counts.iter().enumerate() {
             check_client_appends(&values, c as u64, Some(n));
         }

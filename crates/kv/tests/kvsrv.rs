@@ -6,8 +6,8 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use common::*;
-use sixfive_rpc::Transport;
 use sixfive_kv::{Clerk, History, KvClient, KvError, KvServer, Lock, LockError};
+use sixfive_rpc::Transport;
 use sixfive_sim::{MS, NetConfig, SEC, SimClient, World, seeds::run_seeds};
 
 const SERVER: u64 = 1;
@@ -134,7 +134,7 @@ fn append_workload(seed: u64, clients: u64, unreliable: bool, shared_keys: u64, 
                     if shared_keys == 0 {
                         assert!(old == expect_own, "client {c}: append returned a wrong old value");
                         expect_own.push_str(&t);
-                        if done % 5 == 0 {
+                        if done.is_multiple_of(5) {
                             let (v, _) = ck.get(&key).await.expect("get");
                             assert!(v == expect_own, "client {c}: get after append returned a wrong value");
                         }
@@ -153,8 +153,11 @@ fn append_workload(seed: u64, clients: u64, unreliable: bool, shared_keys: u64, 
         v
     });
     let mut ck = clerk(&w, 999, &h);
-    let keys: Vec<String> =
-        if shared_keys == 0 { (0..clients).map(|c| format!("c{c}")).collect() } else { (0..shared_keys).map(|k| format!("k{k}")).collect() };
+    let keys: Vec<String> = if shared_keys == 0 {
+        (0..clients).map(|c| format!("c{c}")).collect()
+    } else {
+        (0..shared_keys).map(|k| format!("k{k}")).collect()
+    };
     let values = w.block_on(async move {
         let mut v = Vec::new();
         for k in keys {
@@ -288,9 +291,7 @@ fn lock_release_by_non_owner_refused_2() {
 fn malformed_request_refused_2() {
     let w = world(1, false);
     let c = w.client(1000);
-    let reply = w.block_on(async move {
-        c.call(SERVER, vec![0xFF, 0xFF, 0xFF], SEC).await.unwrap()
-    });
+    let reply = w.block_on(async move { c.call(SERVER, vec![0xFF, 0xFF, 0xFF], SEC).await.unwrap() });
     let r: sixfive_kv::OpResult = postcard::from_bytes(&reply).unwrap();
     assert!(matches!(r, sixfive_kv::OpResult::Err(KvError::Malformed(_))), "{r:?}");
     assert_eq!(w.inspect::<KvServer, _>(SERVER, |s| s.store().len()), Some(0), "nothing changed");

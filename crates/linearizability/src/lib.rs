@@ -76,7 +76,7 @@ pub enum Verdict {
 pub fn check<M: Model>(model: &M, history: &[Op<M::Input, M::Output>], budget: Duration) -> Verdict {
     let deadline = Instant::now() + budget;
     // One pass to group operations by partition (history order is kept within a partition).
-    let mut parts: std::collections::BTreeMap<u64, Vec<&Op<M::Input, M::Output>>> = std::collections::BTreeMap::new();
+    let mut parts: std::collections::BTreeMap<u64, Vec<_>> = std::collections::BTreeMap::new();
     for op in history {
         parts.entry(model.partition(&op.input)).or_default().push(op);
     }
@@ -126,10 +126,8 @@ fn search<M: Model>(model: &M, ops: &[&Op<M::Input, M::Output>], deadline: Insta
             ret_pos[op] = pos;
         }
     }
-    let events: Vec<Event> = order
-        .iter()
-        .map(|&(_, kind, op)| Event { op, is_call: kind == 0, ret_event: ret_pos[op] })
-        .collect();
+    let events: Vec<Event> =
+        order.iter().map(|&(_, kind, op)| Event { op, is_call: kind == 0, ret_event: ret_pos[op] }).collect();
     // A doubly linked list over the events: nodes 0..m are events, `head` is a sentinel before
     // the first, `nil` marks the end.
     let m = events.len();
@@ -173,25 +171,25 @@ fn search<M: Model>(model: &M, ops: &[&Op<M::Input, M::Output>], deadline: Insta
     let mut steps = 0u64;
     while next[head] != nil {
         steps += 1;
-        if steps % 4096 == 0 && Instant::now() > deadline {
+        if steps.is_multiple_of(4096) && Instant::now() > deadline {
             return Search::Timeout;
         }
         let ev = events[entry];
         if ev.is_call {
             let op = ops[ev.op];
-            if op.output.is_none() == unknown_pass {
-                if let Some(new_state) = model.step(&state, &op.input, op.output.as_ref()) {
-                    linearized[ev.op / 64] |= 1 << (ev.op % 64);
-                    if cache.insert((linearized.clone(), new_state.clone())) {
-                        stack.push((entry, std::mem::replace(&mut state, new_state), unknown_pass));
-                        unlink(entry, &mut next, &mut prev);
-                        unlink(ev.ret_event, &mut next, &mut prev);
-                        entry = next[head];
-                        unknown_pass = false;
-                        continue;
-                    }
-                    linearized[ev.op / 64] &= !(1 << (ev.op % 64));
+            if op.output.is_none() == unknown_pass
+                && let Some(new_state) = model.step(&state, &op.input, op.output.as_ref())
+            {
+                linearized[ev.op / 64] |= 1 << (ev.op % 64);
+                if cache.insert((linearized.clone(), new_state.clone())) {
+                    stack.push((entry, std::mem::replace(&mut state, new_state), unknown_pass));
+                    unlink(entry, &mut next, &mut prev);
+                    unlink(ev.ret_event, &mut next, &mut prev);
+                    entry = next[head];
+                    unknown_pass = false;
+                    continue;
                 }
+                linearized[ev.op / 64] &= !(1 << (ev.op % 64));
             }
             entry = next[entry];
         } else if !unknown_pass {
@@ -224,7 +222,9 @@ fn explain<M: Model>(model: &M, ops: &[&Op<M::Input, M::Output>], deadline: Inst
         ops.iter()
             .filter(|o| o.call <= t)
             .map(|o| match o.ret {
-                Some(r) if r <= t => Op { client: o.client, call: o.call, ret: o.ret, input: &o.input, output: o.output.as_ref() },
+                Some(r) if r <= t => {
+                    Op { client: o.client, call: o.call, ret: o.ret, input: &o.input, output: o.output.as_ref() }
+                }
                 _ => Op { client: o.client, call: o.call, ret: None, input: &o.input, output: None },
             })
             .collect()

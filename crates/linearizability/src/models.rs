@@ -149,7 +149,9 @@ impl Model for AppendKv {
             (AppendInput::Get { .. }, Some(AppendOutput::Value(v))) => (v == s).then(|| s.clone()),
             (AppendInput::Put { value, .. }, None | Some(AppendOutput::Ok)) => Some(value.clone()),
             (AppendInput::Append { arg, .. }, None) => Some(format!("{s}{arg}")),
-            (AppendInput::Append { arg, .. }, Some(AppendOutput::Value(old))) => (old == s).then(|| format!("{s}{arg}")),
+            (AppendInput::Append { arg, .. }, Some(AppendOutput::Value(old))) => {
+                (old == s).then(|| format!("{s}{arg}"))
+            }
             _ => None,
         }
     }

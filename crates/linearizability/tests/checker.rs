@@ -82,7 +82,11 @@ fn unknown_outcome_may_or_may_not_take_effect() {
 fn append_applied_twice_is_caught() {
     let h = vec![op(0, 0, 1, append("x", "a"), val("")), op(1, 2, 3, get("x"), val("aa"))];
     assert!(matches!(check(&AppendKv, &h, BUDGET), Verdict::NotLinearizable(_)));
-    let ok = vec![op(0, 0, 1, append("x", "a"), val("")), op(0, 2, 3, append("x", "b"), val("a")), op(1, 4, 5, get("x"), val("ab"))];
+    let ok = vec![
+        op(0, 0, 1, append("x", "a"), val("")),
+        op(0, 2, 3, append("x", "b"), val("a")),
+        op(1, 4, 5, get("x"), val("ab")),
+    ];
     assert_eq!(check(&AppendKv, &ok, BUDGET), Verdict::Linearizable);
 }
 
@@ -209,7 +213,9 @@ fn ten_thousand_operations_on_a_hundred_keys() {
     let i = bad.iter().rposition(|o| matches!(&o.output, Some(AppendOutput::Value(v)) if !v.is_empty())).unwrap();
     bad[i].output = Some(AppendOutput::Value("corrupt".into()));
     match check(&AppendKv, &bad, BUDGET) {
-        Verdict::NotLinearizable(why) => assert!(why.lines().count() < 200, "explanation is a prefix of one key's history"),
+        Verdict::NotLinearizable(why) => {
+            assert!(why.lines().count() < 200, "explanation is a prefix of one key's history")
+        }
         v => panic!("{v:?}"),
     }
 }
@@ -218,7 +224,8 @@ fn ten_thousand_operations_on_a_hundred_keys() {
 fn budget_exhaustion_answers_unknown() {
     // Many fully concurrent appends with unknown outcomes and a final read no order explains:
     // the search must try a huge number of orders, and gives up.
-    let mut h: Vec<Op<AppendInput, AppendOutput>> = (0..40).map(|i| unknown(i, 0, append("x", &format!("{i},")))).collect();
+    let mut h: Vec<Op<AppendInput, AppendOutput>> =
+        (0..40).map(|i| unknown(i, 0, append("x", &format!("{i},")))).collect();
     h.push(op(99, 1, 2, get("x"), val("none of them")));
     h.push(op(99, 3, 4, get("x"), val("other")));
     assert_eq!(check(&AppendKv, &h, Duration::from_millis(50)), Verdict::Unknown);

@@ -30,7 +30,11 @@ pub trait App: Send + Sync {
     /// Reduces a whole task's sorted groups into output lines. The default calls
     /// [`App::reduce`] per key and writes "key value"; the streaming app overrides it to run
     /// its command once per task.
-    fn reduce_task(&self, groups: &mut dyn Iterator<Item = (String, Vec<String>)>, out: &mut dyn FnMut(&str) -> std::io::Result<()>) -> Result<(), String> {
+    fn reduce_task(
+        &self,
+        groups: &mut dyn Iterator<Item = (String, Vec<String>)>,
+        out: &mut dyn FnMut(&str) -> std::io::Result<()>,
+    ) -> Result<(), String> {
         for (k, vs) in groups {
             let v = self.reduce(&k, &vs)?;
             out(&format!("{k} {v}")).map_err(|e| e.to_string())?;
@@ -99,7 +103,11 @@ impl Registry {
     }
 
     /// Registers (or replaces) the app `name`.
-    pub fn register(&mut self, name: &str, f: impl Fn(&AppOptions) -> Result<Box<dyn App>, AppError> + Send + Sync + 'static) {
+    pub fn register(
+        &mut self,
+        name: &str,
+        f: impl Fn(&AppOptions) -> Result<Box<dyn App>, AppError> + Send + Sync + 'static,
+    ) {
         self.apps.insert(name.to_string(), Box::new(f));
     }
 
@@ -198,10 +206,10 @@ fn nparallel(phase: &str) -> usize {
     if let Ok(dir) = std::fs::read_dir(".") {
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if let Some(p) = name.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) {
-                if std::path::Path::new(&format!("/proc/{p}")).exists() {
-                    live += 1;
-                }
+            if let Some(p) = name.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok())
+                && std::path::Path::new(&format!("/proc/{p}")).exists()
+            {
+                live += 1;
             }
         }
     }
@@ -334,7 +342,12 @@ pub struct Streaming {
     pub reduce_cmd: String,
 }
 
-fn run_filter(cmd: &str, env: &[(&str, &str)], input: Vec<u8>, mut line: impl FnMut(&str) -> Result<(), String>) -> Result<(), String> {
+fn run_filter(
+    cmd: &str,
+    env: &[(&str, &str)],
+    input: Vec<u8>,
+    mut line: impl FnMut(&str) -> Result<(), String>,
+) -> Result<(), String> {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(cmd)
@@ -379,7 +392,11 @@ impl App for Streaming {
         Err("the stream app reduces whole tasks".into())
     }
 
-    fn reduce_task(&self, groups: &mut dyn Iterator<Item = (String, Vec<String>)>, out: &mut dyn FnMut(&str) -> std::io::Result<()>) -> Result<(), String> {
+    fn reduce_task(
+        &self,
+        groups: &mut dyn Iterator<Item = (String, Vec<String>)>,
+        out: &mut dyn FnMut(&str) -> std::io::Result<()>,
+    ) -> Result<(), String> {
         let mut input = Vec::new();
         for (k, vs) in groups {
             for v in vs {
@@ -393,13 +410,29 @@ impl App for Streaming {
     }
 }
 
+/// Groups pairs sorted by key (used by the sequential runner).
+pub fn group_sorted(pairs: Vec<(String, String)>) -> BTreeMap<String, Vec<String>> {
+    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, v) in pairs {
+        m.entry(k).or_default().push(v);
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn decimal_addition_in_place() {
-        for (a, b, sum) in [("0", "1", "1"), ("9", "1", "10"), ("199", "1", "200"), ("41", "1", "42"), ("12", "30", "42"), ("999", "1", "1000")] {
+        for (a, b, sum) in [
+            ("0", "1", "1"),
+            ("9", "1", "10"),
+            ("199", "1", "200"),
+            ("41", "1", "42"),
+            ("12", "30", "42"),
+            ("999", "1", "1000"),
+        ] {
             let mut acc = a.to_string();
             add_decimal(&mut acc, b);
             assert_eq!(acc, sum);
@@ -417,13 +450,4 @@ mod tests {
         let err = Registry::builtins().make("nope", &AppOptions::default()).err().unwrap();
         assert!(err.to_string().contains("wc"), "the error lists the known apps: {err}");
     }
-}
-
-/// Groups pairs sorted by key (used by the sequential runner).
-pub fn group_sorted(pairs: Vec<(String, String)>) -> BTreeMap<String, Vec<String>> {
-    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (k, v) in pairs {
-        m.entry(k).or_default().push(v);
-    }
-    m
 }

@@ -234,7 +234,9 @@ pub fn main(cmd: MrCommand, registry: &Registry, prefix: &[&str]) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        MrCommand::Run { app, job, workers, tcp, inputs } => run_job(registry, prefix, &app, &job, workers, tcp, &inputs),
+        MrCommand::Run { app, job, workers, tcp, inputs } => {
+            run_job(registry, prefix, &app, &job, workers, tcp, &inputs)
+        }
     }
 }
 
@@ -247,7 +249,15 @@ fn status(addr: &Addr) -> Option<JobStatus> {
 
 /// A whole job on this machine: this executable started again as the coordinator and as
 /// `workers` workers. Returns the coordinator's exit status.
-pub fn run_job(registry: &Registry, prefix: &[&str], app: &AppArgs, job: &JobArgs, workers: usize, tcp: bool, inputs: &[String]) -> ExitCode {
+pub fn run_job(
+    registry: &Registry,
+    prefix: &[&str],
+    app: &AppArgs,
+    job: &JobArgs,
+    workers: usize,
+    tcp: bool,
+    inputs: &[String],
+) -> ExitCode {
     // Everything that can be wrong is checked before any process starts.
     if let Err(e) = app.make(registry) {
         return fail(e);
@@ -298,7 +308,12 @@ pub fn run_job(registry: &Registry, prefix: &[&str], app: &AppArgs, job: &JobArg
     for i in 0..workers {
         let dir = job_dir.join(format!("worker-{i}"));
         let mut w = Command::new(&exe);
-        w.args(prefix).args(["worker", "--coordinator", &addr, "--app", &app.app]).arg("--work-dir").arg(&dir).arg("--stats-file").arg(&stats);
+        w.args(prefix)
+            .args(["worker", "--coordinator", &addr, "--app", &app.app])
+            .arg("--work-dir")
+            .arg(&dir)
+            .arg("--stats-file")
+            .arg(&stats);
         if let Some(m) = &app.map_cmd {
             w.args(["--map-cmd", m]);
         }

@@ -41,7 +41,10 @@ enum Status {
     Idle,
     Running,
     /// Finished by the attempt `attempt` of the worker serving at `addr`.
-    Done { addr: String, attempt: u64 },
+    Done {
+        addr: String,
+        attempt: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -103,29 +106,29 @@ impl Coordinator {
                 Reply::Task(self.assign(worker, now))
             }
             Request::MapDone { worker, task, attempt, bytes_in, bytes_out } => {
-                if let Some(t) = self.maps.get_mut(task) {
-                    if !matches!(t.status, Status::Done { .. }) {
-                        let addr = self.workers.get(&worker).map(|w| w.0.clone()).unwrap_or_default();
-                        t.took = t.attempts.iter().find(|a| a.0 == worker).map(|a| now.saturating_sub(a.1));
-                        t.status = Status::Done { addr, attempt };
-                        t.attempts.clear();
-                        self.status.maps_done += 1;
-                        self.status.bytes_in += bytes_in;
-                        self.status.bytes_intermediate += bytes_out;
-                    }
+                if let Some(t) = self.maps.get_mut(task)
+                    && !matches!(t.status, Status::Done { .. })
+                {
+                    let addr = self.workers.get(&worker).map(|w| w.0.clone()).unwrap_or_default();
+                    t.took = t.attempts.iter().find(|a| a.0 == worker).map(|a| now.saturating_sub(a.1));
+                    t.status = Status::Done { addr, attempt };
+                    t.attempts.clear();
+                    self.status.maps_done += 1;
+                    self.status.bytes_in += bytes_in;
+                    self.status.bytes_intermediate += bytes_out;
                 }
                 Reply::Ack
             }
             Request::ReduceDone { worker, task, bytes_out } => {
-                if let Some(t) = self.reduces.get_mut(task) {
-                    if !matches!(t.status, Status::Done { .. }) {
-                        t.took = t.attempts.iter().find(|a| a.0 == worker).map(|a| now.saturating_sub(a.1));
-                        t.status = Status::Done { addr: String::new(), attempt: 0 };
-                        t.attempts.clear();
-                        self.status.reduces_done += 1;
-                        self.status.bytes_out += bytes_out;
-                        self.status.done = self.status.reduces_done == self.reduces.len();
-                    }
+                if let Some(t) = self.reduces.get_mut(task)
+                    && !matches!(t.status, Status::Done { .. })
+                {
+                    t.took = t.attempts.iter().find(|a| a.0 == worker).map(|a| now.saturating_sub(a.1));
+                    t.status = Status::Done { addr: String::new(), attempt: 0 };
+                    t.attempts.clear();
+                    self.status.reduces_done += 1;
+                    self.status.bytes_out += bytes_out;
+                    self.status.done = self.status.reduces_done == self.reduces.len();
                 }
                 Reply::Ack
             }
@@ -137,7 +140,8 @@ impl Coordinator {
                     t.failures += 1;
                     if t.failures >= max {
                         let kind = if map { "map" } else { "reduce" };
-                        self.status.failed = Some(format!("{kind} task {task} failed {max} times; last error: {reason}"));
+                        self.status.failed =
+                            Some(format!("{kind} task {task} failed {max} times; last error: {reason}"));
                     } else if t.status == Status::Running && t.attempts.is_empty() {
                         t.status = Status::Idle;
                     }
@@ -199,7 +203,14 @@ impl Coordinator {
         self.next_attempt += 1;
         if phase_is_map {
             let c = &self.chunks[i];
-            Task::Map { id: i, attempt, file: c.file.clone(), offset: c.offset, len: c.len, n_reduce: self.cfg.n_reduce }
+            Task::Map {
+                id: i,
+                attempt,
+                file: c.file.clone(),
+                offset: c.offset,
+                len: c.len,
+                n_reduce: self.cfg.n_reduce,
+            }
         } else {
             let sources = self
                 .maps
@@ -309,7 +320,10 @@ mod tests {
         }
     }
     fn map_done(c: &mut Coordinator, w: u64, task: usize, secs: u64) {
-        c.handle(Request::MapDone { worker: w, task, attempt: 7, bytes_in: 10, bytes_out: 5 }, Duration::from_secs(secs));
+        c.handle(
+            Request::MapDone { worker: w, task, attempt: 7, bytes_in: 10, bytes_out: 5 },
+            Duration::from_secs(secs),
+        );
     }
 
     #[test]
@@ -327,7 +341,9 @@ mod tests {
         map_done(&mut c, 2, 1, 1);
         let r = get(&mut c, 3, 1);
         match &r {
-            Task::Reduce { sources, .. } => assert_eq!(sources, &vec![(0, "w1".to_string(), 7), (1, "w2".to_string(), 7)]),
+            Task::Reduce { sources, .. } => {
+                assert_eq!(sources, &vec![(0, "w1".to_string(), 7), (1, "w2".to_string(), 7)])
+            }
             t => panic!("{t:?}"),
         }
         get(&mut c, 1, 1);
@@ -386,7 +402,10 @@ mod tests {
         let mut c = coord(1, false);
         for i in 0..3 {
             get(&mut c, 1, i);
-            c.handle(Request::TaskFailed { worker: 1, map: true, task: 0, reason: "boom".into() }, Duration::from_secs(i));
+            c.handle(
+                Request::TaskFailed { worker: 1, map: true, task: 0, reason: "boom".into() },
+                Duration::from_secs(i),
+            );
         }
         assert!(c.status().failed.unwrap().contains("boom"));
         assert_eq!(get(&mut c, 1, 5), Task::Exit);

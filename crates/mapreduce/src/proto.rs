@@ -180,7 +180,10 @@ pub fn recv<T: DeserializeOwned>(s: &mut impl Read) -> io::Result<T> {
     s.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME_BYTES {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds {MAX_FRAME_BYTES}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds {MAX_FRAME_BYTES}"),
+        ));
     }
     let mut buf = vec![0u8; len];
     s.read_exact(&mut buf)?;

@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::app::App;
-use crate::proto::{Addr, Fetch, Listener, Reply, Request, Stream, Task, WorkerId, bucket, call, intermediate_name, is_intermediate_name, recv, send};
+use crate::proto::{
+    Addr, Fetch, Listener, Reply, Request, Stream, Task, WorkerId, bucket, call, intermediate_name,
+    is_intermediate_name, recv, send,
+};
 
 /// How a worker runs.
 pub struct WorkerConfig {
@@ -157,7 +160,16 @@ fn read_record(r: &mut impl Read) -> io::Result<Option<(String, String)>> {
 
 /// Maps one chunk into `n_reduce` sorted intermediate files `mr-<task>-<r>-<attempt>`.
 #[allow(clippy::too_many_arguments)]
-fn run_map(app: &dyn App, dir: &Path, task: usize, attempt: u64, file: &str, offset: u64, len: u64, n_reduce: usize) -> Result<(u64, u64), String> {
+fn run_map(
+    app: &dyn App,
+    dir: &Path,
+    task: usize,
+    attempt: u64,
+    file: &str,
+    offset: u64,
+    len: u64,
+    n_reduce: usize,
+) -> Result<(u64, u64), String> {
     let mut f = File::open(file).map_err(|e| format!("input {file}: {e}"))?;
     std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
     let mut bytes = vec![0u8; len as usize];
@@ -211,7 +223,13 @@ fn write_bucket(dir: &Path, name: &str, pairs: &[(String, String)]) -> Result<u6
 /// name includes the winning attempt, so only that attempt's file is ever read.
 /// `Ok(Err((map, addr)))` if a map output is nowhere to be had.
 #[allow(clippy::type_complexity)]
-fn run_reduce(app: &dyn App, dir: &Path, task: usize, sources: &[(usize, String, u64)], out_dir: &Path) -> Result<Result<u64, (usize, String)>, String> {
+fn run_reduce(
+    app: &dyn App,
+    dir: &Path,
+    task: usize,
+    sources: &[(usize, String, u64)],
+    out_dir: &Path,
+) -> Result<Result<u64, (usize, String)>, String> {
     let mut fetched = Vec::new();
     let mut inputs = Vec::new();
     let cleanup = |files: &[PathBuf]| {

@@ -42,7 +42,8 @@ fn custom_app_in_process_matches_sequential() {
     let mut registry = Registry::builtins();
     registry.register("initials", |_| Ok(Box::new(Initials)));
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/gutenberg");
-    let inputs: Vec<String> = ["pg-grimm.txt", "pg-metamorphosis.txt"].iter().map(|f| data.join(f).to_string_lossy().to_string()).collect();
+    let inputs: Vec<String> =
+        ["pg-grimm.txt", "pg-metamorphosis.txt"].iter().map(|f| data.join(f).to_string_lossy().to_string()).collect();
     let dir = std::env::temp_dir().join(format!("sixfive-mr-lib-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("out")).unwrap();
@@ -59,7 +60,8 @@ fn custom_app_in_process_matches_sequential() {
     };
     let addr = Addr::Unix(dir.join("coordinator.sock"));
     let listener = Listener::bind(&addr).unwrap();
-    let coordinator = std::thread::spawn(move || serve(listener, Coordinator::new(cfg, chunks), Duration::from_millis(200)));
+    let coordinator =
+        std::thread::spawn(move || serve(listener, Coordinator::new(cfg, chunks), Duration::from_millis(200)));
     let workers: Vec<_> = (0..2)
         .map(|i| {
             let app: Arc<dyn App> = Arc::from(registry.make("initials", &AppOptions::default()).unwrap());

@@ -47,7 +47,11 @@ impl Checker {
                 self.leaders.insert(term, id);
                 let base = log.snapshot().meta.index;
                 for (&i, e) in self.applied.range(base + 1..) {
-                    assert_eq!(log.term(i), Some(e.term), "leader {id} of term {term} lacks applied entry {i} (Leader Completeness)");
+                    assert_eq!(
+                        log.term(i),
+                        Some(e.term),
+                        "leader {id} of term {term} lacks applied entry {i} (Leader Completeness)"
+                    );
                 }
             }
         }

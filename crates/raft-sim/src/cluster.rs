@@ -275,12 +275,12 @@ impl Cluster {
             let raw = slot.raw.as_mut().expect("live");
             raw.advance(&rd);
             // The application snapshots and saves it, as the course's tester does.
-            if let Some((index, data)) = take_snapshot {
-                if let Ok(snap) = raw.compact(index, data) {
-                    slot.storage.save_snapshot(&snap).expect("infallible");
-                    slot.storage.sync().expect("infallible");
-                    self.checker.on_compact(id, index);
-                }
+            if let Some((index, data)) = take_snapshot
+                && let Ok(snap) = raw.compact(index, data)
+            {
+                slot.storage.save_snapshot(&snap).expect("infallible");
+                slot.storage.sync().expect("infallible");
+                self.checker.on_compact(id, index);
             }
         }
         let raw = self.slots[i].raw.as_ref().expect("live");
@@ -438,9 +438,22 @@ impl Cluster {
             match &s.raw {
                 None => out += &format!("  node {}: down\n", s.id),
                 Some(r) => {
-                    out += &format!("  node {} (connected: {}): {:?} applied {}\n", s.id, self.net.is_connected(s.id), r.status(), s.sm.last_applied);
+                    out += &format!(
+                        "  node {} (connected: {}): {:?} applied {}\n",
+                        s.id,
+                        self.net.is_connected(s.id),
+                        r.status(),
+                        s.sm.last_applied
+                    );
                     for (id, p) in r.progress() {
-                        out += &format!("    -> {id}: match {} next {} {:?} probe_sent {} inflight {}\n", p.match_index, p.next_index, p.state, p.probe_sent, p.inflights.len());
+                        out += &format!(
+                            "    -> {id}: match {} next {} {:?} probe_sent {} inflight {}\n",
+                            p.match_index,
+                            p.next_index,
+                            p.state,
+                            p.probe_sent,
+                            p.inflights.len()
+                        );
                     }
                 }
             }
@@ -458,10 +471,10 @@ impl Cluster {
             self.sleep(d);
             let mut leaders: BTreeMap<Term, Vec<NodeId>> = BTreeMap::new();
             for id in self.ids() {
-                if let Some(st) = self.status(id).filter(|_| self.net.is_connected(id)) {
-                    if st.role == Role::Leader {
-                        leaders.entry(st.term).or_default().push(id);
-                    }
+                if let Some(st) = self.status(id).filter(|_| self.net.is_connected(id))
+                    && st.role == Role::Leader
+                {
+                    leaders.entry(st.term).or_default().push(id);
                 }
             }
             for (term, ls) in &leaders {
@@ -490,7 +503,11 @@ impl Cluster {
     /// No connected node believes it leads.
     pub fn check_no_leader(&self) {
         for id in self.ids().into_iter().filter(|&id| self.is_up(id)) {
-            assert_ne!(self.status(id).expect("live").role, Role::Leader, "node {id} is leader, but no leader was expected");
+            assert_ne!(
+                self.status(id).expect("live").role,
+                Role::Leader,
+                "node {id} is leader, but no leader was expected"
+            );
         }
     }
 
@@ -537,7 +554,12 @@ impl Cluster {
         loop {
             let mut next_wake = None::<Micros>;
             for t in tasks.iter_mut().filter(|t| t.done.is_none()) {
-                assert!(self.now - t0 < 10 * SEC, "one({:?}) failed to reach agreement in 10 s\n{}", t.cmd, self.dump());
+                assert!(
+                    self.now - t0 < 10 * SEC,
+                    "one({:?}) failed to reach agreement in 10 s\n{}",
+                    t.cmd,
+                    self.dump()
+                );
                 if t.wake <= self.now {
                     match t.state {
                         State::Starting => {
@@ -545,12 +567,12 @@ impl Cluster {
                             for _ in 0..n {
                                 starts = (starts + 1) % n;
                                 let id = starts + 1;
-                                if self.is_up(id) {
-                                    if let Some((index, _)) = self.start(id, t.cmd.clone()) {
-                                        t.state = State::Waiting { index, since: self.now };
-                                        t.wake = self.now;
-                                        break;
-                                    }
+                                if self.is_up(id)
+                                    && let Some((index, _)) = self.start(id, t.cmd.clone())
+                                {
+                                    t.state = State::Waiting { index, since: self.now };
+                                    t.wake = self.now;
+                                    break;
                                 }
                             }
                         }
@@ -590,10 +612,10 @@ impl Cluster {
             if to < SEC {
                 to *= 2;
             }
-            if let Some(t) = start_term {
-                if self.ids().iter().any(|&id| self.status(id).is_some_and(|s| s.term > t)) {
-                    return None;
-                }
+            if let Some(t) = start_term
+                && self.ids().iter().any(|&id| self.status(id).is_some_and(|s| s.term > t))
+            {
+                return None;
             }
         }
         let (nd, c) = self.n_committed(index);

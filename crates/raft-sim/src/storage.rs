@@ -33,7 +33,12 @@ impl DiskOp<RaftDisk> for RaftOp {
             RaftOp::Append(es) => {
                 let first = es[0].index;
                 d.entries.retain(|e| e.index < first);
-                let expected = d.entries.last().map(|e| e.index + 1).or(d.snapshot.as_ref().map(|s| s.meta.index + 1)).unwrap_or(1);
+                let expected = d
+                    .entries
+                    .last()
+                    .map(|e| e.index + 1)
+                    .or(d.snapshot.as_ref().map(|s| s.meta.index + 1))
+                    .unwrap_or(1);
                 assert!(first <= expected, "append at {first} leaves a hole after {}", expected - 1);
                 d.entries.extend(es.iter().cloned());
             }

@@ -75,7 +75,7 @@ pub fn run(seed: u64, fault_micros: Micros) -> SwarmReport {
         let roll = c.rng.below(1000);
         let id = *c.rng.pick(&ids);
         // Clients mostly talk to whoever claims to lead, sometimes to anyone.
-        let leader = ids.iter().copied().filter(|&i| c.status(i).is_some_and(|s| s.role == Role::Leader)).last();
+        let leader = ids.iter().copied().rfind(|&i| c.status(i).is_some_and(|s| s.role == Role::Leader));
         let target = if c.rng.chance(0.8) { leader.unwrap_or(id) } else { id };
         match roll {
             0..=499 => {

@@ -33,8 +33,7 @@ impl RaftLog {
     pub(crate) fn new(snapshot: Option<Snapshot>, entries: Vec<Entry>, commit: Index) -> RaftLog {
         let snapshot = snapshot.unwrap_or_default();
         let base = snapshot.meta.index;
-        let entries: VecDeque<Entry> =
-            entries.into_iter().filter(|e| e.index > base).collect();
+        let entries: VecDeque<Entry> = entries.into_iter().filter(|e| e.index > base).collect();
         let last = base + entries.len() as u64;
         RaftLog {
             committed: commit.clamp(base, last),
@@ -177,9 +176,7 @@ impl RaftLog {
     pub(crate) fn next_after_reject(&self, hint: RejectHint) -> Index {
         if let Some(t) = hint.conflict_term {
             // Last entry of that term in our log, if we have the term at all.
-            let last_of_term = (hint.conflict_index..=self.last_index())
-                .rev()
-                .find(|&i| self.term(i) == Some(t));
+            let last_of_term = (hint.conflict_index..=self.last_index()).rev().find(|&i| self.term(i) == Some(t));
             if let Some(i) = last_of_term {
                 return i + 1;
             }

@@ -317,9 +317,10 @@ impl Raft {
     /// Whether `flush_appends` would send anything.
     pub(crate) fn has_appends_to_send(&self) -> bool {
         self.role == Role::Leader
-            && self.progress.values().any(|p| {
-                !p.is_paused(self.cfg.max_inflight_msgs) && p.next_index <= self.log.last_index()
-            })
+            && self
+                .progress
+                .values()
+                .any(|p| !p.is_paused(self.cfg.max_inflight_msgs) && p.next_index <= self.log.last_index())
     }
 
     /// Sends one `Append` (or snapshot chunk) to `to`. Returns true if more could follow at once.
@@ -451,15 +452,12 @@ impl Raft {
     // ---------------------------------------------------------------- step
 
     pub(crate) fn step(&mut self, m: Message) {
-        let leader_msg = matches!(
-            m.body,
-            MessageBody::Append { .. } | MessageBody::Heartbeat { .. } | MessageBody::Snapshot { .. }
-        );
+        let leader_msg =
+            matches!(m.body, MessageBody::Append { .. } | MessageBody::Heartbeat { .. } | MessageBody::Snapshot { .. });
         if m.term > self.term {
             if let MessageBody::Vote { transfer, .. } = m.body {
-                let in_lease = self.cfg.check_quorum
-                    && self.leader.is_some()
-                    && self.election_elapsed < self.cfg.election_ticks;
+                let in_lease =
+                    self.cfg.check_quorum && self.leader.is_some() && self.election_elapsed < self.cfg.election_ticks;
                 if in_lease && !transfer {
                     // Leader lease: we heard from a live leader recently, so this candidate is
                     // disruptive (e.g. just rejoined after a partition). Ignore it.
@@ -538,9 +536,8 @@ impl Raft {
     }
 
     fn handle_vote(&mut self, from: NodeId, term: Term, pre: bool, last_index: Index, last_term: Term) {
-        let can_vote = self.vote == Some(from)
-            || (self.vote.is_none() && self.leader.is_none())
-            || (pre && term > self.term);
+        let can_vote =
+            self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none()) || (pre && term > self.term);
         let granted = can_vote && self.log.is_up_to_date(last_index, last_term);
         if granted && !pre {
             self.vote = Some(from);

@@ -80,7 +80,9 @@ impl std::fmt::Display for StepError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StepError::WrongRecipient { to } => write!(f, "message addressed to node {to}, not to this node"),
-            StepError::UnknownSender { from } => write!(f, "message from node {from}, which is not a voter of this cluster"),
+            StepError::UnknownSender { from } => {
+                write!(f, "message from node {from}, which is not a voter of this cluster")
+            }
         }
     }
 }
@@ -156,7 +158,10 @@ impl RawNode {
         let (term, vote) = (self.raft.term, self.raft.vote);
         self.raft.step(m);
         // One vote per term (section 5.2).
-        debug_assert!(self.raft.term != term || vote.is_none() || self.raft.vote == vote, "vote changed within term {term}");
+        debug_assert!(
+            self.raft.term != term || vote.is_none() || self.raft.vote == vote,
+            "vote changed within term {term}"
+        );
         self.check();
         Ok(())
     }

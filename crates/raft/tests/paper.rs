@@ -129,9 +129,9 @@ impl Net {
     }
 
     fn normal_applied(&self, id: NodeId) -> Vec<Vec<u8>> {
-        self.applied.get(&id).map_or(vec![], |v| {
-            v.iter().filter(|e| e.kind == EntryKind::Normal).map(|e| e.data.clone()).collect()
-        })
+        self.applied
+            .get(&id)
+            .map_or(vec![], |v| v.iter().filter(|e| e.kind == EntryKind::Normal).map(|e| e.data.clone()).collect())
     }
 }
 
@@ -155,7 +155,8 @@ fn follower_times_out_into_candidate_5_2() {
     let st = net.status(1);
     assert_eq!((st.role, st.term, st.vote), (Role::Candidate, 1, Some(1)));
     let msgs = net.take();
-    let votes: Vec<_> = msgs.iter().filter(|m| matches!(m.body, MessageBody::Vote { pre: false, .. })).map(|m| m.to).collect();
+    let votes: Vec<_> =
+        msgs.iter().filter(|m| matches!(m.body, MessageBody::Vote { pre: false, .. })).map(|m| m.to).collect();
     assert_eq!(votes, vec![2, 3]);
 }
 
@@ -313,7 +314,12 @@ fn conflicts_truncated_duplicates_harmless_5_3() {
         from: 2,
         to: 1,
         term: net.status(2).term,
-        body: MessageBody::Append { prev_index: 0, prev_term: 0, entries: vec![net.nodes[&2].log().entry(1).unwrap().clone()], commit: 0 },
+        body: MessageBody::Append {
+            prev_index: 0,
+            prev_term: 0,
+            entries: vec![net.nodes[&2].log().entry(1).unwrap().clone()],
+            commit: 0,
+        },
     };
     net.deliver(stale);
     assert_eq!(net.status(1).last_index, last);
@@ -378,7 +384,12 @@ fn old_term_entries_not_committed_by_counting_5_4_2() {
     assert_eq!(n.status().role, Role::Leader);
     assert_eq!(n.status().last_index, 3, "leader appended its no-op at 3");
     // Node 2 acknowledges index 2 (term 1): a majority holds it, yet it must not commit.
-    let ack = |index| Message { from: 2, to: 1, term: 3, body: MessageBody::AppendResponse { index, success: true, hint: None } };
+    let ack = |index| Message {
+        from: 2,
+        to: 1,
+        term: 3,
+        body: MessageBody::AppendResponse { index, success: true, hint: None },
+    };
     n.step(ack(2)).unwrap();
     assert_eq!(n.status().commit, 0, "committed an old-term entry by counting replicas");
     // Once the term-3 no-op is on a majority, everything before it commits too.
@@ -489,7 +500,12 @@ fn lease_ignores_disruptive_candidate_4_2_3() {
     let mut net = Net::new(3, no_prevote);
     net.elect(1);
     let term = net.status(2).term;
-    let vote = Message { from: 3, to: 2, term: term + 1, body: MessageBody::Vote { pre: false, last_index: 9, last_term: 9, transfer: false } };
+    let vote = Message {
+        from: 3,
+        to: 2,
+        term: term + 1,
+        body: MessageBody::Vote { pre: false, last_index: 9, last_term: 9, transfer: false },
+    };
     net.deliver(vote);
     assert_eq!(net.status(2).term, term);
     assert!(net.take().is_empty(), "no answer to a disruptive candidate");
@@ -686,7 +702,10 @@ fn restart_restores_persisted_state() {
     let before = n.status();
     let m = RawNode::restart(Config::new(1, vec![1]), store.initial_state().unwrap()).unwrap();
     let after = m.status();
-    assert_eq!((after.term, after.vote, after.commit, after.last_index, after.snapshot_index), (before.term, before.vote, before.commit, before.last_index, 2));
+    assert_eq!(
+        (after.term, after.vote, after.commit, after.last_index, after.snapshot_index),
+        (before.term, before.vote, before.commit, before.last_index, 2)
+    );
     assert_eq!(after.role, Role::Follower);
     assert_eq!(m.log().entry(3).unwrap().data, b"b");
 }

@@ -25,7 +25,10 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use sixfive_raft::{Config, ConfigError, EntryKind, Index, Message, NodeId, ProposeError, RawNode, Role, Status, Storage, Term, persist_ready};
+use sixfive_raft::{
+    Config, ConfigError, EntryKind, Index, Message, NodeId, ProposeError, RawNode, Role, Status, Storage, Term,
+    persist_ready,
+};
 use sixfive_rpc::{CallId, Ctx, Endpoint, Micros, Node};
 
 #[cfg(feature = "testkit")]
@@ -170,7 +173,9 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 Ok(id)
             }
             Err(ProposeError::NotLeader { leader }) => Err(SubmitError::WrongLeader { leader }),
-            Err(ProposeError::TransferInProgress | ProposeError::UnknownNode(_)) => Err(SubmitError::WrongLeader { leader: None }),
+            Err(ProposeError::TransferInProgress | ProposeError::UnknownNode(_)) => {
+                Err(SubmitError::WrongLeader { leader: None })
+            }
         }
     }
 
@@ -287,7 +292,11 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             .into_values()
             .map(|(_, id)| Completion { id, result: Err(SubmitError::Shutdown) })
             .collect();
-        done.extend(std::mem::take(&mut self.reads_waiting).into_keys().map(|id| Completion { id, result: Err(SubmitError::Shutdown) }));
+        done.extend(
+            std::mem::take(&mut self.reads_waiting)
+                .into_keys()
+                .map(|id| Completion { id, result: Err(SubmitError::Shutdown) }),
+        );
         done.extend(self.reads_ready.drain(..).map(|(_, id, _)| Completion { id, result: Err(SubmitError::Shutdown) }));
         done
     }
@@ -406,10 +415,10 @@ impl<S: Storage, M: StateMachine> Node for RsmNode<S, M> {
 
     fn on_message(&mut self, ctx: &mut dyn Ctx, _from: Endpoint, message: Vec<u8>) {
         // A message that does not decode or does not belong to this cluster is dropped.
-        if let Ok(m) = postcard::from_bytes::<Message>(&message) {
-            if self.rsm.step(m).is_ok() {
-                self.flush(ctx);
-            }
+        if let Ok(m) = postcard::from_bytes::<Message>(&message)
+            && self.rsm.step(m).is_ok()
+        {
+            self.flush(ctx);
         }
     }
 

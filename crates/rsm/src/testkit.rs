@@ -52,7 +52,13 @@ pub struct RsmCluster<M> {
 
 impl<M: StateMachine + 'static> RsmCluster<M> {
     /// Starts `n` servers whose state machines come from `make`.
-    pub fn new(seed: u64, n: u64, net: NetConfig, max_raft_state: Option<usize>, make: impl Fn() -> M + 'static) -> Self {
+    pub fn new(
+        seed: u64,
+        n: u64,
+        net: NetConfig,
+        max_raft_state: Option<usize>,
+        make: impl Fn() -> M + 'static,
+    ) -> Self {
         let c = RsmCluster {
             world: World::new(seed, net),
             n,
@@ -75,7 +81,8 @@ impl<M: StateMachine + 'static> RsmCluster<M> {
     pub fn start(&self, id: NodeId) {
         let mut cfg = Config::new(id, self.ids());
         cfg.seed = self.world.random(u64::MAX);
-        let rsm = Rsm::new(cfg, self.disks[(id - 1) as usize].clone(), (self.make)(), self.max_raft_state).expect("valid config");
+        let rsm = Rsm::new(cfg, self.disks[(id - 1) as usize].clone(), (self.make)(), self.max_raft_state)
+            .expect("valid config");
         self.world.start_node(id, RsmNode::new(rsm));
     }
 
@@ -150,7 +157,12 @@ impl<M: StateMachine + 'static> RsmCluster<M> {
 }
 
 /// Sends one request to server `to` and decodes the answer.
-pub async fn request(client: &SimClient, to: NodeId, req: &RsmRequest, timeout: u64) -> Result<RsmReply, sixfive_rpc::RpcError> {
+pub async fn request(
+    client: &SimClient,
+    to: NodeId,
+    req: &RsmRequest,
+    timeout: u64,
+) -> Result<RsmReply, sixfive_rpc::RpcError> {
     let bytes = client.call(to, postcard::to_allocvec(req).expect("encodes"), timeout).await?;
     Ok(postcard::from_bytes(&bytes).expect("replies decode"))
 }

@@ -54,7 +54,7 @@ async fn inc_at(c: &SimClient, server: NodeId, h: &History, timeout: u64) -> Res
     let (ret, output) = match &out {
         Ok(v) => (Some(c.now()), Some(*v)),
         Err(SubmitError::WrongLeader { .. }) => return out, // refused: never applied
-        Err(_) => (None, None), // abandoned or no answer: may or may not have been applied
+        Err(_) => (None, None),                             // abandoned or no answer: may or may not have been applied
     };
     h.borrow_mut().push(Op { client: c.me(), call, ret, input: (), output });
     out
@@ -182,7 +182,9 @@ fn leader_partition_4a() {
         // Cut the leader off with a client of its own.
         let others: Vec<u64> = cl.ids().into_iter().filter(|&i| i != leader).chain([1001]).collect();
         cl.world.net(|n| n.partition(&[&[leader, 1000], &others]));
-        let returned: Rc<RefCell<Vec<(u64, Result<u64, SubmitError>)>>> = Rc::default();
+        // (time returned, result) of each submit to the cut-off leader.
+        type Returned = Rc<RefCell<Vec<(u64, Result<u64, SubmitError>)>>>;
+        let returned: Returned = Rc::default();
         for i in 0..100 {
             let (c, h2, ret) = (cl.world.client(1000), h.clone(), returned.clone());
             let _ = i;

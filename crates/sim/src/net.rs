@@ -112,7 +112,15 @@ impl Network {
     }
 
     /// Decides the fate of a message of `bytes` bytes sent now. `reply` marks answers to an RPC.
-    pub fn send(&mut self, rng: &mut Rng, now: Micros, from: Endpoint, to: Endpoint, reply: bool, bytes: usize) -> Fate {
+    pub fn send(
+        &mut self,
+        rng: &mut Rng,
+        now: Micros,
+        from: Endpoint,
+        to: Endpoint,
+        reply: bool,
+        bytes: usize,
+    ) -> Fate {
         let c = self.counters.entry(from).or_default();
         c.bytes_sent += bytes as u64;
         c.msgs_sent += 1;

@@ -381,12 +381,12 @@ impl World {
 
     fn resolve(&self, call: CallId, result: Result<Vec<u8>, RpcError>) {
         let mut i = self.inner.borrow_mut();
-        if let Some(c) = i.calls.get_mut(&call) {
-            if c.result.is_none() {
-                c.result = Some(result);
-                if let Some(w) = c.waker.take() {
-                    w.wake();
-                }
+        if let Some(c) = i.calls.get_mut(&call)
+            && c.result.is_none()
+        {
+            c.result = Some(result);
+            if let Some(w) = c.waker.take() {
+                w.wake();
             }
         }
     }

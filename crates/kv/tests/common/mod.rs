@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use sixfive_kv::{KvError, Op, OpResult, Record};
-use sixfive_linearizability::models::{AppendInput, AppendKv, AppendOutput, VersionedInput, VersionedKv, VersionedOutput};
+use sixfive_linearizability::models::{
+    AppendInput, AppendKv, AppendOutput, VersionedInput, VersionedKv, VersionedOutput,
+};
 use sixfive_linearizability::{Op as HOp, Verdict, check};
 
 /// How long a history check may search before answering "unknown".
@@ -14,7 +16,9 @@ fn verdict(v: Verdict, what: &str) {
     match v {
         Verdict::Linearizable => {}
         Verdict::NotLinearizable(why) => panic!("{what} history is not linearizable\n{why}"),
-        Verdict::Unknown => panic!("{what} history: the linearizability check ran out of time (unknown); a check that cannot conclude proves nothing"),
+        Verdict::Unknown => panic!(
+            "{what} history: the linearizability check ran out of time (unknown); a check that cannot conclude proves nothing"
+        ),
     }
 }
 
@@ -25,7 +29,9 @@ pub fn check_versioned(history: &[Record]) {
         .map(|r| {
             let input = match &r.op {
                 Op::Get { key } => VersionedInput::Get { key: key.clone() },
-                Op::Put { key, value, version } => VersionedInput::Put { key: key.clone(), value: value.clone(), version: *version },
+                Op::Put { key, value, version } => {
+                    VersionedInput::Put { key: key.clone(), value: value.clone(), version: *version }
+                }
                 op => panic!("not a versioned-store operation: {op:?}"),
             };
             let output = r.result.as_ref().map(|res| match res {
@@ -111,7 +117,11 @@ pub fn check_client_appends(values: &[String], c: u64, count: Option<u64>) {
             let end = after.find(" y").expect("token is terminated");
             let j: u64 = after[..end].parse().expect("token number");
             if let Some(l) = last {
-                assert!(j > l, "client {c}: append {j} after {l} in one key: out of order or duplicated in {}", short(value));
+                assert!(
+                    j > l,
+                    "client {c}: append {j} after {l} in one key: out of order or duplicated in {}",
+                    short(value)
+                );
             }
             assert!(seen.insert(j), "client {c}: append {j} present twice");
             last = Some(j);

@@ -167,11 +167,11 @@ fn figure8_unreliable_3c() {
             }
             let pause: Micros = if c.rng.below(1000) < 100 { c.rng.below(500) * MS } else { c.rng.below(13) * MS };
             c.sleep(pause);
-            if let Some(l) = leader {
-                if c.rng.below(1000) < ELECTION_TIMEOUT / MS / 2 {
-                    c.disconnect(l);
-                    nup -= 1;
-                }
+            if let Some(l) = leader
+                && c.rng.below(1000) < ELECTION_TIMEOUT / MS / 2
+            {
+                c.disconnect(l);
+                nup -= 1;
             }
             if nup < 3 {
                 let s = c.rng.range(1, n);
