@@ -185,9 +185,8 @@ fn leader_partition_4a() {
         // (time returned, result) of each submit to the cut-off leader.
         type Returned = Rc<RefCell<Vec<(u64, Result<u64, SubmitError>)>>>;
         let returned: Returned = Rc::default();
-        for i in 0..100 {
+        for _ in 0..100 {
             let (c, h2, ret) = (cl.world.client(1000), h.clone(), returned.clone());
-            let _ = i;
             cl.world.spawn(async move {
                 let r = inc_at(&c, leader, &h2, 60 * SEC).await;
                 ret.borrow_mut().push((c.now(), r));
@@ -295,12 +294,11 @@ fn restart_submit_4a() {
                 }
             })
         };
-        for round in 0..5 {
+        for _ in 0..5 {
             cl.world.run_for(500 * MS);
             for id in cl.ids() {
                 cl.restart(id);
             }
-            let _ = round;
         }
         cl.world.run_for(SEC);
         stop.set(true);
