@@ -1,0 +1,256 @@
+//! FileStorage: what is synced survives a crash, what is torn is dropped, what is corrupt is
+//! refused, and a Raft node restarts from it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sixfive_raft::{Config, Entry, EntryKind, HardState, RawNode, Snapshot, SnapshotMeta, Storage, persist_ready};
+use sixfive_storage::{FileStorage, StorageError};
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sixfive-storage-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn entry(index: u64, term: u64) -> Entry {
+    Entry { term, index, kind: EntryKind::Normal, data: format!("cmd-{index}-{term}").into_bytes() }
+}
+
+fn entries(lo: u64, hi: u64, term: u64) -> Vec<Entry> {
+    (lo..=hi).map(|i| entry(i, term)).collect()
+}
+
+#[test]
+fn state_round_trips_through_reopen() {
+    let d = dir("roundtrip");
+    let mut s = FileStorage::open(&d).unwrap();
+    s.save_hard_state(&HardState { term: 2, vote: Some(3), commit: 4 }).unwrap();
+    s.append(&entries(1, 10, 1)).unwrap();
+    s.append(&entries(6, 8, 2)).unwrap(); // conflict: replaces 6..=10
+    s.save_snapshot(&Snapshot { meta: SnapshotMeta { index: 4, term: 1 }, data: b"image".to_vec() }).unwrap();
+    s.sync().unwrap();
+    let before = s.initial_state().unwrap();
+    drop(s);
+    let after = FileStorage::open(&d).unwrap().initial_state().unwrap();
+    assert_eq!(before, after);
+    assert_eq!(after.hard_state, HardState { term: 2, vote: Some(3), commit: 4 });
+    assert_eq!(
+        after.entries.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(),
+        vec![(5, 1), (6, 2), (7, 2), (8, 2)]
+    );
+    assert_eq!(after.snapshot.unwrap().data, b"image");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn torn_last_record_is_dropped_at_every_cut() {
+    let d = dir("torn");
+    let mut s = FileStorage::open(&d).unwrap();
+    s.append(&entries(1, 5, 1)).unwrap();
+    s.sync().unwrap();
+    let synced = s.log_file_bytes();
+    s.append(&entries(6, 6, 1)).unwrap();
+    s.sync().unwrap();
+    let full = s.log_file_bytes();
+    drop(s);
+    let log = d.join("raft.log");
+    let bytes = std::fs::read(&log).unwrap();
+    for cut in synced..full {
+        std::fs::write(&log, &bytes[..cut as usize]).unwrap();
+        let st = FileStorage::open(&d).unwrap().initial_state().unwrap();
+        assert_eq!(st.entries.len(), 5, "a write torn at byte {cut} must vanish whole");
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), synced, "the torn tail is cut off");
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn corruption_before_the_tail_is_refused() {
+    let d = dir("corrupt");
+    let mut s = FileStorage::open(&d).unwrap();
+    s.append(&entries(1, 3, 1)).unwrap();
+    s.append(&entries(4, 6, 1)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    let log = d.join("raft.log");
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes[12] ^= 0xFF; // inside the first record's payload
+    std::fs::write(&log, &bytes).unwrap();
+    match FileStorage::open(&d) {
+        Err(StorageError::Corrupt { offset, path, .. }) => {
+            assert_eq!(offset, 0);
+            assert!(path.ends_with("raft.log"));
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("opened a corrupt log"),
+    }
+    // A damaged snapshot file is refused too.
+    let d2 = dir("corrupt-snap");
+    let mut s = FileStorage::open(&d2).unwrap();
+    s.append(&entries(1, 2, 1)).unwrap();
+    s.save_snapshot(&Snapshot { meta: SnapshotMeta { index: 2, term: 1 }, data: vec![7; 100] }).unwrap();
+    drop(s);
+    let snap = d2.join("raft.snapshot");
+    let mut b = std::fs::read(&snap).unwrap();
+    b[50] ^= 1;
+    std::fs::write(&snap, &b).unwrap();
+    let err = FileStorage::open(&d2).err().expect("refused");
+    assert!(err.to_string().contains("raft.snapshot") && err.to_string().contains("checksum"), "{err}");
+    std::fs::remove_dir_all(&d).unwrap();
+    std::fs::remove_dir_all(&d2).unwrap();
+}
+
+#[test]
+fn a_hole_is_refused_and_changes_nothing() {
+    let d = dir("hole");
+    let mut s = FileStorage::open(&d).unwrap();
+    s.append(&entries(1, 3, 1)).unwrap();
+    let size = s.log_file_bytes();
+    assert!(matches!(s.append(&entries(5, 6, 1)), Err(StorageError::Invalid(_))));
+    assert_eq!(s.log_file_bytes(), size);
+    assert_eq!(s.initial_state().unwrap().entries.len(), 3);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn snapshot_renamed_before_its_mark_is_logged() {
+    // Crash between the snapshot file's rename and the log record marking it.
+    let d = dir("snapwindow");
+    let mut s = FileStorage::open(&d).unwrap();
+    s.append(&entries(1, 8, 1)).unwrap();
+    s.sync().unwrap();
+    let before_mark = s.log_file_bytes();
+    s.save_snapshot(&Snapshot { meta: SnapshotMeta { index: 5, term: 1 }, data: b"s".to_vec() }).unwrap();
+    drop(s);
+    let log = d.join("raft.log");
+    let bytes = std::fs::read(&log).unwrap();
+    std::fs::write(&log, &bytes[..before_mark as usize]).unwrap();
+    let st = FileStorage::open(&d).unwrap().initial_state().unwrap();
+    assert_eq!(st.snapshot.unwrap().meta.index, 5);
+    assert_eq!(st.entries.first().unwrap().index, 6, "entries the snapshot covers are dropped");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn log_is_rewritten_and_stays_bounded() {
+    let d = dir("rewrite");
+    let mut s = FileStorage::open(&d).unwrap().with_rewrite_slack(4096);
+    let mut last = 0;
+    for round in 0..50u64 {
+        let lo = last + 1;
+        last += 20;
+        s.append(&entries(lo, last, 1)).unwrap();
+        s.save_hard_state(&HardState { term: 1, vote: Some(1), commit: last }).unwrap();
+        s.save_snapshot(&Snapshot {
+            meta: SnapshotMeta { index: last - 5, term: 1 },
+            data: round.to_le_bytes().to_vec(),
+        })
+        .unwrap();
+        s.sync().unwrap();
+        assert!(s.log_file_bytes() < 4096 + 2048, "log file grew to {} bytes", s.log_file_bytes());
+    }
+    let before = s.initial_state().unwrap();
+    drop(s);
+    assert_eq!(FileStorage::open(&d).unwrap().initial_state().unwrap(), before);
+    assert_eq!(before.entries.len(), 5);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn raft_node_restarts_from_disk() {
+    let d = dir("raftnode");
+    let mut st = FileStorage::open(&d).unwrap();
+    let mut node = RawNode::new(Config::new(1, vec![1])).unwrap();
+    node.campaign();
+    for i in 0..20u8 {
+        node.propose(vec![i]).unwrap();
+        while node.has_ready() {
+            let rd = node.ready();
+            persist_ready(&mut st, &rd).unwrap();
+            node.advance(&rd);
+        }
+    }
+    let snap = node.compact(10, b"state at 10".to_vec()).unwrap();
+    st.save_snapshot(&snap).unwrap();
+    st.sync().unwrap();
+    let before = node.status();
+    drop(st);
+    let restored = FileStorage::open(&d).unwrap().initial_state().unwrap();
+    let again = RawNode::restart(Config::new(1, vec![1]), restored).unwrap();
+    let after = again.status();
+    assert_eq!(
+        (after.term, after.vote, after.commit, after.last_index),
+        (before.term, before.vote, before.commit, before.last_index)
+    );
+    assert_eq!(after.snapshot_index, 10);
+    assert_eq!(again.log().entry(21).unwrap().data, vec![19]);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// The writer run in a child process by `acknowledged_entries_survive_kill_9`: appends an
+/// entry and a commit index, syncs, then acknowledges on stdout, forever.
+#[test]
+#[ignore = "run as a child process by acknowledged_entries_survive_kill_9"]
+fn kill_9_child_writer() {
+    let Ok(d) = std::env::var("SIXFIVE_STORAGE_CHILD_DIR") else { return };
+    let mut s = FileStorage::open(&d).unwrap().with_rewrite_slack(64 << 10);
+    let mut i = s.initial_state().unwrap().entries.last().map_or(0, |e| e.index);
+    loop {
+        i += 1;
+        s.append(&[entry(i, 1)]).unwrap();
+        s.save_hard_state(&HardState { term: 1, vote: Some(1), commit: i }).unwrap();
+        if i.is_multiple_of(97) {
+            s.save_snapshot(&Snapshot { meta: SnapshotMeta { index: i - 10, term: 1 }, data: vec![1; 300] }).unwrap();
+        }
+        s.sync().unwrap();
+        println!("ACK {i}");
+    }
+}
+
+fn check_survivors(d: &Path, acked: u64) {
+    let st = FileStorage::open(d).expect("opens after kill -9").initial_state().unwrap();
+    let base = st.snapshot.as_ref().map_or(0, |s| s.meta.index);
+    let last = st.entries.last().map_or(base, |e| e.index);
+    assert!(last >= acked, "acknowledged entry {acked} lost (log ends at {last})");
+    assert!(st.hard_state.commit >= acked, "acknowledged commit {acked} lost");
+    for (k, e) in st.entries.iter().enumerate() {
+        assert_eq!(e.index, base + 1 + k as u64, "hole in the recovered log");
+        assert_eq!(e, &entry(e.index, 1), "entry {} damaged", e.index);
+    }
+}
+
+#[test]
+fn acknowledged_entries_survive_kill_9() {
+    let d = dir("kill9");
+    let exe = std::env::current_exe().unwrap();
+    let mut acked = 0u64;
+    for round in 0..5u64 {
+        let mut child = Command::new(&exe)
+            .args(["--exact", "kill_9_child_writer", "--ignored", "--nocapture", "--test-threads", "1"])
+            .env("SIXFIVE_STORAGE_CHILD_DIR", &d)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // Let it write a varying amount, then kill it without warning.
+        let target = 200 + round * 173;
+        let mut seen = 0;
+        for line in lines.by_ref() {
+            if let Some(n) = line.unwrap().strip_prefix("ACK ") {
+                acked = n.parse().unwrap();
+                seen += 1;
+                if seen >= target {
+                    break;
+                }
+            }
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(seen >= target, "the writer stopped early");
+        check_survivors(&d, acked);
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
