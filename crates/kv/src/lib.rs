@@ -13,11 +13,15 @@
 //! so the deterministic simulator and the production runtime run the same code.
 #![deny(missing_docs)]
 
+#[cfg(feature = "sim")]
+pub mod check;
 pub mod clerk;
 pub mod lock;
 pub mod replicated;
 pub mod server;
 pub mod store;
+#[cfg(feature = "sim")]
+pub mod swarm;
 
 pub use clerk::{Clerk, History, KvClient, Record};
 pub use lock::{Lock, LockError};
