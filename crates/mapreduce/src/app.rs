@@ -332,8 +332,8 @@ impl App for Crash {
 }
 
 /// An app made of two shell commands. Map: the command reads the chunk on stdin (with
-/// `MR_INPUT_FILE` set) and writes "key<TAB>value" lines. Reduce: the command runs once per
-/// reduce task, reads that task's "key<TAB>value" lines sorted by key on stdin, and writes
+/// `MR_INPUT_FILE` set) and writes `key<TAB>value` lines. Reduce: the command runs once per
+/// reduce task, reads that task's `key<TAB>value` lines sorted by key on stdin, and writes
 /// output lines (conventionally "key value").
 pub struct Streaming {
     /// Map command (run with `sh -c`).

@@ -31,10 +31,10 @@ pub struct AppArgs {
     /// nocrash, stream).
     #[arg(long)]
     pub app: String,
-    /// For `--app stream`: shell command for map (chunk on stdin, "key<TAB>value" lines out).
+    /// For `--app stream`: shell command for map (chunk on stdin; lines "key TAB value" out).
     #[arg(long)]
     pub map_cmd: Option<String>,
-    /// For `--app stream`: shell command for reduce (sorted "key<TAB>value" lines in).
+    /// For `--app stream`: shell command for reduce (sorted lines "key TAB value" in).
     #[arg(long)]
     pub reduce_cmd: Option<String>,
 }
@@ -49,7 +49,7 @@ impl AppArgs {
 /// How the job is cut and timed.
 #[derive(Args, Clone, Debug)]
 pub struct JobArgs {
-    /// Reduce tasks (output files mr-out-0 .. mr-out-<n-1>).
+    /// Reduce tasks (output files mr-out-0, mr-out-1, ...).
     #[arg(long, default_value_t = 10)]
     pub reduces: usize,
     /// Directory for the mr-out-* files.
@@ -77,7 +77,7 @@ pub enum MrCommand {
         /// How the job is cut and timed.
         #[command(flatten)]
         job: JobArgs,
-        /// Write "coordinator <pid> <peak RSS KiB>" here on exit.
+        /// Append a line "coordinator PID PEAK_RSS_KIB" to this file on exit.
         #[arg(long, hide = true)]
         stats_file: Option<PathBuf>,
         /// Input files.
@@ -99,7 +99,7 @@ pub enum MrCommand {
         /// 127.0.0.1 on a free port when the coordinator is on TCP).
         #[arg(long)]
         listen: Option<String>,
-        /// Write "worker <pid> <peak RSS KiB>" here on exit.
+        /// Append a line "worker PID PEAK_RSS_KIB" to this file on exit.
         #[arg(long, hide = true)]
         stats_file: Option<PathBuf>,
     },
