@@ -128,31 +128,32 @@ fn sim_raft(seeds: u64, first: u64, fault_secs: u64, verbose: bool) -> ExitCode 
     std::panic::set_hook(Box::new(|_| {}));
     let started = Instant::now();
     let mut total = SwarmReport::default();
-    for seed in first..first + seeds {
-        let run = std::panic::catch_unwind(|| swarm::run(seed, fault_secs * SEC));
-        match run {
-            Ok(r) => {
-                if verbose {
-                    println!(
-                        "seed {:>6}: {} nodes, {:>4} proposed, {:>4} applied, {:>2} leaders, {:>2} crashes, {:>2} partitions, {:>3} reads, {:>6} events",
-                        r.seed, r.nodes, r.proposed, r.applied, r.leaders, r.crashes, r.partitions, r.reads, r.events
-                    );
-                }
-                total.proposed += r.proposed;
-                total.applied += r.applied;
-                total.leaders += r.leaders;
-                total.crashes += r.crashes;
-                total.partitions += r.partitions;
-                total.reads += r.reads;
-                total.events += r.events;
-                total.virtual_micros += r.virtual_micros;
+    let replay = format!("--fault-secs {fault_secs}");
+    let passed = each_seed(
+        "raft",
+        first,
+        seeds,
+        &replay,
+        |seed| swarm::run(seed, fault_secs * SEC),
+        |r| {
+            if verbose {
+                println!(
+                    "seed {:>6}: {} nodes, {:>4} proposed, {:>4} applied, {:>2} leaders, {:>2} crashes, {:>2} partitions, {:>3} reads, {:>6} events",
+                    r.seed, r.nodes, r.proposed, r.applied, r.leaders, r.crashes, r.partitions, r.reads, r.events
+                );
             }
-            Err(e) => {
-                eprintln!("seed {seed} FAILED: {}", panic_message(e.as_ref()));
-                eprintln!("replay: sixfive sim raft --seed {seed} --seeds 1 --fault-secs {fault_secs}");
-                return ExitCode::FAILURE;
-            }
-        }
+            total.proposed += r.proposed;
+            total.applied += r.applied;
+            total.leaders += r.leaders;
+            total.crashes += r.crashes;
+            total.partitions += r.partitions;
+            total.reads += r.reads;
+            total.events += r.events;
+            total.virtual_micros += r.virtual_micros;
+        },
+    );
+    if !passed {
+        return ExitCode::FAILURE;
     }
     let wall = started.elapsed().as_secs_f64();
     println!("{seeds} seeds passed: every safety check held after every event, and every healed cluster made progress");
@@ -170,6 +171,29 @@ fn sim_raft(seeds: u64, first: u64, fault_secs: u64, verbose: bool) -> ExitCode 
     ExitCode::SUCCESS
 }
 
+/// Runs `run(seed)` for each seed and hands each report to `ok`. A panic (a violated check)
+/// stops the loop with the seed and the command that replays it; returns whether all passed.
+fn each_seed<R>(
+    what: &str,
+    first: u64,
+    seeds: u64,
+    replay_args: &str,
+    run: impl Fn(u64) -> R,
+    mut ok: impl FnMut(R),
+) -> bool {
+    for seed in first..first + seeds {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(seed))) {
+            Ok(r) => ok(r),
+            Err(e) => {
+                eprintln!("seed {seed} FAILED: {}", panic_message(e.as_ref()));
+                eprintln!("replay: sixfive sim {what} --seed {seed} --seeds 1 {replay_args}");
+                return false;
+            }
+        }
+    }
+    true
+}
+
 fn panic_message(e: &(dyn std::any::Any + Send)) -> String {
     e.downcast_ref::<String>()
         .cloned()
@@ -185,28 +209,22 @@ fn sim_kv(seeds: u64, first: u64, verbose: bool) -> ExitCode {
     std::panic::set_hook(Box::new(|_| {}));
     let started = Instant::now();
     let mut total = sixfive_kv::swarm::KvSwarmReport::default();
-    for seed in first..first + seeds {
-        match std::panic::catch_unwind(|| sixfive_kv::swarm::run(seed)) {
-            Ok(r) => {
-                if verbose {
-                    println!(
-                        "seed {seed:>6}: {} servers, {} clients, {:>4} ops checked, {:>3} Puts and {:>3} Appends acknowledged, {:>2} crashes, {:>2} partitions",
-                        r.servers, r.clients, r.ops, r.acked_puts, r.acked_appends, r.crashes, r.partitions
-                    );
-                }
-                total.ops += r.ops;
-                total.acked_puts += r.acked_puts;
-                total.acked_appends += r.acked_appends;
-                total.crashes += r.crashes;
-                total.partitions += r.partitions;
-                total.events += r.events;
-            }
-            Err(e) => {
-                eprintln!("seed {seed} FAILED: {}", panic_message(e.as_ref()));
-                eprintln!("replay: sixfive sim kv --seed {seed} --seeds 1");
-                return ExitCode::FAILURE;
-            }
+    let passed = each_seed("kv", first, seeds, "", sixfive_kv::swarm::run, |r| {
+        if verbose {
+            println!(
+                "seed {:>6}: {} servers, {} clients, {:>4} ops checked, {:>3} Puts and {:>3} Appends acknowledged, {:>2} crashes, {:>2} partitions",
+                r.seed, r.servers, r.clients, r.ops, r.acked_puts, r.acked_appends, r.crashes, r.partitions
+            );
         }
+        total.ops += r.ops;
+        total.acked_puts += r.acked_puts;
+        total.acked_appends += r.acked_appends;
+        total.crashes += r.crashes;
+        total.partitions += r.partitions;
+        total.events += r.events;
+    });
+    if !passed {
+        return ExitCode::FAILURE;
     }
     println!("{seeds} seeds passed: every history linearizable, every acknowledged write present exactly once");
     println!(

@@ -18,6 +18,8 @@ use crate::{History, KvClient, KvError, KvSm, RaftClerk, Record};
 /// What one swarm run did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvSwarmReport {
+    /// The seed.
+    pub seed: u64,
     /// Servers.
     pub servers: u64,
     /// Clients.
@@ -54,7 +56,7 @@ pub fn run(seed: u64) -> KvSwarmReport {
         NetConfig { unreliable: pick.chance(0.5), long_reordering: pick.chance(0.2), long_delays: pick.chance(0.2) };
     let max_raft_state = if pick.chance(0.5) { Some(pick.range(300, 3000) as usize) } else { None };
     let cl = Rc::new(RsmCluster::new(seed, servers, net, max_raft_state, KvSm::default));
-    let mut rep = KvSwarmReport { servers, clients, ..Default::default() };
+    let mut rep = KvSwarmReport { seed, servers, clients, ..Default::default() };
     let h = History::default();
     let acked: Rc<RefCell<Acked>> = Rc::default();
     let done = Rc::new(Cell::new(false));
