@@ -142,14 +142,7 @@ fn sim_raft(seeds: u64, first: u64, fault_secs: u64, verbose: bool) -> ExitCode 
                     r.seed, r.nodes, r.proposed, r.applied, r.leaders, r.crashes, r.partitions, r.reads, r.events
                 );
             }
-            total.proposed += r.proposed;
-            total.applied += r.applied;
-            total.leaders += r.leaders;
-            total.crashes += r.crashes;
-            total.partitions += r.partitions;
-            total.reads += r.reads;
-            total.events += r.events;
-            total.virtual_micros += r.virtual_micros;
+            total.merge(&r);
         },
     );
     if !passed {
@@ -216,12 +209,7 @@ fn sim_kv(seeds: u64, first: u64, verbose: bool) -> ExitCode {
                 r.seed, r.servers, r.clients, r.ops, r.acked_puts, r.acked_appends, r.crashes, r.partitions
             );
         }
-        total.ops += r.ops;
-        total.acked_puts += r.acked_puts;
-        total.acked_appends += r.acked_appends;
-        total.crashes += r.crashes;
-        total.partitions += r.partitions;
-        total.events += r.events;
+        total.merge(&r);
     });
     if !passed {
         return ExitCode::FAILURE;

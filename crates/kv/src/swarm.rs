@@ -46,6 +46,18 @@ struct Acked {
     appends: BTreeMap<u64, u64>,
 }
 
+impl KvSwarmReport {
+    /// Adds another run's counts to these totals (seed and sizes are left as they are).
+    pub fn merge(&mut self, r: &KvSwarmReport) {
+        self.ops += r.ops;
+        self.acked_puts += r.acked_puts;
+        self.acked_appends += r.acked_appends;
+        self.crashes += r.crashes;
+        self.partitions += r.partitions;
+        self.events += r.events;
+    }
+}
+
 /// Runs one seed; panics with the reason on a violation.
 pub fn run(seed: u64) -> KvSwarmReport {
     let mut pick = Rng::new(seed ^ 0xC0FFEE);

@@ -7,10 +7,7 @@ fn kv_swarm_random_faults() {
     let mut total = sixfive_kv::swarm::KvSwarmReport::default();
     run_seeds("kv_swarm_random_faults", 300, |seed| {
         let r = sixfive_kv::swarm::run(seed);
-        total.ops += r.ops;
-        total.crashes += r.crashes;
-        total.acked_puts += r.acked_puts;
-        total.acked_appends += r.acked_appends;
+        total.merge(&r);
     });
     // The swarm must exercise the service, not idle through its faults.
     assert!(total.ops > 0 && total.crashes > 0 && total.acked_puts > 0 && total.acked_appends > 0, "{total:?}");

@@ -40,6 +40,20 @@ pub struct SwarmReport {
     pub trace: u64,
 }
 
+impl SwarmReport {
+    /// Adds another run's counts to these totals (seed, nodes and trace are left as they are).
+    pub fn merge(&mut self, r: &SwarmReport) {
+        self.proposed += r.proposed;
+        self.applied += r.applied;
+        self.leaders += r.leaders;
+        self.crashes += r.crashes;
+        self.partitions += r.partitions;
+        self.reads += r.reads;
+        self.events += r.events;
+        self.virtual_micros += r.virtual_micros;
+    }
+}
+
 /// Runs one swarm seed; panics (with the checker's message) on any violation.
 pub fn run(seed: u64, fault_micros: Micros) -> SwarmReport {
     let mut pick = Rng::new(seed ^ 0x5EED);

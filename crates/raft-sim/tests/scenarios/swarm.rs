@@ -9,11 +9,7 @@ fn swarm_random_faults() {
     let mut total = swarm::SwarmReport::default();
     sixfive_sim::seeds::run_seeds("swarm_random_faults", 500, |seed| {
         let r = swarm::run(seed, 20 * SEC);
-        total.proposed += r.proposed;
-        total.applied += r.applied;
-        total.crashes += r.crashes;
-        total.reads += r.reads;
-        total.leaders += r.leaders;
+        total.merge(&r);
     });
     // The swarm must actually exercise the system, not idle through its faults.
     assert!(total.applied > 0 && total.crashes > 0 && total.leaders > 0 && total.reads > 0, "{total:?}");
