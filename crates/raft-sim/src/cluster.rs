@@ -8,12 +8,14 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sixfive_raft::{
-    Config, EntryKind, Index, Message, NodeId, RawNode, ReadState, Role, Status, Storage, Term, persist_ready,
+    Config, EntryKind, Index, Message, MessageBody, NodeId, RawNode, ReadState, Role, Status, Storage, Term,
+    persist_ready,
 };
 use sixfive_sim::{EventQueue, Fate, MS, Micros, NetConfig, Network, Rng, SEC};
+use sixfive_storage::fs::SimFsConfig;
 
 use crate::checker::Checker;
-use crate::storage::SimStorage;
+use crate::storage::{NodeStorage, SimStorage};
 
 /// Length of one Raft tick in virtual time.
 pub const TICK: Micros = 10 * MS;
@@ -34,6 +36,9 @@ pub struct ClusterConfig {
     pub torn_writes: bool,
     /// Adjusts each node's Raft configuration.
     pub tweak: fn(&mut Config),
+    /// Run the production `FileStorage` on a simulated file system with these faults, instead
+    /// of the in-memory storage model.
+    pub file_storage: Option<SimFsConfig>,
 }
 
 impl ClusterConfig {
@@ -46,6 +51,7 @@ impl ClusterConfig {
             crash_in_ready: 0.0,
             torn_writes: false,
             tweak: |_| {},
+            file_storage: None,
         }
     }
 
@@ -72,7 +78,7 @@ enum Event {
 
 struct Slot {
     id: NodeId,
-    storage: SimStorage,
+    storage: NodeStorage,
     raw: Option<RawNode>,
     /// What this node's application has applied (kept across a crash, reset at restart).
     sm: AppliedLog,
@@ -95,6 +101,7 @@ pub struct Cluster {
     checker: Checker,
     trace: u64,
     events: u64,
+    storage_failures: u64,
 }
 
 /// Encodes a test command from a number.
@@ -105,15 +112,23 @@ pub fn cmd(n: u64) -> Vec<u8> {
 impl Cluster {
     /// A cluster whose every choice follows from `seed`; all nodes start at once.
     pub fn new(cfg: ClusterConfig, seed: u64) -> Cluster {
+        let mut rng = Rng::new(seed);
+        let storages: Vec<NodeStorage> = (0..cfg.nodes)
+            .map(|_| match cfg.file_storage {
+                Some(fc) => NodeStorage::file(rng.fork(), fc),
+                None => NodeStorage::Model(SimStorage::default()),
+            })
+            .collect();
         let mut c = Cluster {
-            rng: Rng::new(seed),
+            rng,
             now: 0,
             net: Network::new(cfg.net),
             queue: EventQueue::default(),
             slots: (1..=cfg.nodes as u64)
-                .map(|id| Slot {
+                .zip(storages)
+                .map(|(id, storage)| Slot {
                     id,
-                    storage: SimStorage::default(),
+                    storage,
                     raw: None,
                     sm: AppliedLog::default(),
                     incarnation: 0,
@@ -124,6 +139,7 @@ impl Cluster {
             checker: Checker::default(),
             trace: 0xcbf2_9ce4_8422_2325,
             events: 0,
+            storage_failures: 0,
             cfg,
         };
         for id in c.ids() {
@@ -208,10 +224,45 @@ impl Cluster {
         self.drive(to);
     }
 
-    fn send(&mut self, m: Message) {
+    /// Every message must depend only on what its sender has made durable (a crash right
+    /// after sending must not let the sender forget a term, a vote or entries it vouched for).
+    fn check_durable(&self, m: &Message) {
+        let Some(d) = self.slots[(m.from - 1) as usize].storage.durable() else { return };
+        let pre = matches!(m.body, MessageBody::Vote { pre: true, .. } | MessageBody::VoteResponse { pre: true, .. });
+        if !pre {
+            assert!(
+                d.hard_state.term >= m.term,
+                "node {} sent {:?} in term {} with only term {} durable",
+                m.from,
+                m.body,
+                m.term,
+                d.hard_state.term
+            );
+        }
+        let durable_last = d.entries.last().map_or(d.snapshot.as_ref().map_or(0, |s| s.meta.index), |e| e.index);
+        match &m.body {
+            MessageBody::VoteResponse { pre: false, granted: true } => assert!(
+                d.hard_state.term == m.term && d.hard_state.vote == Some(m.to),
+                "node {} granted its vote to {} in term {} before persisting it (durable: {:?})",
+                m.from,
+                m.to,
+                m.term,
+                d.hard_state
+            ),
+            MessageBody::AppendResponse { success: true, index, .. } => assert!(
+                durable_last >= *index,
+                "node {} acknowledged entries up to {index} with only {durable_last} durable",
+                m.from
+            ),
+            _ => {}
+        }
+    }
+
+    fn send(&mut self, m: Message, delay: Micros) {
+        self.check_durable(&m);
         let bytes = postcard::to_allocvec(&m).expect("messages encode");
         let reply = m.body.is_response();
-        match self.net.send(&mut self.rng, self.now, m.from, m.to, reply, bytes.len()) {
+        match self.net.send(&mut self.rng, self.now + delay, m.from, m.to, reply, bytes.len()) {
             Fate::Deliver(at) => self.queue.push(at, Event::Deliver { from: m.from, to: m.to, reply, bytes }),
             Fate::Drop | Fate::FailAt(_) => {}
         }
@@ -230,18 +281,29 @@ impl Cluster {
             // 1. Persist. Possibly crash between the writes and the sync.
             if rd.must_sync() && self.cfg.crash_in_ready > 0.0 && self.rng.chance(self.cfg.crash_in_ready) {
                 let st = &mut slot.storage;
-                if let Some(s) = &rd.snapshot {
-                    st.save_snapshot(s).expect("infallible");
-                }
-                st.append(&rd.entries).expect("infallible");
-                if let Some(hs) = &rd.hard_state {
-                    st.save_hard_state(hs).expect("infallible");
-                }
+                // Errors do not matter here: the node crashes anyway.
+                let _ = (|| {
+                    if let Some(s) = &rd.snapshot {
+                        st.save_snapshot(s)?;
+                    }
+                    st.append(&rd.entries)?;
+                    if let Some(hs) = &rd.hard_state {
+                        st.save_hard_state(hs)?;
+                    }
+                    Ok::<(), String>(())
+                })();
                 self.trace(3, &id.to_le_bytes());
                 self.crash(id);
                 return;
             }
-            persist_ready(&mut slot.storage, &rd).expect("infallible");
+            if persist_ready(&mut slot.storage, &rd).is_err() {
+                // An I/O error: the storage is poisoned, the node stops (a restart re-reads
+                // the disk).
+                self.storage_failures += 1;
+                self.crash(id);
+                return;
+            }
+            let delay = slot.storage.fs().map_or(0, |fs| fs.take_latency());
             if let Some(s) = &rd.snapshot {
                 self.checker.on_snapshot(id, s.meta.index, s.meta.term);
             }
@@ -249,7 +311,7 @@ impl Cluster {
             self.checker.on_entries(id, &rd.entries, raw.log());
             // 2. Send.
             for m in rd.messages.iter().cloned() {
-                self.send(m);
+                self.send(m, delay);
             }
             // 3. Apply.
             let slot = &mut self.slots[i];
@@ -278,8 +340,11 @@ impl Cluster {
             if let Some((index, data)) = take_snapshot
                 && let Ok(snap) = raw.compact(index, data)
             {
-                slot.storage.save_snapshot(&snap).expect("infallible");
-                slot.storage.sync().expect("infallible");
+                if slot.storage.save_snapshot(&snap).and_then(|()| slot.storage.sync()).is_err() {
+                    self.storage_failures += 1;
+                    self.crash(id);
+                    return;
+                }
                 self.checker.on_compact(id, index);
             }
         }
@@ -297,7 +362,7 @@ impl Cluster {
         let torn = self.cfg.torn_writes;
         let slot = &mut self.slots[(id - 1) as usize];
         if slot.raw.take().is_some() {
-            slot.storage.disk.crash(&mut self.rng, torn);
+            slot.storage.crash(&mut self.rng, torn);
             slot.incarnation += 1;
             self.trace(4, &id.to_le_bytes());
         }
@@ -310,7 +375,11 @@ impl Cluster {
         rc.seed = self.rng.next_u64();
         (self.cfg.tweak)(&mut rc);
         let slot = &mut self.slots[(id - 1) as usize];
-        let state = slot.storage.initial_state().expect("infallible");
+        if slot.storage.reopen().is_err() {
+            self.storage_failures += 1;
+            return; // an I/O error at start-up: the node stays down
+        }
+        let state = slot.storage.initial_state().expect("opened");
         slot.sm = match &state.snapshot {
             Some(s) => {
                 let sm: AppliedLog = postcard::from_bytes(&s.data).expect("snapshot decodes");
@@ -403,7 +472,26 @@ impl Cluster {
 
     /// Bytes of Raft state node `id` has on disk (log and hard state, not the snapshot).
     pub fn raft_state_bytes(&self, id: NodeId) -> usize {
-        self.slots[(id - 1) as usize].storage.disk.read().raft_state_bytes()
+        self.slots[(id - 1) as usize].storage.raft_state_bytes()
+    }
+
+    /// Syncs node `id`'s storage made, over all its restarts.
+    pub fn syncs(&self, id: NodeId) -> u64 {
+        self.slots[(id - 1) as usize].storage.syncs()
+    }
+
+    /// Storage failures (injected I/O errors) that stopped a node.
+    pub fn storage_failures(&self) -> u64 {
+        self.storage_failures
+    }
+
+    /// Changes the simulated file systems' faults (file storage only).
+    pub fn set_fs_config(&mut self, config: SimFsConfig) {
+        for s in &self.slots {
+            if let Some(fs) = s.storage.fs() {
+                fs.set_config(config);
+            }
+        }
     }
 
     /// Snapshots node `id` received from leaders and installed, over all its restarts.
@@ -418,7 +506,7 @@ impl Cluster {
 
     /// Bytes of node `id`'s snapshot on disk.
     pub fn snapshot_bytes(&self, id: NodeId) -> usize {
-        self.slots[(id - 1) as usize].storage.disk.read().snapshot_bytes()
+        self.slots[(id - 1) as usize].storage.snapshot_bytes()
     }
 
     /// RPCs (requests) received by all nodes.

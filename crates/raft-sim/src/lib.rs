@@ -13,4 +13,4 @@ pub mod swarm;
 
 pub use checker::Checker;
 pub use cluster::{AppliedLog, Cluster, ClusterConfig, TICK, cmd};
-pub use storage::{RaftDisk, RaftOp, SimStorage};
+pub use storage::{NodeStorage, RaftDisk, RaftOp, SimStorage};

@@ -14,3 +14,15 @@ fn swarm_random_faults() {
     // The swarm must actually exercise the system, not idle through its faults.
     assert!(total.applied > 0 && total.crashes > 0 && total.leaders > 0 && total.reads > 0, "{total:?}");
 }
+
+/// The same swarm on the production `FileStorage` over a simulated disk that loses unsynced
+/// pages in any order, zero-fills grown files, fails calls and takes time to sync.
+#[test]
+fn swarm_file_storage() {
+    let mut total = swarm::SwarmReport::default();
+    sixfive_sim::seeds::run_seeds("swarm_file_storage", 200, |seed| {
+        let r = swarm::run_on(seed, 20 * SEC, swarm::SwarmStorage::File);
+        total.merge(&r);
+    });
+    assert!(total.applied > 0 && total.crashes > 0 && total.storage_failures > 0, "{total:?}");
+}
