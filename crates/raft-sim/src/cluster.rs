@@ -39,6 +39,9 @@ pub struct ClusterConfig {
     /// Run the production `FileStorage` on a simulated file system with these faults, instead
     /// of the in-memory storage model.
     pub file_storage: Option<SimFsConfig>,
+    /// Clocks run at different rates: each node's tick lasts `TICK * (1 + d)` with `d` drawn
+    /// at each start from `[-clock_drift, clock_drift]`.
+    pub clock_drift: f64,
 }
 
 impl ClusterConfig {
@@ -52,6 +55,7 @@ impl ClusterConfig {
             torn_writes: false,
             tweak: |_| {},
             file_storage: None,
+            clock_drift: 0.0,
         }
     }
 
@@ -86,6 +90,11 @@ struct Slot {
     reads: Vec<ReadState>,
     /// Snapshots received from a leader and installed.
     installed_snapshots: u64,
+    /// Length of this instance's tick (its clock's rate).
+    tick_micros: Micros,
+    /// A stop-the-world pause: nothing runs before this time; then the timers that should
+    /// have fired meanwhile fire in a burst.
+    paused_until: Micros,
 }
 
 /// The simulated cluster.
@@ -134,6 +143,8 @@ impl Cluster {
                     incarnation: 0,
                     reads: Vec::new(),
                     installed_snapshots: 0,
+                    tick_micros: TICK,
+                    paused_until: 0,
                 })
                 .collect(),
             checker: Checker::default(),
@@ -202,19 +213,37 @@ impl Cluster {
     }
 
     fn on_tick(&mut self, node: usize, incarnation: u64) {
+        let now = self.now;
         let slot = &mut self.slots[node];
         if slot.incarnation != incarnation {
             return; // a tick of a crashed instance
         }
+        if now < slot.paused_until {
+            let until = slot.paused_until;
+            self.queue.push(until, Event::Tick { node, incarnation });
+            return;
+        }
         let Some(raw) = slot.raw.as_mut() else { return };
-        raw.tick();
+        // After a pause, every tick that was due meanwhile fires at once (capped).
+        let due =
+            if slot.paused_until > 0 && now == slot.paused_until { 1 + 20.min(now / slot.tick_micros) } else { 1 };
+        for _ in 0..due {
+            raw.tick();
+        }
         let id = slot.id;
+        let tick = slot.tick_micros;
         self.trace(1, &id.to_le_bytes());
         self.drive(id);
-        self.queue.push(self.now + TICK, Event::Tick { node, incarnation });
+        self.queue.push(self.now + tick, Event::Tick { node, incarnation });
     }
 
     fn on_deliver(&mut self, from: NodeId, to: NodeId, reply: bool, bytes: Vec<u8>) {
+        let until = self.slot(to).paused_until;
+        if self.now < until {
+            // The receiver is paused: the message waits in its socket buffer.
+            self.queue.push(until, Event::Deliver { from, to, reply, bytes });
+            return;
+        }
         if self.slot(to).raw.is_none() || !self.net.arrive(from, to, reply) {
             return;
         }
@@ -263,7 +292,12 @@ impl Cluster {
         let bytes = postcard::to_allocvec(&m).expect("messages encode");
         let reply = m.body.is_response();
         match self.net.send(&mut self.rng, self.now + delay, m.from, m.to, reply, bytes.len()) {
-            Fate::Deliver(at) => self.queue.push(at, Event::Deliver { from: m.from, to: m.to, reply, bytes }),
+            Fate::Deliver(at) => {
+                if let Some(again) = self.net.duplicate(&mut self.rng, at) {
+                    self.queue.push(again, Event::Deliver { from: m.from, to: m.to, reply, bytes: bytes.clone() });
+                }
+                self.queue.push(at, Event::Deliver { from: m.from, to: m.to, reply, bytes })
+            }
             Fate::Drop | Fate::FailAt(_) => {}
         }
     }
@@ -322,13 +356,14 @@ impl Cluster {
                 slot.installed_snapshots += 1;
             }
             let mut take_snapshot = None;
+            let term = slot.raw.as_ref().expect("live").status().term;
             for e in &rd.committed_entries {
                 assert_eq!(e.index, slot.sm.last_applied + 1, "node {id} applied index {} out of order", e.index);
                 slot.sm.last_applied = e.index;
                 if e.kind == EntryKind::Normal {
                     slot.sm.cmds.insert(e.index, e.data.clone());
                 }
-                self.checker.on_apply(id, e);
+                self.checker.on_apply(id, term, e);
                 if self.cfg.snapshot_every.is_some_and(|n| (e.index + 1) % n == 0) {
                     take_snapshot = Some((e.index, postcard::to_allocvec(&slot.sm).expect("encodes")));
                 }
@@ -389,6 +424,11 @@ impl Cluster {
             None => AppliedLog::default(),
         };
         slot.reads.clear();
+        slot.paused_until = 0;
+        if self.cfg.clock_drift > 0.0 {
+            let d = (self.rng.below(2001) as f64 / 1000.0 - 1.0) * self.cfg.clock_drift;
+            slot.tick_micros = ((TICK as f64) * (1.0 + d)) as Micros;
+        }
         let raw = RawNode::restart(rc, state).expect("valid config");
         self.checker.on_restart(id, raw.log());
         slot.raw = Some(raw);
@@ -397,6 +437,23 @@ impl Cluster {
         let phase = self.rng.below(TICK);
         self.queue.push(self.now + phase, Event::Tick { node, incarnation });
         self.trace(5, &id.to_le_bytes());
+    }
+
+    /// Pauses node `id` for `d` (a stop-the-world garbage collection, a SIGSTOP, a VM
+    /// migration): no timer fires and no message is handled until it resumes; then the ticks
+    /// it missed fire in a burst and the messages that arrived are handled in order.
+    pub fn pause(&mut self, id: NodeId, d: Micros) {
+        let until = self.now + d;
+        let slot = self.slot(id);
+        if slot.raw.is_some() {
+            slot.paused_until = slot.paused_until.max(until);
+            self.trace(9, &id.to_le_bytes());
+        }
+    }
+
+    /// Whether node `id` is paused now.
+    pub fn is_paused(&self, id: NodeId) -> bool {
+        self.now < self.slots[(id - 1) as usize].paused_until
     }
 
     /// Sets the probability of a crash in the middle of persisting a `Ready`.
@@ -432,6 +489,9 @@ impl Cluster {
     /// not running or not the leader.
     pub fn start(&mut self, id: NodeId, cmd: Vec<u8>) -> Option<(Index, Term)> {
         self.trace(8, &cmd);
+        if self.is_paused(id) {
+            return None;
+        }
         let r = self.slot(id).raw.as_mut()?.propose(cmd).ok()?;
         self.drive(id);
         Some(r)
@@ -439,7 +499,7 @@ impl Cluster {
 
     /// Asks node `id` for a ReadIndex; the answer lands in [`Cluster::reads`].
     pub fn read_index(&mut self, id: NodeId, ctx: Vec<u8>) -> bool {
-        let ok = self.slot(id).raw.as_mut().is_some_and(|r| r.read_index(ctx).is_ok());
+        let ok = !self.is_paused(id) && self.slot(id).raw.as_mut().is_some_and(|r| r.read_index(ctx).is_ok());
         if ok {
             self.drive(id);
         }
@@ -448,7 +508,7 @@ impl Cluster {
 
     /// Asks leader `id` to hand leadership to `to`.
     pub fn transfer_leader(&mut self, id: NodeId, to: NodeId) -> bool {
-        let ok = self.slot(id).raw.as_mut().is_some_and(|r| r.transfer_leader(to).is_ok());
+        let ok = !self.is_paused(id) && self.slot(id).raw.as_mut().is_some_and(|r| r.transfer_leader(to).is_ok());
         if ok {
             self.drive(id);
         }

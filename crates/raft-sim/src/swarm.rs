@@ -42,6 +42,8 @@ pub struct SwarmReport {
     pub crashes: u64,
     /// Nodes stopped by an injected storage failure.
     pub storage_failures: u64,
+    /// Stop-the-world pauses injected.
+    pub pauses: u64,
     /// Partitions and disconnections injected.
     pub partitions: u64,
     /// Reads answered through ReadIndex.
@@ -62,6 +64,7 @@ impl SwarmReport {
         self.leaders += r.leaders;
         self.crashes += r.crashes;
         self.storage_failures += r.storage_failures;
+        self.pauses += r.pauses;
         self.partitions += r.partitions;
         self.reads += r.reads;
         self.events += r.events;
@@ -80,7 +83,12 @@ pub fn run_on(seed: u64, fault_micros: Micros, storage: SwarmStorage) -> SwarmRe
     let mut pick = Rng::new(seed ^ 0x5EED);
     let nodes = *pick.pick(&[3usize, 5, 5, 7]);
     let mut cfg = ClusterConfig::new(nodes);
-    cfg.net = NetConfig { unreliable: pick.chance(0.5), long_reordering: pick.chance(0.3), long_delays: false };
+    cfg.net = NetConfig {
+        unreliable: pick.chance(0.5),
+        long_reordering: pick.chance(0.3),
+        long_delays: false,
+        duplicate: false,
+    };
     cfg.snapshot_every = if pick.chance(0.6) { Some(pick.range(3, 40)) } else { None };
     cfg.crash_in_ready = if pick.chance(0.5) { 0.002 } else { 0.0 };
     cfg.torn_writes = pick.chance(0.5);
@@ -102,6 +110,8 @@ pub fn run_on(seed: u64, fault_micros: Micros, storage: SwarmStorage) -> SwarmRe
     if storage == SwarmStorage::File {
         cfg.file_storage = Some(fs_faults);
     }
+    cfg.clock_drift = if pick.chance(0.5) { 0.1 } else { 0.0 };
+    cfg.net.duplicate = pick.chance(0.3);
     let mut c = Cluster::new(cfg, seed);
     let ids = c.ids();
     let mut rep = SwarmReport { seed, nodes, ..Default::default() };
@@ -175,6 +185,23 @@ pub fn run_on(seed: u64, fault_micros: Micros, storage: SwarmStorage) -> SwarmRe
             }
             630..=634 => c.net.config.unreliable = !c.net.config.unreliable,
             635..=637 => c.net.config.long_reordering = !c.net.config.long_reordering,
+            638..=642 => {
+                let d = c.rng.range(100, 3000) * MS;
+                c.pause(id, d);
+                rep.pauses += 1;
+            }
+            643..=647 => {
+                let to = *c.rng.pick(&ids);
+                if to != id {
+                    c.net.cut_one_way(id, to);
+                    rep.partitions += 1;
+                }
+            }
+            648..=652 => {
+                let until = c.now() + c.rng.range(50, 1500) * MS;
+                c.net.hold(id, until);
+            }
+            653..=655 => c.net.config.duplicate = !c.net.config.duplicate,
             _ => {}
         }
     }
