@@ -6,6 +6,7 @@
 //! The scenario suite of the course lives in this crate's `tests/`.
 #![deny(missing_docs)]
 
+pub mod bench;
 mod checker;
 mod cluster;
 mod storage;
