@@ -1023,3 +1023,161 @@ fn snapshot_transfer_survives_leader_compaction_7() {
     net.stabilize();
     assert_eq!(net.status(3).commit, net.status(1).commit, "node 3 caught up after the snapshot");
 }
+
+/// etcd's `MustSync`: a `Ready` whose only durable change is the commit index need not be
+/// synced; a new term, vote or entries must be.
+#[test]
+fn commit_only_ready_needs_no_sync() {
+    let mut n = follower_with_term1_entries(3);
+    n.step(append_from_1(2, 3, 1, vec![], 0)).unwrap();
+    drain(&mut n);
+    let hb = Message { from: 1, to: 2, term: 2, body: MessageBody::Heartbeat { commit: 2, read_seq: 0 } };
+    n.step(hb).unwrap();
+    let rd = n.ready();
+    assert_eq!(rd.hard_state.map(|h| h.commit), Some(2), "the new commit index is handed out to write");
+    assert!(!rd.must_sync(), "a commit-only change asked for an fsync");
+    n.advance(&rd);
+    // A vote must be durable before it is granted.
+    let vote = Message {
+        from: 3,
+        to: 2,
+        term: 9,
+        body: MessageBody::Vote { pre: false, last_index: 3, last_term: 1, transfer: true },
+    };
+    n.step(vote).unwrap();
+    let rd = n.ready();
+    assert_eq!(rd.hard_state.map(|h| (h.term, h.vote)), Some((9, Some(3))));
+    assert!(rd.must_sync(), "a new term and vote were not synced");
+    n.advance(&rd);
+}
+
+/// Back-pressure: a leader refuses proposals past `max_uncommitted_bytes` of uncommitted
+/// command data with a retryable error, and takes them again once earlier ones commit.
+#[test]
+fn uncommitted_bytes_bounded() {
+    let mut net = Net::new(3, |c| c.max_uncommitted_bytes = 100);
+    net.elect(1);
+    net.isolate(1);
+    net.node(1).propose(vec![1; 60]).unwrap();
+    let err = net.node(1).propose(vec![2; 60]).unwrap_err();
+    assert_eq!(err, ProposeError::UncommittedLimit { limit: 100 });
+    assert!(err.is_retryable());
+    assert_eq!(net.status(1).last_index, 2, "a refused proposal was appended");
+    net.node(1).propose(vec![3; 40]).unwrap(); // 60 + 40 fits
+    net.take();
+    net.heal();
+    net.tick_all(20);
+    net.stabilize();
+    assert_eq!(net.status(1).commit, 3);
+    net.node(1).propose(vec![4; 60]).unwrap();
+    net.stabilize();
+    // With nothing uncommitted, one proposal larger than the limit is still taken.
+    net.node(1).propose(vec![5; 500]).unwrap();
+}
+
+/// `max_committed_bytes_per_ready` bounds the committed entries of one `Ready` (at least one
+/// entry goes out); the rest follows in order.
+#[test]
+fn committed_bytes_per_ready_bounded() {
+    let mut c = Config::new(1, vec![1]);
+    c.max_committed_bytes_per_ready = 100;
+    let mut n = RawNode::new(c).unwrap();
+    n.campaign();
+    for i in 0..10u8 {
+        n.propose(vec![i; 60]).unwrap(); // 84 bytes each, as counted
+    }
+    let mut applied = Vec::new();
+    let mut readys = 0;
+    while n.has_ready() {
+        let rd = n.ready();
+        let bytes: usize = rd.committed_entries.iter().map(|e| e.size_bytes()).sum();
+        assert!(rd.committed_entries.len() <= 1 || bytes <= 100, "{bytes} committed bytes in one Ready");
+        applied.extend(rd.committed_entries.iter().map(|e| e.index));
+        readys += 1;
+        n.advance(&rd);
+    }
+    assert_eq!(applied, (1..=11).collect::<Vec<_>>());
+    assert!(readys >= 10, "{readys} Readys for 10 entries that fit one per Ready");
+}
+
+/// A leader holds at most `max_pending_reads` unanswered reads; more are refused (retryable).
+#[test]
+fn pending_reads_bounded() {
+    let mut net = Net::new(3, |c| c.max_pending_reads = 2);
+    net.elect(1);
+    net.node(1).read_index(b"a".to_vec()).unwrap();
+    net.node(1).read_index(b"b".to_vec()).unwrap();
+    assert_eq!(net.node(1).read_index(b"c".to_vec()), Err(ProposeError::PendingReadsLimit { limit: 2 }));
+    net.stabilize();
+    assert_eq!(net.reads[&1].len(), 2);
+    net.node(1).read_index(b"c".to_vec()).unwrap();
+}
+
+fn snapshot_chunk(stream: u64, snap: &Snapshot, offset: usize, len: usize, checksum: u32) -> Message {
+    let end = (offset + len).min(snap.data.len());
+    Message {
+        from: 1,
+        to: 2,
+        term: 1,
+        body: MessageBody::Snapshot {
+            meta: snap.meta,
+            stream,
+            offset: offset as u64,
+            data: snap.data[offset..end].to_vec(),
+            done: end == snap.data.len(),
+            checksum,
+        },
+    }
+}
+
+fn snapshot_answer(net: &mut Net) -> (u64, u64, bool) {
+    let m = net.take().into_iter().find(|m| m.from == 2).unwrap();
+    match m.body {
+        MessageBody::SnapshotResponse { stream, next_offset, done, .. } => (stream, next_offset, done),
+        b => panic!("expected a snapshot answer, got {b:?}"),
+    }
+}
+
+/// Section 7: chunks of two snapshot streams are never joined, even for the same snapshot
+/// position; a delayed chunk of a replaced stream is ignored.
+#[test]
+fn snapshot_streams_never_spliced_7() {
+    let meta = SnapshotMeta { index: 5, term: 1 };
+    let a = Snapshot { meta, data: b"AAAAAAAA".to_vec() };
+    let b = Snapshot { meta, data: b"BBBBBBBB".to_vec() };
+    let mut net = Net::new(3, |_| {});
+    net.deliver(snapshot_chunk(1, &a, 0, 4, a.checksum()));
+    assert_eq!(snapshot_answer(&mut net), (1, 4, false));
+    // The second half of another stream does not complete stream 1.
+    net.deliver(snapshot_chunk(2, &b, 4, 4, b.checksum()));
+    assert_eq!(snapshot_answer(&mut net), (2, 0, false), "stream 2 must start at 0");
+    assert!(!net.snapshots.contains_key(&2), "installed a snapshot spliced from two streams");
+    net.deliver(snapshot_chunk(2, &b, 0, 4, b.checksum()));
+    assert_eq!(snapshot_answer(&mut net), (2, 4, false));
+    // A late chunk of stream 1 is ignored now that stream 2 replaced it.
+    net.deliver(snapshot_chunk(1, &a, 4, 4, a.checksum()));
+    assert!(net.take().is_empty());
+    net.deliver(snapshot_chunk(2, &b, 4, 4, b.checksum()));
+    assert_eq!(snapshot_answer(&mut net), (2, 8, true));
+    assert_eq!(net.snapshots[&2], vec![b]);
+}
+
+/// Section 7: a snapshot whose bytes do not match its checksum (corrupted in transit) is not
+/// installed; the follower asks for the stream again from offset 0.
+#[test]
+fn corrupted_snapshot_refused_7() {
+    let snap = Snapshot { meta: SnapshotMeta { index: 5, term: 1 }, data: b"0123456789".to_vec() };
+    let mut net = Net::new(3, |_| {});
+    net.deliver(snapshot_chunk(1, &snap, 0, 5, snap.checksum()));
+    assert_eq!(snapshot_answer(&mut net), (1, 5, false));
+    let mut bad = snapshot_chunk(1, &snap, 5, 5, snap.checksum());
+    if let MessageBody::Snapshot { data, .. } = &mut bad.body {
+        data[0] ^= 1;
+    }
+    net.deliver(bad);
+    assert_eq!(snapshot_answer(&mut net), (1, 0, false));
+    assert!(!net.snapshots.contains_key(&2), "installed a corrupted snapshot");
+    net.deliver(snapshot_chunk(1, &snap, 0, 5, snap.checksum()));
+    net.deliver(snapshot_chunk(1, &snap, 5, 5, snap.checksum()));
+    assert_eq!(net.snapshots[&2], vec![snap]);
+}
