@@ -886,24 +886,29 @@ fn read_index_requests_share_a_heartbeat_round_6_4() {
 }
 
 /// Thesis 3.10 / 6.2: a caller that keeps asking an isolated leader to transfer leadership does
-/// not keep it alive: check-quorum still deposes it within two election timeouts.
+/// not keep it alive: check-quorum still deposes it within two election timeouts (no transfer
+/// request touches the election clock).
 #[test]
 fn repeated_transfer_does_not_defer_check_quorum_3_10() {
-    let mut net = Net::new(3, |_| {});
-    net.elect(1);
-    net.isolate(1);
-    let mut stepped_down_at = None;
-    for t in 1..=300u32 {
-        let _ = net.node(1).transfer_leader(2);
-        net.tick(1, 1);
-        net.take();
-        if net.status(1).role != Role::Leader {
-            stepped_down_at = Some(t);
-            break;
+    // The same target every time, or alternating targets (each call a new transfer).
+    for alternate in [false, true] {
+        let mut net = Net::new(3, |_| {});
+        net.elect(1);
+        net.isolate(1);
+        let mut stepped_down_at = None;
+        for t in 1..=300u32 {
+            let to = if alternate && t % 2 == 0 { 3 } else { 2 };
+            let _ = net.node(1).transfer_leader(to);
+            net.tick(1, 1);
+            net.take();
+            if net.status(1).role != Role::Leader {
+                stepped_down_at = Some(t);
+                break;
+            }
         }
+        let t = stepped_down_at.expect("an isolated leader asked to transfer kept leading for 300 ticks");
+        assert!(t <= 60, "stepped down after {t} ticks (alternate={alternate}); check-quorum allows 2 x 30");
     }
-    let t = stepped_down_at.expect("an isolated leader asked to transfer kept leading for 300 ticks");
-    assert!(t <= 60, "stepped down after {t} ticks; check-quorum allows 2 x 30");
 }
 
 /// Thesis 3.10: retrying a transfer to the same node does not extend it; it is abandoned one
@@ -1139,7 +1144,8 @@ fn snapshot_answer(net: &mut Net) -> (u64, u64, bool) {
 }
 
 /// Section 7: chunks of two snapshot streams are never joined, even for the same snapshot
-/// position; a delayed chunk of a replaced stream is ignored.
+/// position: a foreign chunk neither completes nor disturbs the stream under way, and a
+/// delayed chunk of a stream the leader has replaced is ignored.
 #[test]
 fn snapshot_streams_never_spliced_7() {
     let meta = SnapshotMeta { index: 5, term: 1 };
@@ -1148,18 +1154,27 @@ fn snapshot_streams_never_spliced_7() {
     let mut net = Net::new(3, |_| {});
     net.deliver(snapshot_chunk(1, &a, 0, 4, a.checksum()));
     assert_eq!(snapshot_answer(&mut net), (1, 4, false));
-    // The second half of another stream does not complete stream 1.
+    // The second half of another stream does not complete stream 1: it must start at 0.
     net.deliver(snapshot_chunk(2, &b, 4, 4, b.checksum()));
-    assert_eq!(snapshot_answer(&mut net), (2, 0, false), "stream 2 must start at 0");
+    assert_eq!(snapshot_answer(&mut net), (2, 0, false));
     assert!(!net.snapshots.contains_key(&2), "installed a snapshot spliced from two streams");
-    net.deliver(snapshot_chunk(2, &b, 0, 4, b.checksum()));
-    assert_eq!(snapshot_answer(&mut net), (2, 4, false));
-    // A late chunk of stream 1 is ignored now that stream 2 replaced it.
+    // Stream 1 goes on where it was.
     net.deliver(snapshot_chunk(1, &a, 4, 4, a.checksum()));
-    assert!(net.take().is_empty());
-    net.deliver(snapshot_chunk(2, &b, 4, 4, b.checksum()));
-    assert_eq!(snapshot_answer(&mut net), (2, 8, true));
-    assert_eq!(net.snapshots[&2], vec![b]);
+    assert_eq!(snapshot_answer(&mut net), (1, 8, true));
+    assert_eq!(net.snapshots[&2], vec![a]);
+    // A later position: stream 4 replaces stream 3; a late chunk of stream 3 is ignored.
+    let meta = SnapshotMeta { index: 9, term: 1 };
+    let c = Snapshot { meta, data: b"CCCCCCCC".to_vec() };
+    let d = Snapshot { meta, data: b"DDDDDDDD".to_vec() };
+    net.deliver(snapshot_chunk(3, &c, 0, 4, c.checksum()));
+    assert_eq!(snapshot_answer(&mut net), (3, 4, false));
+    net.deliver(snapshot_chunk(4, &d, 0, 4, d.checksum()));
+    assert_eq!(snapshot_answer(&mut net), (4, 4, false));
+    net.deliver(snapshot_chunk(3, &c, 4, 4, c.checksum()));
+    assert!(net.take().is_empty(), "a chunk of a replaced stream was answered");
+    net.deliver(snapshot_chunk(4, &d, 4, 4, d.checksum()));
+    assert_eq!(snapshot_answer(&mut net), (4, 8, true));
+    assert_eq!(net.snapshots[&2][1], d);
 }
 
 /// Section 7: a snapshot whose bytes do not match its checksum (corrupted in transit) is not
