@@ -793,14 +793,8 @@ impl Raft {
             (inc.from, inc.term, inc.stream, inc.meta, inc.checksum) == (from, term, stream, c.meta, c.checksum)
         };
         if c.offset == 0 && !self.incoming_snapshot.as_ref().is_some_and(same_stream) {
-            self.incoming_snapshot = Some(IncomingSnapshot {
-                from,
-                term,
-                stream,
-                meta: c.meta,
-                checksum: c.checksum,
-                data: Vec::new(),
-            });
+            self.incoming_snapshot =
+                Some(IncomingSnapshot { from, term, stream, meta: c.meta, checksum: c.checksum, data: Vec::new() });
         }
         let next_offset = match &mut self.incoming_snapshot {
             Some(inc) if same_stream(inc) && inc.data.len() as u64 == c.offset => {
@@ -808,7 +802,7 @@ impl Raft {
                 inc.data.len() as u64
             }
             Some(inc) if same_stream(inc) => inc.data.len() as u64, // duplicate or out of order
-            _ => 0, // another stream's chunk: never joined to ours
+            _ => 0,                                                 // another stream's chunk: never joined to ours
         };
         let index = c.meta.index;
         if !(c.done && next_offset == c.offset + c.data.len() as u64) {

@@ -937,7 +937,8 @@ fn vote_after_prevote_respects_lease_9_6() {
     net.node(3).campaign(); // pre-vote first
     net.take();
     // Node 2 grants the pre-vote (as it could once its lease ran out); node 3 then campaigns.
-    let grant = Message { from: 2, to: 3, term: term + 1, body: MessageBody::VoteResponse { pre: true, granted: true } };
+    let grant =
+        Message { from: 2, to: 3, term: term + 1, body: MessageBody::VoteResponse { pre: true, granted: true } };
     net.deliver(grant);
     assert_eq!(net.status(3).role, Role::Candidate);
     let votes: Vec<Message> =

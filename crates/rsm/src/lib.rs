@@ -185,7 +185,9 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     fn refused(e: ProposeError) -> SubmitError {
         match e {
             ProposeError::NotLeader { leader } => SubmitError::WrongLeader { leader },
-            ProposeError::TransferInProgress | ProposeError::UnknownNode(_) => SubmitError::WrongLeader { leader: None },
+            ProposeError::TransferInProgress | ProposeError::UnknownNode(_) => {
+                SubmitError::WrongLeader { leader: None }
+            }
             ProposeError::UncommittedLimit { .. } | ProposeError::PendingReadsLimit { .. } => SubmitError::Busy,
         }
     }
