@@ -78,6 +78,11 @@ pub enum SubmitError {
     /// The server is shutting down.
     #[error("server shutting down")]
     Shutdown,
+    /// Refused for now by back-pressure: the leader holds as many uncommitted proposal bytes
+    /// or unanswered reads as it allows (`Config::max_uncommitted_bytes`,
+    /// `Config::max_pending_reads`). Not applied; retry the same node after a pause.
+    #[error("the leader is busy (too much uncommitted or pending); not applied, retry shortly")]
+    Busy,
 }
 
 /// Identifies one submission on one node.
@@ -172,10 +177,18 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 self.pending.insert(index, (term, id));
                 Ok(id)
             }
-            Err(ProposeError::NotLeader { leader }) => Err(SubmitError::WrongLeader { leader }),
-            Err(ProposeError::TransferInProgress | ProposeError::UnknownNode(_)) => {
-                Err(SubmitError::WrongLeader { leader: None })
+            Err(e) => Err(Self::refused(e)),
+        }
+    }
+
+    /// Why the core refused a proposal or a read, as the client sees it (nothing was applied).
+    fn refused(e: ProposeError) -> SubmitError {
+        match e {
+            ProposeError::NotLeader { leader } => SubmitError::WrongLeader { leader },
+            ProposeError::TransferInProgress | ProposeError::UnknownNode(_) => {
+                SubmitError::WrongLeader { leader: None }
             }
+            ProposeError::UncommittedLimit { .. } | ProposeError::PendingReadsLimit { .. } => SubmitError::Busy,
         }
     }
 
@@ -189,6 +202,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 self.reads_waiting.insert(id, (self.raw.status().term, query));
                 Ok(id)
             }
+            Err(e @ ProposeError::PendingReadsLimit { .. }) => Err(Self::refused(e)),
             Err(_) => Err(self.not_leader()),
         }
     }
