@@ -76,6 +76,7 @@ fn one_sync_per_write_per_node() {
         }
     }
     let per_node: Vec<u64> = t.syncs().iter().zip(&before).map(|(a, b)| a - b).collect();
+    println!("fsyncs for {writes} committed writes on 3 nodes (leader, follower, follower): {per_node:?}");
     assert_eq!(per_node, vec![writes as u64; 3], "syncs per node for {writes} writes");
     // What those syncs made durable: the entries, and every node's durable commit index may
     // lag (it is learned again from the leader after a crash).
