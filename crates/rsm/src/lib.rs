@@ -356,12 +356,23 @@ const TICK_TIMER: u64 = 1;
 pub struct RsmNode<S, M> {
     rsm: Rsm<S, M>,
     waiting: BTreeMap<SubmitId, (Endpoint, CallId)>,
+    /// Group commit: requests and messages only queue work; the driver calls
+    /// [`RsmNode::flush`] once per batch of events, so one Ready (one sync) covers them all.
+    deferred: bool,
 }
 
 impl<S: Storage, M: StateMachine> RsmNode<S, M> {
     /// A node serving `rsm`.
     pub fn new(rsm: Rsm<S, M>) -> RsmNode<S, M> {
-        RsmNode { rsm, waiting: BTreeMap::new() }
+        RsmNode { rsm, waiting: BTreeMap::new(), deferred: false }
+    }
+
+    /// Group commit: requests and peer messages no longer run the Ready loop themselves; the
+    /// driver must call [`RsmNode::flush`] after each batch of events (timers still flush).
+    /// Every proposal of a batch then goes into one Ready, written and synced once.
+    pub fn with_group_commit(mut self) -> RsmNode<S, M> {
+        self.deferred = true;
+        self
     }
 
     /// The replicated state machine.
@@ -417,6 +428,7 @@ impl<S: Storage, M: StateMachine> Node for RsmNode<S, M> {
         // A message that does not decode or does not belong to this cluster is dropped.
         if let Ok(m) = postcard::from_bytes::<Message>(&message)
             && self.rsm.step(m).is_ok()
+            && !self.deferred
         {
             self.flush(ctx);
         }
@@ -435,7 +447,9 @@ impl<S: Storage, M: StateMachine> Node for RsmNode<S, M> {
         match submitted {
             Ok(id) => {
                 self.waiting.insert(id, (from, call));
-                self.flush(ctx);
+                if !self.deferred {
+                    self.flush(ctx);
+                }
             }
             Err(e) => ctx.reply(from, call, postcard::to_allocvec(&RsmReply::Failed(e)).expect("encodes")),
         }
