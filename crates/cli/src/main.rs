@@ -8,6 +8,7 @@ use sixfive_raft_sim::swarm::{self, SwarmReport};
 use sixfive_sim::SEC;
 
 mod bench;
+mod kv;
 
 #[derive(Parser)]
 #[command(name = "sixfive", version, about = "Raft, replicated KV, sharded KV and MapReduce, made real")]
@@ -27,6 +28,11 @@ enum Command {
     Mr {
         #[command(subcommand)]
         what: sixfive_mapreduce::cli::MrCommand,
+    },
+    /// The replicated key/value service as real processes: servers, a local cluster, a client.
+    Kv {
+        #[command(subcommand)]
+        what: kv::KvCommand,
     },
     /// Measures; prints figures.
     Bench {
@@ -113,6 +119,7 @@ fn main() -> ExitCode {
         Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, keep } } => {
             bench::mapreduce(size_mib, workers, &texts, keep)
         }
+        Command::Kv { what } => kv::main(what),
         Command::Mr { what } => {
             sixfive_mapreduce::cli::main(what, &sixfive_mapreduce::app::Registry::builtins(), &["mr"])
         }

@@ -219,7 +219,6 @@ impl<N: Send + 'static> Link<N> {
                     match self.dial().await {
                         Ok(s) => {
                             info!(peer = %self.name, addr = %self.addr, "connected to peer");
-                            backoff = BACKOFF_MIN;
                             failures = 0;
                             s
                         }
@@ -254,6 +253,7 @@ impl<N: Send + 'static> Link<N> {
                     }
                 }
             };
+            let connected_at = std::time::Instant::now();
             let (r, w) = stream.into_split();
             let mut reader = tokio::spawn(read_loop(r, self.peer, self.name.clone(), self.input.clone(), self.metrics.clone()));
             let mut w = BufWriter::with_capacity(1 << 16, w);
@@ -274,6 +274,13 @@ impl<N: Send + 'static> Link<N> {
             };
             reader.abort();
             info!(peer = %self.name, "peer connection closed: {reason}");
+            // A connection that closes at once (the peer is stopping) must not make us spin.
+            if connected_at.elapsed() < Duration::from_secs(1) && next.is_none() {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            } else {
+                backoff = BACKOFF_MIN;
+            }
         }
     }
 

@@ -763,7 +763,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     });
     let result = handle.join();
     // Let the replies to what waited go out.
-    rt.block_on(tokio::time::sleep(Duration::from_millis(100)));
+    rt.block_on(async { tokio::time::sleep(Duration::from_millis(100)).await });
     for t in tasks {
         t.abort();
     }
