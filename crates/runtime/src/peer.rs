@@ -275,7 +275,7 @@ impl<N: Send + 'static> Link<N> {
             reader.abort();
             info!(peer = %self.name, "peer connection closed: {reason}");
             // A connection that closes at once (the peer is stopping) must not make us spin.
-            if connected_at.elapsed() < Duration::from_secs(1) && next.is_none() {
+            if dialer && connected_at.elapsed() < Duration::from_secs(1) {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             } else {

@@ -1,0 +1,496 @@
+//! The replicated key/value service as real server processes (`sixfive kv serve`) on loopback
+//! TCP with data on disk: histories recorded by clients in this process are checked for
+//! linearizability, and every acknowledged write must survive kill -9, SIGSTOP, restarts and
+//! snapshot installation. Bad input on both ports must close only that connection.
+
+use std::cell::{Cell, RefCell};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use sixfive_kv::check::{check_appends, check_client_appends, token};
+use sixfive_kv::{History, KvClient, Op, OpResult, Record};
+use sixfive_rpc::Transport;
+use sixfive_rsm::{RsmReply, RsmRequest};
+use sixfive_runtime::client::{Cluster, random_u64};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sixfive");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Server {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    dir: PathBuf,
+    log: PathBuf,
+    child: RefCell<Option<Child>>,
+}
+
+/// A cluster of `sixfive kv serve` processes in a scratch directory; killed when dropped.
+struct TestCluster {
+    root: PathBuf,
+    servers: Vec<Server>,
+    initial: String,
+    token: String,
+    extra: Vec<String>,
+    ok: bool,
+}
+
+impl TestCluster {
+    fn new(test: &str, n: usize, extra: &[&str]) -> TestCluster {
+        let root = std::env::temp_dir().join(format!("sixfive-kv-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let servers: Vec<Server> = (1..=n)
+            .map(|i| Server {
+                name: format!("n{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                dir: root.join(format!("n{i}")),
+                log: root.join(format!("n{i}.log")),
+                child: RefCell::new(None),
+            })
+            .collect();
+        let initial = servers
+            .iter()
+            .map(|s| format!("{}=http://127.0.0.1:{}", s.name, s.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let c = TestCluster {
+            root,
+            servers,
+            initial,
+            token: format!("test-{test}"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            ok: false,
+        };
+        for i in 0..n {
+            c.start(i);
+        }
+        c
+    }
+
+    fn command(&self, i: usize) -> Command {
+        self.command_as(i, &self.token)
+    }
+
+    fn command_as(&self, i: usize, token: &str) -> Command {
+        let s = &self.servers[i];
+        let mut cmd = Command::new(BIN);
+        cmd.args(["kv", "serve", "--name", &s.name])
+            .arg(format!("--data-dir={}", s.dir.display()))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{}", s.client_port))
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", s.peer_port)])
+            .arg(format!("--initial-cluster={}", self.initial))
+            .args(["--initial-cluster-token", token])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null());
+        cmd
+    }
+
+    fn start(&self, i: usize) {
+        assert!(self.servers[i].child.borrow().is_none(), "{} already runs", self.servers[i].name);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.servers[i].log).unwrap();
+        let child = self.command(i).stderr(log).spawn().unwrap();
+        *self.servers[i].child.borrow_mut() = Some(child);
+    }
+
+    fn signal(&self, i: usize, sig: i32) {
+        let pid = self.servers[i].child.borrow().as_ref().expect("running").id();
+        // SAFETY: kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+    }
+
+    fn kill9(&self, i: usize) {
+        self.signal(i, libc::SIGKILL);
+        self.servers[i].child.borrow_mut().take().unwrap().wait().unwrap();
+    }
+
+    /// SIGTERM; waits for the exit.
+    fn terminate(&self, i: usize) -> ExitStatus {
+        self.signal(i, libc::SIGTERM);
+        self.servers[i].child.borrow_mut().take().unwrap().wait().unwrap()
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(|s| format!("http://127.0.0.1:{}", s.client_port)).collect()
+    }
+
+    fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.servers[i].log).unwrap_or_default()
+    }
+
+    /// Index of the member every running member agrees leads, once one does.
+    async fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(Instant::now() < deadline, "no leader within 30 s");
+            if let Ok(cl) = Cluster::connect(&self.urls(), 300_000).await {
+                for (e, url) in &cl.urls {
+                    if let Ok(st) = cl.transport.status(*e, 300_000).await
+                        && st.role == "leader"
+                    {
+                        let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+                        return self.servers.iter().position(|s| s.client_port == port).unwrap();
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn connect(&self) -> Cluster {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Cluster::connect(&self.urls(), 500_000).await {
+                Ok(c) if c.urls.iter().all(|(e, _)| *e < (1 << 32)) => return c,
+                _ => assert!(Instant::now() < deadline, "the cluster did not come up"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for s in &self.servers {
+            if let Some(mut c) = s.child.borrow_mut().take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if self.ok {
+            let _ = std::fs::remove_dir_all(&self.root);
+        } else {
+            for s in &self.servers {
+                eprintln!("---- log of {} ----\n{}", s.name, std::fs::read_to_string(&s.log).unwrap_or_default());
+            }
+        }
+    }
+}
+
+fn run_local<F: std::future::Future>(f: F) -> F::Output {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, f)
+}
+
+/// A client that appends its tokens to random keys and reads keys back until `stop`; returns
+/// how many appends it made (each acknowledged: the clerk retries until it is).
+async fn worker(cluster: Cluster, c: u64, keys: Vec<String>, history: History, stop: Rc<Cell<bool>>) -> u64 {
+    let mut clerk = cluster.clerk(random_u64()).with_history(history);
+    let mut j = 0;
+    let mut i = c as usize;
+    while !stop.get() {
+        i = i.wrapping_mul(31).wrapping_add(7);
+        let key = &keys[i % keys.len()];
+        if i % 3 == 0 {
+            let r = clerk.get(key).await;
+            assert!(matches!(r, Ok(_) | Err(sixfive_kv::KvError::NoKey)), "get: {r:?}");
+        } else {
+            clerk.append(key, &token(c, j)).await.expect("append is acknowledged");
+            j += 1;
+        }
+    }
+    j
+}
+
+fn keys(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("k{i}")).collect()
+}
+
+/// Runs `clients` workers while `faults` runs; then checks that the history is linearizable
+/// and that every client's acknowledged appends are present exactly once, in order.
+async fn workload<F: std::future::Future<Output = ()>>(tc: &TestCluster, clients: u64, nkeys: usize, faults: F) {
+    let cluster = tc.connect().await;
+    let history = History::default();
+    let stop = Rc::new(Cell::new(false));
+    let ks = keys(nkeys);
+    let handles: Vec<_> = (0..clients)
+        .map(|c| tokio::task::spawn_local(worker(cluster.clone(), c, ks.clone(), history.clone(), stop.clone())))
+        .collect();
+    faults.await;
+    stop.set(true);
+    let mut counts = Vec::new();
+    for h in handles {
+        counts.push(h.await.unwrap());
+    }
+    let mut clerk = cluster.clerk(random_u64());
+    let mut values = Vec::new();
+    for k in &ks {
+        values.push(clerk.get(k).await.map(|(v, _)| v).unwrap_or_default());
+    }
+    for (c, n) in counts.iter().enumerate() {
+        assert!(*n > 0, "client {c} made no progress");
+        check_client_appends(&values, c as u64, Some(*n));
+    }
+    let records = history.records();
+    check_appends(&records);
+    eprintln!("{} operations checked, appends per client {counts:?}", records.len());
+}
+
+#[test]
+fn three_nodes_linearizable_history() {
+    let mut tc = TestCluster::new("basic", 3, &[]);
+    run_local(async {
+        workload(&tc, 5, 3, tokio::time::sleep(Duration::from_secs(3))).await;
+    });
+    tc.ok = true;
+}
+
+#[test]
+fn kill9_leader_under_load_repeatedly_loses_nothing() {
+    let mut tc = TestCluster::new("kill9", 3, &[]);
+    run_local(async {
+        let faults = async {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                let l = tc.leader().await;
+                tc.kill9(l);
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                tc.start(l);
+            }
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        };
+        workload(&tc, 4, 3, faults).await;
+    });
+    tc.ok = true;
+}
+
+/// A Get sent straight to one member (no leader search): `Some(value)` if it answered.
+async fn direct_get(cluster: &Cluster, endpoint: u64, key: &str) -> Option<OpResult> {
+    let q = postcard::to_allocvec(&Op::Get { key: key.into() }).unwrap();
+    let req = postcard::to_allocvec(&RsmRequest::Query(q)).unwrap();
+    let reply = cluster.transport.call(endpoint, req, 300_000).await.ok()?;
+    match postcard::from_bytes::<RsmReply>(&reply).ok()? {
+        RsmReply::Done(r) => postcard::from_bytes(&r).ok(),
+        _ => None,
+    }
+}
+
+#[test]
+fn sigstop_leader_answers_nothing_stale() {
+    let mut tc = TestCluster::new("sigstop", 3, &[]);
+    run_local(async {
+        let cluster = tc.connect().await;
+        let old = tc.leader().await;
+        let old_ep = cluster.endpoints[old];
+        let history = History::default();
+        let stop = Rc::new(Cell::new(false));
+        let ks = keys(1);
+        let handles: Vec<_> = (0..3)
+            .map(|c| tokio::task::spawn_local(worker(cluster.clone(), c, ks.clone(), history.clone(), stop.clone())))
+            .collect();
+        // A reader pinned to the old leader: whatever it answers goes into the history.
+        let pinned = {
+            let (cluster, history, stop) = (cluster.clone(), history.clone(), stop.clone());
+            tokio::task::spawn_local(async move {
+                let mut answered = 0;
+                while !stop.get() {
+                    let call = cluster.transport.now();
+                    if let Some(r) = direct_get(&cluster, old_ep, "k0").await {
+                        answered += 1;
+                        let ret = Some(cluster.transport.now());
+                        history.push(Record { client: 999, call, ret, op: Op::Get { key: "k0".into() }, result: Some(r) });
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                answered
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        tc.signal(old, libc::SIGSTOP);
+        tokio::time::sleep(Duration::from_millis(2500)).await; // well past the 500-1000 ms election timeout
+        tc.signal(old, libc::SIGCONT);
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        stop.set(true);
+        let mut counts = Vec::new();
+        for h in handles {
+            counts.push(h.await.unwrap());
+        }
+        let answered = pinned.await.unwrap();
+        assert!(answered > 0, "the pinned reader got no answer at all before the pause");
+        let records = history.records();
+        check_appends(&records);
+        let mut clerk = cluster.clerk(random_u64());
+        let v = clerk.get("k0").await.map(|(v, _)| v).unwrap_or_default();
+        for (c, n) in counts.iter().enumerate() {
+            check_client_appends(std::slice::from_ref(&v), c as u64, Some(*n));
+        }
+        let now_leader = tc.leader().await;
+        eprintln!("old leader {old}, now {now_leader}; {} ops; pinned reads answered {answered}", records.len());
+    });
+    tc.ok = true;
+}
+
+#[test]
+fn whole_cluster_restarts_from_disk() {
+    let mut tc = TestCluster::new("restart", 3, &[]);
+    run_local(async {
+        let cluster = tc.connect().await;
+        let mut clerk = cluster.clerk(random_u64());
+        for i in 0..50 {
+            clerk.append(&format!("r{}", i % 5), &format!("<{i}>")).await.unwrap();
+        }
+        clerk.put("p", "v1", 0).await.unwrap();
+        // Graceful stop of every member: each exits 0.
+        for i in 0..3 {
+            let st = tc.terminate(i);
+            assert!(st.success(), "member {i} did not stop cleanly: {st}");
+        }
+        for i in 0..3 {
+            tc.start(i);
+        }
+        let cluster = tc.connect().await;
+        let mut clerk = cluster.clerk(random_u64());
+        for k in 0..5 {
+            let want: String = (0..50).filter(|i| i % 5 == k).map(|i| format!("<{i}>")).collect();
+            assert_eq!(clerk.get(&format!("r{k}")).await.unwrap().0, want);
+        }
+        assert_eq!(clerk.get("p").await.unwrap(), ("v1".into(), 1));
+        // Power failure of every member at once: acknowledged writes survive too.
+        clerk.put("p", "v2", 1).await.unwrap();
+        for i in 0..3 {
+            tc.kill9(i);
+        }
+        for i in 0..3 {
+            tc.start(i);
+        }
+        let cluster = tc.connect().await;
+        let mut clerk = cluster.clerk(random_u64());
+        assert_eq!(clerk.get("p").await.unwrap(), ("v2".into(), 2));
+    });
+    tc.ok = true;
+}
+
+#[test]
+fn snapshot_installs_on_a_member_that_was_down() {
+    let mut tc = TestCluster::new("snapshot", 3, &["--snapshot-bytes", "20000"]);
+    run_local(async {
+        let cluster = tc.connect().await;
+        let leader = tc.leader().await;
+        let down = (leader + 1) % 3;
+        tc.kill9(down);
+        let mut clerk = cluster.clerk(random_u64());
+        let chunk = "x".repeat(200);
+        for i in 0..400 {
+            clerk.append(&format!("s{}", i % 10), &chunk).await.unwrap();
+        }
+        let st = cluster.transport.status(cluster.endpoints[leader], 1_000_000).await.unwrap();
+        assert!(st.snapshot_index > 0, "the leader compacted its log: {st:?}");
+        tc.start(down);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(s) = cluster.transport.status(cluster.endpoints[down], 500_000).await
+                && s.snapshot_index > 0
+                && s.applied >= st.commit
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the restarted member did not catch up by snapshot");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The member that was down now carries the majority: the data must be whole.
+        let other = (0..3).find(|&i| i != down && i != leader).unwrap();
+        tc.kill9(other);
+        for k in 0..10 {
+            let v = clerk.get(&format!("s{k}")).await.unwrap().0;
+            assert_eq!(v.len(), 40 * 200, "key s{k}");
+        }
+    });
+    tc.ok = true;
+}
+
+/// Sends `bytes` and reports whether the server closed the connection (read returns 0 or an
+/// error) within 5 s.
+fn closed_after(port: u16, bytes: &[u8]) -> bool {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut,
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let mut tc = TestCluster::new("bad", 3, &[]);
+    run_local(async {
+        let cluster = tc.connect().await;
+        let mut clerk = cluster.clerk(random_u64());
+        clerk.put("safe", "1", 0).await.unwrap();
+
+        // Garbage and oversized frames on both ports of every member.
+        let oversized = [0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0];
+        let bad_crc = [3, 0, 0, 0, 1, 2, 3, 4, b'a', b'b', b'c'];
+        for s in &tc.servers {
+            for port in [s.client_port, s.peer_port] {
+                assert!(closed_after(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), "garbage on {port}");
+                assert!(closed_after(port, &oversized), "oversized frame on {port}");
+                assert!(closed_after(port, &bad_crc), "bad checksum on {port}");
+            }
+        }
+        assert_eq!(clerk.get("safe").await.unwrap(), ("1".into(), 1), "the cluster still serves, unchanged");
+        assert!(tc.log_of(0).contains("oversized frame"), "the reason is logged");
+        assert!(tc.log_of(0).contains("closing client connection"), "the reason is logged");
+
+        // A second server on a data directory in use.
+        let out = tc.command(0).stderr(Stdio::piped()).output().unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another server"));
+
+        // An unknown member name.
+        let out = Command::new(BIN)
+            .args(["kv", "serve", "--name", "zz", "--initial-cluster", &tc.initial])
+            .arg(format!("--data-dir={}", tc.root.join("zz").display()))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not in --initial-cluster"));
+
+        // A member of another cluster dialing n1's peer port is refused with a clear log line.
+        let stranger_port = free_port();
+        let mut stranger = Command::new(BIN)
+            .args(["kv", "serve", "--name", "x0"])
+            .arg(format!("--data-dir={}", tc.root.join("x0").display()))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{}", free_port()))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{stranger_port}"))
+            .arg(format!(
+                "--initial-cluster=x0=http://127.0.0.1:{stranger_port},n1=http://127.0.0.1:{}",
+                tc.servers[0].peer_port
+            ))
+            .args(["--initial-cluster-token", "another"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !tc.log_of(0).contains("cluster id mismatch") {
+            assert!(Instant::now() < deadline, "n1 did not log the refusal");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = stranger.kill();
+        let _ = stranger.wait();
+
+        // A member started on another cluster's data is refused.
+        let st = tc.terminate(2);
+        assert!(st.success());
+        let out = tc.command_as(2, "another").output().unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("another cluster's data"));
+        tc.start(2);
+        assert_eq!(clerk.get("safe").await.unwrap(), ("1".into(), 1));
+    });
+    tc.ok = true;
+}
