@@ -293,8 +293,7 @@ fn cluster_main(a: ClusterArgs) -> ExitCode {
         }
     };
     let names: Vec<String> = (1..=a.nodes).map(|i| format!("n{i}")).collect();
-    let initial =
-        names.iter().zip(&pp).map(|(n, p)| format!("{n}=http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let initial = names.iter().zip(&pp).map(|(n, p)| format!("{n}=http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
     let mut children = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let dir = a.data_dir.join(name);
@@ -522,7 +521,18 @@ async fn status(urls: &[String], timeout: Duration) -> Outcome {
     let mut rows = Vec::new();
     let mut table = vec![format!(
         "{:<28} {:>4} {:<8} {:<12} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11}",
-        "ENDPOINT", "ID", "NAME", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAST", "SNAPSHOT", "LOG BYTES", "SNAP BYTES"
+        "ENDPOINT",
+        "ID",
+        "NAME",
+        "ROLE",
+        "TERM",
+        "LEADER",
+        "COMMIT",
+        "APPLIED",
+        "LAST",
+        "SNAPSHOT",
+        "LOG BYTES",
+        "SNAP BYTES"
     )];
     let mut leaders = std::collections::BTreeSet::new();
     for (e, url) in &cluster.urls {

@@ -191,7 +191,7 @@ async fn worker(cluster: Cluster, c: u64, keys: Vec<String>, history: History, s
     while !stop.get() {
         i = i.wrapping_mul(31).wrapping_add(7);
         let key = &keys[i % keys.len()];
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             let r = clerk.get(key).await;
             assert!(matches!(r, Ok(_) | Err(sixfive_kv::KvError::NoKey)), "get: {r:?}");
         } else {
@@ -298,7 +298,13 @@ fn sigstop_leader_answers_nothing_stale() {
                     if let Some(r) = direct_get(&cluster, old_ep, "k0").await {
                         answered += 1;
                         let ret = Some(cluster.transport.now());
-                        history.push(Record { client: 999, call, ret, op: Op::Get { key: "k0".into() }, result: Some(r) });
+                        history.push(Record {
+                            client: 999,
+                            call,
+                            ret,
+                            op: Op::Get { key: "k0".into() },
+                            result: Some(r),
+                        });
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }

@@ -61,9 +61,7 @@ impl TcpTransport {
     /// A transport where endpoint `e` is reached at `addrs[e]` (`host:port`).
     pub fn new(addrs: BTreeMap<Endpoint, String>) -> TcpTransport {
         let conns = addrs.keys().map(|e| (*e, tokio::sync::Mutex::new(None))).collect();
-        TcpTransport {
-            inner: Arc::new(Inner { addrs, conns, next_call: AtomicU64::new(1), sent: AtomicU64::new(0) }),
-        }
+        TcpTransport { inner: Arc::new(Inner { addrs, conns, next_call: AtomicU64::new(1), sent: AtomicU64::new(0) }) }
     }
 
     /// Requests written to some connection so far (0: no server was ever reached).
@@ -105,7 +103,9 @@ impl TcpTransport {
             let mut r = BufReader::with_capacity(1 << 16, r);
             while let Ok(m) = frame::read_msg::<_, ServerMsg>(&mut r, MAX_CLIENT_FRAME).await {
                 let call = match &m {
-                    ServerMsg::Hello { call, .. } | ServerMsg::Reply { call, .. } | ServerMsg::Status { call, .. } => *call,
+                    ServerMsg::Hello { call, .. } | ServerMsg::Reply { call, .. } | ServerMsg::Status { call, .. } => {
+                        *call
+                    }
                 };
                 if let Some(tx) = pending.lock().expect("pending").remove(&call) {
                     let _ = tx.send(m);
@@ -118,7 +118,12 @@ impl TcpTransport {
         Ok(c)
     }
 
-    async fn request(&self, to: Endpoint, make: impl FnOnce(u64) -> ClientMsg, timeout: Micros) -> Result<ServerMsg, RpcError> {
+    async fn request(
+        &self,
+        to: Endpoint,
+        make: impl FnOnce(u64) -> ClientMsg,
+        timeout: Micros,
+    ) -> Result<ServerMsg, RpcError> {
         let call = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
         let fut = async {
             let c = self.conn(to).await?;
@@ -242,12 +247,7 @@ impl Cluster {
             return Err(ClientError::MixedClusters(addrs.join(",")));
         }
         let urls = endpoints.iter().map(|e| (*e, map[e].clone())).collect();
-        Ok(Cluster {
-            transport: TcpTransport::new(map),
-            endpoints,
-            urls,
-            cluster_id: *clusters.first().expect("one"),
-        })
+        Ok(Cluster { transport: TcpTransport::new(map), endpoints, urls, cluster_id: *clusters.first().expect("one") })
     }
 
     /// A clerk with id `client` (unique among the cluster's clients; see [`random_u64`]).

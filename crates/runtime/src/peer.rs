@@ -255,7 +255,8 @@ impl<N: Send + 'static> Link<N> {
             };
             let connected_at = std::time::Instant::now();
             let (r, w) = stream.into_split();
-            let mut reader = tokio::spawn(read_loop(r, self.peer, self.name.clone(), self.input.clone(), self.metrics.clone()));
+            let mut reader =
+                tokio::spawn(read_loop(r, self.peer, self.name.clone(), self.input.clone(), self.metrics.clone()));
             let mut w = BufWriter::with_capacity(1 << 16, w);
             let reason: String = loop {
                 tokio::select! {

@@ -224,9 +224,9 @@ pub fn parse_url(url: &str) -> Result<String, ServeError> {
             "{url}: TLS is not supported yet; use an http:// URL (and a private network)"
         )));
     }
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        ServeError::Config(format!("{url}: expected a URL of the form http://host:port"))
-    })?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| ServeError::Config(format!("{url}: expected a URL of the form http://host:port")))?;
     let rest = rest.trim_end_matches('/');
     let (host, port) =
         rest.rsplit_once(':').ok_or_else(|| ServeError::Config(format!("{url}: the URL has no port")))?;
@@ -491,7 +491,10 @@ struct Shared {
 
 impl Shared {
     /// Runs `f` on the node and returns its result (None if the node is gone).
-    async fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut KvNode, &mut dyn Ctx) -> T + Send + 'static) -> Option<T> {
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut KvNode, &mut dyn Ctx) -> T + Send + 'static,
+    ) -> Option<T> {
         let (tx, rx) = oneshot::channel();
         let job: driver::Job<KvNode> = Box::new(move |n, ctx| {
             let _ = tx.send(f(n, ctx));
@@ -500,8 +503,17 @@ impl Shared {
         rx.await.ok()
     }
 
-    /// A linearizable read through the node: answered only with a leader and a quorum.
+    /// Health: a leader answers a linearizable read (ReadIndex: a quorum confirms its
+    /// leadership); a follower knows a leader (with check-quorum, a leader that lost its
+    /// majority steps down, and followers that stop hearing from it lose it within an
+    /// election timeout).
     async fn healthy(&self) -> bool {
+        let st = self.with(|n, _| n.rsm().status()).await;
+        match st {
+            Some(st) if st.role == Role::Leader => {}
+            Some(st) => return st.role == Role::Follower && st.leader.is_some(),
+            None => return false,
+        }
         let call = self.clients.next_internal.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.clients.internal.lock().expect("clients").insert(call, tx);
@@ -537,7 +549,9 @@ async fn serve_client(stream: TcpStream, addr: std::net::SocketAddr, ep: Endpoin
     loop {
         match frame::read_msg::<_, ClientMsg>(&mut r, MAX_CLIENT_FRAME).await {
             Ok(ClientMsg::Hello { call }) => {
-                let _ = tx.send(ServerMsg::Hello { call, cluster_id: sh.cluster_id, id: sh.me, name: sh.name.clone() }).await;
+                let _ = tx
+                    .send(ServerMsg::Hello { call, cluster_id: sh.cluster_id, id: sh.me, name: sh.name.clone() })
+                    .await;
             }
             Ok(ClientMsg::Call { call, body }) => {
                 if sh.input.send(Input::Request { from: ep, call, bytes: body }).await.is_err() {
@@ -590,11 +604,12 @@ async fn serve_http(stream: TcpStream, sh: Arc<Shared>) {
     let path = line.split_whitespace().nth(1).unwrap_or("");
     let (status, ctype, body) = match path {
         "/metrics" => {
-            if let Some(st) = sh.with({
-                let (name, dir) = (sh.name.clone(), sh.raft_dir.clone());
-                move |n, _| member_status(n, &name, &dir)
-            })
-            .await
+            if let Some(st) = sh
+                .with({
+                    let (name, dir) = (sh.name.clone(), sh.raft_dir.clone());
+                    move |n, _| member_status(n, &name, &dir)
+                })
+                .await
             {
                 sh.metrics.set_extra("log_bytes", st.log_bytes);
                 sh.metrics.set_extra("snapshot_bytes", st.snapshot_bytes);
@@ -605,12 +620,19 @@ async fn serve_http(stream: TcpStream, sh: Arc<Shared>) {
             if sh.healthy().await {
                 ("200 OK", "application/json", "{\"health\":\"true\"}\n".to_string())
             } else {
-                ("503 Service Unavailable", "application/json", "{\"health\":\"false\",\"reason\":\"no leader or no quorum\"}\n".to_string())
+                (
+                    "503 Service Unavailable",
+                    "application/json",
+                    "{\"health\":\"false\",\"reason\":\"no leader or no quorum\"}\n".to_string(),
+                )
             }
         }
         _ => ("404 Not Found", "text/plain", "not found: try /metrics or /health\n".to_string()),
     };
-    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
     let _ = stream.write_all(head.as_bytes()).await;
     let _ = stream.write_all(body.as_bytes()).await;
     let _ = stream.shutdown().await;
