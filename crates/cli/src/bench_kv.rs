@@ -21,6 +21,7 @@ pub struct Options {
     pub endpoints: Option<String>,
     pub data_dir: PathBuf,
     pub keep: bool,
+    pub no_etcd: bool,
 }
 
 struct Servers {
@@ -238,5 +239,111 @@ pub fn run(o: Options) -> ExitCode {
             s.children.iter().map(|c| format!("{} MiB", peak_rss_kib(c.id()) / 1024)).collect::<Vec<_>>().join(", ")
         );
     }
+    drop(servers);
+    if o.endpoints.is_none() && !o.no_etcd {
+        etcd_side_by_side(&o, &writes, &reads);
+    }
     ExitCode::SUCCESS
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| PathBuf::from(d).join(name)).find(|p| p.is_file())
+}
+
+/// The etcd row: a three-member etcd cluster started the same way (same disk, loopback), the
+/// same load driven through the `etcd-client` crate by `bench/etcd-load`.
+fn etcd_side_by_side(o: &Options, writes: &Phase, reads: &Phase) {
+    let Some(etcd) = on_path("etcd") else {
+        println!("(etcd not on the PATH: no side-by-side row; Debian: apt-get install etcd-server)");
+        return;
+    };
+    let driver = std::env::var_os("SIXFIVE_ETCD_LOAD")
+        .map(PathBuf::from)
+        .or_else(|| Some(PathBuf::from("bench/etcd-load/target/release/etcd-load")).filter(|p| p.is_file()))
+        .or_else(|| on_path("etcd-load"));
+    let Some(driver) = driver else {
+        println!(
+            "(etcd found but not its load driver: build it with \
+             `cargo build --release --manifest-path bench/etcd-load/Cargo.toml` (needs protoc), or set SIXFIVE_ETCD_LOAD)"
+        );
+        return;
+    };
+    let dir = o.data_dir.join("etcd");
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        println!("(etcd: cannot create {}: {e})", dir.display());
+        return;
+    }
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let initial = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("e{}=http://127.0.0.1:{}", i + 1, p.1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut members = Servers { children: Vec::new(), metrics: Vec::new(), dir: dir.clone(), keep: o.keep };
+    for (i, (c, p)) in ports.iter().enumerate() {
+        let name = format!("e{}", i + 1);
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).ok();
+        let spawned = Command::new(&etcd)
+            .args(["--name", &name])
+            .arg(format!("--data-dir={}", dir.join(&name).display()))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{c}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{c}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{p}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{p}"))
+            .arg(format!("--initial-cluster={initial}"))
+            .args(["--initial-cluster-token=bench", "--initial-cluster-state=new"])
+            .stdout(Stdio::null())
+            .stderr(log.map(Stdio::from).unwrap_or_else(Stdio::null))
+            .spawn();
+        match spawned {
+            Ok(c) => members.children.push(c),
+            Err(e) => {
+                println!("(etcd: cannot start {name}: {e})");
+                return;
+            }
+        }
+    }
+    let endpoints = ports.iter().map(|(c, _)| format!("http://127.0.0.1:{c}")).collect::<Vec<_>>().join(",");
+    let out = Command::new(&driver)
+        .args(["--endpoints", &endpoints, "--clients", &o.clients.to_string(), "--secs", &o.secs.to_string()])
+        .args(["--key-size", &o.key_size.to_string(), "--value-size", &o.value_size.to_string()])
+        .stderr(Stdio::inherit())
+        .output();
+    let rss: Vec<String> = members.children.iter().map(|c| format!("{} MiB", peak_rss_kib(c.id()) / 1024)).collect();
+    drop(members);
+    let text = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).to_string(),
+        Ok(o) => {
+            println!("(etcd load driver failed: {})", o.status);
+            return;
+        }
+        Err(e) => {
+            println!("(etcd load driver: {e})");
+            return;
+        }
+    };
+    let parse = |what: &str| -> Option<(f64, f64, f64, f64, f64)> {
+        let l = text.lines().find(|l| l.starts_with(what))?;
+        let v: Vec<f64> = l.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        Some((v[0], v[1], v[2] / 1000.0, v[3] / 1000.0, v[4] / 1000.0))
+    };
+    for (what, ours, label) in [("writes", writes, "etcd writes (Put)"), ("reads", reads, "etcd reads (Get, lin.)")] {
+        let Some((ops, secs, p50, p99, p999)) = parse(what) else {
+            println!("(etcd load driver printed no {what} line)");
+            return;
+        };
+        let rate = ops / secs;
+        println!(
+            "{label:<22} {rate:>10.0} ops/s   p50 {p50:>7.2} ms   p99 {p99:>7.2} ms   p99.9 {p999:>7.2} ms   ({ops} ops in {secs:.1} s)"
+        );
+        let our_p99 = ours.hist.value_at_quantile(0.99) as f64 / 1000.0;
+        println!(
+            "  sixfive / etcd: {:.2}x the {what}/s, p99 {:.2}x etcd's",
+            ours.ops as f64 / ours.secs / rate.max(1e-9),
+            our_p99 / p99.max(1e-9)
+        );
+    }
+    println!("  etcd peak RSS per member: {}", rss.join(", "));
 }

@@ -68,6 +68,9 @@ enum BenchCommand {
         /// Keep the data directory.
         #[arg(long)]
         keep: bool,
+        /// No etcd row even when `etcd` is on the PATH.
+        #[arg(long)]
+        no_etcd: bool,
     },
     /// CPU cost of consensus: three in-process nodes with no IO replicate and commit entries.
     RaftCore {
@@ -143,8 +146,10 @@ fn main() -> ExitCode {
             bench::raft_core(entries, size, batch)
         }
         Command::Bench {
-            what: BenchCommand::Kv { clients, secs, key_size, value_size, endpoints, data_dir, keep },
-        } => bench_kv::run(bench_kv::Options { clients, secs, key_size, value_size, endpoints, data_dir, keep }),
+            what: BenchCommand::Kv { clients, secs, key_size, value_size, endpoints, data_dir, keep, no_etcd },
+        } => {
+            bench_kv::run(bench_kv::Options { clients, secs, key_size, value_size, endpoints, data_dir, keep, no_etcd })
+        }
         Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, keep } } => {
             bench::mapreduce(size_mib, workers, &texts, keep)
         }

@@ -44,6 +44,15 @@ struct TestCluster {
 
 impl TestCluster {
     fn new(test: &str, n: usize, extra: &[&str]) -> TestCluster {
+        let c = TestCluster::prepare(test, n, extra);
+        for i in 0..n {
+            c.start(i);
+        }
+        c
+    }
+
+    /// The cluster's directories and ports, nothing started.
+    fn prepare(test: &str, n: usize, extra: &[&str]) -> TestCluster {
         let root = std::env::temp_dir().join(format!("sixfive-kv-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
@@ -70,9 +79,6 @@ impl TestCluster {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             ok: false,
         };
-        for i in 0..n {
-            c.start(i);
-        }
         c
     }
 
@@ -497,6 +503,115 @@ fn bad_input_is_refused_and_changes_nothing() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("another cluster's data"));
         tc.start(2);
         assert_eq!(clerk.get("safe").await.unwrap(), ("1".into(), 1));
+    });
+    tc.ok = true;
+}
+
+/// Mounts a tmpfs of `size` at `dir`; false (with a note) where mounting is not permitted.
+fn mount_tmpfs(dir: &std::path::Path, size: &str) -> bool {
+    std::fs::create_dir_all(dir).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("note: cannot mount a tmpfs here (not root, or not permitted): full-disk test skipped");
+    }
+    ok
+}
+
+struct Unmount(Vec<PathBuf>);
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = Command::new("umount").arg("-l").arg(d).status();
+        }
+    }
+}
+
+/// Fills the file system holding `dir` with a ballast file until it has no space left.
+fn fill(dir: &std::path::Path) -> PathBuf {
+    let p = dir.join("ballast");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let block = vec![0u8; 4096];
+    while f.write_all(&block).is_ok() {}
+    p
+}
+
+#[test]
+fn full_disk_fails_writes_clearly_loses_nothing_and_recovers() {
+    let mut tc = TestCluster::prepare("disk", 3, &[]);
+    let mut mounts = Unmount(Vec::new());
+    for s in &tc.servers {
+        if !mount_tmpfs(&s.dir, "8m") {
+            tc.ok = true;
+            return;
+        }
+        mounts.0.push(s.dir.clone());
+    }
+    for i in 0..3 {
+        tc.start(i);
+    }
+    run_local(async {
+        let cluster = tc.connect().await;
+        let mut clerk = cluster.clerk(random_u64());
+        let mut acked = Vec::new();
+        for i in 0..20 {
+            clerk.put(&format!("d{i}"), &format!("value {i}"), 0).await.unwrap();
+            acked.push(i);
+        }
+        let ballast: Vec<PathBuf> = tc.servers.iter().map(|s| fill(&s.dir)).collect();
+        // Writes now fail: each server's storage refuses, the server stops with the error logged.
+        let big = "z".repeat(8192);
+        let mut failed = false;
+        for i in 20..400 {
+            match tokio::time::timeout(Duration::from_secs(3), clerk.put(&format!("d{i}"), &big, 0)).await {
+                Ok(Ok(())) => acked.push(i),
+                Ok(Err(e)) => panic!("put d{i}: {e}"),
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        assert!(failed, "writes kept succeeding on full disks");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut stopped = Vec::new();
+        while stopped.is_empty() {
+            for (i, s) in tc.servers.iter().enumerate() {
+                if let Some(st) = s.child.borrow_mut().as_mut().and_then(|c| c.try_wait().unwrap()) {
+                    assert!(!st.success(), "a server whose disk is full exits non-zero");
+                    stopped.push(i);
+                }
+            }
+            assert!(Instant::now() < deadline, "no server stopped on its full disk");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for &i in &stopped {
+            let log = tc.log_of(i);
+            assert!(log.contains("No space left on device"), "the log names the cause:\n{log}");
+            tc.servers[i].child.borrow_mut().take();
+        }
+        // Space freed: the stopped servers restart from their disks and serve again.
+        for b in &ballast {
+            std::fs::remove_file(b).unwrap();
+        }
+        for &i in &stopped {
+            tc.start(i);
+        }
+        let cluster = tc.connect().await;
+        let mut clerk = cluster.clerk(random_u64());
+        for &i in &acked {
+            let want = if i < 20 { format!("value {i}") } else { big.clone() };
+            assert_eq!(clerk.get(&format!("d{i}")).await.unwrap().0, want, "acknowledged d{i}");
+        }
+        clerk.put("after", "ok", 0).await.unwrap();
+        eprintln!(
+            "{} writes acknowledged before the disks filled; servers {stopped:?} stopped and recovered",
+            acked.len()
+        );
     });
     tc.ok = true;
 }
