@@ -58,9 +58,21 @@ fn main() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
         // A few connections, as etcd's own benchmark tool uses (--conns), shared by the clients.
+        let deadline = Instant::now() + Duration::from_secs(60);
         let mut clients = Vec::new();
-        for _ in 0..8 {
-            clients.push(Client::connect(&endpoints, None).await.expect("connect to etcd"));
+        while clients.len() < 8 {
+            match Client::connect(&endpoints, None).await {
+                Ok(mut c) => {
+                    // Ready once a write commits (a leader is elected and a quorum answers).
+                    if c.put("warmup", "x", None).await.is_ok() {
+                        clients.push(c);
+                        continue;
+                    }
+                }
+                Err(e) => assert!(Instant::now() < deadline, "etcd did not come up: {e}"),
+            }
+            assert!(Instant::now() < deadline, "etcd did not become ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         for (what, write) in [("writes", true), ("reads", false)] {
             let (ops, s, h) = phase(&clients, n, secs, key_size, &value, write).await;

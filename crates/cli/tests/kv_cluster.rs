@@ -25,6 +25,7 @@ fn free_port() -> u16 {
 
 struct Server {
     name: String,
+    host: String,
     client_port: u16,
     peer_port: u16,
     dir: PathBuf,
@@ -53,12 +54,19 @@ impl TestCluster {
 
     /// The cluster's directories and ports, nothing started.
     fn prepare(test: &str, n: usize, extra: &[&str]) -> TestCluster {
+        TestCluster::prepare_on(test, &vec!["127.0.0.1"; n], extra)
+    }
+
+    /// As `prepare`, member `i` on address `hosts[i]`.
+    fn prepare_on(test: &str, hosts: &[&str], extra: &[&str]) -> TestCluster {
+        let n = hosts.len();
         let root = std::env::temp_dir().join(format!("sixfive-kv-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
         let servers: Vec<Server> = (1..=n)
             .map(|i| Server {
                 name: format!("n{i}"),
+                host: hosts[i - 1].to_string(),
                 client_port: free_port(),
                 peer_port: free_port(),
                 dir: root.join(format!("n{i}")),
@@ -68,7 +76,7 @@ impl TestCluster {
             .collect();
         let initial = servers
             .iter()
-            .map(|s| format!("{}=http://127.0.0.1:{}", s.name, s.peer_port))
+            .map(|s| format!("{}=http://{}:{}", s.name, s.host, s.peer_port))
             .collect::<Vec<_>>()
             .join(",");
         let c = TestCluster {
@@ -91,8 +99,8 @@ impl TestCluster {
         let mut cmd = Command::new(BIN);
         cmd.args(["kv", "serve", "--name", &s.name])
             .arg(format!("--data-dir={}", s.dir.display()))
-            .arg(format!("--listen-client-urls=http://127.0.0.1:{}", s.client_port))
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", s.peer_port)])
+            .arg(format!("--listen-client-urls=http://{}:{}", s.host, s.client_port))
+            .args(["--listen-peer-urls", &format!("http://{}:{}", s.host, s.peer_port)])
             .arg(format!("--initial-cluster={}", self.initial))
             .args(["--initial-cluster-token", token])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
@@ -127,7 +135,7 @@ impl TestCluster {
     }
 
     fn urls(&self) -> Vec<String> {
-        self.servers.iter().map(|s| format!("http://127.0.0.1:{}", s.client_port)).collect()
+        self.servers.iter().map(|s| format!("http://{}:{}", s.host, s.client_port)).collect()
     }
 
     fn log_of(&self, i: usize) -> String {
@@ -612,6 +620,113 @@ fn full_disk_fails_writes_clearly_loses_nothing_and_recovers() {
             "{} writes acknowledged before the disks filled; servers {stopped:?} stopped and recovered",
             acked.len()
         );
+    });
+    tc.ok = true;
+}
+
+/// Firewall rules that drop traffic between two sets of addresses; removed when dropped.
+struct Partition(Vec<(String, String)>);
+
+impl Partition {
+    fn iptables(args: &[&str]) -> bool {
+        Command::new("iptables").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    }
+
+    fn available() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        root && Partition::iptables(&["-L", "INPUT", "-n"])
+    }
+
+    fn between(a: &[&str], b: &[&str]) -> Partition {
+        let mut rules = Vec::new();
+        for x in a {
+            for y in b {
+                for (s, d) in [(x, y), (y, x)] {
+                    assert!(Partition::iptables(&["-I", "INPUT", "-s", s, "-d", d, "-j", "DROP"]), "iptables -I");
+                    rules.push((s.to_string(), d.to_string()));
+                }
+            }
+        }
+        Partition(rules)
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        for (s, d) in self.0.drain(..) {
+            Partition::iptables(&["-D", "INPUT", "-s", &s, "-d", &d, "-j", "DROP"]);
+        }
+    }
+}
+
+#[test]
+fn partitioned_leader_answers_nothing_and_the_cluster_converges_after_healing() {
+    if !Partition::available() {
+        eprintln!("note: not root or no iptables: partition test skipped");
+        return;
+    }
+    let hosts = ["127.0.0.11", "127.0.0.12", "127.0.0.13"];
+    let mut tc = TestCluster::prepare_on("partition", &hosts, &[]);
+    for i in 0..3 {
+        tc.start(i);
+    }
+    run_local(async {
+        let cluster = tc.connect().await;
+        let old = tc.leader().await;
+        let old_ep = cluster.endpoints[old];
+        let history = History::default();
+        let stop = Rc::new(Cell::new(false));
+        let ks = keys(2);
+        let handles: Vec<_> = (0..3)
+            .map(|c| tokio::task::spawn_local(worker(cluster.clone(), c, ks.clone(), history.clone(), stop.clone())))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let others: Vec<&str> = (0..3).filter(|&i| i != old).map(|i| hosts[i]).collect();
+        let cut = Partition::between(&[hosts[old]], &others);
+        // Give the rules a moment: what the old leader had in flight may still complete.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut stale = Vec::new();
+        let until = Instant::now() + Duration::from_millis(2500);
+        while Instant::now() < until {
+            if let Some(r) = direct_get(&cluster, old_ep, "k0").await {
+                stale.push(r);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(stale.is_empty(), "the minority leader answered reads: {stale:?}");
+        let during = history.records().len();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert!(history.records().len() > during, "the majority side makes progress");
+        drop(cut);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        stop.set(true);
+        let mut counts = Vec::new();
+        for h in handles {
+            counts.push(h.await.unwrap());
+        }
+        let mut clerk = cluster.clerk(random_u64());
+        let mut values = Vec::new();
+        for k in &ks {
+            values.push(clerk.get(k).await.map(|(v, _)| v).unwrap_or_default());
+        }
+        for (c, n) in counts.iter().enumerate() {
+            check_client_appends(&values, c as u64, Some(*n));
+        }
+        check_appends(&history.records());
+        // Converged: every member applies the same log.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut applied = Vec::new();
+            for e in &cluster.endpoints {
+                applied.push(cluster.transport.status(*e, 500_000).await.map(|s| s.applied).unwrap_or(0));
+            }
+            if applied.iter().all(|a| *a == applied[0] && *a > 0) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "members did not converge: applied {applied:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     });
     tc.ok = true;
 }

@@ -73,11 +73,18 @@ pub fn start<N: Send + 'static>(
     let mut queues = BTreeMap::new();
     let mut accepted = BTreeMap::new();
     let mut tasks = Vec::new();
+    // Dial from our own advertised address, so that traffic between members is told apart by
+    // address (each member on its own loopback address can be partitioned by firewall rules).
+    let local = members
+        .get(&me)
+        .and_then(|p| p.addr.rsplit_once(':'))
+        .and_then(|(h, _)| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok());
     for (&id, peer) in members.iter().filter(|(id, _)| **id != me) {
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
         queues.insert(id, (peer.name.clone(), tx));
         let link = Link {
             me,
+            local,
             peer: id,
             name: peer.name.clone(),
             addr: peer.addr.clone(),
@@ -172,6 +179,7 @@ async fn handshake(
 
 struct Link<N> {
     me: NodeId,
+    local: Option<std::net::IpAddr>,
     peer: NodeId,
     name: String,
     addr: String,
@@ -189,7 +197,18 @@ async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
 
 impl<N: Send + 'static> Link<N> {
     async fn dial(&self) -> Result<TcpStream, String> {
-        let mut s = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&self.addr))
+        let connect = async {
+            let addr = tokio::net::lookup_host(&self.addr)
+                .await?
+                .next()
+                .ok_or_else(|| std::io::Error::other("the address resolves to nothing"))?;
+            let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            if let Some(ip) = self.local.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+                sock.bind(std::net::SocketAddr::new(ip, 0))?;
+            }
+            sock.connect(addr).await
+        };
+        let mut s = tokio::time::timeout(DIAL_TIMEOUT, connect)
             .await
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| e.to_string())?;
