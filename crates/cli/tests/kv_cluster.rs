@@ -386,6 +386,16 @@ fn whole_cluster_restarts_from_disk() {
         let cluster = tc.connect().await;
         let mut clerk = cluster.clerk(random_u64());
         assert_eq!(clerk.get("p").await.unwrap(), ("v2".into(), 2));
+        // A damaged log (not a torn tail) stops the start, naming the file and offset.
+        assert!(tc.terminate(0).success());
+        let log = tc.servers[0].dir.join("raft/raft.log");
+        let mut bytes = std::fs::read(&log).unwrap();
+        bytes[12] ^= 0xff;
+        std::fs::write(&log, bytes).unwrap();
+        let out = tc.command(0).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("raft.log is corrupt at byte"), "{err}");
     });
     tc.ok = true;
 }

@@ -229,3 +229,28 @@ impl<S: Storage> Storage for MeteredStorage<S> {
         self.inner.raft_state_bytes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text_with_every_family() {
+        let m = Metrics::new();
+        m.request(true);
+        m.sent("n2", 100);
+        m.fsync_seconds.observe(0.001);
+        m.set_extra("log_bytes", 42);
+        let text = m.render();
+        for name in [
+            "sixfive_requests_total{result=\"ok\"} 1",
+            "sixfive_peer_sent_bytes_total{peer=\"n2\"} 100",
+            "sixfive_fsync_seconds_count 1",
+            "sixfive_log_bytes 42",
+            "sixfive_leader_changes_total 0",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
