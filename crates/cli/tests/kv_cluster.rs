@@ -639,7 +639,12 @@ struct Partition(Vec<(String, String)>);
 
 impl Partition {
     fn iptables(args: &[&str]) -> bool {
-        Command::new("iptables").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+        Command::new("iptables")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     }
 
     fn available() -> bool {
@@ -739,4 +744,83 @@ fn partitioned_leader_answers_nothing_and_the_cluster_converges_after_healing() 
         }
     });
     tc.ok = true;
+}
+
+fn cli(endpoints: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(["kv"])
+        .args(args)
+        .args(["--endpoints", endpoints, "--command-timeout", "10"])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
+/// `sixfive kv cluster` as a user runs it: starts, serves the command-line client (exit codes,
+/// JSON), stops cleanly on Ctrl-C, and a second run finds the data of the first.
+#[test]
+fn kv_cluster_command_and_client_exit_codes() {
+    let root = std::env::temp_dir().join(format!("sixfive-kv-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let cp: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let pp: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let join = |v: &[u16]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+    let endpoints = cp.iter().map(|p| format!("http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let start = || {
+        Command::new(BIN)
+            .current_dir(&root)
+            .args(["kv", "cluster", "--client-ports", &join(&cp), "--peer-ports", &join(&pp)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let wait_ready = || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, out, _) = cli(&endpoints, &["status"]);
+            if code == 0 {
+                assert!(out.contains("leader"), "{out}");
+                return;
+            }
+            assert_eq!(code, 6, "status exits 6 (unavailable) until ready");
+            assert!(Instant::now() < deadline, "the cluster never became ready");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let mut c = start();
+    wait_ready();
+    assert!(root.join("sixfive-data/n1/raft/raft.log").exists(), "data under ./sixfive-data");
+    assert_eq!(cli(&endpoints, &["put", "greeting", "hello"]).0, 0);
+    assert_eq!(cli(&endpoints, &["get", "greeting"]), (0, "hello".into(), String::new()));
+    let (code, json, _) = cli(&endpoints, &["get", "greeting", "-w", "json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!((v["value"].as_str(), v["version"].as_u64()), (Some("hello"), Some(1)));
+    assert_eq!(cli(&endpoints, &["get", "nothing"]).0, 3, "not found");
+    assert_eq!(cli(&endpoints, &["cas", "greeting", "x", "--version", "7"]).0, 4, "version mismatch");
+    assert_eq!(cli(&endpoints, &["cas", "greeting", "hi", "--version", "1"]).0, 0);
+    assert_eq!(cli(&endpoints, &["append", "greeting", "!"]).1, "hi");
+    assert_eq!(cli(&endpoints, &["put", "doomed", "x"]).0, 0);
+    assert_eq!(cli(&endpoints, &["del", "doomed"]).0, 0);
+    assert_eq!(cli(&endpoints, &["del", "doomed"]).0, 3);
+    assert_eq!(cli(&endpoints, &["scan"]).1, "greeting\thi!\t3");
+    // Ctrl-C: every server stops cleanly, the command exits 0.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+    assert!(c.wait().unwrap().success());
+    let (code, _, err) = cli(&endpoints, &["get", "greeting"]);
+    assert_eq!(code, 6, "unavailable once stopped: {err}");
+    // Again: the data is still there.
+    let mut c = start();
+    wait_ready();
+    assert_eq!(cli(&endpoints, &["get", "greeting"]).1, "hi!");
+    unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+    assert!(c.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&root);
 }
