@@ -32,7 +32,7 @@ pub mod exit {
 
 #[derive(Subcommand)]
 pub enum KvCommand {
-    /// Runs one replica (flags as etcd's; each also from SIXFIVE_<FLAG> and --config-file).
+    /// Runs one replica (flags as etcd's; each also from a SIXFIVE_* variable and --config-file).
     Serve(Box<ServeArgs>),
     /// Starts a local cluster of server processes with data under ./sixfive-data; Ctrl-C stops
     /// them all cleanly; running it again reuses the data.
@@ -127,14 +127,14 @@ pub enum Output {
 }
 
 /// `kv serve`'s flags: etcd's names. Each is also read from the environment variable
-/// SIXFIVE_<NAME> (e.g. SIXFIVE_DATA_DIR), then from --config-file; a flag wins over the
+/// SIXFIVE_ followed by its name in capitals (e.g. SIXFIVE_DATA_DIR), then from --config-file; a flag wins over the
 /// variable, the variable over the file.
 #[derive(Args)]
 pub struct ServeArgs {
     /// Human-readable name of this member; must appear in --initial-cluster [default: default].
     #[arg(long, env = "SIXFIVE_NAME")]
     name: Option<String>,
-    /// Directory of this member's data (write-ahead log, snapshot) [default: <name>.sixfive].
+    /// Directory of this member's data (write-ahead log, snapshot) [default: NAME.sixfive, NAME being --name].
     #[arg(long, env = "SIXFIVE_DATA_DIR")]
     data_dir: Option<String>,
     /// URLs to listen on for clients, comma-separated [default: http://127.0.0.1:2379].

@@ -79,15 +79,14 @@ impl TestCluster {
             .map(|s| format!("{}=http://{}:{}", s.name, s.host, s.peer_port))
             .collect::<Vec<_>>()
             .join(",");
-        let c = TestCluster {
+        TestCluster {
             root,
             servers,
             initial,
             token: format!("test-{test}"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             ok: false,
-        };
-        c
+        }
     }
 
     fn command(&self, i: usize) -> Command {

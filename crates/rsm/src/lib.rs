@@ -118,6 +118,9 @@ pub struct Rsm<S, M> {
     reads_waiting: BTreeMap<SubmitId, (Term, Vec<u8>)>,
     /// Queries whose read index is known: (index, id, query), served once applied.
     reads_ready: Vec<(Index, SubmitId, Vec<u8>)>,
+    /// Queries that share one ReadIndex round ([`Rsm::query_batch`]): the id the round was
+    /// asked under -> the other ids of the batch (each also in `reads_waiting`).
+    read_batches: BTreeMap<SubmitId, Vec<SubmitId>>,
     /// Snapshots received from a leader and installed.
     snapshots_installed: u64,
 }
@@ -144,6 +147,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             pending: BTreeMap::new(),
             reads_waiting: BTreeMap::new(),
             reads_ready: Vec::new(),
+            read_batches: BTreeMap::new(),
             snapshots_installed: 0,
         })
     }
@@ -193,6 +197,26 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
         }
     }
 
+    /// Asks several read-only queries with one ReadIndex round: each is linearizable, since the
+    /// round starts after all of them arrived. Returns their ids, in order.
+    pub fn query_batch(&mut self, queries: Vec<Vec<u8>>) -> Result<Vec<SubmitId>, SubmitError> {
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let first = self.next_id;
+        if self.raw.read_index(first.to_le_bytes().to_vec()).is_err() {
+            return Err(self.not_leader());
+        }
+        let term = self.raw.status().term;
+        let ids: Vec<SubmitId> = (first..first + queries.len() as u64).collect();
+        self.next_id += queries.len() as u64;
+        for (id, q) in ids.iter().zip(queries) {
+            self.reads_waiting.insert(*id, (term, q));
+        }
+        self.read_batches.insert(first, ids[1..].to_vec());
+        Ok(ids)
+    }
+
     /// Runs the Ready loop. Returns the messages to send (everything they depend on is
     /// already persisted) and the submissions that finished.
     pub fn process(&mut self) -> Result<(Vec<Message>, Vec<Completion>), S::Error> {
@@ -234,6 +258,11 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 if let Some((_, q)) = self.reads_waiting.remove(&id) {
                     self.reads_ready.push((rs.index, id, q));
                 }
+                for other in self.read_batches.remove(&id).unwrap_or_default() {
+                    if let Some((_, q)) = self.reads_waiting.remove(&other) {
+                        self.reads_ready.push((rs.index, other, q));
+                    }
+                }
             }
             self.raw.advance(&rd);
         }
@@ -264,6 +293,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             self.reads_waiting.iter().filter(|(_, (t, _))| !leading || *t != st.term).map(|(id, _)| *id).collect();
         for id in stale_reads {
             self.reads_waiting.remove(&id);
+            self.read_batches.remove(&id);
             done.push(Completion { id, result: Err(err.clone()) });
         }
         if !leading {
@@ -297,6 +327,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 .into_keys()
                 .map(|id| Completion { id, result: Err(SubmitError::Shutdown) }),
         );
+        self.read_batches.clear();
         done.extend(self.reads_ready.drain(..).map(|(_, id, _)| Completion { id, result: Err(SubmitError::Shutdown) }));
         done
     }
@@ -359,12 +390,14 @@ pub struct RsmNode<S, M> {
     /// Group commit: requests and messages only queue work; the driver calls
     /// [`RsmNode::flush`] once per batch of events, so one Ready (one sync) covers them all.
     deferred: bool,
+    /// Group commit: queries of the current batch, asked together at the next flush.
+    queued_reads: Vec<(Endpoint, CallId, Vec<u8>)>,
 }
 
 impl<S: Storage, M: StateMachine> RsmNode<S, M> {
     /// A node serving `rsm`.
     pub fn new(rsm: Rsm<S, M>) -> RsmNode<S, M> {
-        RsmNode { rsm, waiting: BTreeMap::new(), deferred: false }
+        RsmNode { rsm, waiting: BTreeMap::new(), deferred: false, queued_reads: Vec::new() }
     }
 
     /// Group commit: requests and peer messages no longer run the Ready loop themselves; the
@@ -388,6 +421,19 @@ impl<S: Storage, M: StateMachine> RsmNode<S, M> {
     /// Runs the Ready loop and carries out its results: sends messages, answers clients.
     /// Returns the completions of submissions made directly (not through a request).
     pub fn flush(&mut self, ctx: &mut dyn Ctx) -> Vec<Completion> {
+        if !self.queued_reads.is_empty() {
+            let (who, queries): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.queued_reads).into_iter().map(|(to, call, q)| ((to, call), q)).unzip();
+            match self.rsm.query_batch(queries) {
+                Ok(ids) => self.waiting.extend(ids.into_iter().zip(who)),
+                Err(e) => {
+                    let reply = postcard::to_allocvec(&RsmReply::Failed(e)).expect("encodes");
+                    for (to, call) in who {
+                        ctx.reply(to, call, reply.clone());
+                    }
+                }
+            }
+        }
         let (msgs, done) = self.rsm.process().expect("storage failed: cannot continue safely");
         for m in msgs {
             ctx.send(m.to, postcard::to_allocvec(&m).expect("encodes"));
@@ -437,6 +483,11 @@ impl<S: Storage, M: StateMachine> Node for RsmNode<S, M> {
     fn on_request(&mut self, ctx: &mut dyn Ctx, from: Endpoint, call: CallId, request: Vec<u8>) {
         let submitted = match postcard::from_bytes::<RsmRequest>(&request) {
             Ok(RsmRequest::Command(cmd)) => self.rsm.submit(cmd, ctx.now()),
+            Ok(RsmRequest::Query(q)) if self.deferred => {
+                // One ReadIndex round for every query of the batch, at the flush.
+                self.queued_reads.push((from, call, q));
+                return;
+            }
             Ok(RsmRequest::Query(q)) => self.rsm.query(q),
             Err(e) => {
                 let reply = RsmReply::Malformed(e.to_string());
@@ -456,6 +507,10 @@ impl<S: Storage, M: StateMachine> Node for RsmNode<S, M> {
     }
 
     fn on_shutdown(&mut self, ctx: &mut dyn Ctx) {
+        let reply = postcard::to_allocvec(&RsmReply::Failed(SubmitError::Shutdown)).expect("encodes");
+        for (to, call, _) in std::mem::take(&mut self.queued_reads) {
+            ctx.reply(to, call, reply.clone());
+        }
         let done = self.rsm.shutdown();
         self.answer(ctx, done);
     }
