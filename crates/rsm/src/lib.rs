@@ -515,3 +515,59 @@ impl<S: Storage, M: StateMachine> Node for RsmNode<S, M> {
         self.answer(ctx, done);
     }
 }
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use super::*;
+    use crate::testkit::SharedStorage;
+
+    /// Counts applied commands; a query answers the count followed by the query's bytes.
+    #[derive(Default)]
+    struct Count(u64);
+    impl StateMachine for Count {
+        fn apply(&mut self, _cmd: &[u8], _ctx: ApplyCtx) -> Vec<u8> {
+            self.0 += 1;
+            Vec::new()
+        }
+        fn query(&self, q: &[u8]) -> Vec<u8> {
+            let mut out = self.0.to_le_bytes().to_vec();
+            out.extend_from_slice(q);
+            out
+        }
+        fn snapshot(&self) -> Vec<u8> {
+            self.0.to_le_bytes().to_vec()
+        }
+        fn restore(&mut self, s: &[u8]) {
+            self.0 = u64::from_le_bytes(s.try_into().unwrap());
+        }
+    }
+
+    #[test]
+    fn a_batch_of_queries_shares_one_read_index_round_and_each_is_answered() {
+        let mut follower = Rsm::new(Config::new(1, vec![1, 2, 3]), SharedStorage::default(), Count(0), None).unwrap();
+        assert_eq!(
+            follower.query_batch(vec![b"a".to_vec()]),
+            Err(SubmitError::WrongLeader { leader: None }),
+            "only a leader confirms reads"
+        );
+        let mut rsm = Rsm::new(Config::new(1, vec![1]), SharedStorage::default(), Count(0), None).unwrap();
+        for _ in 0..100 {
+            rsm.tick();
+            rsm.process().unwrap();
+        }
+        assert_eq!(rsm.status().role, Role::Leader);
+        rsm.submit(b"x".to_vec(), 0).unwrap();
+        assert_eq!(rsm.query_batch(Vec::new()), Ok(Vec::new()));
+        let ids = rsm.query_batch(vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]).unwrap();
+        assert_eq!(ids.len(), 3);
+        let (_, done) = rsm.process().unwrap();
+        let answers: BTreeMap<SubmitId, Vec<u8>> =
+            done.into_iter().filter_map(|c| Some((c.id, c.result.ok()?))).collect();
+        for (id, q) in ids.iter().zip([b"a", b"b", b"c"]) {
+            let mut want = 1u64.to_le_bytes().to_vec();
+            want.extend_from_slice(q);
+            assert_eq!(answers.get(id), Some(&want), "query {id} sees the command applied before it");
+        }
+        assert!(rsm.read_batches.is_empty() && rsm.reads_waiting.is_empty());
+    }
+}
