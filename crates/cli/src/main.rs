@@ -8,6 +8,8 @@ use sixfive_raft_sim::swarm::{self, SwarmReport};
 use sixfive_sim::SEC;
 
 mod bench;
+mod bench_kv;
+mod kv;
 
 #[derive(Parser)]
 #[command(name = "sixfive", version, about = "Raft, replicated KV, sharded KV and MapReduce, made real")]
@@ -28,6 +30,11 @@ enum Command {
         #[command(subcommand)]
         what: sixfive_mapreduce::cli::MrCommand,
     },
+    /// The replicated key/value service as real processes: servers, a local cluster, a client.
+    Kv {
+        #[command(subcommand)]
+        what: kv::KvCommand,
+    },
     /// Measures; prints figures.
     Bench {
         #[command(subcommand)]
@@ -37,6 +44,34 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// The replicated KV on a fresh local three-member cluster (data on disk): writes/s and
+    /// linearizable reads/s with latency percentiles, fsyncs per write, peak RSS.
+    Kv {
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 256)]
+        clients: usize,
+        /// Seconds per phase (writes, then reads).
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        /// Key size in bytes.
+        #[arg(long, default_value_t = 16)]
+        key_size: usize,
+        /// Value size in bytes.
+        #[arg(long, default_value_t = 128)]
+        value_size: usize,
+        /// Measure this running cluster instead of starting one.
+        #[arg(long)]
+        endpoints: Option<String>,
+        /// Where the fresh cluster keeps its data (removed afterwards unless --keep).
+        #[arg(long, default_value = "sixfive-bench-data")]
+        data_dir: std::path::PathBuf,
+        /// Keep the data directory.
+        #[arg(long)]
+        keep: bool,
+        /// No etcd row even when `etcd` is on the PATH.
+        #[arg(long)]
+        no_etcd: bool,
+    },
     /// CPU cost of consensus: three in-process nodes with no IO replicate and commit entries.
     RaftCore {
         /// Entries to commit.
@@ -118,9 +153,15 @@ fn main() -> ExitCode {
             bench::raft_core(entries, size, batch)
         }
         Command::Bench { what: BenchCommand::Fsyncs { writes } } => bench::fsyncs(writes),
+        Command::Bench {
+            what: BenchCommand::Kv { clients, secs, key_size, value_size, endpoints, data_dir, keep, no_etcd },
+        } => {
+            bench_kv::run(bench_kv::Options { clients, secs, key_size, value_size, endpoints, data_dir, keep, no_etcd })
+        }
         Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, keep } } => {
             bench::mapreduce(size_mib, workers, &texts, keep)
         }
+        Command::Kv { what } => kv::main(what),
         Command::Mr { what } => {
             sixfive_mapreduce::cli::main(what, &sixfive_mapreduce::app::Registry::builtins(), &["mr"])
         }
