@@ -8,8 +8,8 @@
 //! commit) writes and syncs one Ready for the whole batch; what arrives during that sync
 //! makes the next batch.
 //!
-//! If a handler panics (a storage failure the node cannot continue from), the loop stops and
-//! [`DriverHandle::join`] returns the panic's message: the server stops serving and exits
+//! If the node fails (a storage failure it cannot continue from) or a handler panics, the loop
+//! stops and [`DriverHandle::join`] returns the reason: the server stops serving and exits
 //! non-zero, rather than answering from a state it could not persist.
 
 use std::collections::BTreeMap;
@@ -41,6 +41,10 @@ pub trait Driven: Node + Send + 'static {
     /// Every event queued at the start of this batch has been handled. A node that defers work
     /// (group commit) does it now.
     fn end_of_batch(&mut self, _ctx: &mut dyn Ctx) {}
+    /// Why the node cannot go on (its storage failed), if so: the loop then stops with it.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 impl<S, M> Driven for sixfive_rsm::RsmNode<S, M>
@@ -50,6 +54,9 @@ where
 {
     fn end_of_batch(&mut self, ctx: &mut dyn Ctx) {
         self.flush(ctx);
+    }
+    fn failure(&self) -> Option<String> {
+        self.failed().map(str::to_owned)
     }
 }
 
@@ -105,7 +112,7 @@ pub struct DriverHandle<N> {
 
 impl<N> DriverHandle<N> {
     /// Waits for the loop to end: `Ok` after a shutdown, `Err` with the reason if the node
-    /// failed (a handler panicked).
+    /// failed (its storage failed, or a handler panicked).
     pub fn join(self) -> Result<(), String> {
         self.thread.join().unwrap_or_else(|_| Err("the node loop's thread died".into()))
     }
@@ -191,7 +198,7 @@ impl<N: Driven> Loop<N> {
         }
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Input<N>>, mut observer: Option<Observer<N>>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Input<N>>, mut observer: Option<Observer<N>>) -> Result<(), String> {
         self.dispatch(|n, ctx| n.on_start(ctx));
         loop {
             let next = self.timers.first_key_value().map(|(&(at, _), _)| at);
@@ -218,10 +225,13 @@ impl<N: Driven> Loop<N> {
                 taken += 1;
             }
             if !running {
-                return;
+                return Ok(());
             }
             self.fire_due_timers();
             self.dispatch(|n, ctx| n.end_of_batch(ctx));
+            if let Some(why) = self.node.failure() {
+                return Err(why);
+            }
             if let Some(o) = observer.as_mut() {
                 o(&self.node);
             }
@@ -251,7 +261,7 @@ pub fn spawn<N: Driven>(
             let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(|e| e.to_string())?;
             let lp = Loop { me, node, router, timers: BTreeMap::new(), timer_seq: 0 };
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(lp.run(rx, observer))))
-                .map_err(|e| panic_message(e.as_ref()))
+                .map_err(|e| panic_message(e.as_ref()))?
         })
         .expect("spawn the node thread");
     DriverHandle { input, thread }
