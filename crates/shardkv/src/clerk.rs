@@ -122,10 +122,12 @@ impl<T: Transport + Clone> ShardClerk<T> {
                     Some(Err(m)) => return OpResult::Err(KvError::Malformed(m)),
                     None => {}
                 }
-                self.t.sleep(REQUERY_PAUSE).await;
             }
-            if let Ok(c) = self.ctrl.query(None).await {
-                self.config = c;
+            // A newer configuration is tried at once; the same one again only after a pause
+            // (the owner may still be waiting for the shard).
+            match self.ctrl.query(None).await {
+                Ok(c) if c.num > self.config.num => self.config = c,
+                _ => self.t.sleep(REQUERY_PAUSE).await,
             }
         }
     }

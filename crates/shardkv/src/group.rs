@@ -325,13 +325,21 @@ pub struct ShardServer<S> {
     ctrlers: Vec<Endpoint>,
     next_ctrler: usize,
     proposed: BTreeMap<Proposal, Term>,
+    /// Configuration number and shard states when last looked at: a change triggers a poll
+    /// at once (push what was just given away, ask for the next configuration when settled)
+    /// instead of waiting for the timer.
+    seen: (u64, [ShardState; NSHARDS]),
+    /// Who pushed each shard this group waits for: (configuration, shard) -> the sender's
+    /// servers, acknowledged as soon as the shard is installed.
+    senders: BTreeMap<(u64, usize), Vec<Endpoint>>,
 }
 
 impl<S: Storage> ShardServer<S> {
     /// A server of the group whose servers are `peers`, following the controller `ctrlers`.
     pub fn new(node: RsmNode<S, ShardSm>, peers: Vec<Endpoint>, ctrlers: Vec<Endpoint>) -> Self {
         assert!(!ctrlers.is_empty(), "a group needs a controller");
-        ShardServer { node, peers, ctrlers, next_ctrler: 0, proposed: BTreeMap::new() }
+        let seen = (node.rsm().state_machine().config.num, node.rsm().state_machine().states());
+        ShardServer { node, peers, ctrlers, next_ctrler: 0, proposed: BTreeMap::new(), seen, senders: BTreeMap::new() }
     }
 
     /// The replicated state machine node.
@@ -359,6 +367,29 @@ impl<S: Storage> ShardServer<S> {
             self.proposed.insert(what, term);
             self.node.flush(&mut RaftCtx(ctx));
         }
+    }
+
+    /// After every event: if the group's configuration or shard states moved, act on it now.
+    fn react(&mut self, ctx: &mut dyn Ctx) {
+        let now = (self.sm().config.num, self.sm().states());
+        if now == self.seen {
+            return;
+        }
+        self.seen = now;
+        let (num, states) = now;
+        if self.leading().is_some() {
+            // Acknowledge the shards just installed.
+            for ((n, shard), to) in &self.senders {
+                if *n == num && states[*shard] == ShardState::Serving {
+                    let ack = Wire::ShardAck { num, shard: *shard }.encode();
+                    for &e in to {
+                        ctx.send(e, ack.clone());
+                    }
+                }
+            }
+            self.poll(ctx);
+        }
+        self.senders.retain(|(n, s), _| *n == num && states[*s] == ShardState::Waiting);
     }
 
     /// While leading: ask for the next configuration once settled, push every shard given away.
@@ -401,6 +432,7 @@ impl<S: Storage> Node for ShardServer<S> {
             ctx.set_timer(POLL_MICROS, POLL_TIMER);
         } else {
             self.node.on_timer(&mut RaftCtx(ctx), id);
+            self.react(ctx);
         }
     }
 
@@ -427,6 +459,7 @@ impl<S: Storage> Node for ShardServer<S> {
                         ctx.send(to, ack.clone());
                     }
                 } else if sm.config.num == num && state == ShardState::Waiting {
+                    self.senders.insert((num, shard), reply_to);
                     self.propose(ctx, Proposal::Install(num, shard), GroupCmd::Install { num, shard, data });
                 }
             }
@@ -438,10 +471,12 @@ impl<S: Storage> Node for ShardServer<S> {
             }
             Wire::ConfigQuery { .. } => {} // for controllers
         }
+        self.react(ctx);
     }
 
     fn on_request(&mut self, ctx: &mut dyn Ctx, from: Endpoint, call: CallId, request: Vec<u8>) {
         self.node.on_request(&mut RaftCtx(ctx), from, call, request);
+        self.react(ctx);
     }
 
     fn on_shutdown(&mut self, ctx: &mut dyn Ctx) {
