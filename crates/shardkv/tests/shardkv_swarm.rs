@@ -6,7 +6,7 @@ use sixfive_sim::seeds::run_seeds;
 #[test]
 fn shardkv_swarm_random_faults() {
     let mut total = sixfive_shardkv::swarm::ShardSwarmReport::default();
-    run_seeds("shardkv_swarm_random_faults", 200, |seed| {
+    run_seeds("shardkv_swarm_random_faults", 500, |seed| {
         let r = sixfive_shardkv::swarm::run(seed);
         total.merge(&r);
     });
