@@ -38,7 +38,7 @@ pub(crate) async fn call_rsm<T: Transport>(
     req: &[u8],
     rounds: Option<usize>,
 ) -> Option<Result<Vec<u8>, String>> {
-    let mut failures = 0usize;
+    let (mut failures, mut done_rounds) = (0usize, 0usize);
     loop {
         *leader %= servers.len();
         let reply =
@@ -54,8 +54,10 @@ pub(crate) async fn call_rsm<T: Transport>(
             _ => *leader = (*leader + 1) % servers.len(),
         }
         failures += 1;
-        if failures % servers.len() == 0 {
-            if rounds.is_some_and(|r| failures / servers.len() >= r) {
+        if failures == servers.len() {
+            failures = 0;
+            done_rounds += 1;
+            if rounds.is_some_and(|r| done_rounds >= r) {
                 return None;
             }
             t.sleep(ROUND_PAUSE).await;

@@ -356,7 +356,9 @@ impl<T: Transport> CtrlerClerk<T> {
         let cmd = postcard::to_allocvec(&CtrlRequest { client: self.client, seq: self.seq, op }).expect("encodes");
         let req = postcard::to_allocvec(&RsmRequest::Command(cmd)).expect("encodes");
         match call_rsm(&self.t, &self.servers, &mut self.leader, &req, None).await {
-            Some(Ok(bytes)) => postcard::from_bytes(&bytes).unwrap_or_else(|e| Err(CtrlError::Malformed(e.to_string()))),
+            Some(Ok(bytes)) => {
+                postcard::from_bytes(&bytes).unwrap_or_else(|e| Err(CtrlError::Malformed(e.to_string())))
+            }
             Some(Err(m)) => Err(CtrlError::Malformed(m)),
             None => unreachable!("unbounded retries always end with an answer"),
         }
@@ -415,7 +417,10 @@ mod tests {
         assert_eq!(join(&mut sm, &[1]), Ok(1));
         assert_eq!(join(&mut sm, &[1]), Err(CtrlError::AlreadyJoined(1)));
         assert_eq!(sm.change(&CtrlOp::Leave { gids: vec![1] }), Err(CtrlError::LastGroup));
-        assert_eq!(sm.change(&CtrlOp::Move { shard: NSHARDS, gid: 1 }), Err(CtrlError::BadShard { shard: 10, max: 10 }));
+        assert_eq!(
+            sm.change(&CtrlOp::Move { shard: NSHARDS, gid: 1 }),
+            Err(CtrlError::BadShard { shard: 10, max: 10 })
+        );
         assert_eq!(sm.change(&CtrlOp::Move { shard: 0, gid: 2 }), Err(CtrlError::UnknownGroup(2)));
         assert_eq!(sm.configs().len(), 2, "only the good Join made a configuration");
         assert_eq!(sm.config(None).shards, [1; NSHARDS]);

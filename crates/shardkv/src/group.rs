@@ -410,9 +410,13 @@ impl<S: Storage> ShardServer<S> {
                 continue;
             }
             let owner = sm.config.shards[s];
-            let push =
-                Wire::ShardPush { num: sm.config.num, shard: s, data: shard.data.clone(), reply_to: self.peers.clone() }
-                    .encode();
+            let push = Wire::ShardPush {
+                num: sm.config.num,
+                shard: s,
+                data: shard.data.clone(),
+                reply_to: self.peers.clone(),
+            }
+            .encode();
             for &to in sm.config.groups.get(&owner).map(Vec::as_slice).unwrap_or_default() {
                 ctx.send(to, push.clone());
             }

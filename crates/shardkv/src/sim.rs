@@ -239,9 +239,11 @@ impl ShardSim {
         let latest = self.query().num;
         let end = self.world.now() + limit;
         while self.world.now() < end {
-            let done = self.all_servers().into_iter().filter(|&e| self.is_up(e)).all(|e| {
-                self.with_sm(e, |sm| sm.config().num == latest && sm.settled()).unwrap_or(true)
-            });
+            let done = self
+                .all_servers()
+                .into_iter()
+                .filter(|&e| self.is_up(e))
+                .all(|e| self.with_sm(e, |sm| sm.config().num == latest && sm.settled()).unwrap_or(true));
             if done {
                 return true;
             }

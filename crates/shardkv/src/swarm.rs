@@ -233,7 +233,8 @@ pub fn run(seed: u64) -> ShardSwarmReport {
     rep.acked_puts = acked_now.puts.values().sum();
     rep.acked_appends = acked_now.appends.values().sum();
     rep.events = sim.world.events_handled();
-    let (appends, versioned): (Vec<Record>, Vec<Record>) = records.into_iter().partition(|r| akeys.contains(&r.op.key().to_string()));
+    let (appends, versioned): (Vec<Record>, Vec<Record>) =
+        records.into_iter().partition(|r| akeys.contains(&r.op.key().to_string()));
     check_appends(&appends);
     check_versioned(&versioned);
     rep

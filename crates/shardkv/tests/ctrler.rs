@@ -269,7 +269,8 @@ fn rebalance_properties_random_sequences() {
             let op = match rng.below(10) {
                 0..=3 => {
                     let k = rng.range(1, 4);
-                    let gids: BTreeSet<Gid> = (0..k).map(|_| rng.range(1, 16)).filter(|g| !present.contains(g)).collect();
+                    let gids: BTreeSet<Gid> =
+                        (0..k).map(|_| rng.range(1, 16)).filter(|g| !present.contains(g)).collect();
                     if gids.is_empty() {
                         continue;
                     }
@@ -298,7 +299,10 @@ fn rebalance_properties_random_sequences() {
                     let m = moved(&before, &after);
                     assert_eq!(m.len(), fewest_moves(&before.shards, &present), "{op:?} moved {m:?}");
                     if balanced && !before.groups.is_empty() {
-                        assert!(m.iter().all(|&s| groups.contains_key(&after.shards[s])), "{op:?}: {before:?} -> {after:?}");
+                        assert!(
+                            m.iter().all(|&s| groups.contains_key(&after.shards[s])),
+                            "{op:?}: {before:?} -> {after:?}"
+                        );
                     }
                     balanced = true;
                 }
@@ -315,7 +319,10 @@ fn rebalance_properties_random_sequences() {
                     balanced = true;
                 }
                 CtrlOp::Move { shard, gid } => {
-                    assert_eq!(moved(&before, &after), if before.shards[*shard] == *gid { vec![] } else { vec![*shard] });
+                    assert_eq!(
+                        moved(&before, &after),
+                        if before.shards[*shard] == *gid { vec![] } else { vec![*shard] }
+                    );
                     balanced = false;
                 }
             }

@@ -710,3 +710,48 @@ fn challenge2_partial_5b() {
         check_store(&h.records());
     });
 }
+
+/// Beyond the course: a scan scatters over the shards (wherever they are, also while they
+/// move) and merges in key order; limits are refused with a clear error and change nothing;
+/// garbage to a group server gets a clear error.
+#[test]
+fn scan_across_shards_in_key_order() {
+    run_seeds("scan_across_shards_in_key_order", 1, |seed| {
+        let sim = sim(seed, 3, false, None);
+        let h = History::default();
+        sim.join(&[G0, G1, G2]);
+        let keys = many_keys(60);
+        let exp = put_all(&sim, &h, &keys, 3);
+        let mut sorted: Vec<(String, String)> = exp.borrow().clone().into_iter().collect();
+        sorted.sort();
+        let spread: std::collections::BTreeSet<usize> = keys.iter().map(|k| key2shard(k)).collect();
+        assert_eq!(spread.len(), NSHARDS, "the keys cover every shard");
+        sim.move_shard(0, G2);
+        sim.leave(&[G1]);
+        let mut ck = sim.clerk(&h);
+        let c = sim.world.client(99_001);
+        sim.world.block_on(async move {
+            let got = ck.scan("", None, 1000).await.unwrap();
+            let want: Vec<(String, String, u64)> = sorted.iter().map(|(k, v)| (k.clone(), v.clone(), 1)).collect();
+            assert_eq!(got, want, "a full scan returns every key once, in order");
+            let got = ck.scan("key2", Some("key4"), 1000).await.unwrap();
+            let want: Vec<_> =
+                want.iter().filter(|(k, _, _)| k.as_str() >= "key2" && k.as_str() < "key4").cloned().collect();
+            assert_eq!(got, want, "a range scan");
+            let got = ck.scan("key", None, 7).await.unwrap();
+            assert_eq!(got.len(), 7);
+            assert_eq!(got, sorted_prefix(&sorted, 7), "a limited scan returns the first keys overall");
+            assert!(matches!(ck.scan("", None, 1_000_000).await, Err(KvError::ScanLimit { .. })));
+            let huge = "x".repeat(sixfive_kv::store::MAX_KEY_BYTES + 1);
+            assert!(matches!(ck.put(&huge, "v", 0).await, Err(KvError::KeyTooLarge { .. })));
+            let reply = c.call(G0 * 10 + 1, vec![0xFF; 8], SEC).await.unwrap();
+            assert!(matches!(postcard::from_bytes::<RsmReply>(&reply).unwrap(), RsmReply::Malformed(_)));
+        });
+        check_all(&sim, &h, &exp);
+        check_store(&h.records());
+    });
+}
+
+fn sorted_prefix(sorted: &[(String, String)], n: usize) -> Vec<(String, String, u64)> {
+    sorted.iter().take(n).map(|(k, v)| (k.clone(), v.clone(), 1)).collect()
+}
