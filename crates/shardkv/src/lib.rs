@@ -52,6 +52,17 @@
 //! two sides. A receiver that falls behind is not a problem: the sender keeps pushing, the
 //! pushes are ignored until the receiver reaches configuration `n + 1`.
 //!
+//! ## Sessions and reads
+//!
+//! Each shard has its own session table (client id -> last sequence number applied to that
+//! shard and its reply). A clerk numbers its writes across all shards; a write is answered from
+//! the table when it repeats the last sequence number, refused as stale when older, applied
+//! otherwise. Sessions idle for [`group::SESSION_TTL`] of leader-stamped log time are dropped in
+//! a sweep decided by the log alone, the same on every replica (an expired clerk's retry would
+//! be applied again, the documented cost of bounding the table). Gets and per-shard scans go
+//! through ReadIndex and are answered only if the shard is `Serving` at the read index, so a
+//! group never answers from a shard it has given away.
+//!
 //! A shard is never served by two groups for the same configuration: a group serves a shard
 //! only while it is `Serving`, which requires that the group's current configuration assigns
 //! it the shard. The controller never lets the last group leave (its shards would have nowhere

@@ -2,8 +2,9 @@
 //! snapshot limit; for 8 virtual seconds an administrator joins, removes and moves groups and
 //! shards at random while the clerks run versioned Puts, Gets and Appends, and servers (of the
 //! groups and of the controller) crash and restart, the network splits, nodes disconnect,
-//! messages are lost and reordered. After every event the single-owner check runs (no shard is
-//! served by two groups for one configuration). Then everything heals and settles; every
+//! messages are lost and reordered. After every fault, and every 10 ms of virtual time between
+//! them, the single-owner check runs (no shard is served by two groups for one configuration,
+//! none by a group its configuration does not give it to). Then everything heals and settles; every
 //! acknowledged write must be present exactly once and every history must be linearizable.
 //! Panics (with the reason) on a violation.
 
@@ -155,9 +156,12 @@ pub fn run(seed: u64) -> ShardSwarmReport {
     let servers: Vec<u64> = sim.ctrlers().into_iter().chain(sim.all_servers()).collect();
     let end = sim.world.now() + 8 * SEC;
     while sim.world.now() < end {
-        let step = sim.world.random(300) * MS + MS;
-        sim.world.run_for(step);
-        sim.check_single_owner();
+        // Between faults, the single-owner check every 10 ms of virtual time.
+        let step_end = sim.world.now() + sim.world.random(300) * MS + MS;
+        while sim.world.now() < step_end {
+            sim.world.run_for((step_end - sim.world.now()).min(10 * MS));
+            sim.check_single_owner();
+        }
         let e = servers[sim.world.random(servers.len() as u64) as usize];
         match sim.world.random(100) {
             0..=7 => {
