@@ -43,6 +43,8 @@ pub struct ShardSwarmReport {
     pub partitions: u64,
     /// Simulator events handled.
     pub events: u64,
+    /// Hash of every event handled: equal for two runs of one seed.
+    pub trace: u64,
 }
 
 impl ShardSwarmReport {
@@ -237,6 +239,7 @@ pub fn run(seed: u64) -> ShardSwarmReport {
     rep.acked_puts = acked_now.puts.values().sum();
     rep.acked_appends = acked_now.appends.values().sum();
     rep.events = sim.world.events_handled();
+    rep.trace = sim.world.trace_hash();
     let (appends, versioned): (Vec<Record>, Vec<Record>) =
         records.into_iter().partition(|r| akeys.contains(&r.op.key().to_string()));
     check_appends(&appends);

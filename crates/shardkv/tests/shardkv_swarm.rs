@@ -16,3 +16,12 @@ fn shardkv_swarm_random_faults() {
         "{total:?}"
     );
 }
+
+#[test]
+fn shardkv_same_seed_same_trace() {
+    run_seeds("shardkv_same_seed_same_trace", 3, |seed| {
+        let (a, b) = (sixfive_shardkv::swarm::run(seed), sixfive_shardkv::swarm::run(seed));
+        assert_eq!(a, b, "two runs of one seed differ");
+        assert!(a.events > 0);
+    });
+}
