@@ -337,3 +337,49 @@ fn rebalance_properties_random_sequences() {
         }
     });
 }
+
+/// Beyond the course: over a lossy network with controller servers crashing, every change is
+/// applied exactly once (retries are answered from the session): the configurations are
+/// numbered 0..=changes with no gap or duplicate, and each clerk's answers are increasing.
+#[test]
+fn ctrler_exactly_once_under_faults() {
+    run_seeds("ctrler_exactly_once_under_faults", 3, |seed| {
+        let sim = Rc::new(ShardSim::new(seed, NetConfig { unreliable: true, ..Default::default() }, &[], 3, Some(500)));
+        let tasks: Vec<_> = (0..4u64)
+            .map(|c| {
+                let mut ck = sim.ctrler_clerk();
+                sim.world.spawn(async move {
+                    let mut nums = Vec::new();
+                    for i in 0..5 {
+                        let gid = 1 + c * 100 + i;
+                        nums.push(ck.join(groups(&[gid])).await.unwrap());
+                        nums.push(ck.move_shard(i as usize, gid).await.unwrap());
+                    }
+                    nums
+                })
+            })
+            .collect();
+        for round in 0..6 {
+            sim.world.run_for(300 * sixfive_sim::MS);
+            let e = sim.ctrlers()[round % 3];
+            sim.crash(e);
+            sim.world.run_for(200 * sixfive_sim::MS);
+            sim.start(e);
+        }
+        let mut ck = sim.ctrler_clerk();
+        let (all, latest) = sim.world.block_on(async move {
+            let mut all = Vec::new();
+            for t in tasks {
+                let nums = t.await;
+                assert!(nums.windows(2).all(|w| w[0] < w[1]), "a clerk's changes out of order: {nums:?}");
+                all.extend(nums);
+            }
+            (all, ck.query(None).await.unwrap())
+        });
+        let mut sorted = all.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (1..=40).collect::<Vec<u64>>(), "every change made exactly one configuration");
+        assert_eq!(latest.num, 40);
+        assert_eq!(latest.groups.len(), 20);
+    });
+}
