@@ -67,6 +67,18 @@
 //! only while it is `Serving`, which requires that the group's current configuration assigns
 //! it the shard. The controller never lets the last group leave (its shards would have nowhere
 //! to go), so after the first Join no shard is ever assigned to nobody and no data is dropped.
+//!
+//! ## Limits (known, by design or not yet done)
+//!
+//! - A group that owes a shard to a dead group, or waits for one from it, stays at its
+//!   configuration until that group comes back (its other shards keep serving); configurations
+//!   are never skipped, so nothing is lost meanwhile.
+//! - The controller keeps every configuration (Query may ask for any of them): its state grows
+//!   by one configuration per change.
+//! - A push carries the whole shard and is repeated every poll interval until acknowledged;
+//!   there is no chunking or rate limit for very large shards yet.
+//! - The servers run in the simulator today; the production runtime (real processes, TCP,
+//!   files) and the `sixfive shardkv` commands come with it.
 #![deny(missing_docs)]
 
 pub mod clerk;
