@@ -109,9 +109,14 @@ impl ShardSim {
 
     /// Crashes server `e`: its unsynced writes are lost.
     pub fn crash(&self, e: Endpoint) {
+        self.crash_with(e, false);
+    }
+
+    /// Crashes server `e`; with `torn`, a random prefix of its unsynced writes survives.
+    pub fn crash_with(&self, e: Endpoint, torn: bool) {
         self.world.crash(e);
         let disk = &self.disks[&e];
-        self.world.with_rng(|rng| disk.0.borrow_mut().disk.crash(rng, false));
+        self.world.with_rng(|rng| disk.0.borrow_mut().disk.crash(rng, torn));
     }
 
     /// Whether server `e` runs.

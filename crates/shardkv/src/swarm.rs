@@ -1,7 +1,7 @@
 //! The shardkv swarm: one seed picks 2-4 replica groups, 2-5 clerks, a fault mix and a
 //! snapshot limit; for 8 virtual seconds an administrator joins, removes and moves groups and
 //! shards at random while the clerks run versioned Puts, Gets and Appends, and servers (of the
-//! groups and of the controller) crash and restart, the network splits, nodes disconnect,
+//! groups and of the controller) crash (sometimes with torn writes) and restart, the network splits, nodes disconnect,
 //! messages are lost and reordered. After every fault, and every 10 ms of virtual time between
 //! them, the single-owner check runs (no shard is served by two groups for one configuration,
 //! none by a group its configuration does not give it to). Then everything heals and settles; every
@@ -177,7 +177,8 @@ pub fn run(seed: u64) -> ShardSwarmReport {
             18..=29 => {
                 if sim.is_up(e) {
                     rep.crashes += 1;
-                    sim.crash(e);
+                    let torn = sim.world.random(2) == 0;
+                    sim.crash_with(e, torn);
                 } else {
                     sim.start(e);
                 }
