@@ -398,7 +398,15 @@ impl<S: Storage> ShardServer<S> {
             self.proposed.clear();
             return;
         };
-        self.proposed.retain(|_, t| *t == term);
+        // Forget proposals of other terms, and those a newer configuration has made moot.
+        let num = self.sm().config.num;
+        self.proposed.retain(|p, t| {
+            *t == term
+                && match *p {
+                    Proposal::Config(n) => n > num,
+                    Proposal::Install(n, _) | Proposal::Delete(n, _) => n >= num,
+                }
+        });
         let sm = self.node.rsm().state_machine();
         if sm.settled() {
             let to = self.ctrlers[self.next_ctrler % self.ctrlers.len()];
