@@ -214,3 +214,19 @@ pub fn mapreduce(size_mib: u64, workers: usize, texts: &std::path::Path, keep: b
     }
     ExitCode::SUCCESS
 }
+
+/// Fsyncs per committed write, by role, on a simulated three-node cluster.
+pub fn fsyncs(writes: u64) -> ExitCode {
+    if writes == 0 {
+        eprintln!("error: --writes must be at least 1");
+        return ExitCode::from(2);
+    }
+    println!("| writes in flight | leader fsyncs/write | follower fsyncs/write |");
+    println!("| --- | --- | --- |");
+    for in_flight in [1, 10, 100] {
+        let r = sixfive_raft_sim::bench::fsyncs_per_write(3, writes, in_flight);
+        let followers: Vec<String> = r.followers.iter().map(|f| format!("{f:.2}")).collect();
+        println!("| {in_flight} | {:.2} | {} |", r.leader, followers.join(", "));
+    }
+    ExitCode::SUCCESS
+}

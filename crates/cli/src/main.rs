@@ -49,6 +49,13 @@ enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         batch: u64,
     },
+    /// Fsyncs per committed write on each node of a simulated three-node cluster (counted,
+    /// not timed), writes waited for one at a time and in groups.
+    Fsyncs {
+        /// Writes to commit.
+        #[arg(long, default_value_t = 1000)]
+        writes: u64,
+    },
     /// Word count on a generated corpus: a plain single-threaded Rust count vs MapReduce.
     Mr {
         /// Corpus size in MiB.
@@ -126,6 +133,7 @@ fn main() -> ExitCode {
         Command::Bench { what: BenchCommand::RaftCore { entries, size, batch } } => {
             bench::raft_core(entries, size, batch)
         }
+        Command::Bench { what: BenchCommand::Fsyncs { writes } } => bench::fsyncs(writes),
         Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, keep } } => {
             bench::mapreduce(size_mib, workers, &texts, keep)
         }

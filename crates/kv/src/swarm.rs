@@ -11,6 +11,7 @@ use std::rc::Rc;
 use sixfive_rpc::Transport;
 use sixfive_rsm::testkit::RsmCluster;
 use sixfive_sim::{MS, NetConfig, Rng, SEC};
+use sixfive_storage::fs::SimFsConfig;
 
 use crate::check::*;
 use crate::{History, KvClient, KvError, KvSm, RaftClerk, Record};
@@ -64,10 +65,24 @@ pub fn run(seed: u64) -> KvSwarmReport {
     let servers = *pick.pick(&[3u64, 5]);
     let clients = pick.range(2, 6);
     let vkeys = pick.range(1, 3);
-    let net =
-        NetConfig { unreliable: pick.chance(0.5), long_reordering: pick.chance(0.2), long_delays: pick.chance(0.2) };
+    let net = NetConfig {
+        unreliable: pick.chance(0.5),
+        long_reordering: pick.chance(0.2),
+        long_delays: pick.chance(0.2),
+        duplicate: false,
+    };
     let max_raft_state = if pick.chance(0.5) { Some(pick.range(300, 3000) as usize) } else { None };
-    let cl = Rc::new(RsmCluster::new(seed, servers, net, max_raft_state, KvSm::default));
+    // A third of the seeds run the production FileStorage on simulated disks that lose
+    // unsynced pages, zero-fill, fail calls and take time to sync.
+    let fs_faults = SimFsConfig {
+        fail_rate: if pick.chance(0.5) { 0.0005 } else { 0.0 },
+        zero_fill: pick.chance(0.5),
+        sync_latency: pick.below(3) * MS,
+    };
+    let file_storage = pick.chance(1.0 / 3.0).then_some(fs_faults);
+    let mut net = net;
+    net.duplicate = pick.chance(0.3);
+    let cl = Rc::new(RsmCluster::new_on(seed, servers, net, max_raft_state, file_storage, KvSm::default));
     let mut rep = KvSwarmReport { seed, servers, clients, ..Default::default() };
     let h = History::default();
     let acked: Rc<RefCell<Acked>> = Rc::default();
@@ -79,6 +94,9 @@ pub fn run(seed: u64) -> KvSwarmReport {
             let (acked, done) = (acked.clone(), done.clone());
             cl.world.spawn(async move {
                 let mut j = 0u64;
+                // Read floor: the newest version this client has seen or written, per key. A
+                // later read must never return an older one (a stale read).
+                let mut floor: BTreeMap<String, u64> = BTreeMap::new();
                 while !done.get() {
                     let w = ck.transport().world().clone();
                     if w.random(3) == 0 {
@@ -92,8 +110,14 @@ pub fn run(seed: u64) -> KvSwarmReport {
                             Err(KvError::NoKey) => 0,
                             Err(e) => panic!("{e}"),
                         };
+                        let seen = floor.entry(key.clone()).or_insert(0);
+                        assert!(ver >= *seen, "client {c} read version {ver} of {key} after seeing version {seen}");
+                        *seen = ver;
                         match ck.put(&key, &format!("{c}"), ver).await {
-                            Ok(()) => *acked.borrow_mut().puts.entry(key).or_insert(0) += 1,
+                            Ok(()) => {
+                                floor.insert(key.clone(), ver + 1);
+                                *acked.borrow_mut().puts.entry(key).or_insert(0) += 1
+                            }
                             Err(KvError::Version) => {}
                             Err(e) => panic!("{e}"),
                         }
@@ -137,6 +161,7 @@ pub fn run(seed: u64) -> KvSwarmReport {
 
     // Heal everything; clients finish their current operation.
     done.set(true);
+    cl.set_fs_config(SimFsConfig { fail_rate: 0.0, ..fs_faults });
     cl.world.net(|n| {
         n.heal();
         n.config = NetConfig::default();
@@ -178,8 +203,14 @@ pub fn run(seed: u64) -> KvSwarmReport {
     rep.acked_puts = acked_now.puts.values().sum();
     rep.acked_appends = acked_now.appends.values().sum();
     rep.events = cl.world.events_handled();
+    check_history(records);
+    rep
+}
+
+/// The swarm's history check: the appends to key "a" and the versioned keys, each checked
+/// for linearizability. Panics with the reason on a violation.
+pub fn check_history(records: Vec<Record>) {
     let (appends, versioned): (Vec<Record>, Vec<Record>) = records.into_iter().partition(|r| r.op.key() == "a");
     check_appends(&appends);
     check_versioned(&versioned);
-    rep
 }

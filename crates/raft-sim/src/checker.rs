@@ -35,11 +35,17 @@ pub struct Checker {
     leaders: BTreeMap<Term, NodeId>,
     chain_at: BTreeMap<(Index, Term), u64>,
     applied: BTreeMap<Index, Entry>,
+    /// For each applied index, a term at least that of the leader that committed it: the
+    /// term of the first node seen applying it (a node learns of a commit only from a leader
+    /// of its own term, or by leading).
+    committed_by: BTreeMap<Index, Term>,
     chains: BTreeMap<NodeId, Chain>,
 }
 
 impl Checker {
-    /// Election Safety, and Leader Completeness for a node that just became leader.
+    /// Election Safety, and Leader Completeness for a node that just became leader: it holds
+    /// every entry committed in an earlier term. (An election can finish late, after a later
+    /// term has committed more: such entries need not be in this leader's log.)
     pub fn on_leader(&mut self, id: NodeId, term: Term, log: &RaftLog) {
         match self.leaders.get(&term) {
             Some(&other) => assert_eq!(other, id, "two leaders in term {term}: {other} and {id}"),
@@ -47,6 +53,9 @@ impl Checker {
                 self.leaders.insert(term, id);
                 let base = log.snapshot().meta.index;
                 for (&i, e) in self.applied.range(base + 1..) {
+                    if self.committed_by[&i] >= term {
+                        continue;
+                    }
                     assert_eq!(
                         log.term(i),
                         Some(e.term),
@@ -105,11 +114,13 @@ impl Checker {
     }
 
     /// State Machine Safety: `e` is applied by `id`.
-    pub fn on_apply(&mut self, id: NodeId, e: &Entry) {
+    /// Node `id`, now in term `term`, applied `e`.
+    pub fn on_apply(&mut self, id: NodeId, term: Term, e: &Entry) {
         match self.applied.get(&e.index) {
             Some(prev) => assert_eq!(prev, e, "node {id} applied a different entry at index {}", e.index),
             None => {
                 self.applied.insert(e.index, e.clone());
+                self.committed_by.insert(e.index, term);
             }
         }
     }

@@ -8,12 +8,14 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sixfive_raft::{
-    Config, EntryKind, Index, Message, NodeId, RawNode, ReadState, Role, Status, Storage, Term, persist_ready,
+    Config, EntryKind, Index, Message, MessageBody, NodeId, RawNode, ReadState, Role, Status, Storage, Term,
+    persist_ready,
 };
 use sixfive_sim::{EventQueue, Fate, MS, Micros, NetConfig, Network, Rng, SEC};
+use sixfive_storage::fs::SimFsConfig;
 
 use crate::checker::Checker;
-use crate::storage::SimStorage;
+use crate::storage::{NodeStorage, SimStorage};
 
 /// Length of one Raft tick in virtual time.
 pub const TICK: Micros = 10 * MS;
@@ -34,6 +36,12 @@ pub struct ClusterConfig {
     pub torn_writes: bool,
     /// Adjusts each node's Raft configuration.
     pub tweak: fn(&mut Config),
+    /// Run the production `FileStorage` on a simulated file system with these faults, instead
+    /// of the in-memory storage model.
+    pub file_storage: Option<SimFsConfig>,
+    /// Clocks run at different rates: each node's tick lasts `TICK * (1 + d)` with `d` drawn
+    /// at each start from `[-clock_drift, clock_drift]`.
+    pub clock_drift: f64,
 }
 
 impl ClusterConfig {
@@ -46,6 +54,8 @@ impl ClusterConfig {
             crash_in_ready: 0.0,
             torn_writes: false,
             tweak: |_| {},
+            file_storage: None,
+            clock_drift: 0.0,
         }
     }
 
@@ -72,7 +82,7 @@ enum Event {
 
 struct Slot {
     id: NodeId,
-    storage: SimStorage,
+    storage: NodeStorage,
     raw: Option<RawNode>,
     /// What this node's application has applied (kept across a crash, reset at restart).
     sm: AppliedLog,
@@ -80,6 +90,11 @@ struct Slot {
     reads: Vec<ReadState>,
     /// Snapshots received from a leader and installed.
     installed_snapshots: u64,
+    /// Length of this instance's tick (its clock's rate).
+    tick_micros: Micros,
+    /// A stop-the-world pause: nothing runs before this time; then the timers that should
+    /// have fired meanwhile fire in a burst.
+    paused_until: Micros,
 }
 
 /// The simulated cluster.
@@ -95,6 +110,7 @@ pub struct Cluster {
     checker: Checker,
     trace: u64,
     events: u64,
+    storage_failures: u64,
 }
 
 /// Encodes a test command from a number.
@@ -105,25 +121,36 @@ pub fn cmd(n: u64) -> Vec<u8> {
 impl Cluster {
     /// A cluster whose every choice follows from `seed`; all nodes start at once.
     pub fn new(cfg: ClusterConfig, seed: u64) -> Cluster {
+        let mut rng = Rng::new(seed);
+        let storages: Vec<NodeStorage> = (0..cfg.nodes)
+            .map(|_| match cfg.file_storage {
+                Some(fc) => NodeStorage::file(rng.fork(), fc),
+                None => NodeStorage::Model(SimStorage::default()),
+            })
+            .collect();
         let mut c = Cluster {
-            rng: Rng::new(seed),
+            rng,
             now: 0,
             net: Network::new(cfg.net),
             queue: EventQueue::default(),
             slots: (1..=cfg.nodes as u64)
-                .map(|id| Slot {
+                .zip(storages)
+                .map(|(id, storage)| Slot {
                     id,
-                    storage: SimStorage::default(),
+                    storage,
                     raw: None,
                     sm: AppliedLog::default(),
                     incarnation: 0,
                     reads: Vec::new(),
                     installed_snapshots: 0,
+                    tick_micros: TICK,
+                    paused_until: 0,
                 })
                 .collect(),
             checker: Checker::default(),
             trace: 0xcbf2_9ce4_8422_2325,
             events: 0,
+            storage_failures: 0,
             cfg,
         };
         for id in c.ids() {
@@ -186,19 +213,37 @@ impl Cluster {
     }
 
     fn on_tick(&mut self, node: usize, incarnation: u64) {
+        let now = self.now;
         let slot = &mut self.slots[node];
         if slot.incarnation != incarnation {
             return; // a tick of a crashed instance
         }
+        if now < slot.paused_until {
+            let until = slot.paused_until;
+            self.queue.push(until, Event::Tick { node, incarnation });
+            return;
+        }
         let Some(raw) = slot.raw.as_mut() else { return };
-        raw.tick();
+        // After a pause, every tick that was due meanwhile fires at once (capped).
+        let due =
+            if slot.paused_until > 0 && now == slot.paused_until { 1 + 20.min(now / slot.tick_micros) } else { 1 };
+        for _ in 0..due {
+            raw.tick();
+        }
         let id = slot.id;
+        let tick = slot.tick_micros;
         self.trace(1, &id.to_le_bytes());
         self.drive(id);
-        self.queue.push(self.now + TICK, Event::Tick { node, incarnation });
+        self.queue.push(self.now + tick, Event::Tick { node, incarnation });
     }
 
     fn on_deliver(&mut self, from: NodeId, to: NodeId, reply: bool, bytes: Vec<u8>) {
+        let until = self.slot(to).paused_until;
+        if self.now < until {
+            // The receiver is paused: the message waits in its socket buffer.
+            self.queue.push(until, Event::Deliver { from, to, reply, bytes });
+            return;
+        }
         if self.slot(to).raw.is_none() || !self.net.arrive(from, to, reply) {
             return;
         }
@@ -208,11 +253,51 @@ impl Cluster {
         self.drive(to);
     }
 
-    fn send(&mut self, m: Message) {
+    /// Every message must depend only on what its sender has made durable (a crash right
+    /// after sending must not let the sender forget a term, a vote or entries it vouched for).
+    fn check_durable(&self, m: &Message) {
+        let Some(d) = self.slots[(m.from - 1) as usize].storage.durable() else { return };
+        let pre = matches!(m.body, MessageBody::Vote { pre: true, .. } | MessageBody::VoteResponse { pre: true, .. });
+        if !pre {
+            assert!(
+                d.hard_state.term >= m.term,
+                "node {} sent {:?} in term {} with only term {} durable",
+                m.from,
+                m.body,
+                m.term,
+                d.hard_state.term
+            );
+        }
+        let durable_last = d.entries.last().map_or(d.snapshot.as_ref().map_or(0, |s| s.meta.index), |e| e.index);
+        match &m.body {
+            MessageBody::VoteResponse { pre: false, granted: true } => assert!(
+                d.hard_state.term == m.term && d.hard_state.vote == Some(m.to),
+                "node {} granted its vote to {} in term {} before persisting it (durable: {:?})",
+                m.from,
+                m.to,
+                m.term,
+                d.hard_state
+            ),
+            MessageBody::AppendResponse { success: true, index, .. } => assert!(
+                durable_last >= *index,
+                "node {} acknowledged entries up to {index} with only {durable_last} durable",
+                m.from
+            ),
+            _ => {}
+        }
+    }
+
+    fn send(&mut self, m: Message, delay: Micros) {
+        self.check_durable(&m);
         let bytes = postcard::to_allocvec(&m).expect("messages encode");
         let reply = m.body.is_response();
-        match self.net.send(&mut self.rng, self.now, m.from, m.to, reply, bytes.len()) {
-            Fate::Deliver(at) => self.queue.push(at, Event::Deliver { from: m.from, to: m.to, reply, bytes }),
+        match self.net.send(&mut self.rng, self.now + delay, m.from, m.to, reply, bytes.len()) {
+            Fate::Deliver(at) => {
+                if let Some(again) = self.net.duplicate(&mut self.rng, at) {
+                    self.queue.push(again, Event::Deliver { from: m.from, to: m.to, reply, bytes: bytes.clone() });
+                }
+                self.queue.push(at, Event::Deliver { from: m.from, to: m.to, reply, bytes })
+            }
             Fate::Drop | Fate::FailAt(_) => {}
         }
     }
@@ -230,18 +315,29 @@ impl Cluster {
             // 1. Persist. Possibly crash between the writes and the sync.
             if rd.must_sync() && self.cfg.crash_in_ready > 0.0 && self.rng.chance(self.cfg.crash_in_ready) {
                 let st = &mut slot.storage;
-                if let Some(s) = &rd.snapshot {
-                    st.save_snapshot(s).expect("infallible");
-                }
-                st.append(&rd.entries).expect("infallible");
-                if let Some(hs) = &rd.hard_state {
-                    st.save_hard_state(hs).expect("infallible");
-                }
+                // Errors do not matter here: the node crashes anyway.
+                let _ = (|| {
+                    if let Some(s) = &rd.snapshot {
+                        st.save_snapshot(s)?;
+                    }
+                    st.append(&rd.entries)?;
+                    if let Some(hs) = &rd.hard_state {
+                        st.save_hard_state(hs)?;
+                    }
+                    Ok::<(), String>(())
+                })();
                 self.trace(3, &id.to_le_bytes());
                 self.crash(id);
                 return;
             }
-            persist_ready(&mut slot.storage, &rd).expect("infallible");
+            if persist_ready(&mut slot.storage, &rd).is_err() {
+                // An I/O error: the storage is poisoned, the node stops (a restart re-reads
+                // the disk).
+                self.storage_failures += 1;
+                self.crash(id);
+                return;
+            }
+            let delay = slot.storage.fs().map_or(0, |fs| fs.take_latency());
             if let Some(s) = &rd.snapshot {
                 self.checker.on_snapshot(id, s.meta.index, s.meta.term);
             }
@@ -249,7 +345,7 @@ impl Cluster {
             self.checker.on_entries(id, &rd.entries, raw.log());
             // 2. Send.
             for m in rd.messages.iter().cloned() {
-                self.send(m);
+                self.send(m, delay);
             }
             // 3. Apply.
             let slot = &mut self.slots[i];
@@ -260,13 +356,14 @@ impl Cluster {
                 slot.installed_snapshots += 1;
             }
             let mut take_snapshot = None;
+            let term = slot.raw.as_ref().expect("live").status().term;
             for e in &rd.committed_entries {
                 assert_eq!(e.index, slot.sm.last_applied + 1, "node {id} applied index {} out of order", e.index);
                 slot.sm.last_applied = e.index;
                 if e.kind == EntryKind::Normal {
                     slot.sm.cmds.insert(e.index, e.data.clone());
                 }
-                self.checker.on_apply(id, e);
+                self.checker.on_apply(id, term, e);
                 if self.cfg.snapshot_every.is_some_and(|n| (e.index + 1) % n == 0) {
                     take_snapshot = Some((e.index, postcard::to_allocvec(&slot.sm).expect("encodes")));
                 }
@@ -278,8 +375,11 @@ impl Cluster {
             if let Some((index, data)) = take_snapshot
                 && let Ok(snap) = raw.compact(index, data)
             {
-                slot.storage.save_snapshot(&snap).expect("infallible");
-                slot.storage.sync().expect("infallible");
+                if slot.storage.save_snapshot(&snap).and_then(|()| slot.storage.sync()).is_err() {
+                    self.storage_failures += 1;
+                    self.crash(id);
+                    return;
+                }
                 self.checker.on_compact(id, index);
             }
         }
@@ -297,7 +397,7 @@ impl Cluster {
         let torn = self.cfg.torn_writes;
         let slot = &mut self.slots[(id - 1) as usize];
         if slot.raw.take().is_some() {
-            slot.storage.disk.crash(&mut self.rng, torn);
+            slot.storage.crash(&mut self.rng, torn);
             slot.incarnation += 1;
             self.trace(4, &id.to_le_bytes());
         }
@@ -310,7 +410,11 @@ impl Cluster {
         rc.seed = self.rng.next_u64();
         (self.cfg.tweak)(&mut rc);
         let slot = &mut self.slots[(id - 1) as usize];
-        let state = slot.storage.initial_state().expect("infallible");
+        if slot.storage.reopen().is_err() {
+            self.storage_failures += 1;
+            return; // an I/O error at start-up: the node stays down
+        }
+        let state = slot.storage.initial_state().expect("opened");
         slot.sm = match &state.snapshot {
             Some(s) => {
                 let sm: AppliedLog = postcard::from_bytes(&s.data).expect("snapshot decodes");
@@ -320,6 +424,11 @@ impl Cluster {
             None => AppliedLog::default(),
         };
         slot.reads.clear();
+        slot.paused_until = 0;
+        if self.cfg.clock_drift > 0.0 {
+            let d = (self.rng.below(2001) as f64 / 1000.0 - 1.0) * self.cfg.clock_drift;
+            slot.tick_micros = ((TICK as f64) * (1.0 + d)) as Micros;
+        }
         let raw = RawNode::restart(rc, state).expect("valid config");
         self.checker.on_restart(id, raw.log());
         slot.raw = Some(raw);
@@ -328,6 +437,23 @@ impl Cluster {
         let phase = self.rng.below(TICK);
         self.queue.push(self.now + phase, Event::Tick { node, incarnation });
         self.trace(5, &id.to_le_bytes());
+    }
+
+    /// Pauses node `id` for `d` (a stop-the-world garbage collection, a SIGSTOP, a VM
+    /// migration): no timer fires and no message is handled until it resumes; then the ticks
+    /// it missed fire in a burst and the messages that arrived are handled in order.
+    pub fn pause(&mut self, id: NodeId, d: Micros) {
+        let until = self.now + d;
+        let slot = self.slot(id);
+        if slot.raw.is_some() {
+            slot.paused_until = slot.paused_until.max(until);
+            self.trace(9, &id.to_le_bytes());
+        }
+    }
+
+    /// Whether node `id` is paused now.
+    pub fn is_paused(&self, id: NodeId) -> bool {
+        self.now < self.slots[(id - 1) as usize].paused_until
     }
 
     /// Sets the probability of a crash in the middle of persisting a `Ready`.
@@ -363,6 +489,9 @@ impl Cluster {
     /// not running or not the leader.
     pub fn start(&mut self, id: NodeId, cmd: Vec<u8>) -> Option<(Index, Term)> {
         self.trace(8, &cmd);
+        if self.is_paused(id) {
+            return None;
+        }
         let r = self.slot(id).raw.as_mut()?.propose(cmd).ok()?;
         self.drive(id);
         Some(r)
@@ -370,7 +499,7 @@ impl Cluster {
 
     /// Asks node `id` for a ReadIndex; the answer lands in [`Cluster::reads`].
     pub fn read_index(&mut self, id: NodeId, ctx: Vec<u8>) -> bool {
-        let ok = self.slot(id).raw.as_mut().is_some_and(|r| r.read_index(ctx).is_ok());
+        let ok = !self.is_paused(id) && self.slot(id).raw.as_mut().is_some_and(|r| r.read_index(ctx).is_ok());
         if ok {
             self.drive(id);
         }
@@ -379,7 +508,7 @@ impl Cluster {
 
     /// Asks leader `id` to hand leadership to `to`.
     pub fn transfer_leader(&mut self, id: NodeId, to: NodeId) -> bool {
-        let ok = self.slot(id).raw.as_mut().is_some_and(|r| r.transfer_leader(to).is_ok());
+        let ok = !self.is_paused(id) && self.slot(id).raw.as_mut().is_some_and(|r| r.transfer_leader(to).is_ok());
         if ok {
             self.drive(id);
         }
@@ -403,7 +532,26 @@ impl Cluster {
 
     /// Bytes of Raft state node `id` has on disk (log and hard state, not the snapshot).
     pub fn raft_state_bytes(&self, id: NodeId) -> usize {
-        self.slots[(id - 1) as usize].storage.disk.read().raft_state_bytes()
+        self.slots[(id - 1) as usize].storage.raft_state_bytes()
+    }
+
+    /// Syncs node `id`'s storage made, over all its restarts.
+    pub fn syncs(&self, id: NodeId) -> u64 {
+        self.slots[(id - 1) as usize].storage.syncs()
+    }
+
+    /// Storage failures (injected I/O errors) that stopped a node.
+    pub fn storage_failures(&self) -> u64 {
+        self.storage_failures
+    }
+
+    /// Changes the simulated file systems' faults (file storage only).
+    pub fn set_fs_config(&mut self, config: SimFsConfig) {
+        for s in &self.slots {
+            if let Some(fs) = s.storage.fs() {
+                fs.set_config(config);
+            }
+        }
     }
 
     /// Snapshots node `id` received from leaders and installed, over all its restarts.
@@ -418,7 +566,7 @@ impl Cluster {
 
     /// Bytes of node `id`'s snapshot on disk.
     pub fn snapshot_bytes(&self, id: NodeId) -> usize {
-        self.slots[(id - 1) as usize].storage.disk.read().snapshot_bytes()
+        self.slots[(id - 1) as usize].storage.snapshot_bytes()
     }
 
     /// RPCs (requests) received by all nodes.

@@ -6,6 +6,7 @@
 //! The scenario suite of the course lives in this crate's `tests/`.
 #![deny(missing_docs)]
 
+pub mod bench;
 mod checker;
 mod cluster;
 mod storage;
@@ -13,4 +14,4 @@ pub mod swarm;
 
 pub use checker::Checker;
 pub use cluster::{AppliedLog, Cluster, ClusterConfig, TICK, cmd};
-pub use storage::{RaftDisk, RaftOp, SimStorage};
+pub use storage::{NodeStorage, RaftDisk, RaftOp, SimStorage};

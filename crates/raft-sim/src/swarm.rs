@@ -11,7 +11,19 @@ use std::collections::BTreeMap;
 use sixfive_raft::Role;
 use sixfive_sim::{MS, Micros, NetConfig, Rng, SEC};
 
+use sixfive_storage::fs::SimFsConfig;
+
 use crate::cluster::{Cluster, ClusterConfig, cmd};
+
+/// Which storage the swarm's nodes run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwarmStorage {
+    /// The in-memory model (its durable state is known, so every send is checked against it).
+    Model,
+    /// The production `FileStorage` on a simulated file system that loses unsynced pages in
+    /// any order, may zero-fill grown files, fails calls with EIO/ENOSPC and takes time to sync.
+    File,
+}
 
 /// What one swarm run did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -28,6 +40,10 @@ pub struct SwarmReport {
     pub leaders: u64,
     /// Crashes injected (including crashes in the middle of a write).
     pub crashes: u64,
+    /// Nodes stopped by an injected storage failure.
+    pub storage_failures: u64,
+    /// Stop-the-world pauses injected.
+    pub pauses: u64,
     /// Partitions and disconnections injected.
     pub partitions: u64,
     /// Reads answered through ReadIndex.
@@ -47,6 +63,8 @@ impl SwarmReport {
         self.applied += r.applied;
         self.leaders += r.leaders;
         self.crashes += r.crashes;
+        self.storage_failures += r.storage_failures;
+        self.pauses += r.pauses;
         self.partitions += r.partitions;
         self.reads += r.reads;
         self.events += r.events;
@@ -54,12 +72,23 @@ impl SwarmReport {
     }
 }
 
-/// Runs one swarm seed; panics (with the checker's message) on any violation.
+/// Runs one swarm seed on the storage model; panics (with the checker's message) on any
+/// violation.
 pub fn run(seed: u64, fault_micros: Micros) -> SwarmReport {
+    run_on(seed, fault_micros, SwarmStorage::Model)
+}
+
+/// Runs one swarm seed on the given storage.
+pub fn run_on(seed: u64, fault_micros: Micros, storage: SwarmStorage) -> SwarmReport {
     let mut pick = Rng::new(seed ^ 0x5EED);
     let nodes = *pick.pick(&[3usize, 5, 5, 7]);
     let mut cfg = ClusterConfig::new(nodes);
-    cfg.net = NetConfig { unreliable: pick.chance(0.5), long_reordering: pick.chance(0.3), long_delays: false };
+    cfg.net = NetConfig {
+        unreliable: pick.chance(0.5),
+        long_reordering: pick.chance(0.3),
+        long_delays: false,
+        duplicate: false,
+    };
     cfg.snapshot_every = if pick.chance(0.6) { Some(pick.range(3, 40)) } else { None };
     cfg.crash_in_ready = if pick.chance(0.5) { 0.002 } else { 0.0 };
     cfg.torn_writes = pick.chance(0.5);
@@ -73,6 +102,16 @@ pub fn run(seed: u64, fault_micros: Micros) -> SwarmReport {
     } else {
         |_| {}
     };
+    let fs_faults = SimFsConfig {
+        fail_rate: if pick.chance(0.5) { 0.0005 } else { 0.0 },
+        zero_fill: pick.chance(0.5),
+        sync_latency: pick.below(3) * MS,
+    };
+    if storage == SwarmStorage::File {
+        cfg.file_storage = Some(fs_faults);
+    }
+    cfg.clock_drift = if pick.chance(0.5) { 0.1 } else { 0.0 };
+    cfg.net.duplicate = pick.chance(0.3);
     let mut c = Cluster::new(cfg, seed);
     let ids = c.ids();
     let mut rep = SwarmReport { seed, nodes, ..Default::default() };
@@ -146,6 +185,23 @@ pub fn run(seed: u64, fault_micros: Micros) -> SwarmReport {
             }
             630..=634 => c.net.config.unreliable = !c.net.config.unreliable,
             635..=637 => c.net.config.long_reordering = !c.net.config.long_reordering,
+            638..=642 => {
+                let d = c.rng.range(100, 3000) * MS;
+                c.pause(id, d);
+                rep.pauses += 1;
+            }
+            643..=647 => {
+                let to = *c.rng.pick(&ids);
+                if to != id {
+                    c.net.cut_one_way(id, to);
+                    rep.partitions += 1;
+                }
+            }
+            648..=652 => {
+                let until = c.now() + c.rng.range(50, 1500) * MS;
+                c.net.hold(id, until);
+            }
+            653..=655 => c.net.config.duplicate = !c.net.config.duplicate,
             _ => {}
         }
     }
@@ -154,6 +210,7 @@ pub fn run(seed: u64, fault_micros: Micros) -> SwarmReport {
     c.net.heal();
     c.net.config = NetConfig::default();
     c.set_crash_in_ready(0.0);
+    c.set_fs_config(SimFsConfig { fail_rate: 0.0, ..fs_faults });
     for &id in &ids {
         c.connect(id);
         if !c.is_live(id) {
@@ -174,6 +231,7 @@ pub fn run(seed: u64, fault_micros: Micros) -> SwarmReport {
         assert_eq!(upto, reference_upto, "node {id} applied a different history");
     }
     rep.applied = c.checker().applied().len() as u64;
+    rep.storage_failures = c.storage_failures();
     rep.leaders = c.checker().leaders().len() as u64;
     rep.events = c.events();
     rep.virtual_micros = c.now();

@@ -78,6 +78,11 @@ pub enum SubmitError {
     /// The server is shutting down.
     #[error("server shutting down")]
     Shutdown,
+    /// Refused for now by back-pressure: the leader holds as many uncommitted proposal bytes
+    /// or unanswered reads as it allows (`Config::max_uncommitted_bytes`,
+    /// `Config::max_pending_reads`). Not applied; retry the same node after a pause.
+    #[error("the leader is busy (too much uncommitted or pending); not applied, retry shortly")]
+    Busy,
 }
 
 /// Identifies one submission on one node.
@@ -172,10 +177,18 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 self.pending.insert(index, (term, id));
                 Ok(id)
             }
-            Err(ProposeError::NotLeader { leader }) => Err(SubmitError::WrongLeader { leader }),
-            Err(ProposeError::TransferInProgress | ProposeError::UnknownNode(_)) => {
-                Err(SubmitError::WrongLeader { leader: None })
+            Err(e) => Err(Self::refused(e)),
+        }
+    }
+
+    /// Why the core refused a proposal or a read, as the client sees it (nothing was applied).
+    fn refused(e: ProposeError) -> SubmitError {
+        match e {
+            ProposeError::NotLeader { leader } => SubmitError::WrongLeader { leader },
+            ProposeError::TransferInProgress | ProposeError::UnknownNode(_) => {
+                SubmitError::WrongLeader { leader: None }
             }
+            ProposeError::UncommittedLimit { .. } | ProposeError::PendingReadsLimit { .. } => SubmitError::Busy,
         }
     }
 
@@ -189,6 +202,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 self.reads_waiting.insert(id, (self.raw.status().term, query));
                 Ok(id)
             }
+            Err(e @ ProposeError::PendingReadsLimit { .. }) => Err(Self::refused(e)),
             Err(_) => Err(self.not_leader()),
         }
     }
@@ -353,15 +367,26 @@ const TICK_TIMER: u64 = 1;
 
 /// An [`Rsm`] served over RPC: peers' Raft messages arrive as one-way messages (Raft node id =
 /// endpoint), clients send [`RsmRequest`]s.
+///
+/// A storage error stops the node for good (its Raft state may be half-written and the
+/// storage refuses further writes): every waiting client is answered with
+/// [`SubmitError::Shutdown`], later requests too, nothing else runs, and [`RsmNode::failed`]
+/// says why. The process around it should exit; a restart re-reads the disk.
 pub struct RsmNode<S, M> {
     rsm: Rsm<S, M>,
     waiting: BTreeMap<SubmitId, (Endpoint, CallId)>,
+    failed: Option<String>,
 }
 
 impl<S: Storage, M: StateMachine> RsmNode<S, M> {
     /// A node serving `rsm`.
     pub fn new(rsm: Rsm<S, M>) -> RsmNode<S, M> {
-        RsmNode { rsm, waiting: BTreeMap::new() }
+        RsmNode { rsm, waiting: BTreeMap::new(), failed: None }
+    }
+
+    /// Why the node stopped, if its storage failed.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
     }
 
     /// The replicated state machine.
@@ -377,7 +402,17 @@ impl<S: Storage, M: StateMachine> RsmNode<S, M> {
     /// Runs the Ready loop and carries out its results: sends messages, answers clients.
     /// Returns the completions of submissions made directly (not through a request).
     pub fn flush(&mut self, ctx: &mut dyn Ctx) -> Vec<Completion> {
-        let (msgs, done) = self.rsm.process().expect("storage failed: cannot continue safely");
+        if self.failed.is_some() {
+            return Vec::new();
+        }
+        let (msgs, done) = match self.rsm.process() {
+            Ok(r) => r,
+            Err(e) => {
+                self.failed = Some(format!("storage failed: {e:?}"));
+                let done = self.rsm.shutdown();
+                return self.answer(ctx, done);
+            }
+        };
         for m in msgs {
             ctx.send(m.to, postcard::to_allocvec(&m).expect("encodes"));
         }
@@ -408,6 +443,9 @@ impl<S: Storage, M: StateMachine> Node for RsmNode<S, M> {
     }
 
     fn on_timer(&mut self, ctx: &mut dyn Ctx, _id: u64) {
+        if self.failed.is_some() {
+            return;
+        }
         self.rsm.tick();
         self.flush(ctx);
         ctx.set_timer(TICK_MICROS, TICK_TIMER);
@@ -415,7 +453,8 @@ impl<S: Storage, M: StateMachine> Node for RsmNode<S, M> {
 
     fn on_message(&mut self, ctx: &mut dyn Ctx, _from: Endpoint, message: Vec<u8>) {
         // A message that does not decode or does not belong to this cluster is dropped.
-        if let Ok(m) = postcard::from_bytes::<Message>(&message)
+        if self.failed.is_none()
+            && let Ok(m) = postcard::from_bytes::<Message>(&message)
             && self.rsm.step(m).is_ok()
         {
             self.flush(ctx);
@@ -423,6 +462,11 @@ impl<S: Storage, M: StateMachine> Node for RsmNode<S, M> {
     }
 
     fn on_request(&mut self, ctx: &mut dyn Ctx, from: Endpoint, call: CallId, request: Vec<u8>) {
+        if self.failed.is_some() {
+            let reply = RsmReply::Failed(SubmitError::Shutdown);
+            ctx.reply(from, call, postcard::to_allocvec(&reply).expect("encodes"));
+            return;
+        }
         let submitted = match postcard::from_bytes::<RsmRequest>(&request) {
             Ok(RsmRequest::Command(cmd)) => self.rsm.submit(cmd, ctx.now()),
             Ok(RsmRequest::Query(q)) => self.rsm.query(q),

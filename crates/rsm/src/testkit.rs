@@ -5,18 +5,26 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use sixfive_raft::{Config, Entry, HardState, NodeId, RestoredState, Role, Snapshot, Status, Storage};
-use sixfive_raft_sim::SimStorage;
+use sixfive_raft_sim::{NodeStorage, SimStorage};
 use sixfive_rpc::Transport;
 use sixfive_sim::{MS, NetConfig, SimClient, World};
+use sixfive_storage::fs::SimFsConfig;
 
 use crate::{Rsm, RsmNode, RsmReply, RsmRequest, StateMachine};
 
-/// A node's storage, shared with the harness so it survives the node.
-#[derive(Clone, Default)]
-pub struct SharedStorage(pub Rc<RefCell<SimStorage>>);
+/// A node's storage, shared with the harness so it survives the node: the in-memory model
+/// or the production `FileStorage` on a simulated disk.
+#[derive(Clone)]
+pub struct SharedStorage(pub Rc<RefCell<NodeStorage>>);
+
+impl Default for SharedStorage {
+    fn default() -> Self {
+        SharedStorage(Rc::new(RefCell::new(NodeStorage::Model(SimStorage::default()))))
+    }
+}
 
 impl Storage for SharedStorage {
-    type Error = std::convert::Infallible;
+    type Error = String;
     fn initial_state(&self) -> Result<RestoredState, Self::Error> {
         self.0.borrow().initial_state()
     }
@@ -59,13 +67,30 @@ impl<M: StateMachine + 'static> RsmCluster<M> {
         max_raft_state: Option<usize>,
         make: impl Fn() -> M + 'static,
     ) -> Self {
-        let c = RsmCluster {
-            world: World::new(seed, net),
-            n,
-            disks: (0..n).map(|_| SharedStorage::default()).collect(),
-            make: Box::new(make),
-            max_raft_state,
-        };
+        Self::new_on(seed, n, net, max_raft_state, None, make)
+    }
+
+    /// Same, with the servers' Raft state in the production `FileStorage` on simulated disks
+    /// with the given faults (`None`: the in-memory model).
+    pub fn new_on(
+        seed: u64,
+        n: u64,
+        net: NetConfig,
+        max_raft_state: Option<usize>,
+        file_storage: Option<SimFsConfig>,
+        make: impl Fn() -> M + 'static,
+    ) -> Self {
+        let world = World::new(seed, net);
+        let disks = (0..n)
+            .map(|_| match file_storage {
+                None => SharedStorage::default(),
+                Some(fc) => {
+                    let rng = world.with_rng(|r| r.fork());
+                    SharedStorage(Rc::new(RefCell::new(NodeStorage::file(rng, fc))))
+                }
+            })
+            .collect();
+        let c = RsmCluster { world, n, disks, make: Box::new(make), max_raft_state };
         for id in c.ids() {
             c.start(id);
         }
@@ -77,12 +102,19 @@ impl<M: StateMachine + 'static> RsmCluster<M> {
         (1..=self.n).collect()
     }
 
-    /// Starts server `id` from its disk.
+    /// Starts server `id` from its disk (it stays down if an injected I/O error stops it
+    /// from opening its storage).
     pub fn start(&self, id: NodeId) {
         let mut cfg = Config::new(id, self.ids());
         cfg.seed = self.world.random(u64::MAX);
-        let rsm = Rsm::new(cfg, self.disks[(id - 1) as usize].clone(), (self.make)(), self.max_raft_state)
-            .expect("valid config");
+        if self.world.is_up(id) {
+            self.crash(id); // stopped by a storage failure: the process exits first
+        }
+        let disk = &self.disks[(id - 1) as usize];
+        if disk.0.borrow_mut().reopen().is_err() {
+            return;
+        }
+        let rsm = Rsm::new(cfg, disk.clone(), (self.make)(), self.max_raft_state).expect("valid config");
         self.world.start_node(id, RsmNode::new(rsm));
     }
 
@@ -90,7 +122,7 @@ impl<M: StateMachine + 'static> RsmCluster<M> {
     pub fn crash(&self, id: NodeId) {
         self.world.crash(id);
         let disk = &self.disks[(id - 1) as usize];
-        self.world.with_rng(|rng| disk.0.borrow_mut().disk.crash(rng, false));
+        self.world.with_rng(|rng| disk.0.borrow_mut().crash(rng, false));
     }
 
     /// Crashes and restarts server `id`.
@@ -104,9 +136,18 @@ impl<M: StateMachine + 'static> RsmCluster<M> {
         self.world.shutdown(id);
     }
 
-    /// Whether server `id` runs.
+    /// Whether server `id` runs (a server stopped by a storage failure does not).
     pub fn is_up(&self, id: NodeId) -> bool {
-        self.world.is_up(id)
+        self.world.is_up(id) && self.world.inspect::<TestNode<M>, _>(id, |n| n.failed().is_none()).unwrap_or(true)
+    }
+
+    /// Changes the simulated disks' faults (file storage only).
+    pub fn set_fs_config(&self, config: SimFsConfig) {
+        for d in &self.disks {
+            if let Some(fs) = d.0.borrow().fs() {
+                fs.set_config(config);
+            }
+        }
     }
 
     /// Raft status of server `id`, if it runs.
@@ -147,7 +188,7 @@ impl<M: StateMachine + 'static> RsmCluster<M> {
 
     /// Bytes of server `id`'s snapshot on disk.
     pub fn snapshot_bytes(&self, id: NodeId) -> usize {
-        self.disks[(id - 1) as usize].0.borrow().disk.read().snapshot_bytes()
+        self.disks[(id - 1) as usize].0.borrow().snapshot_bytes()
     }
 
     /// Largest Raft state on any server's disk.

@@ -90,6 +90,7 @@ impl ShardSim {
     /// Starts server `e` (controller or group) from its disk.
     pub fn start(&self, e: Endpoint) {
         let disk = self.disks[&e].clone();
+        disk.0.borrow_mut().reopen().expect("the in-memory model storage always reopens");
         match self.group_of(e) {
             None => {
                 let mut cfg = Config::new(e, self.ctrlers.clone());
@@ -116,7 +117,7 @@ impl ShardSim {
     pub fn crash_with(&self, e: Endpoint, torn: bool) {
         self.world.crash(e);
         let disk = &self.disks[&e];
-        self.world.with_rng(|rng| disk.0.borrow_mut().disk.crash(rng, torn));
+        self.world.with_rng(|rng| disk.0.borrow_mut().crash(rng, torn));
     }
 
     /// Whether server `e` runs.
@@ -172,7 +173,7 @@ impl ShardSim {
 
     /// Bytes of server `e`'s snapshot on disk.
     pub fn snapshot_bytes(&self, e: Endpoint) -> usize {
-        self.disks[&e].0.borrow().disk.read().snapshot_bytes()
+        self.disks[&e].0.borrow().snapshot_bytes()
     }
 
     /// A new clerk (unique id and address) recording into `h`.

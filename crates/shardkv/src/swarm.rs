@@ -2,7 +2,7 @@
 //! snapshot limit; for 8 virtual seconds an administrator joins, removes and moves groups and
 //! shards at random while the clerks run versioned Puts, Gets and Appends, and servers (of the
 //! groups and of the controller) crash (sometimes with torn writes) and restart, the network splits, nodes disconnect,
-//! messages are lost and reordered. After every fault, and every 10 ms of virtual time between
+//! messages are lost, duplicated, reordered and held back, links are cut one way. After every fault, and every 10 ms of virtual time between
 //! them, the single-owner check runs (no shard is served by two groups for one configuration,
 //! none by a group its configuration does not give it to). Then everything heals and settles; every
 //! acknowledged write must be present exactly once and every history must be linearizable.
@@ -71,8 +71,12 @@ pub fn run(seed: u64) -> ShardSwarmReport {
     let mut pick = Rng::new(seed ^ 0x5AAD_C0DE);
     let ngroups = pick.range(2, 4);
     let clients = pick.range(2, 5);
-    let net =
-        NetConfig { unreliable: pick.chance(0.5), long_reordering: pick.chance(0.15), long_delays: pick.chance(0.15) };
+    let net = NetConfig {
+        unreliable: pick.chance(0.5),
+        long_reordering: pick.chance(0.15),
+        long_delays: pick.chance(0.15),
+        duplicate: pick.chance(0.3),
+    };
     let max_raft_state = if pick.chance(0.5) { Some(pick.range(500, 4000) as usize) } else { None };
     let gids: Vec<Gid> = (0..ngroups).map(|i| 100 + i).collect();
     let sim = Rc::new(ShardSim::new(seed, net, &gids, 3, max_raft_state));
@@ -186,6 +190,16 @@ pub fn run(seed: u64) -> ShardSwarmReport {
             30..=35 => sim.world.net(|n| if n.is_connected(e) { n.disconnect(e) } else { n.connect(e) }),
             36..=38 => sim.world.net(|n| n.config.unreliable = !n.config.unreliable),
             39 => sim.world.net(|n| n.config.long_reordering = !n.config.long_reordering),
+            40..=42 => {
+                rep.partitions += 1;
+                let other = servers[sim.world.random(servers.len() as u64) as usize];
+                sim.world.net(|n| n.cut_one_way(e, other));
+            }
+            43..=44 => {
+                let until = sim.world.now() + sim.world.random(1500) * MS;
+                sim.world.net(|n| n.hold(e, until));
+            }
+            45 => sim.world.net(|n| n.config.duplicate = !n.config.duplicate),
             _ => {}
         }
         sim.check_single_owner();

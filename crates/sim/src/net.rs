@@ -17,6 +17,8 @@ pub struct NetConfig {
     pub long_reordering: bool,
     /// Long delays: a request to a dead or cut-off node fails after 0-7 s instead of 0-100 ms.
     pub long_delays: bool,
+    /// Duplication: 5% of delivered messages arrive a second time, 0-50 ms after the first.
+    pub duplicate: bool,
 }
 
 /// What happens to one message.
@@ -55,6 +57,10 @@ pub struct Network {
     pub config: NetConfig,
     disconnected: BTreeSet<Endpoint>,
     group: BTreeMap<Endpoint, u32>,
+    /// Links cut in one direction only: (from, to).
+    cut: BTreeSet<(Endpoint, Endpoint)>,
+    /// Endpoints whose traffic is held until a time, then delivered in a burst.
+    held: BTreeMap<Endpoint, Micros>,
     counters: BTreeMap<Endpoint, Counters>,
 }
 
@@ -66,7 +72,7 @@ impl Network {
 
     /// Whether `a` can reach `b` now.
     pub fn reachable(&self, a: Endpoint, b: Endpoint) -> bool {
-        if self.disconnected.contains(&a) || self.disconnected.contains(&b) {
+        if self.disconnected.contains(&a) || self.disconnected.contains(&b) || self.cut.contains(&(a, b)) {
             return false;
         }
         match (self.group.get(&a), self.group.get(&b)) {
@@ -106,9 +112,27 @@ impl Network {
         self.group.insert(e, g);
     }
 
-    /// Removes every partition (disconnections stay).
+    /// Removes every partition and one-way cut (disconnections stay).
     pub fn heal(&mut self) {
         self.group.clear();
+        self.cut.clear();
+        self.held.clear();
+    }
+
+    /// Cuts the link from `from` to `to` only: `to` still reaches `from`.
+    pub fn cut_one_way(&mut self, from: Endpoint, to: Endpoint) {
+        self.cut.insert((from, to));
+    }
+
+    /// Holds every message from or to `e` sent before `until`, then delivers them all at
+    /// `until` (within a millisecond): a stalled link that comes back with a burst.
+    pub fn hold(&mut self, e: Endpoint, until: Micros) {
+        self.held.insert(e, until);
+    }
+
+    /// Whether a delivered message is also delivered a second time, and when.
+    pub fn duplicate(&mut self, rng: &mut Rng, at: Micros) -> Option<Micros> {
+        (self.config.duplicate && rng.chance(0.05)).then(|| at + rng.below(50 * MS))
     }
 
     /// Decides the fate of a message of `bytes` bytes sent now. `reply` marks answers to an RPC.
@@ -137,7 +161,11 @@ impl Network {
             let inner = rng.below(2000) + 1;
             delay += 200 * MS + rng.below(inner) * MS;
         }
-        Fate::Deliver(now + delay)
+        let held = [from, to].iter().filter_map(|e| self.held.get(e)).copied().max().filter(|&u| u > now);
+        match held {
+            Some(until) => Fate::Deliver((now + delay).max(until + rng.below(MS))),
+            None => Fate::Deliver(now + delay),
+        }
     }
 
     /// Call when a message arrives: true if it may be handed to `to` (still reachable), and
@@ -202,6 +230,26 @@ mod tests {
         }
         assert!((800..1200).contains(&dropped), "{dropped}");
         assert_eq!(n.counters(1).bytes_sent, 100_000);
+    }
+
+    #[test]
+    fn one_way_cuts_holds_and_duplicates() {
+        let mut n = Network::new(NetConfig { duplicate: true, ..Default::default() });
+        n.cut_one_way(1, 2);
+        assert!(!n.reachable(1, 2) && n.reachable(2, 1));
+        let mut rng = Rng::new(5);
+        n.hold(3, 500 * MS);
+        for _ in 0..100 {
+            match n.send(&mut rng, 0, 3, 1, false, 1) {
+                Fate::Deliver(t) => assert!((500 * MS..501 * MS).contains(&t), "{t}"),
+                f => panic!("{f:?}"),
+            }
+        }
+        let dups = (0..10_000).filter(|_| n.duplicate(&mut rng, 0).is_some()).count();
+        assert!((300..700).contains(&dups), "{dups}");
+        n.heal();
+        assert!(n.reachable(1, 2));
+        assert!(matches!(n.send(&mut rng, 0, 3, 1, false, 1), Fate::Deliver(t) if t < MS));
     }
 
     #[test]

@@ -400,7 +400,13 @@ impl World {
         let len = bytes.len();
         let Inner { net, rng, events, .. } = &mut *i;
         match net.send(rng, now, from, to, false, len) {
-            Fate::Deliver(at) => events.push(at, Ev::Request { from, to, call, bytes }),
+            Fate::Deliver(at) => {
+                // A duplicated request runs the handler twice; the caller takes the first reply.
+                if let Some(again) = net.duplicate(rng, at) {
+                    events.push(again, Ev::Request { from, to, call, bytes: bytes.clone() });
+                }
+                events.push(at, Ev::Request { from, to, call, bytes })
+            }
             Fate::Drop => events.push(now, Ev::Fail { call, err: RpcError::Failed }),
             Fate::FailAt(at) => events.push(at, Ev::Fail { call, err: RpcError::Failed }),
         }
@@ -420,6 +426,9 @@ impl Inner {
         match a {
             Action::Send { to, bytes } => {
                 if let Fate::Deliver(at) = self.net.send(&mut self.rng, now, me, to, false, bytes.len()) {
+                    if let Some(again) = self.net.duplicate(&mut self.rng, at) {
+                        self.events.push(again, Ev::Message { from: me, to, bytes: bytes.clone() });
+                    }
                     self.events.push(at, Ev::Message { from: me, to, bytes });
                 }
             }

@@ -7,10 +7,27 @@ use sixfive_sim::SEC;
 #[test]
 fn swarm_random_faults() {
     let mut total = swarm::SwarmReport::default();
-    sixfive_sim::seeds::run_seeds("swarm_random_faults", 500, |seed| {
+    sixfive_sim::seeds::run_seeds("swarm_random_faults", 1500, |seed| {
         let r = swarm::run(seed, 20 * SEC);
         total.merge(&r);
     });
     // The swarm must actually exercise the system, not idle through its faults.
-    assert!(total.applied > 0 && total.crashes > 0 && total.leaders > 0 && total.reads > 0, "{total:?}");
+    assert!(
+        total.applied > 0 && total.crashes > 0 && total.leaders > 0 && total.reads > 0 && total.pauses > 0,
+        "{total:?}"
+    );
+}
+
+/// The same swarm on the production `FileStorage` over a simulated disk that loses unsynced
+/// pages in any order, zero-fills grown files, fails calls and takes time to sync.
+#[test]
+fn swarm_file_storage() {
+    let mut total = swarm::SwarmReport::default();
+    sixfive_sim::seeds::run_seeds("swarm_file_storage", 200, |seed| {
+        let r = swarm::run_on(seed, 20 * SEC, swarm::SwarmStorage::File);
+        total.merge(&r);
+    });
+    if std::env::var("SEED").is_err() {
+        assert!(total.applied > 0 && total.crashes > 0 && total.storage_failures > 0, "{total:?}");
+    }
 }
