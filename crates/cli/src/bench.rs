@@ -167,6 +167,7 @@ pub fn mapreduce(size_mib: u64, workers: usize, texts: &std::path::Path, keep: b
     let job = sixfive_mapreduce::cli::JobArgs {
         reduces: 10,
         out: out.clone(),
+        overwrite: false,
         chunk_mib: 64,
         task_timeout_secs: 60,
         backup_tasks: false,

@@ -7,23 +7,23 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A MapReduce application.
+///
+/// `map` and `reduce` return errors (`Err(reason)`): the task fails with that reason, is
+/// retried elsewhere, and fails the job after too many failures. A panic is treated the same.
+/// A combiner is enabled by implementing [`App::combine`]; nothing else is needed.
 pub trait App: Send + Sync {
     /// Calls `emit(key, value)` for each pair the input produces. `contents` is one input
     /// chunk (whole lines) of `file`; invalid UTF-8 has been replaced.
-    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str));
+    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String>;
 
     /// The output value for `key` given all its values.
     fn reduce(&self, key: &str, values: &[String]) -> Result<String, String>;
 
-    /// Optional combiner: folds `value` into `acc` (both values of `key`) on the map side, so
-    /// less data crosses the network. Must agree with `reduce` (e.g. sums for word count).
-    /// Return false if this app has no combiner.
+    /// The combiner, if the app has one: folds `value` into `acc` (both values of `key`) on
+    /// the map side, so less data crosses the network, and returns true. Must agree with
+    /// `reduce` (e.g. sums for word count). The default has none: it returns false and leaves
+    /// `acc` alone, and the framework then keeps every pair.
     fn combine(&self, _key: &str, _acc: &mut String, _value: &str) -> bool {
-        false
-    }
-
-    /// Whether [`App::combine`] is implemented.
-    fn has_combiner(&self) -> bool {
         false
     }
 
@@ -134,10 +134,11 @@ fn words(s: &str) -> impl Iterator<Item = &str> {
 pub struct WordCount;
 
 impl App for WordCount {
-    fn map(&self, _file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, _file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         for w in words(contents) {
             emit(w, "1");
         }
+        Ok(())
     }
     fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
         let mut sum = 0u64;
@@ -148,9 +149,6 @@ impl App for WordCount {
     }
     fn combine(&self, _key: &str, acc: &mut String, value: &str) -> bool {
         add_decimal(acc, value);
-        true
-    }
-    fn has_combiner(&self) -> bool {
         true
     }
 }
@@ -179,13 +177,14 @@ fn add_decimal(acc: &mut String, b: &str) {
 pub struct Indexer;
 
 impl App for Indexer {
-    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         let mut seen = std::collections::BTreeSet::new();
         for w in words(contents) {
             if seen.insert(w) {
                 emit(w, file);
             }
         }
+        Ok(())
     }
     fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
         let mut docs: Vec<&str> = values.iter().map(String::as_str).collect();
@@ -226,12 +225,13 @@ fn now_secs() -> f64 {
 pub struct MapTiming;
 
 impl App for MapTiming {
-    fn map(&self, _file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, _file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         let t = now_secs();
         let pid = std::process::id();
         let n = nparallel("map");
         emit(&format!("times-{pid}"), &format!("{t:.1}"));
         emit(&format!("parallel-{pid}"), &n.to_string());
+        Ok(())
     }
     fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
         let mut v = values.to_vec();
@@ -244,10 +244,11 @@ impl App for MapTiming {
 pub struct ReduceTiming;
 
 impl App for ReduceTiming {
-    fn map(&self, _file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, _file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         for k in ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"] {
             emit(k, "1");
         }
+        Ok(())
     }
     fn reduce(&self, _key: &str, _values: &[String]) -> Result<String, String> {
         Ok(nparallel("reduce").to_string())
@@ -261,12 +262,13 @@ pub struct JobCount {
 }
 
 impl App for JobCount {
-    fn map(&self, _file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, _file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         let n = self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let _ = std::fs::write(format!("mr-worker-jobcount-{}-{n}", std::process::id()), "x");
         let jitter = (now_secs().fract() * 3000.0) as u64;
         std::thread::sleep(Duration::from_millis(2000 + jitter));
         emit("a", "x");
+        Ok(())
     }
     fn reduce(&self, _key: &str, _values: &[String]) -> Result<String, String> {
         let n = std::fs::read_dir(".")
@@ -280,8 +282,9 @@ impl App for JobCount {
 pub struct EarlyExit;
 
 impl App for EarlyExit {
-    fn map(&self, file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         emit(file, "1");
+        Ok(())
     }
     fn reduce(&self, key: &str, values: &[String]) -> Result<String, String> {
         if key.contains("sherlock") || key.contains("tom") {
@@ -316,12 +319,13 @@ impl Crash {
 }
 
 impl App for Crash {
-    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         self.maybe_crash();
         emit("a", file);
         emit("b", &file.len().to_string());
         emit("c", &contents.len().to_string());
         emit("d", "xyzzy");
+        Ok(())
     }
     fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
         self.maybe_crash();
@@ -361,12 +365,20 @@ fn run_filter(
         let _ = stdin.write_all(&input); // a command that stops reading early is its own business
     });
     let stdout = child.stdout.take().expect("piped");
+    let mut failed = None;
     for l in BufReader::new(stdout).split(b'\n') {
-        let l = l.map_err(|e| format!("reading from {cmd:?}: {e}"))?;
-        line(&String::from_utf8_lossy(&l))?;
+        let r = l.map_err(|e| format!("reading from {cmd:?}: {e}")).and_then(|l| line(&String::from_utf8_lossy(&l)));
+        if let Err(e) = r {
+            failed = Some(e);
+            let _ = child.kill();
+            break;
+        }
     }
     let _ = writer.join();
     let status = child.wait().map_err(|e| e.to_string())?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
     if !status.success() {
         return Err(format!("command {cmd:?} failed: {status}"));
     }
@@ -374,18 +386,15 @@ fn run_filter(
 }
 
 impl App for Streaming {
-    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) {
-        let r = run_filter(&self.map_cmd, &[("MR_INPUT_FILE", file)], contents.as_bytes().to_vec(), |l| {
-            match l.split_once('\t') {
-                Some((k, v)) => emit(k, v),
-                None => emit(l, ""),
+    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
+        let cmd = &self.map_cmd;
+        run_filter(cmd, &[("MR_INPUT_FILE", file)], contents.as_bytes().to_vec(), |l| match l.split_once('\t') {
+            Some((k, v)) => {
+                emit(k, v);
+                Ok(())
             }
-            Ok(())
-        });
-        if let Err(e) = r {
-            // The framework turns a panic in map into a failed task.
-            panic!("{e}");
-        }
+            None => Err(format!("map command {cmd:?} printed a line without a tab: {l:?} (lines must be key<TAB>value)")),
+        })
     }
 
     fn reduce(&self, _key: &str, _values: &[String]) -> Result<String, String> {

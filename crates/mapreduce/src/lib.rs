@@ -17,6 +17,7 @@
 pub mod app;
 pub mod cli;
 pub mod coordinator;
+pub mod journal;
 pub mod proto;
 pub mod split;
 pub mod worker;

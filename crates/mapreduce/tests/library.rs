@@ -15,11 +15,12 @@ use sixfive_mapreduce::worker::{WorkerConfig, run_sequential, run_worker};
 struct Initials;
 
 impl App for Initials {
-    fn map(&self, _file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, _file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         for w in contents.split(|c: char| !c.is_alphabetic()).filter(|w| !w.is_empty()) {
             let first: String = w.chars().next().unwrap().to_lowercase().collect();
             emit(&first, "1");
         }
+        Ok(())
     }
     fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
         Ok(values.len().to_string())
