@@ -144,6 +144,13 @@ fn mr_wc() {
         })
         .collect();
     assert!(leftovers.is_empty(), "temporary files left visible: {leftovers:?}");
+    // Workers clean their work directory (intermediate files, sockets) when the job ends.
+    let debris: Vec<String> = names_in(&dir)
+        .into_iter()
+        .filter(|n| sixfive_mapreduce::proto::is_intermediate_name(n) || n.ends_with(".sock") || n.starts_with('.'))
+        .collect();
+    assert!(debris.is_empty(), "left in the work directory: {debris:?}");
+    assert!(dir.join("_SUCCESS").is_file());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -569,8 +576,11 @@ fn mr_run_notices_dead_workers() {
     let long = dir.join("x".repeat(60)).join("y".repeat(60));
     std::fs::create_dir_all(&long).unwrap();
     let l = long.to_str().unwrap();
-    let (st, err, _) =
-        mr_run(&dir, &["--app", "wc", "--workers", "2", "--reduces", "2", "--out", l, &two[0]], Duration::from_secs(30));
+    let (st, err, _) = mr_run(
+        &dir,
+        &["--app", "wc", "--workers", "2", "--reduces", "2", "--out", l, &two[0]],
+        Duration::from_secs(30),
+    );
     assert!(st.success(), "{err}");
     assert_eq!(names_in(&long), vec!["_SUCCESS", "mr-out-0", "mr-out-1"]);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -688,7 +698,9 @@ fn mr_relative_inputs_reach_workers_elsewhere() {
     wait_limit(&mut w, Duration::from_secs(30), "worker");
     let seq = dir.join("seq");
     std::fs::create_dir_all(&seq).unwrap();
-    assert!(sixfive(&seq).args(["mr", "sequential", "--app", "wc", "--out", "c", &inputs()[5]]).status().unwrap().success());
+    assert!(
+        sixfive(&seq).args(["mr", "sequential", "--app", "wc", "--out", "c", &inputs()[5]]).status().unwrap().success()
+    );
     let mut expected: Vec<String> = std::fs::read_to_string(seq.join("c")).unwrap().lines().map(String::from).collect();
     expected.sort();
     assert!(!expected.is_empty() && output(&out) == expected);
@@ -715,5 +727,156 @@ fn mr_worker_waits_for_a_late_coordinator() {
     assert!(wait_limit(&mut c, Duration::from_secs(45), "coordinator").success());
     assert!(wait_limit(&mut w, Duration::from_secs(20), "worker").success());
     assert_eq!(output(&dir).len(), 22_107);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn status_at(sock: &Path) -> Option<sixfive_mapreduce::proto::JobStatus> {
+    use sixfive_mapreduce::proto::{Addr, Reply, Request, call};
+    match call::<_, Reply>(&Addr::Unix(sock.to_path_buf()), &Request::Status) {
+        Ok(Reply::Status(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// Polls the coordinator at `sock` until `cond` holds (panics after `limit`).
+fn wait_status(
+    sock: &Path,
+    limit: Duration,
+    what: &str,
+    cond: impl Fn(&sixfive_mapreduce::proto::JobStatus) -> bool,
+) -> sixfive_mapreduce::proto::JobStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = status_at(sock)
+            && cond(&s)
+        {
+            return s;
+        }
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?} (last status {:?})", status_at(sock));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A child killed when dropped (a failing test leaves no process behind).
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn kill9(c: &mut Child) {
+    c.kill().unwrap(); // SIGKILL
+    c.wait().unwrap();
+}
+
+/// The coordinator survives SIGKILL: killed mid-map and again mid-reduce, and started again
+/// with the same arguments, it resumes from its journal. No finished task runs again (each map
+/// and reduce run leaves a marker), and the output equals the sequential run. `mr status`
+/// reports the job meanwhile, as text and as JSON.
+#[test]
+fn mr_coordinator_killed_mid_map_and_mid_reduce_resumes() {
+    let dir = scratch("restart");
+    let (out, marks) = (dir.join("out"), dir.join("marks"));
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::create_dir_all(&marks).unwrap();
+    let sock_path = dir.join("coordinator.sock"); // where worker_args looks
+    let sock = format!("unix:{}", sock_path.display());
+    let start = || {
+        Reap(
+            sixfive(&dir)
+                .args(["mr", "coordinator", "--listen", &sock, "--reduces", "4", "--out"])
+                .arg(&out)
+                .args(inputs())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let map = format!("touch {}/map.$$; sleep 0.4; {STREAM_MAP}", marks.display());
+    let reduce = format!("touch {}/reduce.$$; sleep 1; {STREAM_REDUCE}", marks.display());
+    let mut c = start();
+    let mut ws: Vec<Reap> = (0..2)
+        .map(|i| {
+            let d = dir.join(format!("w{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            let app = ["--app", "stream", "--map-cmd", &map, "--reduce-cmd", &reduce, "--connect-timeout-secs", "30"];
+            Reap(worker_args(&dir, &d, &app))
+        })
+        .collect();
+    let s = wait_status(&sock_path, Duration::from_secs(30), "two maps done", |s| s.maps_done >= 2);
+    kill9(&mut c.0);
+    assert!(s.maps_done < s.maps, "killed mid-map: {s:?}");
+    assert!(sock_path.exists(), "SIGKILL leaves the socket file");
+
+    let mut c = start();
+    let s = wait_status(&sock_path, Duration::from_secs(10), "restarted coordinator", |_| true);
+    assert!(s.resumed_tasks >= 2 && s.maps_done >= 2, "finished maps were not resumed: {s:?}");
+    // mr status, for people and as JSON.
+    let text = Command::new(BIN).args(["mr", "status", "--coordinator", &sock]).output().unwrap();
+    assert!(text.status.success());
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("map tasks:") && text.contains("reduce tasks:") && text.contains("workers:"), "{text}");
+    assert!(text.contains("resumed from the journal"), "{text}");
+    let json = Command::new(BIN).args(["mr", "status", "--coordinator", &sock, "-w", "json"]).output().unwrap();
+    let json = String::from_utf8_lossy(&json.stdout);
+    assert!(json.starts_with('{') && json.contains("\"maps\":8") && json.contains("\"workers\":["), "{json}");
+
+    let s = wait_status(&sock_path, Duration::from_secs(60), "a reduce done", |s| s.reduces_done >= 1);
+    kill9(&mut c.0);
+    assert!(!s.done && s.reduces_done < s.reduces, "killed mid-reduce: {s:?}");
+
+    let mut c = start();
+    assert!(wait_limit(&mut c.0, Duration::from_secs(60), "coordinator after the second restart").success());
+    for w in ws.iter_mut() {
+        assert!(wait_limit(&mut w.0, Duration::from_secs(20), "worker").success(), "a worker did not exit cleanly");
+    }
+    let runs = |prefix: &str| names_in(&marks).iter().filter(|n| n.starts_with(prefix)).count();
+    assert_eq!(runs("map."), 8, "a map task ran again although it had finished (or was still running)");
+    assert_eq!(runs("reduce."), 4, "a reduce task ran again");
+    assert!(output(&out) == sequential(&dir, "wc"), "output differs from the sequential run");
+    assert_eq!(names_in(&out), vec!["_SUCCESS", "mr-out-0", "mr-out-1", "mr-out-2", "mr-out-3"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `mr run` interrupted (SIGINT) stops its coordinator and workers and leaves nothing behind.
+#[test]
+fn mr_run_interrupted_leaves_no_debris() {
+    let dir = scratch("interrupt");
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let map = format!("sleep 30; {STREAM_MAP}");
+    let mut run = Command::new(BIN)
+        .current_dir(&dir)
+        .args(["mr", "run", "--app", "stream", "--map-cmd", &map, "--reduce-cmd", STREAM_REDUCE, "--out"])
+        .arg(&out)
+        .arg(&inputs()[5])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = run.id();
+    let sock = std::env::temp_dir().join(format!("sixfive-mr-{pid}")).join("c.sock");
+    let s = wait_status(&sock, Duration::from_secs(20), "job started", |s| s.maps_running == 1);
+    assert!(!s.done);
+    assert!(Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap().success());
+    let st = wait_limit(&mut run, Duration::from_secs(20), "interrupted mr run");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(st.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(names_in(&out).is_empty(), "debris in the output directory: {:?}", names_in(&out));
+    assert!(!sock.parent().unwrap().exists(), "the socket directory was left");
+    // No process of the run is left (coordinator, workers).
+    let out_s = out.to_string_lossy().to_string();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&out_s) && c.contains(" mr "))
+        .collect();
+    assert!(left.is_empty(), "processes left: {left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

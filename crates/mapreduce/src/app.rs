@@ -393,7 +393,9 @@ impl App for Streaming {
                 emit(k, v);
                 Ok(())
             }
-            None => Err(format!("map command {cmd:?} printed a line without a tab: {l:?} (lines must be key<TAB>value)")),
+            None => {
+                Err(format!("map command {cmd:?} printed a line without a tab: {l:?} (lines must be key<TAB>value)"))
+            }
         })
     }
 

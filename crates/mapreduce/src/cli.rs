@@ -211,7 +211,8 @@ fn validate_job(job: &JobArgs, inputs: &[String]) -> Result<Job, String> {
         abs.push(p.to_str().ok_or_else(|| format!("input {f}: the path is not UTF-8"))?.to_string());
     }
     let chunks = split_inputs(&abs, job.chunk_mib << 20)?;
-    let spec = JobSpec { chunks: chunks.iter().map(|c| (c.file.clone(), c.offset, c.len)).collect(), n_reduce: job.reduces };
+    let spec =
+        JobSpec { chunks: chunks.iter().map(|c| (c.file.clone(), c.offset, c.len)).collect(), n_reduce: job.reduces };
     Ok(Job { chunks, out, spec })
 }
 
@@ -270,7 +271,8 @@ fn run_coordinator(listen: &str, job: &JobArgs, quiet: bool, inputs: &[String]) 
     let resolved = validate_job(job, inputs)?;
     let listener = Listener::bind(&addr).map_err(|e| format!("cannot listen at {addr}: {e}"))?;
     prepare_output(&resolved, job.overwrite, true)?;
-    let (journal, records) = Journal::open(&resolved.out.join(JOURNAL_NAME), &resolved.spec).map_err(|e| e.to_string())?;
+    let (journal, records) =
+        Journal::open(&resolved.out.join(JOURNAL_NAME), &resolved.spec).map_err(|e| e.to_string())?;
     let journal_path = journal.path().to_path_buf();
     if !quiet {
         eprintln!(
@@ -413,7 +415,11 @@ pub fn status_text(s: &JobStatus) -> String {
         },
         s.reexecuted,
         s.backups,
-        if s.resumed_tasks > 0 { format!(", {} tasks resumed from the journal", s.resumed_tasks) } else { String::new() }
+        if s.resumed_tasks > 0 {
+            format!(", {} tasks resumed from the journal", s.resumed_tasks)
+        } else {
+            String::new()
+        }
     );
     o += &format!("  workers: {}\n", s.worker_list.len());
     for w in &s.worker_list {

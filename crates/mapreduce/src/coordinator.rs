@@ -456,7 +456,11 @@ impl Coordinator {
             s.bytes_out as f64 / 1e6,
             s.reexecuted,
             s.backups,
-            if s.resumed_tasks > 0 { format!(", {} tasks resumed from the journal", s.resumed_tasks) } else { String::new() }
+            if s.resumed_tasks > 0 {
+                format!(", {} tasks resumed from the journal", s.resumed_tasks)
+            } else {
+                String::new()
+            }
         );
         self.log(line);
     }
@@ -490,10 +494,7 @@ impl Coordinator {
         }
         for (map, i, w, silent) in lost {
             let kind = if map { "map" } else { "reduce" };
-            self.log(format!(
-                "worker {w:x} silent for {:.1} s: {kind} task {i} offered again",
-                silent.as_secs_f64()
-            ));
+            self.log(format!("worker {w:x} silent for {:.1} s: {kind} task {i} offered again", silent.as_secs_f64()));
             if map {
                 self.status.reexecuted += 1;
             }
@@ -744,5 +745,73 @@ mod tests {
         }
         assert!(c.status().failed.unwrap().contains("boom"));
         assert_eq!(get(&mut c, 1, 5), Task::Exit);
+    }
+
+    #[test]
+    fn heartbeats_keep_a_long_task_and_silence_loses_it() {
+        let mut c = coord(1, false);
+        get(&mut c, 1, 0);
+        for secs in [3, 6, 9, 12, 15] {
+            c.handle(
+                Request::Heartbeat { worker: 1, addr: "w1".into(), map: true, task: 0 },
+                Duration::from_secs(secs),
+            );
+            assert_eq!(get(&mut c, 2, secs), Task::Wait, "a task whose worker sends heartbeats is not re-offered");
+        }
+        assert_eq!(get(&mut c, 2, 24), Task::Wait, "9 s after the last heartbeat: still within the timeout");
+        assert_eq!(id(&get(&mut c, 2, 25)), 0, "silent for the timeout: offered again");
+        assert_eq!(c.status().reexecuted, 1);
+    }
+
+    #[test]
+    fn a_restarted_coordinator_resumes_from_its_journal() {
+        use crate::journal::{JobSpec, Journal};
+        let dir = std::env::temp_dir().join(format!("sixfive-coord-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(crate::journal::JOURNAL_NAME);
+        let chunks: Vec<Chunk> = (0..3).map(|i| Chunk { file: format!("f{i}"), offset: 0, len: 10 }).collect();
+        let spec = JobSpec { chunks: chunks.iter().map(|c| (c.file.clone(), c.offset, c.len)).collect(), n_reduce: 2 };
+        let cfg = CoordinatorConfig {
+            n_reduce: 2,
+            out_dir: dir.to_string_lossy().to_string(),
+            task_timeout: Duration::from_secs(10),
+            backup_tasks: false,
+            max_task_failures: 3,
+        };
+        {
+            let (j, recs) = Journal::open(&path, &spec).unwrap();
+            let mut c = Coordinator::with_journal(cfg.clone(), chunks.clone(), j, recs);
+            for w in 1..=3 {
+                get(&mut c, w, 0);
+            }
+            map_done(&mut c, 1, 0, 1);
+            map_done(&mut c, 2, 1, 1);
+            // Killed here: map 2 is running on worker 3.
+        }
+        let (j, recs) = Journal::open(&path, &spec).unwrap();
+        let mut c = Coordinator::with_journal(cfg, chunks, j, recs);
+        assert_eq!((c.status().maps_done, c.status().resumed_tasks), (2, 2));
+        assert_eq!(get(&mut c, 4, 0), Task::Wait, "the running map is not offered before its timeout");
+        // Its worker, alive, reaches the new coordinator and finishes it.
+        c.handle(Request::Heartbeat { worker: 3, addr: "w3".into(), map: true, task: 2 }, Duration::from_secs(8));
+        assert_eq!(get(&mut c, 4, 12), Task::Wait, "heartbeats reached the new coordinator");
+        map_done(&mut c, 3, 2, 13);
+        match get(&mut c, 4, 13) {
+            Task::Reduce { sources, .. } => assert_eq!(
+                sources.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(),
+                vec!["w1", "w2", "w3"],
+                "map outputs are where the journal says"
+            ),
+            t => panic!("{t:?}"),
+        }
+        get(&mut c, 5, 13);
+        for t in 0..2 {
+            c.handle(Request::ReduceDone { worker: 4, task: t, bytes_out: 1 }, Duration::from_secs(14));
+        }
+        assert!(c.status().done);
+        assert!(dir.join(SUCCESS_NAME).is_file(), "_SUCCESS written");
+        assert!(!path.exists(), "the journal of a finished job is removed");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

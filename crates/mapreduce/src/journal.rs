@@ -134,8 +134,7 @@ impl Journal {
     /// Opens (or creates) the journal at `path` for `spec`. Returns the records after the
     /// header (empty for a new journal). Refuses another job's journal and a locked one.
     pub fn open(path: &Path, spec: &JobSpec) -> Result<(Journal, Vec<Record>), JournalError> {
-        let mut file =
-            OpenOptions::new().read(true).append(true).create(true).open(path).map_err(io_err(path))?;
+        let mut file = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(io_err(path))?;
         // SAFETY: flock on a file descriptor we own; no memory is involved.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(JournalError::Locked(path.to_path_buf()));

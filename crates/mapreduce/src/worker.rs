@@ -136,7 +136,12 @@ pub fn run_worker(cfg: WorkerConfig, app: Arc<dyn App>) -> Result<WorkerReport, 
     r
 }
 
-fn work(cfg: &WorkerConfig, app: Arc<dyn App>, my_addr: &str, written: &mut Vec<PathBuf>) -> Result<WorkerReport, String> {
+fn work(
+    cfg: &WorkerConfig,
+    app: Arc<dyn App>,
+    my_addr: &str,
+    written: &mut Vec<PathBuf>,
+) -> Result<WorkerReport, String> {
     let id: WorkerId = ((std::process::id() as u64) << 32) ^ (nonce() & 0xFFFF_FFFF);
     let mut report = WorkerReport::default();
     loop {
