@@ -57,9 +57,13 @@ enum BenchCommand {
         /// Worker processes.
         #[arg(long, default_value_t = 2)]
         workers: usize,
-        /// Directory of texts to draw lines from.
-        #[arg(long, default_value = "data/gutenberg")]
-        texts: std::path::PathBuf,
+        /// Directory of texts to draw lines from (default: the eight Gutenberg texts built
+        /// into sixfive, so it runs from any directory).
+        #[arg(long)]
+        texts: Option<std::path::PathBuf>,
+        /// Skip the Apache Spark run (it runs when python3 with pyspark and java are found).
+        #[arg(long)]
+        no_spark: bool,
         /// Keep the corpus and output.
         #[arg(long)]
         keep: bool,
@@ -110,8 +114,8 @@ fn main() -> ExitCode {
         Command::Bench { what: BenchCommand::RaftCore { entries, size, batch } } => {
             bench::raft_core(entries, size, batch)
         }
-        Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, keep } } => {
-            bench::mapreduce(size_mib, workers, &texts, keep)
+        Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, no_spark, keep } } => {
+            bench::mapreduce(size_mib, workers, texts.as_deref(), !no_spark, keep)
         }
         Command::Mr { what } => {
             sixfive_mapreduce::cli::main(what, &sixfive_mapreduce::app::Registry::builtins(), &["mr"])

@@ -96,6 +96,10 @@ pub enum MrCommand {
         /// How the job is cut and timed.
         #[command(flatten)]
         job: JobArgs,
+        /// Serve the job's web page (phases, tasks, workers, timeline) at this TCP address,
+        /// e.g. 127.0.0.1:8080; its data is at /status.json.
+        #[arg(long)]
+        http: Option<String>,
         /// Log only errors (`mr run` uses this; it shows its own progress).
         #[arg(long, hide = true)]
         quiet: bool,
@@ -266,14 +270,29 @@ fn coordinator_config(job: &JobArgs, out: &Path) -> CoordinatorConfig {
     }
 }
 
-fn run_coordinator(listen: &str, job: &JobArgs, quiet: bool, inputs: &[String]) -> Result<JobStatus, String> {
+fn run_coordinator(
+    listen: &str,
+    job: &JobArgs,
+    http: Option<&str>,
+    quiet: bool,
+    inputs: &[String],
+) -> Result<JobStatus, String> {
     let addr: Addr = listen.parse().map_err(|e: crate::proto::BadAddr| e.to_string())?;
     let resolved = validate_job(job, inputs)?;
+    let http = match http {
+        Some(h) => Some(std::net::TcpListener::bind(h).map_err(|e| format!("--http {h}: {e}"))?),
+        None => None,
+    };
     let listener = Listener::bind(&addr).map_err(|e| format!("cannot listen at {addr}: {e}"))?;
     prepare_output(&resolved, job.overwrite, true)?;
     let (journal, records) =
         Journal::open(&resolved.out.join(JOURNAL_NAME), &resolved.spec).map_err(|e| e.to_string())?;
     let journal_path = journal.path().to_path_buf();
+    if let (Some(h), false) = (&http, quiet)
+        && let Ok(a) = h.local_addr()
+    {
+        eprintln!("[coordinator] job page at http://{a}/");
+    }
     if !quiet {
         eprintln!(
             "[coordinator] listening at {addr}: {} map tasks over {} inputs ({:.1} MB), {} reduce tasks, output in {}",
@@ -285,7 +304,7 @@ fn run_coordinator(listen: &str, job: &JobArgs, quiet: bool, inputs: &[String]) 
         );
     }
     let coord = Coordinator::with_journal(coordinator_config(job, &resolved.out), resolved.chunks, journal, records);
-    let st = serve_with(listener, coord, Duration::from_millis(200), quiet);
+    let st = serve_with(listener, coord, Duration::from_millis(200), quiet, http);
     if st.failed.is_some() {
         let _ = std::fs::remove_file(journal_path); // a failed job is over; a new run starts afresh
     }
@@ -297,8 +316,8 @@ fn run_coordinator(listen: &str, job: &JobArgs, quiet: bool, inputs: &[String]) 
 /// that `run` can start it again as the coordinator and the workers.
 pub fn main(cmd: MrCommand, registry: &Registry, prefix: &[&str]) -> ExitCode {
     match cmd {
-        MrCommand::Coordinator { listen, job, quiet, stats_file, inputs } => {
-            let r = run_coordinator(&listen, &job, quiet, &inputs);
+        MrCommand::Coordinator { listen, job, http, quiet, stats_file, inputs } => {
+            let r = run_coordinator(&listen, &job, http.as_deref(), quiet, &inputs);
             write_stats(&stats_file, "coordinator");
             match r {
                 Err(e) => fail(e),
@@ -435,68 +454,9 @@ pub fn status_text(s: &JobStatus) -> String {
     o
 }
 
-fn json_str(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            '\n' => o.push_str("\\n"),
-            '\r' => o.push_str("\\r"),
-            '\t' => o.push_str("\\t"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
-fn json_opt<T: std::fmt::Display>(v: &Option<T>, f: impl Fn(&T) -> String) -> String {
-    v.as_ref().map(f).unwrap_or_else(|| "null".into())
-}
-
 /// `mr status -w json`: one JSON object (also what the job page reads).
 pub fn status_json(s: &JobStatus) -> String {
-    let workers: Vec<String> = s
-        .worker_list
-        .iter()
-        .map(|w| {
-            format!(
-                "{{\"id\":\"{:016x}\",\"addr\":{},\"last_heard_ms\":{},\"tasks_done\":{},\"running\":{}}}",
-                w.id,
-                json_str(&w.addr),
-                w.last_heard_ms,
-                w.tasks_done,
-                json_opt(&w.running, |r| json_str(r))
-            )
-        })
-        .collect();
-    format!(
-        "{{\"done\":{},\"failed\":{},\"maps\":{},\"maps_done\":{},\"maps_running\":{},\"reduces\":{},\
-         \"reduces_done\":{},\"reduces_running\":{},\"bytes_total\":{},\"bytes_in\":{},\
-         \"bytes_intermediate\":{},\"bytes_out\":{},\"elapsed_ms\":{},\"eta_ms\":{},\"reexecuted\":{},\
-         \"backups\":{},\"resumed_tasks\":{},\"workers\":[{}]}}",
-        s.done,
-        json_opt(&s.failed, |f| json_str(f)),
-        s.maps,
-        s.maps_done,
-        s.maps_running,
-        s.reduces,
-        s.reduces_done,
-        s.reduces_running,
-        s.bytes_total,
-        s.bytes_in,
-        s.bytes_intermediate,
-        s.bytes_out,
-        s.elapsed_ms,
-        json_opt(&s.eta_ms, |v| v.to_string()),
-        s.reexecuted,
-        s.backups,
-        s.resumed_tasks,
-        workers.join(",")
-    )
+    crate::web::status_json(s)
 }
 
 fn status(addr: &Addr) -> Option<JobStatus> {

@@ -85,6 +85,27 @@ impl TaskState {
     }
 }
 
+/// One task attempt, for the job page's timeline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// Map (true) or reduce.
+    pub map: bool,
+    /// Which task.
+    pub task: usize,
+    /// Which worker ran it.
+    pub worker: WorkerId,
+    /// When it started (ms since this coordinator started).
+    pub start_ms: u64,
+    /// When it ended, if it has.
+    pub end_ms: Option<u64>,
+    /// "running", "done", "superseded" (another attempt won), "failed", "lost" (its worker
+    /// went silent), or "fetch failed".
+    pub outcome: &'static str,
+}
+
+/// Spans kept for the timeline (a bigger job's page shows the first ones).
+const MAX_SPANS: usize = 100_000;
+
 #[derive(Clone, Debug)]
 struct WorkerState {
     addr: String,
@@ -110,6 +131,8 @@ pub struct Coordinator {
     /// When the map phase ended (this run), and when the job did.
     map_phase_done: Option<Duration>,
     done_at: Option<Duration>,
+    /// Every attempt, for the timeline.
+    spans: Vec<Span>,
 }
 
 /// Milliseconds, saturating.
@@ -139,6 +162,7 @@ impl Coordinator {
             events: Vec::new(),
             map_phase_done: None,
             done_at: None,
+            spans: Vec::new(),
         }
     }
 
@@ -234,6 +258,39 @@ impl Coordinator {
         self.events.push(line);
     }
 
+    fn open_span(&mut self, map: bool, task: usize, worker: WorkerId, now: Duration) {
+        if self.spans.len() < MAX_SPANS {
+            self.spans.push(Span { map, task, worker, start_ms: ms(now), end_ms: None, outcome: "running" });
+        }
+    }
+
+    /// Ends the open spans of a task: `worker`'s with `outcome`, the others' with `others`
+    /// (None: leave them open).
+    fn close_spans(
+        &mut self,
+        map: bool,
+        task: usize,
+        worker: WorkerId,
+        outcome: &'static str,
+        others: Option<&'static str>,
+        now: Duration,
+    ) {
+        for s in self.spans.iter_mut().filter(|s| s.map == map && s.task == task && s.end_ms.is_none()) {
+            if s.worker == worker {
+                s.end_ms = Some(ms(now));
+                s.outcome = outcome;
+            } else if let Some(o) = others {
+                s.end_ms = Some(ms(now));
+                s.outcome = o;
+            }
+        }
+    }
+
+    /// Every task attempt so far (up to 100,000), in the order they started.
+    pub fn spans(&self) -> &[Span] {
+        &self.spans
+    }
+
     /// Log lines since the last call.
     pub fn take_events(&mut self) -> Vec<String> {
         std::mem::take(&mut self.events)
@@ -315,13 +372,16 @@ impl Coordinator {
                 if let Some(t) = tasks.get_mut(task)
                     && !t.done()
                 {
+                    t.status = Status::Running;
                     match t.attempts.iter_mut().find(|a| a.worker == worker) {
                         Some(a) => a.heard = now,
                         // An attempt this coordinator had given up on, or had never heard of
                         // (it was restarted): the worker is alive and at it, so it counts.
-                        None => t.attempts.push(Attempt { worker, started: now, heard: now }),
+                        None => {
+                            t.attempts.push(Attempt { worker, started: now, heard: now });
+                            self.open_span(map, task, worker, now);
+                        }
                     }
-                    t.status = Status::Running;
                 }
                 Reply::Ack
             }
@@ -339,6 +399,7 @@ impl Coordinator {
                     self.status.maps_done += 1;
                     self.status.bytes_in += bytes_in;
                     self.status.bytes_intermediate += bytes_out;
+                    self.close_spans(true, task, worker, "done", Some("superseded"), now);
                     if let Some(w) = self.workers.get_mut(&worker) {
                         w.tasks_done += 1;
                     }
@@ -368,6 +429,7 @@ impl Coordinator {
                     t.attempts.clear();
                     self.status.reduces_done += 1;
                     self.status.bytes_out += bytes_out;
+                    self.close_spans(false, task, worker, "done", Some("superseded"), now);
                     if let Some(w) = self.workers.get_mut(&worker) {
                         w.tasks_done += 1;
                     }
@@ -395,6 +457,7 @@ impl Coordinator {
                         t.status = Status::Idle;
                     }
                     self.log(format!("{kind} task {task} failed on worker {worker:x} ({failures}/{max}): {reason}"));
+                    self.close_spans(map, task, worker, "failed", None, now);
                 }
                 Reply::Ack
             }
@@ -423,6 +486,7 @@ impl Coordinator {
                         t.status = Status::Idle;
                     }
                 }
+                self.close_spans(false, reduce, worker, "fetch failed", None, now);
                 Reply::Ack
             }
             Request::Status => Reply::Status(self.status_at(now)),
@@ -493,6 +557,7 @@ impl Coordinator {
             }
         }
         for (map, i, w, silent) in lost {
+            self.close_spans(map, i, w, "lost", None, now);
             let kind = if map { "map" } else { "reduce" };
             self.log(format!("worker {w:x} silent for {:.1} s: {kind} task {i} offered again", silent.as_secs_f64()));
             if map {
@@ -519,6 +584,7 @@ impl Coordinator {
             self.log(format!("backup attempt of {kind} task {i} on worker {worker:x}"));
         }
         self.journal(Record::Started { map: phase_is_map, task: i, worker }, false);
+        self.open_span(phase_is_map, i, worker, now);
         let attempt = self.next_attempt;
         self.next_attempt += 1;
         let heartbeat_ms = ms(timeout / 4).clamp(50, 1000);
@@ -577,13 +643,23 @@ fn straggler(tasks: &[TaskState], now: Duration) -> Option<usize> {
 /// around has been told to exit (at least `linger`, at most 5 s more), so that workers asking
 /// for work learn to exit. Log lines go to stderr unless `quiet`. Returns the final status.
 pub fn serve(listener: Listener, coord: Coordinator, linger: Duration) -> JobStatus {
-    serve_with(listener, coord, linger, false)
+    serve_with(listener, coord, linger, false, None)
 }
 
-/// [`serve`], choosing whether to log.
-pub fn serve_with(listener: Listener, coord: Coordinator, linger: Duration, quiet: bool) -> JobStatus {
+/// [`serve`], choosing whether to log, and serving the job's web page on `http` if given.
+pub fn serve_with(
+    listener: Listener,
+    coord: Coordinator,
+    linger: Duration,
+    quiet: bool,
+    http: Option<std::net::TcpListener>,
+) -> JobStatus {
     let state = Arc::new(Mutex::new(coord));
     let start = Instant::now();
+    if let Some(h) = http {
+        let state = state.clone();
+        std::thread::spawn(move || crate::web::serve_http(h, state, start));
+    }
     let unix_path = match listener.local_addr() {
         Ok(Addr::Unix(p)) => Some(p),
         _ => None,

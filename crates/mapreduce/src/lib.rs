@@ -20,4 +20,5 @@ pub mod coordinator;
 pub mod journal;
 pub mod proto;
 pub mod split;
+pub mod web;
 pub mod worker;
