@@ -880,3 +880,66 @@ fn mr_run_interrupted_leaves_no_debris() {
     assert!(left.is_empty(), "processes left: {left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    r
+}
+
+/// The job page (`--http`), rendered by headless Chromium while the job runs: its script
+/// fetched /status.json and drew the phases, the worker and the timeline. A screenshot is
+/// left in the target directory and named in the test output. Skipped, saying so, where
+/// Chromium is not installed (`.ci/run` installs Debian's `chromium`).
+#[test]
+fn mr_job_page_in_headless_chromium() {
+    let Some(chromium) = ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().find(|p| Path::new(p).exists())
+    else {
+        eprintln!("note: chromium not installed; mr_job_page_in_headless_chromium skipped (apt-get install chromium)");
+        return;
+    };
+    let dir = scratch("page");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let http = format!("127.0.0.1:{port}");
+    let mut c = Reap(coordinator(&dir, &["--http", &http]));
+    let map = format!("sleep 0.3; {STREAM_MAP}");
+    let mut w = Reap(worker_args(&dir, &dir, &["--app", "stream", "--map-cmd", &map, "--reduce-cmd", STREAM_REDUCE]));
+    wait_status(&dir.join("coordinator.sock"), Duration::from_secs(20), "two maps done", |s| s.maps_done >= 2);
+
+    let json = http_get(&http, "/status.json");
+    assert!(json.starts_with("HTTP/1.1 200") && json.contains("\"timeline\":[{\"kind\":\"map\""), "{json}");
+    assert!(http_get(&http, "/etc/passwd").starts_with("HTTP/1.1 404"));
+
+    let browse = |extra: &[&str]| {
+        let profile = dir.join(format!("profile-{}", extra.len()));
+        Command::new(chromium)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
+            .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(["--virtual-time-budget=3000", "--window-size=1000,700"])
+            .args(extra)
+            .arg(format!("http://{http}/"))
+            .stderr(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let dom = browse(&["--dump-dom"]);
+    assert!(dom.status.success());
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(dom.contains("data-loaded=\"yes\""), "the page's script did not load the job's state: {dom}");
+    assert!(dom.contains("<td class=\"t\">8</td>") && dom.contains("<td class=\"t\">10</td>"), "phases: {dom}");
+    assert!(dom.contains("<tbody><tr><td>"), "no worker row: {dom}");
+    assert!(dom.contains("<title>map 0: done</title>"), "no timeline: {dom}");
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mr-job-page.png");
+    assert!(browse(&[&format!("--screenshot={}", shot.display())]).status.success());
+    assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "empty screenshot");
+    println!("screenshot of the job page: {}", shot.display());
+
+    assert!(wait_limit(&mut c.0, Duration::from_secs(45), "coordinator").success());
+    wait_limit(&mut w.0, Duration::from_secs(20), "worker");
+    assert_eq!(output(&dir).len(), 22_107);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
