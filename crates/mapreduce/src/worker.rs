@@ -474,67 +474,124 @@ fn serve_files(listener: Listener, dir: PathBuf) {
     }
 }
 
-/// Pairs buffered by [`run_sequential`] before a sorted run is spilled to disk (counted as
-/// key and value bytes plus 64 bytes of bookkeeping per pair).
-pub const SEQUENTIAL_SPILL_BYTES: usize = 48 << 20;
+/// Pairs buffered by [`run_sequential`] before a sorted run is spilled to disk. Pairs are
+/// grouped by key in memory: a value costs its bytes plus 4, a distinct key its bytes plus 64.
+pub const SEQUENTIAL_SPILL_BYTES: usize = 64 << 20;
 
 /// The sequential reference: map every file (in 16 MiB pieces at line boundaries), sort,
 /// reduce, write `out`. Memory stays bounded whatever the input size: pairs are sorted and
 /// spilled to disk in runs of [`SEQUENTIAL_SPILL_BYTES`] (next to `out`, removed after), and
 /// the runs are merged. Returns the bytes written.
 pub fn run_sequential(app: &dyn App, files: &[String], out: &Path) -> Result<u64, String> {
-    let chunks = crate::split::split_inputs(files, 16 << 20)?;
+    run_sequential_with(app, files, out, 16 << 20, SEQUENTIAL_SPILL_BYTES).map(|(bytes, _)| bytes)
+}
+
+/// [`run_sequential`] with the piece size and spill threshold given; also returns how many
+/// sorted runs were spilled.
+pub fn run_sequential_with(
+    app: &dyn App,
+    files: &[String],
+    out: &Path,
+    piece_bytes: u64,
+    spill_bytes: usize,
+) -> Result<(u64, usize), String> {
+    let chunks = crate::split::split_inputs(files, piece_bytes.max(1))?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let spill_dir = parent.join(format!(".mr-sequential-{}", nonce()));
-    let r = sequential_in(app, &chunks, out, &spill_dir);
+    let r = sequential_in(app, &chunks, out, &spill_dir, spill_bytes);
     let _ = std::fs::remove_dir_all(&spill_dir);
     r
 }
 
-fn sequential_in(app: &dyn App, chunks: &[crate::split::Chunk], out: &Path, spill: &Path) -> Result<u64, String> {
-    let mut pairs: Vec<(String, String)> = Vec::new();
-    let mut held = 0usize;
-    let mut runs: Vec<PathBuf> = Vec::new();
-    let spill_run = |pairs: &mut Vec<(String, String)>, runs: &mut Vec<PathBuf>| -> Result<(), String> {
-        std::fs::create_dir_all(spill).map_err(|e| format!("{}: {e}", spill.display()))?;
-        pairs.sort_by(|a, b| a.0.cmp(&b.0));
-        let name = format!("run-{}", runs.len());
-        write_bucket(spill, &name, pairs)?;
-        runs.push(spill.join(name));
-        pairs.clear();
+/// Pairs grouped by key in memory, values appended (length-prefixed) to one buffer per key,
+/// spilled as a sorted run when they hold `limit` bytes.
+struct Spiller<'a> {
+    groups: FxHashMap<String, Vec<u8>>,
+    held: usize,
+    limit: usize,
+    dir: &'a Path,
+    runs: Vec<PathBuf>,
+    err: Option<String>,
+}
+
+impl Spiller<'_> {
+    fn add(&mut self, k: &str, v: &str) {
+        let buf = match self.groups.get_mut(k) {
+            Some(b) => b,
+            None => {
+                self.held += k.len() + 64;
+                self.groups.entry(k.to_string()).or_default()
+            }
+        };
+        buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        buf.extend_from_slice(v.as_bytes());
+        self.held += 4 + v.len();
+        if self.held >= self.limit && self.err.is_none() {
+            if let Err(e) = self.spill() {
+                self.err = Some(e);
+            }
+        }
+    }
+
+    /// The groups, sorted by key, as records (key, value) in value order.
+    fn write_sorted(&mut self, w: &mut impl Write) -> io::Result<()> {
+        let mut groups: Vec<(String, Vec<u8>)> = self.groups.drain().collect();
+        self.held = 0;
+        groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (k, buf) in groups {
+            let mut pos = 0;
+            while pos < buf.len() {
+                let len = u32::from_le_bytes(buf[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+                let v = std::str::from_utf8(&buf[pos + 4..pos + 4 + len]).expect("values are str");
+                write_record(w, &k, v)?;
+                pos += 4 + len;
+            }
+        }
         Ok(())
-    };
+    }
+
+    fn spill(&mut self) -> Result<(), String> {
+        std::fs::create_dir_all(self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        let path = self.dir.join(format!("run-{}", self.runs.len()));
+        write_atomically(&path, |w| self.write_sorted(w)).map_err(|e| format!("spilling to {}: {e}", path.display()))?;
+        self.runs.push(path);
+        Ok(())
+    }
+}
+
+fn sequential_in(
+    app: &dyn App,
+    chunks: &[crate::split::Chunk],
+    out: &Path,
+    spill: &Path,
+    spill_bytes: usize,
+) -> Result<(u64, usize), String> {
+    let mut sp =
+        Spiller { groups: FxHashMap::default(), held: 0, limit: spill_bytes, dir: spill, runs: Vec::new(), err: None };
     for c in chunks {
         let bytes = read_chunk(&c.file, c.offset, c.len)?;
         let contents = String::from_utf8_lossy(&bytes);
-        let mut full = false;
-        app.map(&c.file, &contents, &mut |k, v| {
-            held += k.len() + v.len() + 64;
-            pairs.push((k.to_string(), v.to_string()));
-            full |= held >= SEQUENTIAL_SPILL_BYTES;
-        })
-        .map_err(|e| format!("map of {}: {e}", c.file))?;
-        if full {
-            spill_run(&mut pairs, &mut runs)?;
-            held = 0;
+        app.map(&c.file, &contents, &mut |k, v| sp.add(k, v)).map_err(|e| format!("map of {}: {e}", c.file))?;
+        if let Some(e) = sp.err.take() {
+            return Err(e);
         }
     }
     let mut readers: Vec<Box<dyn Read>> = Vec::new();
-    for r in &runs {
+    if sp.runs.is_empty() {
+        let mut last = Vec::new();
+        sp.write_sorted(&mut last).map_err(|e| e.to_string())?;
+        readers.push(Box::new(io::Cursor::new(last)));
+    } else if !sp.groups.is_empty() {
+        sp.spill()?;
+    }
+    for r in &sp.runs {
         readers.push(Box::new(BufReader::with_capacity(256 << 10, File::open(r).map_err(|e| e.to_string())?)));
     }
-    // The last run stays in memory.
-    pairs.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut last = Vec::new();
-    for (k, v) in &pairs {
-        write_record(&mut last, k, v).map_err(|e| e.to_string())?;
-    }
-    drop(pairs);
-    readers.push(Box::new(io::Cursor::new(last)));
-    reduce_runs(app, readers, out).map_err(|e| format!("writing {}: {e}", out.display()))
+    let bytes = reduce_runs(app, readers, out).map_err(|e| format!("writing {}: {e}", out.display()))?;
+    Ok((bytes, sp.runs.len()))
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use sixfive_mapreduce::app::{App, AppOptions, Registry};
 use sixfive_mapreduce::coordinator::{Coordinator, CoordinatorConfig, serve};
 use sixfive_mapreduce::proto::{Addr, Listener};
 use sixfive_mapreduce::split::split_inputs;
-use sixfive_mapreduce::worker::{WorkerConfig, run_sequential, run_worker};
+use sixfive_mapreduce::worker::{WorkerConfig, run_sequential, run_sequential_with, run_worker};
 
 /// Counts words by their first letter, case-folded.
 struct Initials;
@@ -89,5 +89,31 @@ fn custom_app_in_process_matches_sequential() {
     };
     assert_eq!(sorted_lines(&dir.join("out"), "mr-out-"), expected);
     assert!(expected.iter().any(|l| l.starts_with("t ")));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `run_sequential` spills sorted runs when its buffer fills and merges them: with a tiny
+/// threshold (hundreds of runs) the output is the same as with everything in memory, and
+/// the spill directory is gone afterwards.
+#[test]
+fn sequential_spills_and_merges_to_the_same_output() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/gutenberg");
+    let inputs: Vec<String> =
+        ["pg-metamorphosis.txt", "pg-being_ernest.txt"].iter().map(|f| data.join(f).to_string_lossy().to_string()).collect();
+    let dir = std::env::temp_dir().join(format!("sixfive-mr-seq-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let wc = Registry::builtins().make("wc", &AppOptions::default()).unwrap();
+    let (_, runs) = run_sequential_with(wc.as_ref(), &inputs, &dir.join("memory"), 16 << 20, usize::MAX).unwrap();
+    assert_eq!(runs, 0);
+    let (_, runs) = run_sequential_with(wc.as_ref(), &inputs, &dir.join("spilled"), 8 << 10, 16 << 10).unwrap();
+    assert!(runs > 10, "only {runs} runs spilled");
+    let memory = std::fs::read_to_string(dir.join("memory")).unwrap();
+    assert!(memory.lines().count() > 1000);
+    assert!(memory == std::fs::read_to_string(dir.join("spilled")).unwrap(), "spilled output differs");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    names.sort();
+    assert_eq!(names, vec!["memory", "spilled"], "spill files left behind");
     std::fs::remove_dir_all(&dir).unwrap();
 }
