@@ -254,7 +254,7 @@ pub fn mapreduce(size_mib: u64, workers: usize, texts: Option<&std::path::Path>,
     ExitCode::SUCCESS
 }
 
-/// The same word count in Apache Spark (pyspark, local[2], DataFrame API: lines split at
+/// The same word count in Apache Spark (pyspark, `local[2]`, DataFrame API: lines split at
 /// non-letters, grouped and counted, written as CSV), timed from launch to exit and checked
 /// word by word against `counts`. `Ok(None)` when pyspark or Java is missing.
 fn spark_word_count(

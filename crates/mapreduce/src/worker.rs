@@ -529,10 +529,11 @@ impl Spiller<'_> {
         buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
         buf.extend_from_slice(v.as_bytes());
         self.held += 4 + v.len();
-        if self.held >= self.limit && self.err.is_none() {
-            if let Err(e) = self.spill() {
-                self.err = Some(e);
-            }
+        if self.held >= self.limit
+            && self.err.is_none()
+            && let Err(e) = self.spill()
+        {
+            self.err = Some(e);
         }
     }
 
@@ -556,7 +557,8 @@ impl Spiller<'_> {
     fn spill(&mut self) -> Result<(), String> {
         std::fs::create_dir_all(self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
         let path = self.dir.join(format!("run-{}", self.runs.len()));
-        write_atomically(&path, |w| self.write_sorted(w)).map_err(|e| format!("spilling to {}: {e}", path.display()))?;
+        write_atomically(&path, |w| self.write_sorted(w))
+            .map_err(|e| format!("spilling to {}: {e}", path.display()))?;
         self.runs.push(path);
         Ok(())
     }

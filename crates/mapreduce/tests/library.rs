@@ -98,8 +98,10 @@ fn custom_app_in_process_matches_sequential() {
 #[test]
 fn sequential_spills_and_merges_to_the_same_output() {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/gutenberg");
-    let inputs: Vec<String> =
-        ["pg-metamorphosis.txt", "pg-being_ernest.txt"].iter().map(|f| data.join(f).to_string_lossy().to_string()).collect();
+    let inputs: Vec<String> = ["pg-metamorphosis.txt", "pg-being_ernest.txt"]
+        .iter()
+        .map(|f| data.join(f).to_string_lossy().to_string())
+        .collect();
     let dir = std::env::temp_dir().join(format!("sixfive-mr-seq-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
