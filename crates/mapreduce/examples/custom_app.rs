@@ -22,7 +22,7 @@ impl App for LineLengths {
         }
         Ok(())
     }
-    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
+    fn reduce(&self, _key: &str, values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
         let mut sum = 0u64;
         for v in values {
             sum += v.parse::<u64>().map_err(|e| format!("bad count {v:?}: {e}"))?;

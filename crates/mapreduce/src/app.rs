@@ -16,8 +16,9 @@ pub trait App: Send + Sync {
     /// chunk (whole lines) of `file`; invalid UTF-8 has been replaced.
     fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String>;
 
-    /// The output value for `key` given all its values.
-    fn reduce(&self, key: &str, values: &[String]) -> Result<String, String>;
+    /// The output value for `key` given all its values, streamed in order (a key with
+    /// millions of values is never held in memory at once unless the app collects them).
+    fn reduce(&self, key: &str, values: &mut dyn Iterator<Item = String>) -> Result<String, String>;
 
     /// The combiner, if the app has one: folds `value` into `acc` (both values of `key`) on
     /// the map side, so less data crosses the network, and returns true. Must agree with
@@ -32,14 +33,56 @@ pub trait App: Send + Sync {
     /// its command once per task.
     fn reduce_task(
         &self,
-        groups: &mut dyn Iterator<Item = (String, Vec<String>)>,
+        groups: &mut dyn Groups,
         out: &mut dyn FnMut(&str) -> std::io::Result<()>,
     ) -> Result<(), String> {
-        for (k, vs) in groups {
-            let v = self.reduce(&k, &vs)?;
+        while let Some(k) = groups.next_key() {
+            let v = self.reduce(&k, &mut Values(groups))?;
             out(&format!("{k} {v}")).map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+}
+
+/// A reduce task's input: its keys in order, each key's values streamed.
+pub trait Groups {
+    /// The next key (what is left of the current key's values is skipped), or None at the end.
+    fn next_key(&mut self) -> Option<String>;
+    /// The current key's next value, or None once they are all read.
+    fn next_value(&mut self) -> Option<String>;
+}
+
+/// The current key's values of some [`Groups`], as an iterator.
+pub struct Values<'a>(pub &'a mut dyn Groups);
+
+impl Iterator for Values<'_> {
+    type Item = String;
+    fn next(&mut self) -> Option<String> {
+        self.0.next_value()
+    }
+}
+
+/// Groups over an in-memory list of (key, values), for tests and small jobs.
+pub struct VecGroups {
+    groups: std::vec::IntoIter<(String, Vec<String>)>,
+    current: std::vec::IntoIter<String>,
+}
+
+impl VecGroups {
+    /// Groups in the order given.
+    pub fn new(groups: Vec<(String, Vec<String>)>) -> VecGroups {
+        VecGroups { groups: groups.into_iter(), current: Vec::new().into_iter() }
+    }
+}
+
+impl Groups for VecGroups {
+    fn next_key(&mut self) -> Option<String> {
+        let (k, vs) = self.groups.next()?;
+        self.current = vs.into_iter();
+        Some(k)
+    }
+    fn next_value(&mut self) -> Option<String> {
+        self.current.next()
     }
 }
 
@@ -140,7 +183,7 @@ impl App for WordCount {
         }
         Ok(())
     }
-    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
+    fn reduce(&self, _key: &str, values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
         let mut sum = 0u64;
         for v in values {
             sum += v.parse::<u64>().map_err(|e| format!("bad count {v:?}: {e}"))?;
@@ -186,8 +229,8 @@ impl App for Indexer {
         }
         Ok(())
     }
-    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
-        let mut docs: Vec<&str> = values.iter().map(String::as_str).collect();
+    fn reduce(&self, _key: &str, values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
+        let mut docs: Vec<String> = values.collect();
         docs.sort_unstable();
         docs.dedup();
         Ok(format!("{} {}", docs.len(), docs.join(",")))
@@ -233,8 +276,8 @@ impl App for MapTiming {
         emit(&format!("parallel-{pid}"), &n.to_string());
         Ok(())
     }
-    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
-        let mut v = values.to_vec();
+    fn reduce(&self, _key: &str, values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
+        let mut v: Vec<String> = values.collect();
         v.sort();
         Ok(v.join(" "))
     }
@@ -250,7 +293,7 @@ impl App for ReduceTiming {
         }
         Ok(())
     }
-    fn reduce(&self, _key: &str, _values: &[String]) -> Result<String, String> {
+    fn reduce(&self, _key: &str, _values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
         Ok(nparallel("reduce").to_string())
     }
 }
@@ -270,7 +313,7 @@ impl App for JobCount {
         emit("a", "x");
         Ok(())
     }
-    fn reduce(&self, _key: &str, _values: &[String]) -> Result<String, String> {
+    fn reduce(&self, _key: &str, _values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
         let n = std::fs::read_dir(".")
             .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("mr-worker-jobcount")).count())
             .unwrap_or(0);
@@ -286,11 +329,11 @@ impl App for EarlyExit {
         emit(file, "1");
         Ok(())
     }
-    fn reduce(&self, key: &str, values: &[String]) -> Result<String, String> {
+    fn reduce(&self, key: &str, values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
         if key.contains("sherlock") || key.contains("tom") {
             std::thread::sleep(Duration::from_secs(3));
         }
-        Ok(values.len().to_string())
+        Ok(values.count().to_string())
     }
 }
 
@@ -327,9 +370,9 @@ impl App for Crash {
         emit("d", "xyzzy");
         Ok(())
     }
-    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
+    fn reduce(&self, _key: &str, values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
         self.maybe_crash();
-        let mut v = values.to_vec();
+        let mut v: Vec<String> = values.collect();
         v.sort();
         Ok(v.join(" "))
     }
@@ -399,18 +442,18 @@ impl App for Streaming {
         })
     }
 
-    fn reduce(&self, _key: &str, _values: &[String]) -> Result<String, String> {
+    fn reduce(&self, _key: &str, _values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
         Err("the stream app reduces whole tasks".into())
     }
 
     fn reduce_task(
         &self,
-        groups: &mut dyn Iterator<Item = (String, Vec<String>)>,
+        groups: &mut dyn Groups,
         out: &mut dyn FnMut(&str) -> std::io::Result<()>,
     ) -> Result<(), String> {
         let mut input = Vec::new();
-        for (k, vs) in groups {
-            for v in vs {
+        while let Some(k) = groups.next_key() {
+            while let Some(v) = groups.next_value() {
                 input.extend_from_slice(k.as_bytes());
                 input.push(b'\t');
                 input.extend_from_slice(v.as_bytes());
@@ -419,15 +462,6 @@ impl App for Streaming {
         }
         run_filter(&self.reduce_cmd, &[], input, |l| out(l).map_err(|e| e.to_string()))
     }
-}
-
-/// Groups pairs sorted by key (used by the sequential runner).
-pub fn group_sorted(pairs: Vec<(String, String)>) -> BTreeMap<String, Vec<String>> {
-    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (k, v) in pairs {
-        m.entry(k).or_default().push(v);
-    }
-    m
 }
 
 #[cfg(test)]
@@ -457,7 +491,8 @@ mod tests {
         for v in ["1", "1", "5", "1"] {
             wc.combine("w", &mut acc, v);
         }
-        assert_eq!(acc, wc.reduce("w", &["1".into(), "1".into(), "1".into(), "5".into(), "1".into()]).unwrap());
+        let values = ["1", "1", "1", "5", "1"].map(String::from);
+        assert_eq!(acc, wc.reduce("w", &mut values.into_iter()).unwrap());
         let err = Registry::builtins().make("nope", &AppOptions::default()).err().unwrap();
         assert!(err.to_string().contains("wc"), "the error lists the known apps: {err}");
     }

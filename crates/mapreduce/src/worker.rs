@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::app::App;
+use crate::app::{App, Groups};
 use crate::proto::{
     Addr, Fetch, Listener, Reply, Request, Stream, Task, WorkerId, bucket, call, intermediate_name,
     is_intermediate_name, recv, send,
@@ -368,34 +368,28 @@ fn run_reduce(
 fn reduce_runs(app: &dyn App, runs: Vec<Box<dyn Read>>, out_path: &Path) -> Result<u64, String> {
     let mut merge = Merge::new(runs).map_err(|e| format!("reading intermediate data: {e}"))?;
     write_atomically(out_path, |w| {
-        let mut read_err = None;
-        let r = {
-            let mut groups = std::iter::from_fn(|| match merge.next_group() {
-                Ok(g) => g,
-                Err(e) => {
-                    read_err = Some(format!("reading intermediate data: {e}"));
-                    None
-                }
-            });
-            let mut out = |line: &str| -> io::Result<()> {
-                w.write_all(line.as_bytes())?;
-                w.write_all(b"\n")
-            };
-            app.reduce_task(&mut groups, &mut out)
+        let mut out = |line: &str| -> io::Result<()> {
+            w.write_all(line.as_bytes())?;
+            w.write_all(b"\n")
         };
+        let r = app.reduce_task(&mut merge, &mut out);
         // Nothing half-read is ever renamed into place.
-        if let Some(e) = read_err {
-            return Err(io::Error::other(e));
+        if let Some(e) = merge.err.take() {
+            return Err(io::Error::other(format!("reading intermediate data: {e}")));
         }
         r.map_err(io::Error::other)
     })
     .map_err(|e| e.to_string())
 }
 
-/// K-way merge of sorted runs, yielding (key, values) groups in key order.
+/// K-way merge of sorted runs, yielding keys in order and each key's values streamed (in
+/// run order, and within a run in file order). A read error ends the stream; it is kept in
+/// `err` for the caller.
 struct Merge<R> {
     runs: Vec<R>,
     heap: BinaryHeap<std::cmp::Reverse<(String, usize, String)>>,
+    current: Option<String>,
+    err: Option<io::Error>,
 }
 
 impl<R: Read> Merge<R> {
@@ -406,26 +400,37 @@ impl<R: Read> Merge<R> {
                 heap.push(std::cmp::Reverse((k, i, v)));
             }
         }
-        Ok(Merge { runs, heap })
+        Ok(Merge { runs, heap, current: None, err: None })
     }
 
-    fn next_group(&mut self) -> io::Result<Option<(String, Vec<String>)>> {
-        let Some(std::cmp::Reverse((key, i, v))) = self.heap.pop() else { return Ok(None) };
-        let mut values = vec![v];
-        self.refill(i)?;
-        while self.heap.peek().is_some_and(|top| top.0.0 == key) {
-            let std::cmp::Reverse((_, j, v)) = self.heap.pop().expect("peeked");
-            values.push(v);
-            self.refill(j)?;
+    fn refill(&mut self, i: usize) {
+        match read_record(&mut self.runs[i]) {
+            Ok(Some((k, v))) => self.heap.push(std::cmp::Reverse((k, i, v))),
+            Ok(None) => {}
+            Err(e) => {
+                self.err = Some(e);
+                self.heap.clear();
+            }
         }
-        Ok(Some((key, values)))
+    }
+}
+
+impl<R: Read> Groups for Merge<R> {
+    fn next_key(&mut self) -> Option<String> {
+        while self.next_value().is_some() {}
+        let key = self.heap.peek()?.0.0.clone();
+        self.current = Some(key.clone());
+        Some(key)
     }
 
-    fn refill(&mut self, i: usize) -> io::Result<()> {
-        if let Some((k, v)) = read_record(&mut self.runs[i])? {
-            self.heap.push(std::cmp::Reverse((k, i, v)));
+    fn next_value(&mut self) -> Option<String> {
+        let cur = self.current.as_ref()?;
+        if self.heap.peek().is_none_or(|top| top.0.0 != *cur) {
+            return None;
         }
-        Ok(())
+        let std::cmp::Reverse((_, i, v)) = self.heap.pop().expect("peeked");
+        self.refill(i);
+        Some(v)
     }
 }
 
@@ -614,9 +619,10 @@ mod tests {
             .collect();
         let mut m = Merge::new(runs.iter().map(|r| r.as_slice()).collect()).unwrap();
         let mut got = Vec::new();
-        while let Some(g) = m.next_group().unwrap() {
-            got.push(g);
+        while let Some(k) = m.next_key() {
+            got.push((k, crate::app::Values(&mut m).collect::<Vec<_>>()));
         }
+        assert!(m.err.is_none());
         assert_eq!(
             got,
             vec![

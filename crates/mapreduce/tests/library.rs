@@ -22,8 +22,8 @@ impl App for Initials {
         }
         Ok(())
     }
-    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
-        Ok(values.len().to_string())
+    fn reduce(&self, _key: &str, values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
+        Ok(values.count().to_string())
     }
 }
 
