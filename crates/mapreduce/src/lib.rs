@@ -8,7 +8,8 @@
 //! race stragglers near the end of a phase. Every intermediate and output file is written
 //! under a temporary name and renamed, so no partial file is ever visible.
 //!
-//! Apps implement [`app::App`] (map, reduce, optional combiner) and are registered by name in
+//! Apps implement [`app::App`] (map, reduce, optional combiner), or [`typed::TypedApp`] for
+//! values of their own type, and are registered by name in
 //! an [`app::Registry`]; the `stream` app runs external commands, so apps can be written in
 //! any language. [`cli`] is the command line (`sixfive mr ...`), reusable by a program with
 //! apps of its own (see `examples/custom_app.rs`).
@@ -20,5 +21,6 @@ pub mod coordinator;
 pub mod journal;
 pub mod proto;
 pub mod split;
+pub mod typed;
 pub mod web;
 pub mod worker;

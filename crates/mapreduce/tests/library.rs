@@ -119,3 +119,83 @@ fn sequential_spills_and_merges_to_the_same_output() {
     assert_eq!(names, vec!["memory", "spilled"], "spill files left behind");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A typed app: values are structs; the combiner works on them. Run as a job (coordinator
+/// and two workers in this process) it agrees with the sequential runner and with a direct
+/// computation.
+#[test]
+fn typed_app_with_struct_values_and_combiner() {
+    use sixfive_mapreduce::typed::{Typed, TypedApp};
+
+    #[derive(serde::Serialize, serde::Deserialize, Clone, Copy)]
+    struct Stats {
+        n: u64,
+        letters: u64,
+    }
+    /// Per initial letter: how many words, and how many letters in them.
+    struct InitialStats;
+    impl TypedApp for InitialStats {
+        type Value = Stats;
+        fn map(&self, _f: &str, contents: &str, emit: &mut dyn FnMut(&str, Stats)) -> Result<(), String> {
+            for w in contents.split(|c: char| !c.is_ascii_alphabetic()).filter(|w| !w.is_empty()) {
+                emit(&w[..1].to_ascii_lowercase(), Stats { n: 1, letters: w.len() as u64 });
+            }
+            Ok(())
+        }
+        fn reduce(&self, _k: &str, values: &mut dyn Iterator<Item = Stats>) -> Result<String, String> {
+            let s =
+                values.fold(Stats { n: 0, letters: 0 }, |a, v| Stats { n: a.n + v.n, letters: a.letters + v.letters });
+            Ok(format!("{} {}", s.n, s.letters))
+        }
+        fn combine(&self, _k: &str, acc: &mut Stats, v: Stats) -> bool {
+            acc.n += v.n;
+            acc.letters += v.letters;
+            true
+        }
+    }
+
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/gutenberg");
+    let inputs: Vec<String> =
+        ["pg-metamorphosis.txt"].iter().map(|f| data.join(f).to_string_lossy().to_string()).collect();
+    let dir = std::env::temp_dir().join(format!("sixfive-mr-typed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("out")).unwrap();
+    let chunks = split_inputs(&inputs, 32 << 10).unwrap();
+    let cfg = CoordinatorConfig {
+        n_reduce: 2,
+        out_dir: dir.join("out").to_string_lossy().to_string(),
+        task_timeout: Duration::from_secs(10),
+        backup_tasks: false,
+        max_task_failures: 3,
+    };
+    let addr = Addr::Unix(dir.join("coordinator.sock"));
+    let listener = Listener::bind(&addr).unwrap();
+    let coordinator =
+        std::thread::spawn(move || serve(listener, Coordinator::new(cfg, chunks), Duration::from_millis(200)));
+    let workers: Vec<_> = (0..2)
+        .map(|i| {
+            let app: Arc<dyn App> = Arc::new(Typed(InitialStats));
+            let cfg = WorkerConfig {
+                coordinator: addr.clone(),
+                listen: Addr::Unix(dir.join(format!("w{i}.sock"))),
+                work_dir: dir.join(format!("w{i}")),
+                connect_patience: Duration::from_secs(5),
+            };
+            std::thread::spawn(move || run_worker(cfg, app))
+        })
+        .collect();
+    assert!(coordinator.join().unwrap().done);
+    for w in workers {
+        w.join().unwrap().unwrap();
+    }
+    run_sequential(&Typed(InitialStats), &inputs, &dir.join("seq")).unwrap();
+    let mut expected: Vec<String> =
+        std::fs::read_to_string(dir.join("seq")).unwrap().lines().map(String::from).collect();
+    expected.sort();
+    assert_eq!(sorted_lines(&dir.join("out"), "mr-out-"), expected);
+    let text = std::fs::read_to_string(&inputs[0]).unwrap();
+    let t: Vec<&str> = text.split(|c: char| !c.is_ascii_alphabetic()).filter(|w| w.starts_with(['t', 'T'])).collect();
+    let t_line = format!("t {} {}", t.len(), t.iter().map(|w| w.len()).sum::<usize>());
+    assert!(expected.contains(&t_line), "{t_line} not in {expected:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
