@@ -99,9 +99,13 @@ enum BenchCommand {
         /// Worker processes.
         #[arg(long, default_value_t = 2)]
         workers: usize,
-        /// Directory of texts to draw lines from.
-        #[arg(long, default_value = "data/gutenberg")]
-        texts: std::path::PathBuf,
+        /// Directory of texts to draw lines from (default: the eight Gutenberg texts built
+        /// into sixfive, so it runs from any directory).
+        #[arg(long)]
+        texts: Option<std::path::PathBuf>,
+        /// Skip the Apache Spark run (it runs when python3 with pyspark and java are found).
+        #[arg(long)]
+        no_spark: bool,
         /// Keep the corpus and output.
         #[arg(long)]
         keep: bool,
@@ -174,8 +178,8 @@ fn main() -> ExitCode {
         } => {
             bench_kv::run(bench_kv::Options { clients, secs, key_size, value_size, endpoints, data_dir, keep, no_etcd })
         }
-        Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, keep } } => {
-            bench::mapreduce(size_mib, workers, &texts, keep)
+        Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, no_spark, keep } } => {
+            bench::mapreduce(size_mib, workers, texts.as_deref(), !no_spark, keep)
         }
         Command::Kv { what } => kv::main(what),
         Command::Mr { what } => {
