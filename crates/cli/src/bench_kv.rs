@@ -243,6 +243,9 @@ pub fn run(o: Options) -> ExitCode {
     if o.endpoints.is_none() && !o.no_etcd {
         etcd_side_by_side(&o, &writes, &reads);
     }
+    if o.endpoints.is_none() && !o.keep {
+        let _ = std::fs::remove_dir_all(&o.data_dir);
+    }
     ExitCode::SUCCESS
 }
 

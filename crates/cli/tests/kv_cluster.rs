@@ -359,8 +359,11 @@ fn whole_cluster_restarts_from_disk() {
             clerk.append(&format!("r{}", i % 5), &format!("<{i}>")).await.unwrap();
         }
         clerk.put("p", "v1", 0).await.unwrap();
-        // Graceful stop of every member: each exits 0.
-        for i in 0..3 {
+        // Graceful stop of every member, the leader first: it hands leadership over; each exits 0.
+        let l = tc.leader().await;
+        assert!(tc.terminate(l).success(), "the leader did not stop cleanly");
+        assert!(tc.log_of(l).contains("leadership handed to member"), "SIGTERM hands leadership over");
+        for i in (0..3).filter(|&i| i != l) {
             let st = tc.terminate(i);
             assert!(st.success(), "member {i} did not stop cleanly: {st}");
         }
