@@ -826,3 +826,81 @@ fn kv_cluster_command_and_client_exit_codes() {
     assert!(c.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// One plain HTTP GET; the status line's code and the body.
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// `/metrics` and `/health` on running members: health says 200 while there is a leader and a
+/// quorum and 503 once the quorum is gone; the metrics count what the cluster did.
+#[test]
+fn metrics_and_health_answer_on_running_members() {
+    let mut tc = TestCluster::prepare("metrics", 3, &[]);
+    let metrics: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    for (i, port) in metrics.iter().enumerate() {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&tc.servers[i].log).unwrap();
+        let child =
+            tc.command(i).arg(format!("--listen-metrics-urls=http://127.0.0.1:{port}")).stderr(log).spawn().unwrap();
+        *tc.servers[i].child.borrow_mut() = Some(child);
+    }
+    let leader = run_local(async {
+        let cluster = tc.connect().await;
+        let mut clerk = cluster.clerk(random_u64());
+        for i in 0..50 {
+            clerk.put(&format!("m{i}"), "v", 0).await.unwrap();
+        }
+        tc.leader().await
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for &port in &metrics {
+        loop {
+            let (code, body) = http_get(port, "/health");
+            if code == 200 {
+                assert!(body.contains("\"health\":\"true\""), "{body}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "member on metrics port {port} never became healthy: {code} {body}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let (code, body) = http_get(metrics[leader], "/metrics");
+    assert_eq!(code, 200);
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+    };
+    assert_eq!(value("sixfive_is_leader"), 1.0);
+    assert!(value("sixfive_commit_index") >= 50.0, "{body}");
+    assert!(value("sixfive_fsyncs_total") > 0.0, "{body}");
+    assert!(body.contains("sixfive_fsync_seconds_bucket"), "a latency histogram: {body}");
+    assert_eq!(http_get(metrics[leader], "/nope").0, 404);
+    // Two members gone: the last one has no quorum, and says so.
+    let last = (leader + 1) % 3;
+    for i in 0..3 {
+        if i != last {
+            tc.kill9(i);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, _) = http_get(metrics[last], "/health");
+        if code == 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "health still {code} without a quorum");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    tc.ok = true;
+}
