@@ -334,7 +334,7 @@ impl Cluster {
                 // An I/O error: the storage is poisoned, the node stops (a restart re-reads
                 // the disk).
                 self.storage_failures += 1;
-                self.crash(id);
+                self.stop_after_storage_failure(id);
                 return;
             }
             let delay = slot.storage.fs().map_or(0, |fs| fs.take_latency());
@@ -377,7 +377,7 @@ impl Cluster {
             {
                 if slot.storage.save_snapshot(&snap).and_then(|()| slot.storage.sync()).is_err() {
                     self.storage_failures += 1;
-                    self.crash(id);
+                    self.stop_after_storage_failure(id);
                     return;
                 }
                 self.checker.on_compact(id, index);
@@ -398,6 +398,18 @@ impl Cluster {
         let slot = &mut self.slots[(id - 1) as usize];
         if slot.raw.take().is_some() {
             slot.storage.crash(&mut self.rng, torn);
+            slot.incarnation += 1;
+            self.trace(4, &id.to_le_bytes());
+        }
+    }
+
+    /// Node `id`'s storage failed: its process stops (the machine, and its page cache, stay
+    /// up); a restart re-reads the disk.
+    fn stop_after_storage_failure(&mut self, id: NodeId) {
+        let torn = self.cfg.torn_writes;
+        let slot = &mut self.slots[(id - 1) as usize];
+        if slot.raw.take().is_some() {
+            slot.storage.stop_process(&mut self.rng, torn);
             slot.incarnation += 1;
             self.trace(4, &id.to_le_bytes());
         }

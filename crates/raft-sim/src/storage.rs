@@ -152,6 +152,15 @@ impl NodeStorage {
         }
     }
 
+    /// The process stops (after a storage failure) but the machine stays up: the page cache,
+    /// and whatever a failed writeback left in it, survives.
+    pub fn stop_process(&mut self, rng: &mut sixfive_sim::Rng, torn: bool) {
+        match self {
+            NodeStorage::Model(m) => m.disk.crash(rng, torn),
+            NodeStorage::File { open, .. } => *open = None,
+        }
+    }
+
     /// Opens the files again after a crash. An injected I/O error is returned (the node
     /// cannot start now); corruption after a crash is a bug and panics.
     pub fn reopen(&mut self) -> Result<(), String> {

@@ -107,10 +107,13 @@ impl<M: StateMachine + 'static> RsmCluster<M> {
     pub fn start(&self, id: NodeId) {
         let mut cfg = Config::new(id, self.ids());
         cfg.seed = self.world.random(u64::MAX);
-        if self.world.is_up(id) {
-            self.crash(id); // stopped by a storage failure: the process exits first
-        }
         let disk = &self.disks[(id - 1) as usize];
+        if self.world.is_up(id) {
+            // Stopped by a storage failure: the process exits first; the machine (and its page
+            // cache) stays up.
+            self.world.crash(id);
+            self.world.with_rng(|rng| disk.0.borrow_mut().stop_process(rng, false));
+        }
         if disk.0.borrow_mut().reopen().is_err() {
             return;
         }

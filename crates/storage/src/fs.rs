@@ -38,8 +38,15 @@ pub trait Fs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
     /// Whether a file or directory exists at `path`.
     fn exists(&self, path: &Path) -> io::Result<bool>;
-    /// The whole content of a file.
+    /// The whole content of a file, as readers see it (through the page cache).
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// The whole content of a file as it is on the disk: what a predecessor left dirty is
+    /// flushed first, and pages the kernel marked clean after a failed writeback (so never
+    /// written) are not trusted from the cache but read again from the device.
+    fn read_durable(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// A random number, unpredictable to clients (tags a log file so that bytes from another
+    /// file, or planted in a payload, are never taken for its own).
+    fn random_u64(&self) -> u64;
     /// Opens a file for appending, creating it empty if missing.
     fn open_append(&self, path: &Path) -> io::Result<Self::File>;
     /// Creates (or truncates) a file for writing.
@@ -76,6 +83,29 @@ impl Fs for OsFs {
     }
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         std::fs::read(path)
+    }
+    fn read_durable(&self, path: &Path) -> io::Result<Vec<u8>> {
+        let f = std::fs::File::open(path)?;
+        f.sync_data()?;
+        // Drop the (now clean) cached pages so the read below comes from the device: after a
+        // failed writeback Linux keeps the data in the cache marked clean, never to be written.
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: posix_fadvise on an open file descriptor we own; only a hint.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+        let mut out = Vec::new();
+        io::Read::read_to_end(&mut &f, &mut out)?;
+        Ok(out)
+    }
+    fn random_u64(&self) -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState's keys come from the operating system's randomness.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        h.write_u32(std::process::id());
+        h.finish()
     }
     fn open_append(&self, path: &Path) -> io::Result<std::fs::File> {
         std::fs::OpenOptions::new().create(true).read(true).append(true).open(path)
@@ -165,10 +195,20 @@ mod sim {
             self.dirty.clear();
         }
 
-        /// A power failure: each dirty page independently keeps its new or old content.
+        /// A power failure. The file comes back at a length between its synced and its
+        /// current one. Each dirty page below the synced length independently keeps its new or
+        /// old content. Past the synced length: with `zero_fill` (the size reached the disk
+        /// before the data), each page holds its new content or zeros; without it (ordered
+        /// data), the length covers only data that reached the disk.
         fn crash(&mut self, rng: &mut Rng, zero_fill: bool) {
             let (d, c) = (self.durable.len(), self.current.len());
-            let len = if d != c && (zero_fill || c < d) && rng.chance(0.5) { c } else { d };
+            let len = if c > d {
+                d + rng.below((c - d) as u64 + 1) as usize
+            } else if c < d && rng.chance(0.5) {
+                c
+            } else {
+                d
+            };
             let mut out = self.durable.clone();
             out.resize(len, 0);
             for &p in &self.dirty {
@@ -177,6 +217,9 @@ mod sim {
                 if lo < hi && rng.chance(0.5) {
                     out[lo..hi].copy_from_slice(&self.current[lo..hi]);
                 }
+            }
+            if !zero_fill && len > d {
+                out[d..len].copy_from_slice(&self.current[d..len]);
             }
             self.durable = out.clone();
             self.current = out;
@@ -407,6 +450,22 @@ mod sim {
             })
         }
 
+        fn read_durable(&self, path: &Path) -> io::Result<Vec<u8>> {
+            self.with(|st| {
+                let ino = st.lookup(path).filter(|&i| i != 0).ok_or_else(|| not_found(path))?;
+                st.fault("fsync")?;
+                let inode = st.inodes.get_mut(&ino).expect("listed inode");
+                inode.sync();
+                // The device's content: pages a failed fsync marked clean were never written.
+                inode.current = inode.durable.clone();
+                Ok(inode.durable.clone())
+            })
+        }
+
+        fn random_u64(&self) -> u64 {
+            self.with(|st| st.rng().next_u64())
+        }
+
         fn open_append(&self, path: &Path) -> io::Result<SimFile> {
             self.with(|st| {
                 let ino = match st.lookup(path) {
@@ -478,14 +537,14 @@ mod sim {
                 f.crash();
                 let got = f.read(Path::new("/d/log")).unwrap();
                 assert!(got.len() >= 100 && got[..100] == [1; 100], "synced bytes survive");
-                if got.len() > 100 {
+                if got.len() > PAGE_BYTES + 1 {
                     let page = |p: usize| got[p * PAGE_BYTES + 1];
                     if page(1) == 2 && page(0) != 2 {
                         saw_later_page_without_earlier = true;
                     }
-                    if got[100..].iter().all(|&b| b == 0) {
-                        saw_zero_tail = true;
-                    }
+                }
+                if got.len() > 100 && got[100..].iter().all(|&b| b == 0) {
+                    saw_zero_tail = true;
                 }
             }
             assert!(saw_later_page_without_earlier && saw_zero_tail);

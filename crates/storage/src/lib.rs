@@ -106,8 +106,11 @@ pub enum StorageError {
 
 #[derive(Serialize, Deserialize)]
 enum Record {
+    /// First in every log file. `nonce` is random per file: sync marks carry it, so bytes
+    /// from another file, or planted in a payload by a client, never pass for one.
     Header {
         format: u32,
+        nonce: u64,
     },
     HardState(HardState),
     Entries(Vec<Entry>),
@@ -115,6 +118,7 @@ enum Record {
     /// Written right after an `fdatasync` returned: every byte before `at` is durable.
     Synced {
         at: u64,
+        nonce: u64,
         check: u32,
     },
 }
@@ -123,21 +127,19 @@ enum Record {
 /// same encoding).
 #[derive(Clone, Copy, Serialize)]
 enum RecordRef<'a> {
-    #[allow(dead_code)]
-    Header {
-        format: u32,
-    },
+    Header { format: u32, nonce: u64 },
     HardState(&'a HardState),
     Entries(&'a [Entry]),
     Snapshot(&'a SnapshotMeta),
-    Synced {
-        at: u64,
-        check: u32,
-    },
+    Synced { at: u64, nonce: u64, check: u32 },
 }
 
-fn sync_check(at: u64) -> u32 {
+/// Most bytes of entries framed into one record by a rewrite (far below `MAX_RECORD_BYTES`).
+const REWRITE_RECORD_BYTES: usize = 16 << 20;
+
+fn sync_check(nonce: u64, at: u64) -> u32 {
     let mut b = SYNC_MAGIC.to_le_bytes().to_vec();
+    b.extend_from_slice(&nonce.to_le_bytes());
     b.extend_from_slice(&at.to_le_bytes());
     crc32c::crc32c(&b)
 }
@@ -281,6 +283,8 @@ pub struct FileStorage<F: Fs = OsFs> {
     log_bytes: u64,
     /// Checksum of the last frame in the log.
     chain: u32,
+    /// The log file's nonce (from its header).
+    nonce: u64,
     /// Bytes of the log made durable by the last successful sync.
     synced_bytes: u64,
     snapshot_file_bytes: u64,
@@ -308,28 +312,31 @@ impl<F: Fs> FileStorage<F> {
     /// returned (a node must not acknowledge what a power loss could still take away).
     pub fn open_with(fs: F, dir: impl AsRef<Path>) -> Result<FileStorage<F>, StorageError> {
         let dir = dir.as_ref().to_path_buf();
-        // Create what is missing of the path, and sync the parent of each directory created,
-        // so that a power loss cannot take the new directory (and all in it) away.
-        let mut missing = Vec::new();
-        for a in dir.ancestors().filter(|a| !a.as_os_str().is_empty()) {
-            if fs.exists(a).map_err(io_err("inspecting", a))? {
+        if !fs.exists(&dir).map_err(io_err("inspecting", &dir))? {
+            fs.create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        }
+        // Every directory on the way, at every open (not only when created here): an operator's
+        // `mkdir -p`, or an earlier start that died between creating a name and syncing it,
+        // can leave a name that reads back now but would not survive a power loss.
+        fs.sync_dir(&dir).map_err(io_err("syncing", &dir))?;
+        let mut up = dir.clone();
+        loop {
+            let parent = match up.parent() {
+                Some(q) if q.as_os_str().is_empty() => PathBuf::from("."),
+                Some(q) => q.to_path_buf(),
+                None => break,
+            };
+            fs.sync_dir(&parent).map_err(io_err("syncing", &parent))?;
+            if parent == Path::new(".") {
                 break;
             }
-            missing.push(a);
-        }
-        if !missing.is_empty() {
-            fs.create_dir_all(&dir).map_err(io_err("creating", &dir))?;
-            for created in missing.iter().rev() {
-                if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    fs.sync_dir(parent).map_err(io_err("syncing", parent))?;
-                }
-            }
+            up = parent;
         }
         let mut state = State::default();
         let snap_path = dir.join(SNAPSHOT);
         let mut snapshot_file_bytes = 0;
         if fs.exists(&snap_path).map_err(io_err("inspecting", &snap_path))? {
-            let bytes = fs.read(&snap_path).map_err(io_err("reading", &snap_path))?;
+            let bytes = fs.read_durable(&snap_path).map_err(io_err("reading", &snap_path))?;
             let corrupt =
                 |reason: &str| StorageError::Corrupt { path: snap_path.clone(), offset: 0, reason: reason.into() };
             if bytes.len() < 4 {
@@ -345,25 +352,50 @@ impl<F: Fs> FileStorage<F> {
         }
         let log_path = dir.join(LOG);
         let mut log = fs.open_append(&log_path).map_err(io_err("opening", &log_path))?;
-        // Always, not only when the log is new: an earlier start (or snapshot) may have died
-        // between creating or renaming a file and syncing its directory, leaving a name that
-        // reads back now but would not survive a power loss.
         fs.sync_dir(&dir).map_err(io_err("syncing", &dir))?;
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs.sync_dir(parent).map_err(io_err("syncing", parent))?;
+        // What is on the disk, not what a failed writeback left in the page cache.
+        let bytes = fs.read_durable(&log_path).map_err(io_err("reading", &log_path))?;
+        let (valid, chain, nonce) = replay(&bytes, &mut state, &log_path)?;
+        // Check everything before changing anything: a refused directory is left as it was.
+        // The snapshot file is renamed into place before its mark is logged; a crash between
+        // the two leaves a snapshot the log does not know about yet. The other way round (a
+        // mark newer than the file) cannot come from a crash.
+        let file_meta = state.snapshot.as_ref().map_or(SnapshotMeta { index: 0, term: 0 }, |sn| sn.meta);
+        if file_meta.index < state.snap.index {
+            return Err(StorageError::Corrupt {
+                path: snap_path,
+                offset: 0,
+                reason: format!(
+                    "holds the snapshot at index {} but the log marks one at {}",
+                    file_meta.index, state.snap.index
+                ),
+            });
         }
-        let bytes = fs.read(&log_path).map_err(io_err("reading", &log_path))?;
-        let (valid, chain) = replay(&bytes, &mut state, &log_path)?;
+        let mark_snapshot = file_meta.index > state.snap.index;
+        state.drop_covered(file_meta);
+        let last = state.last_index();
+        if state.hard_state.commit > last {
+            return Err(StorageError::Corrupt {
+                path: log_path,
+                offset: valid,
+                reason: format!("commit index {} past the last entry {last}", state.hard_state.commit),
+            });
+        }
         if valid < bytes.len() as u64 {
             // A torn tail: drop it (it was never synced, so never acknowledged).
             log.set_len(valid).map_err(io_err("truncating", &log_path))?;
         }
+        let nonce = match nonce {
+            Some(n) => n,
+            None => fs.random_u64(),
+        };
         let mut s = FileStorage {
             fs,
             dir,
             log,
             log_bytes: valid,
             chain,
+            nonce,
             synced_bytes: 0,
             snapshot_file_bytes,
             state,
@@ -371,33 +403,10 @@ impl<F: Fs> FileStorage<F> {
             poisoned: None,
         };
         if valid == 0 {
-            s.write(&RecordRef::Header { format: FORMAT })?;
+            s.write(&RecordRef::Header { format: FORMAT, nonce })?;
         }
-        // The snapshot file is renamed into place before its mark is logged; a crash between
-        // the two leaves a snapshot the log does not know about yet. The other way round (a
-        // mark newer than the file) cannot come from a crash.
-        let file_meta = s.state.snapshot.as_ref().map_or(SnapshotMeta { index: 0, term: 0 }, |sn| sn.meta);
-        if file_meta.index < s.state.snap.index {
-            return Err(StorageError::Corrupt {
-                path: snap_path,
-                offset: 0,
-                reason: format!(
-                    "holds the snapshot at index {} but the log marks one at {}",
-                    file_meta.index, s.state.snap.index
-                ),
-            });
-        }
-        if file_meta.index > s.state.snap.index {
-            s.state.drop_covered(file_meta);
+        if mark_snapshot {
             s.write(&RecordRef::Snapshot(&file_meta))?;
-        }
-        let last = s.state.last_index();
-        if s.state.hard_state.commit > last {
-            return Err(StorageError::Corrupt {
-                path: log_path,
-                offset: valid,
-                reason: format!("commit index {} past the last entry {last}", s.state.hard_state.commit),
-            });
         }
         s.sync()?;
         Ok(s)
@@ -447,6 +456,12 @@ impl<F: Fs> FileStorage<F> {
     fn write(&mut self, r: &RecordRef) -> Result<(), StorageError> {
         self.check_usable()?;
         let payload = postcard::to_allocvec(r).expect("records encode");
+        if payload.len() > MAX_RECORD_BYTES {
+            return Err(StorageError::Invalid(format!(
+                "a record of {} bytes is over the limit of {MAX_RECORD_BYTES}",
+                payload.len()
+            )));
+        }
         let (bytes, crc) = frame(self.chain, &payload);
         let path = self.dir.join(LOG);
         let res = self.log.append(&bytes).map_err(io_err("appending to", &path));
@@ -477,41 +492,53 @@ impl<F: Fs> FileStorage<F> {
         Ok(f)
     }
 
-    /// Replaces the log by one record per live item, atomically.
+    /// Replaces the log by a compact one holding only the live state, atomically.
     fn rewrite(&mut self) -> Result<(), StorageError> {
         let mut out = Vec::new();
         let mut chain = CHAIN_SEED;
-        let entries = self.state.entries.make_contiguous();
-        let records = [
-            RecordRef::Header { format: FORMAT },
-            RecordRef::Snapshot(&self.state.snap),
-            RecordRef::Entries(entries),
-            RecordRef::HardState(&self.state.hard_state),
-        ];
-        for r in &records {
+        let nonce = self.fs.random_u64();
+        let mut push = |r: &RecordRef| {
             let (bytes, crc) = frame(chain, &postcard::to_allocvec(r).expect("records encode"));
             out.extend(bytes);
             chain = crc;
+        };
+        push(&RecordRef::Header { format: FORMAT, nonce });
+        push(&RecordRef::Snapshot(&self.state.snap));
+        let entries = self.state.entries.make_contiguous();
+        let mut start = 0;
+        while start < entries.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < entries.len() && (end == start || bytes + entries[end].data.len() <= REWRITE_RECORD_BYTES) {
+                bytes += entries[end].data.len();
+                end += 1;
+            }
+            push(&RecordRef::Entries(&entries[start..end]));
+            start = end;
         }
+        push(&RecordRef::HardState(&self.state.hard_state));
         let log = self.replace_file(LOG, &out)?;
         self.log = log;
         self.log_bytes = out.len() as u64;
         self.chain = chain;
+        self.nonce = nonce;
         self.synced_bytes = self.log_bytes;
-        self.write(&RecordRef::Synced { at: self.log_bytes, check: sync_check(self.log_bytes) })
+        let at = self.log_bytes;
+        self.write(&RecordRef::Synced { at, nonce, check: sync_check(nonce, at) })
     }
 }
 
-/// Replays `bytes` into `state`; returns how many bytes are valid and the checksum of the
-/// last valid frame.
-fn replay(bytes: &[u8], state: &mut State, path: &Path) -> Result<(u64, u32), StorageError> {
+/// Replays `bytes` into `state`; returns how many bytes are valid, the checksum of the last
+/// valid frame and the file's nonce (`None` when not even the header is there).
+fn replay(bytes: &[u8], state: &mut State, path: &Path) -> Result<(u64, u32, Option<u64>), StorageError> {
     let mut off = 0usize;
     let mut chain = CHAIN_SEED;
+    let mut nonce = None;
     while off < bytes.len() {
         let corrupt = |reason: String| StorageError::Corrupt { path: path.to_path_buf(), offset: off as u64, reason };
         let Some((r, crc, len)) = parse(bytes, off, chain) else {
             // Torn, or corrupt: a sync mark after it proves it was durable, so damaged.
-            if let Some(at) = (off + 1..bytes.len()).find(|&p| is_sync_mark(bytes, p)) {
+            if let Some(at) = (off + 1..bytes.len()).find(|&p| is_sync_mark(bytes, p, nonce)) {
                 return Err(corrupt(format!(
                     "damaged record (bad length or checksum) before data synced up to byte {at}"
                 )));
@@ -519,14 +546,15 @@ fn replay(bytes: &[u8], state: &mut State, path: &Path) -> Result<(u64, u32), St
             break;
         };
         match r {
-            Record::Header { format } if off == 0 => {
+            Record::Header { format, nonce: n } if off == 0 => {
                 if format != FORMAT {
                     return Err(corrupt(format!("log format {format}; this build reads format {FORMAT}")));
                 }
+                nonce = Some(n);
             }
             _ if off == 0 => return Err(corrupt("no header: not a sixfive Raft log of this format".into())),
-            Record::Synced { at, check } => {
-                if at != off as u64 || check != sync_check(at) {
+            Record::Synced { at, nonce: n, check } => {
+                if at != off as u64 || Some(n) != nonce || check != sync_check(n, at) {
                     return Err(corrupt(format!("sync mark for byte {at} found at byte {off}")));
                 }
             }
@@ -535,7 +563,7 @@ fn replay(bytes: &[u8], state: &mut State, path: &Path) -> Result<(u64, u32), St
         off += len;
         chain = crc;
     }
-    Ok((off as u64, chain))
+    Ok((off as u64, chain, nonce))
 }
 
 /// The frame at `off` if it is whole, its chained checksum matches and it decodes: the
@@ -560,18 +588,20 @@ fn parse(bytes: &[u8], off: usize, chain: u32) -> Option<(Record, u32, usize)> {
 }
 
 /// Whether a valid sync mark for offset `p` sits at `p` (its checksum chain is unknown here,
-/// so the mark's own check stands in for it).
-fn is_sync_mark(bytes: &[u8], p: usize) -> bool {
+/// so the mark's own check stands in for it). With the file's nonce known, only a mark with
+/// that nonce counts; without it (the header itself is damaged), any well-formed mark does,
+/// which errs on the side of refusing to start.
+fn is_sync_mark(bytes: &[u8], p: usize, nonce: Option<u64>) -> bool {
     let rest = &bytes[p..];
     if rest.len() < 9 {
         return false;
     }
     let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
-    if len == 0 || len > 32 || rest.len() - 8 < len {
+    if len == 0 || len > 40 || rest.len() - 8 < len {
         return false;
     }
-    matches!(postcard::from_bytes(&rest[8..8 + len]), Ok(Record::Synced { at, check })
-        if at == p as u64 && check == sync_check(at))
+    matches!(postcard::from_bytes(&rest[8..8 + len]), Ok(Record::Synced { at, nonce: n, check })
+        if at == p as u64 && nonce.is_none_or(|k| k == n) && check == sync_check(n, at))
 }
 
 impl<F: Fs> Storage for FileStorage<F> {
@@ -613,6 +643,20 @@ impl<F: Fs> Storage for FileStorage<F> {
 
     fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
         self.check_usable()?;
+        let meta = snapshot.meta;
+        if meta.index < self.state.snap.index || (meta.index == self.state.snap.index && meta.index > 0) {
+            return Err(StorageError::Invalid(format!(
+                "a snapshot at index {} is not newer than the one held (index {})",
+                meta.index, self.state.snap.index
+            )));
+        }
+        let keeps_log = self.state.term_at(meta.index) == Some(meta.term);
+        if !keeps_log && meta.index < self.state.hard_state.commit {
+            return Err(StorageError::Invalid(format!(
+                "a snapshot at index {} (term {}) disagrees with the log below the commit index {}",
+                meta.index, meta.term, self.state.hard_state.commit
+            )));
+        }
         // The snapshot file is durable as soon as it is renamed into place; writes made before
         // it must not be lost while it survives (writes reach the disk in order). Free when
         // nothing is pending, as in `persist_ready`, where the snapshot comes first.
@@ -641,8 +685,8 @@ impl<F: Fs> Storage for FileStorage<F> {
         self.poison(res)?;
         self.synced_bytes = self.log_bytes;
         // Everything before this mark is now durable; the mark says so to a later reader.
-        let at = self.log_bytes;
-        self.write(&RecordRef::Synced { at, check: sync_check(at) })?;
+        let (at, nonce) = (self.log_bytes, self.nonce);
+        self.write(&RecordRef::Synced { at, nonce, check: sync_check(nonce, at) })?;
         // The mark needs no sync of its own: whenever it reaches the disk, it is true.
         self.synced_bytes = self.log_bytes;
         Ok(())
@@ -679,13 +723,13 @@ mod tests {
         let bytes = log_of(records);
         match replay(&bytes, &mut State::default(), Path::new("raft.log")) {
             Err(StorageError::Corrupt { reason, .. }) => reason,
-            r => panic!("accepted: {:?}", r.map(|(n, _)| n)),
+            r => panic!("accepted: {:?}", r.map(|(n, _, _)| n)),
         }
     }
 
     #[test]
     fn open_validates_what_it_reads() {
-        let h = RecordRef::Header { format: FORMAT };
+        let h = RecordRef::Header { format: FORMAT, nonce: 7 };
         assert!(refused(&[h, RecordRef::Entries(&[e(1, 1), e(3, 1)])]).contains("entry 3 follows entry 1"));
         assert!(refused(&[h, RecordRef::Entries(&[e(1, 2), e(2, 1)])]).contains("term 1 after term 2"));
         assert!(refused(&[h, RecordRef::Entries(&[e(1, 2)]), RecordRef::Entries(&[e(2, 1)])]).contains("term 1 after"));
@@ -693,7 +737,7 @@ mod tests {
         let hs = HardState { term: 1, vote: None, commit: 2 };
         assert!(refused(&[h, RecordRef::Entries(&[e(1, 1)]), RecordRef::HardState(&hs)]).contains("commit index 2"));
         assert!(refused(&[RecordRef::Entries(&[e(1, 1)])]).contains("no header"));
-        assert!(refused(&[RecordRef::Header { format: 9 }]).contains("format 9"));
+        assert!(refused(&[RecordRef::Header { format: 9, nonce: 7 }]).contains("format 9"));
         // And a good one passes.
         let ok = log_of(&[h, RecordRef::Entries(&[e(1, 1), e(2, 2)]), RecordRef::HardState(&hs)]);
         let mut st = State::default();
