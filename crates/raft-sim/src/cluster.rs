@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sixfive_raft::{
-    Config, EntryKind, Index, Message, MessageBody, NodeId, RawNode, ReadState, Role, Status, Storage, Term,
-    persist_ready,
+    ConfChange, ConfChangeError, ConfState, Config, EntryKind, Index, Message, MessageBody, NodeId, RawNode, ReadState,
+    Role, Status, Storage, Term, persist_ready,
 };
 use sixfive_sim::{EventQueue, Fate, MS, Micros, NetConfig, Network, Rng, SEC};
 use sixfive_storage::fs::SimFsConfig;
@@ -159,7 +159,44 @@ impl Cluster {
         c
     }
 
-    /// Node ids.
+    /// Adds a node with a new id and empty storage, started at once; it knows no
+    /// configuration until a leader adds it (see [`Cluster::change_membership`]). Returns its id.
+    pub fn add_node(&mut self) -> NodeId {
+        let storage = match self.cfg.file_storage {
+            Some(fc) => NodeStorage::file(self.rng.fork(), fc),
+            None => NodeStorage::Model(SimStorage::default()),
+        };
+        let id = self.slots.len() as u64 + 1;
+        self.slots.push(Slot {
+            id,
+            storage,
+            raw: None,
+            sm: AppliedLog::default(),
+            incarnation: 0,
+            reads: Vec::new(),
+            installed_snapshots: 0,
+            tick_micros: TICK,
+            paused_until: 0,
+        });
+        self.trace(10, &id.to_le_bytes());
+        self.restart(id);
+        id
+    }
+
+    /// Proposes a configuration change at node `id` (see
+    /// [`sixfive_raft::RawNode::propose_conf_change`]).
+    pub fn change_membership(&mut self, id: NodeId, changes: &[ConfChange]) -> Result<Index, ConfChangeError> {
+        self.trace(11, &postcard::to_allocvec(changes).expect("encodes"));
+        if self.is_paused(id) {
+            return Err(ConfChangeError::NotLeader { leader: None });
+        }
+        let raw = self.slot(id).raw.as_mut().ok_or(ConfChangeError::NotLeader { leader: None })?;
+        let (index, _) = raw.propose_conf_change(changes)?;
+        self.drive(id);
+        Ok(index)
+    }
+
+    /// Node ids (every node ever added, removed ones included).
     pub fn ids(&self) -> Vec<NodeId> {
         (1..=self.slots.len() as u64).collect()
     }
@@ -249,7 +286,7 @@ impl Cluster {
         }
         self.trace(2, &bytes);
         let m: Message = postcard::from_bytes(&bytes).expect("messages decode");
-        self.slot(to).raw.as_mut().expect("live").step(m).expect("messages from voters to their receiver");
+        self.slot(to).raw.as_mut().expect("live").step(m).expect("messages from peers to their receiver");
         self.drive(to);
     }
 
@@ -289,6 +326,9 @@ impl Cluster {
 
     fn send(&mut self, m: Message, delay: Micros) {
         self.check_durable(&m);
+        if let MessageBody::VoteResponse { pre: false, granted: true } = m.body {
+            self.checker.on_vote(m.from, m.to, m.term);
+        }
         let bytes = postcard::to_allocvec(&m).expect("messages encode");
         let reply = m.body.is_response();
         match self.net.send(&mut self.rng, self.now + delay, m.from, m.to, reply, bytes.len()) {
@@ -350,9 +390,10 @@ impl Cluster {
             // 3. Apply.
             let slot = &mut self.slots[i];
             if let Some(s) = &rd.snapshot {
-                let sm: AppliedLog = postcard::from_bytes(&s.data).expect("snapshot decodes");
+                let sm: AppliedLog = postcard::from_bytes(s.app_data()).expect("snapshot decodes");
                 assert_eq!(sm.last_applied, s.meta.index, "snapshot contents do not match its index");
                 slot.sm = sm;
+                self.checker.on_install(id, s.conf_state().expect("the core's snapshots carry a configuration"));
                 slot.installed_snapshots += 1;
             }
             let mut take_snapshot = None;
@@ -386,7 +427,7 @@ impl Cluster {
         let raw = self.slots[i].raw.as_ref().expect("live");
         let st = raw.status();
         if st.role == Role::Leader {
-            self.checker.on_leader(id, st.term, raw.log());
+            self.checker.on_leader(id, st.term, raw.log(), &st.conf);
         }
     }
 
@@ -406,7 +447,9 @@ impl Cluster {
     /// Starts a new instance of node `id` from what its disk holds (crashing a running one first).
     pub fn restart(&mut self, id: NodeId) {
         self.crash(id);
-        let mut rc = Config::new(id, self.ids());
+        // Nodes added later join with no bootstrap configuration: they learn it from a leader.
+        let bootstrap = if id <= self.cfg.nodes as u64 { (1..=self.cfg.nodes as u64).collect() } else { vec![] };
+        let mut rc = Config::new(id, bootstrap.clone());
         rc.seed = self.rng.next_u64();
         (self.cfg.tweak)(&mut rc);
         let slot = &mut self.slots[(id - 1) as usize];
@@ -417,7 +460,7 @@ impl Cluster {
         let state = slot.storage.initial_state().expect("opened");
         slot.sm = match &state.snapshot {
             Some(s) => {
-                let sm: AppliedLog = postcard::from_bytes(&s.data).expect("snapshot decodes");
+                let sm: AppliedLog = postcard::from_bytes(s.app_data()).expect("snapshot decodes");
                 assert_eq!(sm.last_applied, s.meta.index, "stored snapshot does not match its index");
                 sm
             }
@@ -429,6 +472,9 @@ impl Cluster {
             let d = (self.rng.below(2001) as f64 / 1000.0 - 1.0) * self.cfg.clock_drift;
             slot.tick_micros = ((TICK as f64) * (1.0 + d)) as Micros;
         }
+        let base_conf =
+            state.snapshot.as_ref().and_then(|s| s.conf_state()).unwrap_or_else(|| ConfState::with_voters(bootstrap));
+        self.checker.on_install(id, base_conf);
         let raw = RawNode::restart(rc, state).expect("valid config");
         self.checker.on_restart(id, raw.log());
         slot.raw = Some(raw);

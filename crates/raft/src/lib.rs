@@ -36,7 +36,7 @@
 //! ```
 #![deny(missing_docs)]
 
-mod conf;
+pub mod conf;
 mod config;
 mod log;
 mod progress;
