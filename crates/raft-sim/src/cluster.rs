@@ -95,6 +95,8 @@ struct Slot {
     /// A stop-the-world pause: nothing runs before this time; then the timers that should
     /// have fired meanwhile fire in a burst.
     paused_until: Micros,
+    /// (term, highest commit index) checked for a quorum while this instance led in that term.
+    checked_commit: (Term, Index),
 }
 
 /// The simulated cluster.
@@ -145,6 +147,7 @@ impl Cluster {
                     installed_snapshots: 0,
                     tick_micros: TICK,
                     paused_until: 0,
+                    checked_commit: (0, 0),
                 })
                 .collect(),
             checker: Checker::default(),
@@ -177,6 +180,7 @@ impl Cluster {
             installed_snapshots: 0,
             tick_micros: TICK,
             paused_until: 0,
+            checked_commit: (0, 0),
         });
         self.trace(10, &id.to_le_bytes());
         self.restart(id);
@@ -428,7 +432,37 @@ impl Cluster {
         let st = raw.status();
         if st.role == Role::Leader {
             self.checker.on_leader(id, st.term, raw.log(), &st.conf);
+            let slot = &self.slots[i];
+            if slot.checked_commit.0 != st.term {
+                // Newly elected: what it committed as a follower, earlier leaders committed.
+                self.slots[i].checked_commit = (st.term, st.commit);
+            } else if st.commit > slot.checked_commit.1 {
+                let term = raw.log().term(st.commit).expect("the leader holds what it committed");
+                self.slots[i].checked_commit.1 = st.commit;
+                self.check_commit_quorum(id, st.commit, term, &st.conf);
+            }
         }
+    }
+
+    /// Commitment with the right quorum: when leader `id` advances its commit index to
+    /// `index`, the nodes whose *durable* log holds that entry form a quorum of the leader's
+    /// configuration (both majorities when joint; learners never count). Checked when every
+    /// node runs on the storage model (whose durable state is known).
+    fn check_commit_quorum(&self, id: NodeId, index: Index, term: Term, conf: &ConfState) {
+        let mut holders = Vec::new();
+        for s in &self.slots {
+            let Some(d) = s.storage.durable() else { return };
+            let snap = d.snapshot.as_ref().map_or(0, |x| x.meta.index);
+            let holds = snap >= index || d.entries.iter().any(|e| e.index == index && e.term == term);
+            if holds {
+                holders.push(s.id);
+            }
+        }
+        assert!(
+            conf.has_quorum(&|v| holders.contains(&v)),
+            "leader {id} committed index {index} (term {term}) held durably only by {holders:?}, no quorum of {conf:?}\n{}",
+            self.dump()
+        );
     }
 
     // ------------------------------------------------------------ faults
@@ -468,6 +502,7 @@ impl Cluster {
         };
         slot.reads.clear();
         slot.paused_until = 0;
+        slot.checked_commit = (0, 0);
         if self.cfg.clock_drift > 0.0 {
             let d = (self.rng.below(2001) as f64 / 1000.0 - 1.0) * self.cfg.clock_drift;
             slot.tick_micros = ((TICK as f64) * (1.0 + d)) as Micros;

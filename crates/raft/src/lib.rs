@@ -22,7 +22,7 @@
 //! Design choices: the log lives in memory after the latest snapshot (the application compacts
 //! it by taking snapshots), so the core never reads storage; membership changes online
 //! ([`RawNode::propose_conf_change`]: learners, joint consensus, removal; the rules and their
-//! safety argument are on [`ConfState`]'s module, summarised in [`ConfChange`]); a new leader appends a no-op entry, so the first command of a fresh cluster has index 2.
+//! safety argument are in the [`conf`] module); a new leader appends a no-op entry, so the first command of a fresh cluster has index 2.
 //!
 //! ```
 //! use sixfive_raft::{Config, RawNode};

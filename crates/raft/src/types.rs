@@ -18,8 +18,7 @@ pub enum EntryKind {
     /// (section 5.4.2) and serve ReadIndex (thesis section 6.4). Applications skip it.
     Noop,
     /// A configuration change: `data` is the whole new [`crate::ConfState`] (decode it with
-    /// [`crate::ConfState::decode`]). It takes effect when appended (see [`crate::ConfState`]'s
-    /// module docs); applications may record it, and otherwise skip it.
+    /// [`crate::ConfState::decode`]). It takes effect when appended (see [`crate::conf`]); applications may record it, and otherwise skip it.
     ConfChange,
 }
 
