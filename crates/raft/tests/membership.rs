@@ -21,6 +21,10 @@ fn quiet(c: &mut Config) {
 
 impl Net {
     fn new(n: u64) -> Net {
+        Net::with(n, quiet)
+    }
+
+    fn with(n: u64, tweak: fn(&mut Config)) -> Net {
         let ids: Vec<NodeId> = (1..=n).collect();
         let mut net = Net {
             nodes: BTreeMap::new(),
@@ -32,7 +36,7 @@ impl Net {
         };
         for &id in &ids {
             let mut c = Config::new(id, ids.clone());
-            quiet(&mut c);
+            tweak(&mut c);
             net.nodes.insert(id, RawNode::new(c).unwrap());
         }
         net
@@ -480,4 +484,51 @@ fn read_index_in_joint_needs_both_majorities() {
     net.heal();
     net.tick_all(30);
     assert!(net.reads[&1].iter().any(|r| r.ctx == b"r"), "read never confirmed");
+}
+
+// ---------------------------------------------------------------- the other features across changes
+
+/// Check-quorum in a joint configuration needs both majorities: a leader that hears only from
+/// the old voters steps down.
+#[test]
+fn check_quorum_in_joint_needs_both_majorities() {
+    let mut net = Net::with(3, |_| {});
+    net.elect(1);
+    for id in [4, 5] {
+        let mut c = Config::new(id, vec![]);
+        c.seed = id;
+        net.nodes.insert(id, RawNode::new(c).unwrap());
+    }
+    net.change(1, &[ConfChange::AddLearner(4), ConfChange::AddLearner(5)]);
+    net.tick_all(30);
+    // Joint {1,4,5} & {1,2,3}, and 4 and 5 then unreachable: it can never commit.
+    net.node(1).propose_conf_change(&[ConfChange::Promote(4), ConfChange::Promote(5), ConfChange::Remove(2)]).unwrap();
+    net.isolate(4);
+    net.isolate(5);
+    net.stabilize();
+    assert!(net.status(1).conf.is_joint());
+    for _ in 0..70 {
+        net.node(1).tick();
+        net.stabilize();
+        for id in [2, 3] {
+            // 2 and 3 answer heartbeats but do not time out meanwhile (they hear the leader).
+            net.node(id).tick();
+        }
+        net.stabilize();
+    }
+    assert_ne!(net.status(1).role, Role::Leader, "led on the old majority alone");
+}
+
+/// Leadership transfer works to a freshly promoted voter, and the new leader serves.
+#[test]
+fn transfer_to_promoted_learner() {
+    let mut net = with_learner();
+    net.tick_all(30);
+    net.change(1, &[ConfChange::Promote(4)]);
+    assert_eq!(net.status(1).conf, conf(&[1, 2, 3, 4], &[], &[]));
+    net.node(1).transfer_leader(4).unwrap();
+    net.stabilize();
+    assert_eq!(net.status(4).role, Role::Leader);
+    let i = net.propose(4, b"from 4");
+    assert_eq!(net.status(4).commit, i, "the new leader commits");
 }
