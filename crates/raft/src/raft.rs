@@ -99,6 +99,9 @@ pub struct Raft {
     pub(crate) conf_at: (Index, Term),
     /// The configuration at the snapshot's index (or the bootstrap one).
     snap_conf: ConfState,
+    /// This node was a member of a configuration it held (in this incarnation, or in the log
+    /// or snapshot it restarted from). Never goes back to false.
+    was_member: bool,
     pub(crate) cfg: Config,
     /// Invariant: never decreases.
     pub(crate) term: Term,
@@ -160,6 +163,7 @@ impl Raft {
             id: cfg.id,
             conf: snap_conf.clone(),
             conf_at: (0, 0),
+            was_member: false,
             snap_conf,
             term: hs.term,
             vote: hs.vote,
@@ -183,6 +187,9 @@ impl Raft {
             cfg,
         };
         r.refresh_conf();
+        r.was_member = r.snap_conf.is_member(r.id)
+            || r.log.entries.iter().filter_map(entry_conf).any(|c| c.is_member(r.id))
+            || r.conf.is_member(r.id);
         r.become_follower(hs.term, None);
         r
     }
@@ -194,9 +201,11 @@ impl Raft {
         self.conf.is_voter(self.id)
     }
 
-    /// Whether this node knows it is no member of its cluster any more (it never campaigns).
+    /// Whether this node knows it is no member of its cluster any more: it was a member, and
+    /// its configuration no longer names it. (A new node catching up through configurations
+    /// from before it was added is not removed.)
     pub(crate) fn is_removed(&self) -> bool {
-        !self.conf.is_member(self.id) && !self.conf.voters.is_empty()
+        self.was_member && !self.conf.is_member(self.id)
     }
 
     /// The configuration in effect at `index` (held in the log or at the snapshot).
@@ -220,6 +229,7 @@ impl Raft {
             }
         };
         self.conf_at = at;
+        self.was_member |= conf.is_member(self.id);
         if conf != self.conf {
             self.conf = conf;
             self.sync_progress();

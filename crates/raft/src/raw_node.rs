@@ -73,8 +73,13 @@ pub struct Status {
     /// Index of the entry that carries `conf` (or of the snapshot it comes from). The
     /// configuration is committed once `commit >= conf_index`.
     pub conf_index: Index,
-    /// This node is a member of no configuration it knows of: it was removed, and it never
-    /// campaigns. (A new node that has not heard of any configuration yet is not removed.)
+    /// This node was removed: it was a member, and the configuration in effect no longer
+    /// names it; it never campaigns (a driver should log it, and may stop the server once
+    /// `commit >= conf_index`, when the removal is final). A new node catching up through
+    /// configurations from before it was added is not removed. Known in the incarnation that
+    /// saw the removal, and after a restart while the log or snapshot still shows a
+    /// configuration that named this node (a node restarted from a snapshot taken after its
+    /// removal cannot tell it from a node not yet added).
     pub removed: bool,
 }
 

@@ -440,6 +440,7 @@ fn conf_survives_snapshot_and_restart() {
     let got = net.snapshots.get(&5).expect("node 5 received a snapshot");
     assert_eq!(got[0].app_data(), b"image");
     assert_eq!(net.status(5).conf, conf(&[1, 2, 4], &[], &[5]));
+    assert!(!net.status(5).removed, "a joining node is not removed");
     // Node 1 restarts from what it persisted, with the bootstrap voters of the cluster's birth.
     let log = net.nodes[&1].log().clone();
     let st = net.status(1);
