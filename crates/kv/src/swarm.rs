@@ -5,13 +5,19 @@
 //! and, on a third of the seeds, the production FileStorage on faulty simulated disks; then
 //! everything heals. Every history must be linearizable and every acknowledged write present
 //! exactly once. Panics (with the reason) on a violation.
+//!
+//! In half the seeds servers are also replaced while the clients run: a server is lost for
+//! good (crashed, its disk never used again), a fresh server joins as a learner, catches up,
+//! and is promoted while the lost one is removed, in one joint change.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
+use sixfive_raft::ConfChange;
 use sixfive_rpc::Transport;
-use sixfive_rsm::testkit::RsmCluster;
+use sixfive_rsm::RsmRequest;
+use sixfive_rsm::testkit::{RsmCluster, request};
 use sixfive_sim::{MS, NetConfig, Rng, SEC};
 use sixfive_storage::fs::SimFsConfig;
 
@@ -41,6 +47,8 @@ pub struct KvSwarmReport {
     pub pauses: u64,
     /// Simulator events handled.
     pub events: u64,
+    /// Servers replaced (the lost one removed, the new one promoted).
+    pub replaced: u64,
 }
 
 #[derive(Default)]
@@ -61,6 +69,7 @@ impl KvSwarmReport {
         self.partitions += r.partitions;
         self.pauses += r.pauses;
         self.events += r.events;
+        self.replaced += r.replaced;
     }
 }
 
@@ -98,10 +107,13 @@ pub fn run(seed: u64) -> KvSwarmReport {
     let h = History::default();
     let acked: Rc<RefCell<Acked>> = Rc::default();
     let done = Rc::new(Cell::new(false));
+    let replacing = pick.chance(0.5);
+    // Clerks know the ids of the servers that may join later (two replacements at most).
+    let all_ids: Vec<u64> = (1..=servers + if replacing { 2 } else { 0 }).collect();
 
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
-            let mut ck = RaftClerk::new(cl.world.client(1000 + c), cl.ids(), c).with_history(h.clone());
+            let mut ck = RaftClerk::new(cl.world.client(1000 + c), all_ids.clone(), c).with_history(h.clone());
             let (acked, done) = (acked.clone(), done.clone());
             cl.world.spawn(async move {
                 let mut j = 0u64;
@@ -140,11 +152,15 @@ pub fn run(seed: u64) -> KvSwarmReport {
         .collect();
 
     // Faults for 10 virtual seconds.
-    let ids = cl.ids();
+    let mut ids = cl.ids();
+    let mut replacement: Option<(u64, u64)> = None; // (lost, new)
     let end = cl.world.now() + 10 * SEC;
     while cl.world.now() < end {
         let step = cl.world.random(300) * MS + MS;
         cl.world.run_for(step);
+        if replacing && cl.world.random(5) == 0 {
+            replace_step(&cl, &mut ids, &mut replacement, &mut rep, servers + 2);
+        }
         let id = ids[cl.world.random(ids.len() as u64) as usize];
         match cl.world.random(100) {
             0..=9 => {
@@ -209,7 +225,7 @@ pub fn run(seed: u64) -> KvSwarmReport {
     });
 
     // No acknowledged write lost: read everything back (recorded, so it is checked too).
-    let mut ck = RaftClerk::new(cl.world.client(999), cl.ids(), 999).with_history(h.clone());
+    let mut ck = RaftClerk::new(cl.world.client(999), all_ids.clone(), 999).with_history(h.clone());
     let acked_now = std::mem::take(&mut *acked.borrow_mut());
     let (appended, versions) = cl.world.block_on(async move {
         let a = ck.get("a").await.map(|(v, _)| v).unwrap_or_default();
@@ -241,4 +257,52 @@ pub fn check_history(records: Vec<Record>) {
     let (appends, versioned): (Vec<Record>, Vec<Record>) = records.into_iter().partition(|r| r.op.key() == "a");
     check_appends(&appends);
     check_versioned(&versioned);
+}
+
+/// One step of replacing a server, driven from the fault loop: lose a voter for good and start
+/// a fresh server; have the leader add it as a learner; once it is a learner, promote it and
+/// remove the lost one in one change; once that is settled, the replacement is done. Each
+/// proposal is one request from a client of its own; refusals (no leader, a change under way,
+/// a learner still behind) are simply tried again at a later step.
+fn replace_step(
+    cl: &Rc<RsmCluster<KvSm>>,
+    ids: &mut Vec<u64>,
+    replacement: &mut Option<(u64, u64)>,
+    rep: &mut KvSwarmReport,
+    max_id: u64,
+) {
+    let Some(l) = cl.leader() else { return };
+    let Some(m) = cl.membership(l) else { return };
+    if !m.settled {
+        return;
+    }
+    let changes = match *replacement {
+        None => {
+            if cl.ids().len() as u64 >= max_id || m.conf.voters.len() < 3 {
+                return;
+            }
+            let lost = m.conf.voters[cl.world.random(m.conf.voters.len() as u64) as usize];
+            cl.crash(lost); // its disk is never used again
+            ids.retain(|&i| i != lost);
+            let new = cl.add_server();
+            ids.push(new);
+            *replacement = Some((lost, new));
+            vec![ConfChange::AddLearner(new)]
+        }
+        Some((lost, new)) if !m.conf.is_member(new) => {
+            let _ = lost;
+            vec![ConfChange::AddLearner(new)]
+        }
+        Some((lost, new)) if m.conf.learners.contains(&new) => vec![ConfChange::Promote(new), ConfChange::Remove(lost)],
+        Some((lost, new)) => {
+            assert!(m.conf.voters.contains(&new) && !m.conf.is_member(lost), "replacement half done: {m:?}");
+            rep.replaced += 1;
+            *replacement = None;
+            return;
+        }
+    };
+    let c = cl.world.client(2000 + cl.world.now() / MS);
+    cl.world.spawn(async move {
+        let _ = request(&c, l, &RsmRequest::ChangeMembership(changes), SEC).await;
+    });
 }

@@ -17,7 +17,12 @@ fn kv_swarm_random_faults() {
     });
     // The swarm must exercise the service, not idle through its faults.
     assert!(
-        total.ops > 0 && total.crashes > 0 && total.pauses > 0 && total.acked_puts > 0 && total.acked_appends > 0,
+        total.ops > 0
+            && total.crashes > 0
+            && total.pauses > 0
+            && total.acked_puts > 0
+            && total.acked_appends > 0
+            && total.replaced > 0,
         "{total:?}"
     );
 }

@@ -6,10 +6,14 @@
 //!   one (index, term) must always map to one chain hash, whichever node holds it.
 //! - Leader Completeness: a new leader holds every entry anyone has applied.
 //! - State Machine Safety: no two nodes apply different entries at one index.
+//! - Membership (thesis chapter 4): every leader was elected by a quorum of the configuration
+//!   it held (both majorities when joint; never counting a learner); and the configurations
+//!   each node applies, in log order from its snapshot's, only ever change by one legal step:
+//!   learners alone, entering the joint state from the voters in effect, or leaving it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use sixfive_raft::{Entry, EntryKind, Index, NodeId, RaftLog, Term};
+use sixfive_raft::{ConfState, Entry, EntryKind, Index, NodeId, RaftLog, Term};
 
 /// Hash chain of one node's log: index -> hash of the log through that index.
 #[derive(Clone, Debug, Default)]
@@ -22,6 +26,7 @@ fn mix(prev: u64, e: &Entry) -> u64 {
     let kind = match e.kind {
         EntryKind::Normal => 1u8,
         EntryKind::Noop => 2,
+        EntryKind::ConfChange => 3,
     };
     for b in e.term.to_le_bytes().iter().chain(e.index.to_le_bytes().iter()).chain([kind].iter()).chain(e.data.iter()) {
         h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
@@ -40,17 +45,28 @@ pub struct Checker {
     /// of its own term, or by leading).
     committed_by: BTreeMap<Index, Term>,
     chains: BTreeMap<NodeId, Chain>,
+    /// Votes granted (and made durable), by (term, candidate).
+    votes: BTreeMap<(Term, NodeId), BTreeSet<NodeId>>,
+    /// The configuration each node's state machine has reached, applying in order.
+    applied_conf: BTreeMap<NodeId, ConfState>,
 }
 
 impl Checker {
     /// Election Safety, and Leader Completeness for a node that just became leader: it holds
     /// every entry committed in an earlier term. (An election can finish late, after a later
     /// term has committed more: such entries need not be in this leader's log.)
-    pub fn on_leader(&mut self, id: NodeId, term: Term, log: &RaftLog) {
+    ///
+    /// Also: its votes form a quorum of `conf`, the configuration it holds.
+    pub fn on_leader(&mut self, id: NodeId, term: Term, log: &RaftLog, conf: &ConfState) {
         match self.leaders.get(&term) {
             Some(&other) => assert_eq!(other, id, "two leaders in term {term}: {other} and {id}"),
             None => {
                 self.leaders.insert(term, id);
+                let granted = self.votes.get(&(term, id)).cloned().unwrap_or_default();
+                assert!(
+                    conf.has_quorum(&|v| v == id || granted.contains(&v)),
+                    "leader {id} of term {term} elected without a quorum of {conf:?}: votes {granted:?}"
+                );
                 let base = log.snapshot().meta.index;
                 for (&i, e) in self.applied.range(base + 1..) {
                     if self.committed_by[&i] >= term {
@@ -113,9 +129,36 @@ impl Checker {
         self.on_entries(id, &entries, log);
     }
 
+    /// Node `voter` granted its vote to `candidate` in `term` (the grant is durable).
+    pub fn on_vote(&mut self, voter: NodeId, candidate: NodeId, term: Term) {
+        self.votes.entry((term, candidate)).or_default().insert(voter);
+    }
+
+    /// Node `id`'s state machine starts over from a snapshot (or from nothing) whose
+    /// configuration is `conf`.
+    pub fn on_install(&mut self, id: NodeId, conf: ConfState) {
+        self.applied_conf.insert(id, conf);
+    }
+
     /// State Machine Safety: `e` is applied by `id`.
     /// Node `id`, now in term `term`, applied `e`.
     pub fn on_apply(&mut self, id: NodeId, term: Term, e: &Entry) {
+        if e.kind == EntryKind::ConfChange {
+            let next = ConfState::decode(&e.data).expect("configuration entries decode");
+            next.check_invariants();
+            // (A node that joined with no configuration starts checking at its first one.)
+            if let Some(prev) = self.applied_conf.get(&id).filter(|p| !p.voters.is_empty()) {
+                let learners_only = !prev.is_joint() && !next.is_joint() && next.voters == prev.voters;
+                let enter = !prev.is_joint() && next.voters_outgoing == prev.voters;
+                let leave = prev.is_joint() && !next.is_joint() && next.voters == prev.voters;
+                assert!(
+                    learners_only || enter || leave,
+                    "node {id} applied an illegal configuration step at index {}: {prev:?} -> {next:?}",
+                    e.index
+                );
+            }
+            self.applied_conf.insert(id, next);
+        }
         match self.applied.get(&e.index) {
             Some(prev) => assert_eq!(prev, e, "node {id} applied a different entry at index {}", e.index),
             None => {

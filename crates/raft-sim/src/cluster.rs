@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sixfive_raft::{
-    Config, EntryKind, Index, Message, MessageBody, NodeId, RawNode, ReadState, Role, Status, Storage, Term,
-    persist_ready,
+    ConfChange, ConfChangeError, ConfState, Config, EntryKind, Index, Message, MessageBody, NodeId, RawNode, ReadState,
+    Role, Status, Storage, Term, persist_ready,
 };
 use sixfive_sim::{EventQueue, Fate, MS, Micros, NetConfig, Network, Rng, SEC};
 use sixfive_storage::fs::SimFsConfig;
@@ -95,6 +95,8 @@ struct Slot {
     /// A stop-the-world pause: nothing runs before this time; then the timers that should
     /// have fired meanwhile fire in a burst.
     paused_until: Micros,
+    /// (term, highest commit index) checked for a quorum while this instance led in that term.
+    checked_commit: (Term, Index),
 }
 
 /// The simulated cluster.
@@ -145,6 +147,7 @@ impl Cluster {
                     installed_snapshots: 0,
                     tick_micros: TICK,
                     paused_until: 0,
+                    checked_commit: (0, 0),
                 })
                 .collect(),
             checker: Checker::default(),
@@ -159,7 +162,45 @@ impl Cluster {
         c
     }
 
-    /// Node ids.
+    /// Adds a node with a new id and empty storage, started at once; it knows no
+    /// configuration until a leader adds it (see [`Cluster::change_membership`]). Returns its id.
+    pub fn add_node(&mut self) -> NodeId {
+        let storage = match self.cfg.file_storage {
+            Some(fc) => NodeStorage::file(self.rng.fork(), fc),
+            None => NodeStorage::Model(SimStorage::default()),
+        };
+        let id = self.slots.len() as u64 + 1;
+        self.slots.push(Slot {
+            id,
+            storage,
+            raw: None,
+            sm: AppliedLog::default(),
+            incarnation: 0,
+            reads: Vec::new(),
+            installed_snapshots: 0,
+            tick_micros: TICK,
+            paused_until: 0,
+            checked_commit: (0, 0),
+        });
+        self.trace(10, &id.to_le_bytes());
+        self.restart(id);
+        id
+    }
+
+    /// Proposes a configuration change at node `id` (see
+    /// [`sixfive_raft::RawNode::propose_conf_change`]).
+    pub fn change_membership(&mut self, id: NodeId, changes: &[ConfChange]) -> Result<Index, ConfChangeError> {
+        self.trace(11, &postcard::to_allocvec(changes).expect("encodes"));
+        if self.is_paused(id) {
+            return Err(ConfChangeError::NotLeader { leader: None });
+        }
+        let raw = self.slot(id).raw.as_mut().ok_or(ConfChangeError::NotLeader { leader: None })?;
+        let (index, _) = raw.propose_conf_change(changes)?;
+        self.drive(id);
+        Ok(index)
+    }
+
+    /// Node ids (every node ever added, removed ones included).
     pub fn ids(&self) -> Vec<NodeId> {
         (1..=self.slots.len() as u64).collect()
     }
@@ -249,7 +290,7 @@ impl Cluster {
         }
         self.trace(2, &bytes);
         let m: Message = postcard::from_bytes(&bytes).expect("messages decode");
-        self.slot(to).raw.as_mut().expect("live").step(m).expect("messages from voters to their receiver");
+        self.slot(to).raw.as_mut().expect("live").step(m).expect("messages from peers to their receiver");
         self.drive(to);
     }
 
@@ -289,6 +330,9 @@ impl Cluster {
 
     fn send(&mut self, m: Message, delay: Micros) {
         self.check_durable(&m);
+        if let MessageBody::VoteResponse { pre: false, granted: true } = m.body {
+            self.checker.on_vote(m.from, m.to, m.term);
+        }
         let bytes = postcard::to_allocvec(&m).expect("messages encode");
         let reply = m.body.is_response();
         match self.net.send(&mut self.rng, self.now + delay, m.from, m.to, reply, bytes.len()) {
@@ -350,9 +394,10 @@ impl Cluster {
             // 3. Apply.
             let slot = &mut self.slots[i];
             if let Some(s) = &rd.snapshot {
-                let sm: AppliedLog = postcard::from_bytes(&s.data).expect("snapshot decodes");
+                let sm: AppliedLog = postcard::from_bytes(s.app_data()).expect("snapshot decodes");
                 assert_eq!(sm.last_applied, s.meta.index, "snapshot contents do not match its index");
                 slot.sm = sm;
+                self.checker.on_install(id, s.conf_state().expect("the core's snapshots carry a configuration"));
                 slot.installed_snapshots += 1;
             }
             let mut take_snapshot = None;
@@ -386,8 +431,38 @@ impl Cluster {
         let raw = self.slots[i].raw.as_ref().expect("live");
         let st = raw.status();
         if st.role == Role::Leader {
-            self.checker.on_leader(id, st.term, raw.log());
+            self.checker.on_leader(id, st.term, raw.log(), &st.conf);
+            let slot = &self.slots[i];
+            if slot.checked_commit.0 != st.term {
+                // Newly elected: what it committed as a follower, earlier leaders committed.
+                self.slots[i].checked_commit = (st.term, st.commit);
+            } else if st.commit > slot.checked_commit.1 {
+                let term = raw.log().term(st.commit).expect("the leader holds what it committed");
+                self.slots[i].checked_commit.1 = st.commit;
+                self.check_commit_quorum(id, st.commit, term, &st.conf);
+            }
         }
+    }
+
+    /// Commitment with the right quorum: when leader `id` advances its commit index to
+    /// `index`, the nodes whose *durable* log holds that entry form a quorum of the leader's
+    /// configuration (both majorities when joint; learners never count). Checked when every
+    /// node runs on the storage model (whose durable state is known).
+    fn check_commit_quorum(&self, id: NodeId, index: Index, term: Term, conf: &ConfState) {
+        let mut holders = Vec::new();
+        for s in &self.slots {
+            let Some(d) = s.storage.durable() else { return };
+            let snap = d.snapshot.as_ref().map_or(0, |x| x.meta.index);
+            let holds = snap >= index || d.entries.iter().any(|e| e.index == index && e.term == term);
+            if holds {
+                holders.push(s.id);
+            }
+        }
+        assert!(
+            conf.has_quorum(&|v| holders.contains(&v)),
+            "leader {id} committed index {index} (term {term}) held durably only by {holders:?}, no quorum of {conf:?}\n{}",
+            self.dump()
+        );
     }
 
     // ------------------------------------------------------------ faults
@@ -418,7 +493,9 @@ impl Cluster {
     /// Starts a new instance of node `id` from what its disk holds (crashing a running one first).
     pub fn restart(&mut self, id: NodeId) {
         self.crash(id);
-        let mut rc = Config::new(id, self.ids());
+        // Nodes added later join with no bootstrap configuration: they learn it from a leader.
+        let bootstrap = if id <= self.cfg.nodes as u64 { (1..=self.cfg.nodes as u64).collect() } else { vec![] };
+        let mut rc = Config::new(id, bootstrap.clone());
         rc.seed = self.rng.next_u64();
         (self.cfg.tweak)(&mut rc);
         let slot = &mut self.slots[(id - 1) as usize];
@@ -429,7 +506,7 @@ impl Cluster {
         let state = slot.storage.initial_state().expect("opened");
         slot.sm = match &state.snapshot {
             Some(s) => {
-                let sm: AppliedLog = postcard::from_bytes(&s.data).expect("snapshot decodes");
+                let sm: AppliedLog = postcard::from_bytes(s.app_data()).expect("snapshot decodes");
                 assert_eq!(sm.last_applied, s.meta.index, "stored snapshot does not match its index");
                 sm
             }
@@ -437,10 +514,14 @@ impl Cluster {
         };
         slot.reads.clear();
         slot.paused_until = 0;
+        slot.checked_commit = (0, 0);
         if self.cfg.clock_drift > 0.0 {
             let d = (self.rng.below(2001) as f64 / 1000.0 - 1.0) * self.cfg.clock_drift;
             slot.tick_micros = ((TICK as f64) * (1.0 + d)) as Micros;
         }
+        let base_conf =
+            state.snapshot.as_ref().and_then(|s| s.conf_state()).unwrap_or_else(|| ConfState::with_voters(bootstrap));
+        self.checker.on_install(id, base_conf);
         let raw = RawNode::restart(rc, state).expect("valid config");
         self.checker.on_restart(id, raw.log());
         slot.raw = Some(raw);

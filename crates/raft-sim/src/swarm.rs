@@ -1,14 +1,19 @@
 //! The swarm: one seed picks a cluster shape, a fault mix and a workload; the cluster runs a
 //! safety phase with faults at random and then a liveness phase on a healed network.
 //!
+//! The fault mix includes membership changes: new nodes join as learners, learners are
+//! promoted, voters and learners are removed (the leader too), and voters are replaced by
+//! learners in one joint change.
+//!
 //! Checked: everything [`crate::Checker`] checks after every event (one leader per term, log
-//! matching, leader completeness, one command per index), that every ReadIndex answer is at
-//! least every index applied anywhere before the read was asked, and that after healing every
-//! node applies a new command and agrees on the whole applied history.
+//! matching, leader completeness, one command per index, quorums of the configuration in
+//! effect, legal configuration steps), that every ReadIndex answer is at least every index
+//! applied anywhere before the read was asked, and that after healing every member of the
+//! final configuration applies a new command and agrees on the whole applied history.
 
 use std::collections::BTreeMap;
 
-use sixfive_raft::Role;
+use sixfive_raft::{ConfChange, Role};
 use sixfive_sim::{MS, Micros, NetConfig, Rng, SEC};
 
 use sixfive_storage::fs::SimFsConfig;
@@ -30,7 +35,7 @@ pub enum SwarmStorage {
 pub struct SwarmReport {
     /// The seed.
     pub seed: u64,
-    /// Nodes in the cluster.
+    /// Nodes in the cluster (every node ever added).
     pub nodes: usize,
     /// Commands proposed (accepted by a leader).
     pub proposed: u64,
@@ -48,6 +53,8 @@ pub struct SwarmReport {
     pub partitions: u64,
     /// Reads answered through ReadIndex.
     pub reads: u64,
+    /// Membership changes accepted by a leader (joining, promotion, removal, replacement).
+    pub conf_changes: u64,
     /// Simulator events processed.
     pub events: u64,
     /// Virtual time simulated.
@@ -67,6 +74,7 @@ impl SwarmReport {
         self.pauses += r.pauses;
         self.partitions += r.partitions;
         self.reads += r.reads;
+        self.conf_changes += r.conf_changes;
         self.events += r.events;
         self.virtual_micros += r.virtual_micros;
     }
@@ -115,8 +123,8 @@ pub fn run_on(seed: u64, fault_micros: Micros, storage: SwarmStorage) -> SwarmRe
     }
     cfg.clock_drift = if pick.chance(0.5) { 0.1 } else { 0.0 };
     cfg.net.duplicate = pick.chance(0.3);
+    let membership = pick.chance(0.5);
     let mut c = Cluster::new(cfg, seed);
-    let ids = c.ids();
     let mut rep = SwarmReport { seed, nodes, ..Default::default() };
     let mut next_cmd = 1u64;
     // ctx -> highest index applied anywhere when the read was asked.
@@ -127,6 +135,7 @@ pub fn run_on(seed: u64, fault_micros: Micros, storage: SwarmStorage) -> SwarmRe
     while c.now() < end {
         let step = c.rng.range(1, 60) * MS;
         c.sleep(step);
+        let ids = c.ids();
         rep.reads += check_reads(&c, &ids, &read_floor, &mut reads_seen);
         let roll = c.rng.below(1000);
         let id = *c.rng.pick(&ids);
@@ -205,6 +214,11 @@ pub fn run_on(seed: u64, fault_micros: Micros, storage: SwarmStorage) -> SwarmRe
                 c.net.hold(id, until);
             }
             653..=655 => c.net.config.duplicate = !c.net.config.duplicate,
+            656..=699 if membership => {
+                if let Some(l) = leader {
+                    rep.conf_changes += change_membership(&mut c, l, nodes) as u64;
+                }
+            }
             _ => {}
         }
     }
@@ -214,6 +228,7 @@ pub fn run_on(seed: u64, fault_micros: Micros, storage: SwarmStorage) -> SwarmRe
     c.net.config = NetConfig::default();
     c.set_crash_in_ready(0.0);
     c.set_fs_config(SimFsConfig { fail_rate: 0.0, ..fs_faults });
+    let ids = c.ids();
     for &id in &ids {
         c.connect(id);
         if !c.is_live(id) {
@@ -221,18 +236,34 @@ pub fn run_on(seed: u64, fault_micros: Micros, storage: SwarmStorage) -> SwarmRe
         }
     }
     c.sleep(2 * SEC); // let long-delayed messages drain
-    let index = c.one(cmd(u64::MAX), nodes, true);
-    c.wait(index, nodes, None);
+    let index = c.one(cmd(u64::MAX), 1, true);
+    // Every member of the final configuration (once no change is under way) catches up.
+    let mut members = Vec::new();
+    for _ in 0..100 {
+        let leader = ids.iter().copied().rfind(|&i| c.status(i).is_some_and(|s| s.role == Role::Leader));
+        if let Some(st) = leader.and_then(|l| c.status(l))
+            && !st.conf.is_joint()
+            && st.commit >= st.conf_index
+        {
+            members = st.conf.members();
+            if members.iter().all(|&m| c.applied(m).last_applied >= index) {
+                break;
+            }
+        }
+        c.sleep(100 * MS);
+    }
+    assert!(!members.is_empty(), "no leader with a settled configuration after healing\n{}", c.dump());
     rep.reads += check_reads(&c, &ids, &read_floor, &mut reads_seen);
-    // Every node applied the same history, and it is the one the checker saw.
-    let reference = c.applied(ids[0]).cmds.clone();
-    for &id in &ids {
+    // Every member applied the same history, and it is the one the checker saw.
+    let reference = c.applied(members[0]).cmds.clone();
+    for &id in &members {
         let log = c.applied(id);
         assert!(log.last_applied >= index, "node {id} did not catch up");
         let upto: BTreeMap<_, _> = log.cmds.range(..=index).map(|(k, v)| (*k, v.clone())).collect();
         let reference_upto: BTreeMap<_, _> = reference.range(..=index).map(|(k, v)| (*k, v.clone())).collect();
         assert_eq!(upto, reference_upto, "node {id} applied a different history");
     }
+    rep.nodes = ids.len();
     rep.applied = c.checker().applied().len() as u64;
     rep.storage_failures = c.storage_failures();
     rep.leaders = c.checker().leaders().len() as u64;
@@ -260,4 +291,37 @@ fn check_reads(c: &Cluster, ids: &[u64], floor: &BTreeMap<Vec<u8>, u64>, seen: &
         *done = reads.len();
     }
     answered
+}
+
+/// One random membership change at leader `l`: a new node joins as a learner, a learner is
+/// promoted or removed, a voter is removed (perhaps the leader itself), or a learner replaces a
+/// voter. Voters never drop below `min(3, initial)`; at most 4 nodes are ever added. Returns
+/// whether the leader accepted it.
+fn change_membership(c: &mut Cluster, l: u64, initial: usize) -> bool {
+    let Some(st) = c.status(l) else { return false };
+    let conf = st.conf;
+    let min_voters = initial.min(3);
+    let learner = (!conf.learners.is_empty()).then(|| *c.rng.pick(&conf.learners));
+    let voter = *c.rng.pick(&conf.voters);
+    let changes = match c.rng.below(5) {
+        0 if c.ids().len() < initial + 4 => {
+            let id = c.add_node();
+            vec![ConfChange::AddLearner(id)]
+        }
+        1 => match learner {
+            Some(n) => vec![ConfChange::Promote(n)],
+            None => return false,
+        },
+        2 if conf.voters.len() > min_voters => vec![ConfChange::Remove(voter)],
+        3 => match learner {
+            Some(n) => vec![ConfChange::Promote(n), ConfChange::Remove(voter)],
+            None => return false,
+        },
+        4 => match learner {
+            Some(n) if c.rng.chance(0.3) => vec![ConfChange::Remove(n)],
+            _ => return false,
+        },
+        _ => return false,
+    };
+    c.change_membership(l, &changes).is_ok()
 }

@@ -8,7 +8,10 @@ use crate::types::NodeId;
 pub struct Config {
     /// This node's id (non-zero).
     pub id: NodeId,
-    /// Every voter of the cluster, this node included.
+    /// The bootstrap configuration: every voter of the cluster when it was created, this node
+    /// included. Used only while neither the log nor the snapshot holds a configuration. A
+    /// node that joins an existing cluster passes an empty list: it waits, as a non-voter,
+    /// until a leader sends it the log or a snapshot.
     pub voters: Vec<NodeId>,
     /// Base election timeout; the real timeout is drawn from `[election_ticks, 2 * election_ticks)`.
     pub election_ticks: u32,
@@ -98,8 +101,8 @@ impl Config {
         if self.id == 0 {
             return err("node id 0 is reserved");
         }
-        if !self.voters.contains(&self.id) {
-            return err("voters must include this node's id");
+        if !self.voters.is_empty() && !self.voters.contains(&self.id) {
+            return err("voters must include this node's id (or be empty, for a node that joins a cluster)");
         }
         let mut v = self.voters.clone();
         v.sort_unstable();

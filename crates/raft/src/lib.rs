@@ -20,8 +20,9 @@
 //! typed, retryable errors); no fsync for a change of the commit index alone.
 //!
 //! Design choices: the log lives in memory after the latest snapshot (the application compacts
-//! it by taking snapshots), so the core never reads storage; the cluster's voters are fixed at
-//! start; a new leader appends a no-op entry, so the first command of a fresh cluster has index 2.
+//! it by taking snapshots), so the core never reads storage; membership changes online
+//! ([`RawNode::propose_conf_change`]: learners, joint consensus, removal; the rules and their
+//! safety argument are in the [`conf`] module); a new leader appends a no-op entry, so the first command of a fresh cluster has index 2.
 //!
 //! ```
 //! use sixfive_raft::{Config, RawNode};
@@ -35,6 +36,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod conf;
 mod config;
 mod log;
 mod progress;
@@ -44,6 +46,7 @@ mod read_only;
 mod storage;
 mod types;
 
+pub use conf::{ConfChange, ConfChangeError, ConfState};
 pub use config::{Config, ConfigError};
 pub use log::RaftLog;
 pub use progress::{Progress, ProgressState};

@@ -205,11 +205,12 @@ impl RaftLog {
     }
 
     /// The application took a snapshot at `index` (<= applied): drop entries up to it.
-    pub(crate) fn compact(&mut self, index: Index, data: Vec<u8>) -> Snapshot {
+    /// The snapshot carries `conf`, the configuration in effect at `index`.
+    pub(crate) fn compact(&mut self, index: Index, conf: &crate::ConfState, data: &[u8]) -> Snapshot {
         let term = self.term(index).expect("compact index held in the log");
         let drop = (index - self.snapshot.meta.index) as usize;
         self.entries.drain(..drop);
-        let snapshot = Snapshot { meta: SnapshotMeta { index, term }, data };
+        let snapshot = Snapshot::with_conf(SnapshotMeta { index, term }, conf, data);
         self.snapshot = Arc::new(snapshot.clone());
         snapshot
     }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::conf::{ConfChange, ConfChangeError, ConfState, VoteResult, entry_conf};
 use crate::config::Config;
 use crate::log::RaftLog;
 use crate::progress::{OutgoingSnapshot, Progress, ProgressState};
@@ -90,8 +91,17 @@ impl std::error::Error for ProposeError {}
 /// The Raft state of one node.
 pub struct Raft {
     pub(crate) id: NodeId,
-    /// Sorted, distinct, includes `id`.
-    pub(crate) voters: Vec<NodeId>,
+    /// The configuration in effect: the latest in the log, else the snapshot's, else the
+    /// bootstrap voters (see the `conf` module).
+    pub(crate) conf: ConfState,
+    /// Position (index, term) of the entry that carries `conf`, or of the snapshot when `conf`
+    /// comes from it (0, 0 for the bootstrap configuration).
+    pub(crate) conf_at: (Index, Term),
+    /// The configuration at the snapshot's index (or the bootstrap one).
+    snap_conf: ConfState,
+    /// This node was a member of a configuration it held (in this incarnation, or in the log
+    /// or snapshot it restarted from). Never goes back to false.
+    was_member: bool,
     pub(crate) cfg: Config,
     /// Invariant: never decreases.
     pub(crate) term: Term,
@@ -100,7 +110,8 @@ pub struct Raft {
     pub(crate) leader: Option<NodeId>,
     pub(crate) role: Role,
     pub(crate) log: RaftLog,
-    /// Leader only: one entry per other voter.
+    /// Leader only: one entry per other member (voters and learners), plus members that the
+    /// latest configuration removed until it is committed (so they learn of their removal).
     pub(crate) progress: BTreeMap<NodeId, Progress>,
     /// Candidate/pre-candidate only: answers received.
     votes: BTreeMap<NodeId, bool>,
@@ -147,11 +158,13 @@ struct IncomingSnapshot {
 
 impl Raft {
     pub(crate) fn new(cfg: Config, hs: HardState, log: RaftLog) -> Raft {
-        let mut voters = cfg.voters.clone();
-        voters.sort_unstable();
+        let snap_conf = log.snapshot.conf_state().unwrap_or_else(|| ConfState::with_voters(cfg.voters.clone()));
         let mut r = Raft {
             id: cfg.id,
-            voters,
+            conf: snap_conf.clone(),
+            conf_at: (0, 0),
+            was_member: false,
+            snap_conf,
             term: hs.term,
             vote: hs.vote,
             leader: None,
@@ -173,13 +186,148 @@ impl Raft {
             rng: cfg.seed ^ 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(cfg.id),
             cfg,
         };
+        r.refresh_conf();
+        r.was_member = r.snap_conf.is_member(r.id)
+            || r.log.entries.iter().filter_map(entry_conf).any(|c| c.is_member(r.id))
+            || r.conf.is_member(r.id);
         r.become_follower(hs.term, None);
         r
     }
 
-    /// Majority size.
-    pub(crate) fn quorum(&self) -> usize {
-        self.voters.len() / 2 + 1
+    // ---------------------------------------------------------------- configuration
+
+    /// Whether this node may campaign and be counted: a voter of its configuration.
+    pub(crate) fn is_voter(&self) -> bool {
+        self.conf.is_voter(self.id)
+    }
+
+    /// Whether this node knows it is no member of its cluster any more: it was a member, and
+    /// its configuration no longer names it. (A new node catching up through configurations
+    /// from before it was added is not removed.)
+    pub(crate) fn is_removed(&self) -> bool {
+        self.was_member && !self.conf.is_member(self.id)
+    }
+
+    /// The configuration in effect at `index` (held in the log or at the snapshot).
+    pub(crate) fn conf_at_index(&self, index: Index) -> ConfState {
+        let base = self.log.snapshot.meta.index;
+        (base + 1..=index.min(self.log.last_index()))
+            .rev()
+            .find_map(|i| self.log.entry(i).and_then(entry_conf))
+            .unwrap_or_else(|| self.snap_conf.clone())
+    }
+
+    /// Recomputes the configuration from the log (rule 1 of the `conf` module): after entries
+    /// were appended or truncated, a snapshot was installed or the log compacted.
+    fn refresh_conf(&mut self) {
+        let found = self.log.entries.iter().rev().find(|e| e.kind == EntryKind::ConfChange);
+        let (conf, at) = match found {
+            Some(e) => (entry_conf(e).expect("a configuration entry"), (e.index, e.term)),
+            None => {
+                let m = self.log.snapshot.meta;
+                (self.snap_conf.clone(), (m.index, m.term))
+            }
+        };
+        self.conf_at = at;
+        self.was_member |= conf.is_member(self.id);
+        if conf != self.conf {
+            self.conf = conf;
+            self.sync_progress();
+        }
+    }
+
+    /// Leader only: tracks every member of the configuration (new ones start probing at the
+    /// end of our log). Members that left stay tracked until the configuration is committed.
+    fn sync_progress(&mut self) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let next = self.log.last_index() + 1;
+        for id in self.conf.members() {
+            if id != self.id {
+                self.progress.entry(id).or_insert_with(|| Progress::new(next));
+            }
+        }
+        if self.log.committed >= self.conf_at.0 {
+            let conf = &self.conf;
+            self.progress.retain(|id, _| conf.is_member(*id));
+        }
+    }
+
+    /// Whether a change is under way: the latest configuration is uncommitted or joint.
+    fn change_pending(&self) -> bool {
+        self.conf_at.0 > self.log.committed || self.conf.is_joint()
+    }
+
+    pub(crate) fn propose_conf_change(&mut self, changes: &[ConfChange]) -> Result<(Index, Term), ConfChangeError> {
+        if self.role != Role::Leader {
+            return Err(ConfChangeError::NotLeader { leader: self.leader });
+        }
+        if self.lead_transferee.is_some() {
+            return Err(ConfChangeError::TransferInProgress);
+        }
+        if self.change_pending() || !self.committed_in_term() {
+            return Err(ConfChangeError::ChangeInProgress);
+        }
+        let next = self.conf.apply(changes)?;
+        // A node becomes a voter only once it holds everything the leader has committed and
+        // streams in order: it then cannot stall the new quorum (thesis section 4.2.1).
+        let needed = self.log.committed;
+        for id in next.all_voters() {
+            if self.conf.is_voter(id) || id == self.id {
+                continue;
+            }
+            let (match_index, replicating) =
+                self.progress.get(&id).map_or((0, false), |p| (p.match_index, p.state == ProgressState::Replicate));
+            if match_index < needed || !replicating {
+                return Err(ConfChangeError::LearnerBehind { id, match_index, needed });
+            }
+        }
+        let index = self.append_conf(next);
+        Ok((index, self.term))
+    }
+
+    /// Appends a configuration entry; it takes effect at once (rule 1).
+    fn append_conf(&mut self, next: ConfState) -> Index {
+        let data = next.encode();
+        self.uncommitted_bytes += data.len();
+        let index = self.log.last_index() + 1;
+        self.log.append(&[Entry { term: self.term, index, kind: EntryKind::ConfChange, data }]);
+        self.conf = next;
+        self.conf_at = (index, self.term);
+        self.sync_progress();
+        self.maybe_commit();
+        index
+    }
+
+    /// Leader only, after its commit index moved: leave a committed joint configuration
+    /// (rule 2), stop tracking removed members, and step down once a configuration that
+    /// removed this node is committed (rule 6).
+    fn after_commit(&mut self) {
+        if self.role != Role::Leader || self.log.committed < self.conf_at.0 {
+            return;
+        }
+        if self.conf.is_joint() {
+            let next = self.conf.leave_joint();
+            self.append_conf(next);
+            return;
+        }
+        self.sync_progress();
+        if !self.conf.is_voter(self.id) {
+            // Tell the voters what is committed, and hand over to one that is up to date.
+            self.broadcast_heartbeat();
+            let last = self.log.last_index();
+            let heir = self
+                .conf
+                .voters
+                .iter()
+                .copied()
+                .find(|id| self.progress.get(id).is_some_and(|p| p.match_index == last));
+            if let Some(to) = heir {
+                self.send_timeout_now(to);
+            }
+            self.become_follower(self.term, None);
+        }
     }
 
     pub(crate) fn hard_state(&self) -> HardState {
@@ -200,8 +348,12 @@ impl Raft {
         self.msgs.push(Message { from: self.id, to, term: self.term, body });
     }
 
+    /// Leader: every node it replicates to. Others: every voter (those a candidate asks).
     fn others(&self) -> Vec<NodeId> {
-        self.voters.iter().copied().filter(|&v| v != self.id).collect()
+        if self.role == Role::Leader {
+            return self.progress.keys().copied().collect();
+        }
+        self.conf.all_voters().into_iter().filter(|&v| v != self.id).collect()
     }
 
     // ---------------------------------------------------------------- role changes
@@ -254,10 +406,7 @@ impl Raft {
         self.reset(self.term);
         self.role = Role::Leader;
         self.leader = Some(self.id);
-        let next = self.log.last_index() + 1;
-        for id in self.others() {
-            self.progress.insert(id, Progress::new(next));
-        }
+        self.sync_progress();
         // Section 5.4.2 / thesis 6.4: a no-op of our own term lets earlier entries commit and
         // lets ReadIndex know the commit index is current.
         self.append_entry(EntryKind::Noop, Vec::new());
@@ -265,7 +414,8 @@ impl Raft {
 
     /// Starts an election (pre-vote first when enabled, unless this is a leadership transfer).
     pub(crate) fn campaign(&mut self, kind: Campaign) {
-        if self.role == Role::Leader {
+        if self.role == Role::Leader || !self.is_voter() {
+            // Learners and removed nodes never campaign (the latter say so in their status).
             return;
         }
         let pre = kind == Campaign::PreElection && self.cfg.pre_vote;
@@ -298,12 +448,17 @@ impl Raft {
         }
     }
 
+    /// Only the answers of voters of our configuration count (never a learner's).
+    fn poll(&self) -> VoteResult {
+        self.conf.vote_result(&|id| self.votes.get(&id).copied())
+    }
+
     fn poll_won(&self) -> bool {
-        self.votes.values().filter(|&&g| g).count() >= self.quorum()
+        self.poll() == VoteResult::Won
     }
 
     fn poll_lost(&self) -> bool {
-        self.votes.values().filter(|&&g| !g).count() >= self.quorum()
+        self.poll() == VoteResult::Lost
     }
 
     // ---------------------------------------------------------------- tick
@@ -328,8 +483,10 @@ impl Raft {
         if self.election_elapsed >= self.cfg.election_ticks {
             self.election_elapsed = 0;
             if self.cfg.check_quorum {
-                let active = 1 + self.progress.values().filter(|p| p.recent_active).count();
-                if active < self.quorum() {
+                let me = self.id;
+                let progress = &self.progress;
+                let active = |id| id == me || progress.get(&id).is_some_and(|p| p.recent_active);
+                if !self.conf.has_quorum(&active) {
                     // Check-quorum: we may be cut off; let a connected majority elect someone.
                     self.become_follower(self.term, None);
                     return;
@@ -485,10 +642,10 @@ impl Raft {
         if self.role != Role::Leader {
             return false;
         }
-        let mut matches: Vec<Index> = self.progress.values().map(|p| p.match_index).collect();
-        matches.push(self.log.last_index());
-        matches.sort_unstable_by(|a, b| b.cmp(a));
-        let candidate = matches[self.quorum() - 1];
+        let (me, last) = (self.id, self.log.last_index());
+        let progress = &self.progress;
+        let matched = |id| if id == me { last } else { progress.get(&id).map_or(0, |p| p.match_index) };
+        let candidate = self.conf.committed_index(&matched);
         if candidate > self.log.committed && self.log.term(candidate) == Some(self.term) {
             let had_committed_in_term = self.committed_in_term();
             let newly: usize = (self.log.committed + 1..=candidate)
@@ -503,6 +660,7 @@ impl Raft {
                     self.start_read(ctx);
                 }
             }
+            self.after_commit();
             return true;
         }
         false
@@ -533,7 +691,8 @@ impl Raft {
 
     fn start_read(&mut self, ctx: Vec<u8>) {
         let index = self.log.committed;
-        if self.voters.len() == 1 {
+        let me = self.id;
+        if self.conf.has_quorum(&|id| id == me) {
             self.read_states.push(ReadState { index, ctx });
             return;
         }
@@ -547,7 +706,7 @@ impl Raft {
         if self.role != Role::Leader {
             return Err(ProposeError::NotLeader { leader: self.leader });
         }
-        if to == self.id || !self.progress.contains_key(&to) {
+        if to == self.id || !self.progress.contains_key(&to) || !self.conf.voters.contains(&to) {
             return Ok(()); // nothing to do, or not a voter (the RawNode boundary rejects that)
         }
         let caught_up = self.progress[&to].match_index == self.log.last_index();
@@ -614,7 +773,12 @@ impl Raft {
             MessageBody::VoteResponse { pre, granted } => self.handle_vote_response(m.from, pre, granted),
             MessageBody::Append { prev_index, prev_term, entries, commit } => {
                 self.become_follower_of(m.from);
+                let conf_entries = entries.iter().any(|e| e.kind == EntryKind::ConfChange);
                 self.handle_append(m.from, prev_index, prev_term, commit, entries);
+                if conf_entries || self.log.term(self.conf_at.0) != Some(self.conf_at.1) {
+                    // A configuration arrived, or the entry carrying ours was truncated.
+                    self.refresh_conf();
+                }
             }
             MessageBody::Heartbeat { commit, read_seq } => {
                 self.become_follower_of(m.from);
@@ -767,8 +931,7 @@ impl Raft {
             _ => {}
         }
         if read_seq > 0 {
-            let quorum = self.quorum();
-            for r in self.read_only.ack(from, read_seq, quorum) {
+            for r in self.read_only.ack(from, read_seq, self.id, &self.conf) {
                 self.read_states.push(ReadState { index: r.index, ctx: r.ctx });
             }
         }
@@ -820,7 +983,11 @@ impl Raft {
             // We hold the entry the snapshot ends at, so our log already matches through it.
             self.log.commit_to(index);
         } else {
+            if let Some(c) = snapshot.conf_state() {
+                self.snap_conf = c;
+            }
             self.log.restore(snapshot);
+            self.refresh_conf();
         }
         self.send(from, MessageBody::SnapshotResponse { index, stream, next_offset, done: true });
     }
@@ -855,8 +1022,14 @@ impl Raft {
 
     // ---------------------------------------------------------------- snapshots from the app
 
+    /// The application's snapshot through `index`: the snapshot also carries the
+    /// configuration in effect there.
     pub(crate) fn compact(&mut self, index: Index, data: Vec<u8>) -> Snapshot {
-        self.log.compact(index, data)
+        let conf = self.conf_at_index(index);
+        let snapshot = self.log.compact(index, &conf, &data);
+        self.snap_conf = conf;
+        self.refresh_conf();
+        snapshot
     }
 
     // ---------------------------------------------------------------- invariants
@@ -877,7 +1050,12 @@ impl Raft {
             Role::Leader => {
                 assert_eq!(self.leader, Some(self.id), "a leader knows it leads");
                 assert_eq!(self.vote, Some(self.id), "a leader voted for itself");
-                assert_eq!(self.progress.len(), self.voters.len() - 1, "progress for every follower");
+                for id in self.conf.members() {
+                    assert!(id == self.id || self.progress.contains_key(&id), "no progress for member {id}");
+                }
+                if self.log.committed >= self.conf_at.0 {
+                    assert!(self.is_voter(), "a leader outside its committed configuration");
+                }
                 for (id, p) in &self.progress {
                     assert!(p.match_index < p.next_index, "match {} >= next {} for {id}", p.match_index, p.next_index);
                     assert!(p.match_index <= self.log.last_index(), "follower {id} matches past our log");
@@ -886,8 +1064,19 @@ impl Raft {
             Role::Candidate => assert_eq!(self.vote, Some(self.id), "a candidate voted for itself"),
             Role::Follower | Role::PreCandidate => assert!(self.progress.is_empty(), "only leaders track progress"),
         }
-        if let Some(l) = self.leader {
-            assert!(self.voters.contains(&l), "leader {l} is not a voter");
+        self.conf.check_invariants();
+        if self.conf_at.0 > self.log.snapshot.meta.index {
+            let e = self.log.entry(self.conf_at.0).expect("the configuration entry is held");
+            assert_eq!((e.term, entry_conf(e).as_ref()), (self.conf_at.1, Some(&self.conf)), "configuration stale");
+            assert!(
+                self.log.entries().filter(|x| x.index > e.index).all(|x| x.kind != EntryKind::ConfChange),
+                "a later configuration entry is not in effect"
+            );
+        } else {
+            assert_eq!(self.conf, self.snap_conf, "configuration differs from the snapshot's");
+        }
+        if matches!(self.role, Role::PreCandidate | Role::Candidate) {
+            assert!(self.is_voter(), "a non-voter campaigns");
         }
     }
 }

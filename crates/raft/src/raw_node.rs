@@ -1,5 +1,6 @@
 //! The public face of the core: a node driven by `tick`, `step`, `propose`, and `ready`/`advance`.
 
+use crate::conf::{ConfChange, ConfChangeError, ConfState};
 use crate::config::{Config, ConfigError};
 use crate::log::RaftLog;
 use crate::raft::{Campaign, ProposeError, Raft, Role};
@@ -12,7 +13,9 @@ use crate::types::*;
 ///    ([`crate::persist_ready`] does exactly this).
 /// 2. Only then send `messages`: they may acknowledge what step 1 persisted.
 /// 3. If `snapshot` is set, restore the state machine from it; then apply `committed_entries`
-///    in order (skipping [`EntryKind::Noop`]).
+///    in order (skipping [`EntryKind::Noop`]; an [`EntryKind::ConfChange`] entry carries a
+///    configuration that is already in effect in the core). A snapshot's own bytes are
+///    [`Snapshot::app_data`]: its `data` also carries the configuration.
 /// 4. Serve each of `read_states` once the state machine has applied its `index`.
 #[derive(Debug, Default)]
 pub struct Ready {
@@ -65,6 +68,19 @@ pub struct Status {
     pub last_index: Index,
     /// Index of the latest snapshot.
     pub snapshot_index: Index,
+    /// The configuration in effect (the latest in the log; see [`crate::ConfState`]).
+    pub conf: ConfState,
+    /// Index of the entry that carries `conf` (or of the snapshot it comes from). The
+    /// configuration is committed once `commit >= conf_index`.
+    pub conf_index: Index,
+    /// This node was removed: it was a member, and the configuration in effect no longer
+    /// names it; it never campaigns (a driver should log it, and may stop the server once
+    /// `commit >= conf_index`, when the removal is final). A new node catching up through
+    /// configurations from before it was added is not removed. Known in the incarnation that
+    /// saw the removal, and after a restart while the log or snapshot still shows a
+    /// configuration that named this node (a node restarted from a snapshot taken after its
+    /// removal cannot tell it from a node not yet added).
+    pub removed: bool,
 }
 
 /// Why a step was refused. Nothing changed.
@@ -75,7 +91,8 @@ pub enum StepError {
         /// The address on the message.
         to: NodeId,
     },
-    /// The sender is not a voter of this cluster.
+    /// The sender is this node itself, or the reserved id 0. (Any other sender is heard:
+    /// members change, and only voters of this node's configuration are ever counted.)
     UnknownSender {
         /// The sender.
         from: NodeId,
@@ -87,7 +104,7 @@ impl std::fmt::Display for StepError {
         match self {
             StepError::WrongRecipient { to } => write!(f, "message addressed to node {to}, not to this node"),
             StepError::UnknownSender { from } => {
-                write!(f, "message from node {from}, which is not a voter of this cluster")
+                write!(f, "message from node {from}, which cannot be a peer of this node")
             }
         }
     }
@@ -158,7 +175,7 @@ impl RawNode {
         if m.to != self.raft.id {
             return Err(StepError::WrongRecipient { to: m.to });
         }
-        if m.from == self.raft.id || !self.raft.voters.contains(&m.from) {
+        if m.from == self.raft.id || m.from == 0 {
             return Err(StepError::UnknownSender { from: m.from });
         }
         let (term, vote) = (self.raft.term, self.raft.vote);
@@ -189,10 +206,22 @@ impl RawNode {
 
     /// Hands leadership to `to` once it has caught up (thesis section 3.10).
     pub fn transfer_leader(&mut self, to: NodeId) -> Result<(), ProposeError> {
-        if !self.raft.voters.contains(&to) {
+        if !self.raft.conf.voters.contains(&to) {
             return Err(ProposeError::UnknownNode(to));
         }
         let r = self.raft.transfer_leader(to);
+        self.check();
+        r
+    }
+
+    /// Proposes a configuration change (leader only): learners join, learners are promoted,
+    /// members leave; see [`crate::ConfState`] for the rules. On success returns the index and
+    /// term of the entry; the change is in effect at once, and final once
+    /// [`Status::conf`] is no longer joint and [`Status::commit`] reaches [`Status::conf_index`]
+    /// (a change of voters passes through a joint configuration that the leader leaves on its
+    /// own).
+    pub fn propose_conf_change(&mut self, changes: &[ConfChange]) -> Result<(Index, Term), ConfChangeError> {
+        let r = self.raft.propose_conf_change(changes);
         self.check();
         r
     }
@@ -286,6 +315,9 @@ impl RawNode {
             applied: r.log.applied(),
             last_index: r.log.last_index(),
             snapshot_index: r.log.snapshot().meta.index,
+            conf: r.conf.clone(),
+            conf_index: r.conf_at.0,
+            removed: r.is_removed(),
         }
     }
 

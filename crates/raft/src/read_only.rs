@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::conf::ConfState;
 use crate::types::{Index, NodeId};
 
 /// A read waiting for its heartbeat round.
@@ -60,8 +61,8 @@ impl ReadOnly {
     }
 
     /// Records `from`'s answer to round `seq` and returns the reads that became safe, oldest
-    /// first. `quorum` counts the leader itself.
-    pub fn ack(&mut self, from: NodeId, seq: u64, quorum: usize) -> Vec<PendingRead> {
+    /// first: those whose round a quorum of `conf` answered (the leader `me` counts itself).
+    pub fn ack(&mut self, from: NodeId, seq: u64, me: NodeId, conf: &ConfState) -> Vec<PendingRead> {
         if seq > self.seq {
             return Vec::new(); // an answer to a round this leader never sent: not ours to count
         }
@@ -69,8 +70,9 @@ impl ReadOnly {
         *e = (*e).max(seq);
         let mut safe = Vec::new();
         while let Some(front) = self.pending.front() {
-            let acks = 1 + self.acked.values().filter(|&&s| s >= front.seq).count();
-            if acks < quorum {
+            let acked = &self.acked;
+            let ok = |id| id == me || acked.get(&id).is_some_and(|&s| s >= front.seq);
+            if !conf.has_quorum(&ok) {
                 break;
             }
             safe.push(self.pending.pop_front().expect("front exists"));

@@ -17,6 +17,9 @@ pub enum EntryKind {
     /// The empty entry a new leader appends so that it can commit entries of earlier terms
     /// (section 5.4.2) and serve ReadIndex (thesis section 6.4). Applications skip it.
     Noop,
+    /// A configuration change: `data` is the whole new [`crate::ConfState`] (decode it with
+    /// [`crate::ConfState::decode`]). It takes effect when appended (see [`crate::conf`]); applications may record it, and otherwise skip it.
+    ConfChange,
 }
 
 /// One log entry.

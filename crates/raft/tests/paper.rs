@@ -421,7 +421,7 @@ fn lagging_follower_installs_chunked_snapshot_7() {
     net.stabilize();
     let got = net.snapshots.get(&3).expect("node 3 received a snapshot");
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].data, data, "chunks reassembled");
+    assert_eq!(got[0].app_data(), data, "chunks reassembled");
     assert_eq!(got[0].meta, snap.meta);
     assert_eq!(net.status(3).last_index, net.status(1).last_index, "caught up after the snapshot");
     assert_eq!(net.status(3).commit, net.status(1).commit);
@@ -658,7 +658,8 @@ fn invalid_input_refused() {
     assert!(RawNode::new(c).is_err());
     let mut net = Net::new(3, |_| {});
     let hb = |from, to| Message { from, to, term: 5, body: MessageBody::Heartbeat { commit: 0, read_seq: 0 } };
-    assert_eq!(net.node(1).step(hb(9, 1)), Err(StepError::UnknownSender { from: 9 }));
+    assert_eq!(net.node(1).step(hb(0, 1)), Err(StepError::UnknownSender { from: 0 }));
+    assert_eq!(net.node(1).step(hb(1, 1)), Err(StepError::UnknownSender { from: 1 }));
     assert_eq!(net.node(1).step(hb(2, 3)), Err(StepError::WrongRecipient { to: 3 }));
     assert_eq!(net.status(1).term, 0, "a refused message changed state");
 }
@@ -769,7 +770,7 @@ fn snapshot_transfer_resumes_after_follower_restart_7() {
     net.tick_all(30);
     net.stabilize();
     let snaps = net.snapshots.get(&3).expect("node 3 completed the snapshot after restarting");
-    assert_eq!(snaps.last().unwrap().data, data);
+    assert_eq!(snaps.last().unwrap().app_data(), data);
     assert_eq!(net.status(3).commit, net.status(1).commit);
 }
 
@@ -1024,7 +1025,7 @@ fn snapshot_transfer_survives_leader_compaction_7() {
     }
     let got = net.snapshots.get(&3).expect("node 3 never completed a snapshot while the leader compacted");
     assert!(compactions >= 3, "the leader compacted only {compactions} times during the transfer");
-    assert_eq!(got[0].data, image(got[0].meta.index), "snapshot spliced from different images");
+    assert_eq!(got[0].app_data(), image(got[0].meta.index), "snapshot spliced from different images");
     net.tick_all(30);
     net.stabilize();
     assert_eq!(net.status(3).commit, net.status(1).commit, "node 3 caught up after the snapshot");

@@ -18,6 +18,13 @@
 //! snapshotted at the applied index and the log compacted; a restarted node restores the
 //! snapshot and replays the log after it.
 //!
+//! Membership changes online: [`Rsm::change_membership`] (or [`RsmRequest::ChangeMembership`])
+//! proposes one (learners join, learners are promoted, members leave; the core's rules are on
+//! [`sixfive_raft::ConfState`]); it completes with the new configuration once its entry is
+//! applied. [`Rsm::membership`] (or [`RsmRequest::Membership`]) reports the configuration in
+//! effect. The configuration travels in the core's snapshots, so a restarted node or one
+//! that catches up by snapshot knows it.
+//!
 //! [`RsmNode`] serves an `Rsm` as a [`sixfive_rpc::Node`]: peers exchange Raft messages,
 //! clients send [`RsmRequest`]s and get [`RsmReply`]s.
 #![deny(missing_docs)]
@@ -26,8 +33,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sixfive_raft::{
-    Config, ConfigError, EntryKind, Index, Message, NodeId, ProposeError, RawNode, Role, Status, Storage, Term,
-    persist_ready,
+    ConfChange, ConfChangeError, ConfState, Config, ConfigError, EntryKind, Index, Message, NodeId, ProposeError,
+    RawNode, Role, Status, Storage, Term, persist_ready,
 };
 use sixfive_rpc::{CallId, Ctx, Endpoint, Micros, Node};
 
@@ -83,6 +90,37 @@ pub enum SubmitError {
     /// `Config::max_pending_reads`). Not applied; retry the same node after a pause.
     #[error("the leader is busy (too much uncommitted or pending); not applied, retry shortly")]
     Busy,
+    /// A membership change was refused (see [`sixfive_raft::ConfChangeError`]); nothing
+    /// changed. `retryable`: the same change may succeed later (e.g. once a learner caught up).
+    #[error("membership change refused: {reason}")]
+    MembershipRefused {
+        /// Why.
+        reason: String,
+        /// Whether retrying the same change may succeed.
+        retryable: bool,
+    },
+}
+
+impl From<ConfChangeError> for SubmitError {
+    fn from(e: ConfChangeError) -> SubmitError {
+        match e {
+            ConfChangeError::NotLeader { leader } => SubmitError::WrongLeader { leader },
+            e => SubmitError::MembershipRefused { retryable: e.is_retryable(), reason: e.to_string() },
+        }
+    }
+}
+
+/// The cluster's membership as one node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    /// The configuration in effect on this node (the latest in its log).
+    pub conf: ConfState,
+    /// Whether it is committed (a change under way is not, or is still joint).
+    pub settled: bool,
+    /// Who this node believes leads.
+    pub leader: Option<NodeId>,
+    /// This node was removed from the cluster.
+    pub removed: bool,
 }
 
 /// Identifies one submission on one node.
@@ -137,7 +175,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     pub fn new(cfg: Config, storage: S, mut sm: M, max_raft_state: Option<usize>) -> Result<Self, ConfigError> {
         let state = storage.initial_state().map_err(|e| ConfigError(format!("cannot read storage: {e:?}")))?;
         if let Some(s) = &state.snapshot {
-            sm.restore(&s.data);
+            sm.restore(s.app_data());
         }
         let id = cfg.id;
         let raw = RawNode::restart(cfg, state)?;
@@ -182,6 +220,30 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 Ok(id)
             }
             Err(e) => Err(Self::refused(e)),
+        }
+    }
+
+    /// Proposes a membership change (leader only). It completes once its entry is applied,
+    /// with the new configuration (a postcard-encoded [`ConfState`]; a change of voters is
+    /// then in its joint phase, which the leader leaves on its own: see [`Rsm::membership`]).
+    /// A node joins as a learner first ([`ConfChange::AddLearner`]), started with an empty
+    /// `Config::voters`; it is promoted once caught up ([`ConfChange::Promote`]).
+    pub fn change_membership(&mut self, changes: &[ConfChange]) -> Result<SubmitId, SubmitError> {
+        let id = self.next_id;
+        let (index, term) = self.raw.propose_conf_change(changes)?;
+        self.next_id += 1;
+        self.pending.insert(index, (term, id));
+        Ok(id)
+    }
+
+    /// The membership as this node sees it.
+    pub fn membership(&self) -> Membership {
+        let st = self.raw.status();
+        Membership {
+            settled: !st.conf.is_joint() && st.commit >= st.conf_index,
+            conf: st.conf,
+            leader: st.leader,
+            removed: st.removed,
         }
     }
 
@@ -241,7 +303,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             persist_ready(&mut self.storage, &rd)?;
             msgs.extend(rd.messages.iter().cloned());
             if let Some(s) = &rd.snapshot {
-                self.sm.restore(&s.data);
+                self.sm.restore(s.app_data());
                 self.snapshots_installed += 1;
                 // Commands at or below the snapshot were applied or overwritten by others and
                 // cannot be told apart any more: outcome unknown (clients retry, sessions dedup).
@@ -255,6 +317,18 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 if e.kind == EntryKind::Noop {
                     if let Some((_, id)) = mine {
                         done.push(Completion { id, result: Err(SubmitError::WrongLeader { leader: None }) });
+                    }
+                    continue;
+                }
+                if e.kind == EntryKind::ConfChange {
+                    // In effect in the core since it was appended; now committed and applied.
+                    if let Some((term, id)) = mine {
+                        let result = if term == e.term {
+                            Ok(e.data.clone())
+                        } else {
+                            Err(SubmitError::WrongLeader { leader: None })
+                        };
+                        done.push(Completion { id, result });
                     }
                     continue;
                 }
@@ -379,6 +453,11 @@ pub enum RsmRequest {
     Command(Vec<u8>),
     /// Answer this read-only query linearizably (ReadIndex).
     Query(Vec<u8>),
+    /// Change the membership (see [`Rsm::change_membership`]); answered once applied.
+    ChangeMembership(Vec<ConfChange>),
+    /// Report the membership as the receiving node sees it, at once: a postcard-encoded
+    /// [`Membership`] (not linearizable; ask the leader for the latest).
+    Membership,
 }
 
 /// An [`RsmNode`]'s answer.
@@ -533,6 +612,12 @@ impl<S: Storage, M: StateMachine> Node for RsmNode<S, M> {
                 return;
             }
             Ok(RsmRequest::Query(q)) => self.rsm.query(q),
+            Ok(RsmRequest::ChangeMembership(changes)) => self.rsm.change_membership(&changes),
+            Ok(RsmRequest::Membership) => {
+                let m = postcard::to_allocvec(&self.rsm.membership()).expect("encodes");
+                ctx.reply(from, call, postcard::to_allocvec(&RsmReply::Done(m)).expect("encodes"));
+                return;
+            }
             Err(e) => {
                 let reply = RsmReply::Malformed(e.to_string());
                 ctx.reply(from, call, postcard::to_allocvec(&reply).expect("encodes"));

@@ -1,16 +1,18 @@
 //! Test support: a cluster of [`RsmNode`]s in the simulator's [`World`], each with a
 //! simulated disk that outlives the node, so a crash loses exactly the unsynced writes.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use sixfive_raft::{Config, Entry, HardState, NodeId, RestoredState, Role, Snapshot, Status, Storage};
+use sixfive_raft::{
+    ConfChange, ConfState, Config, Entry, HardState, NodeId, RestoredState, Role, Snapshot, Status, Storage,
+};
 use sixfive_raft_sim::{NodeStorage, SimStorage};
 use sixfive_rpc::Transport;
-use sixfive_sim::{MS, NetConfig, SimClient, World};
+use sixfive_sim::{MS, NetConfig, SEC, SimClient, World};
 use sixfive_storage::fs::SimFsConfig;
 
-use crate::{Rsm, RsmNode, RsmReply, RsmRequest, StateMachine};
+use crate::{Membership, Rsm, RsmNode, RsmReply, RsmRequest, StateMachine, SubmitError};
 
 /// A node's storage, shared with the harness so it survives the node: the in-memory model
 /// or the production `FileStorage` on a simulated disk.
@@ -52,8 +54,11 @@ pub type TestNode<M> = RsmNode<SharedStorage, M>;
 pub struct RsmCluster<M> {
     /// The world they run in.
     pub world: World,
-    n: u64,
-    disks: Vec<SharedStorage>,
+    /// Servers ever started (ids `1..=n`); the first `initial` form the bootstrap voters.
+    n: Cell<u64>,
+    initial: u64,
+    disks: RefCell<Vec<SharedStorage>>,
+    file_storage: Option<SimFsConfig>,
     make: Box<dyn Fn() -> M>,
     max_raft_state: Option<usize>,
 }
@@ -81,33 +86,98 @@ impl<M: StateMachine + 'static> RsmCluster<M> {
         make: impl Fn() -> M + 'static,
     ) -> Self {
         let world = World::new(seed, net);
-        let disks = (0..n)
-            .map(|_| match file_storage {
-                None => SharedStorage::default(),
-                Some(fc) => {
-                    let rng = world.with_rng(|r| r.fork());
-                    SharedStorage(Rc::new(RefCell::new(NodeStorage::file(rng, fc))))
-                }
-            })
-            .collect();
-        let c = RsmCluster { world, n, disks, make: Box::new(make), max_raft_state };
+        let c = RsmCluster {
+            world,
+            n: Cell::new(0),
+            initial: n,
+            disks: RefCell::new(Vec::new()),
+            file_storage,
+            make: Box::new(make),
+            max_raft_state,
+        };
+        for _ in 0..n {
+            c.new_disk();
+        }
         for id in c.ids() {
             c.start(id);
         }
         c
     }
 
-    /// Server ids.
+    fn new_disk(&self) -> NodeId {
+        let disk = match self.file_storage {
+            None => SharedStorage::default(),
+            Some(fc) => {
+                let rng = self.world.with_rng(|r| r.fork());
+                SharedStorage(Rc::new(RefCell::new(NodeStorage::file(rng, fc))))
+            }
+        };
+        self.disks.borrow_mut().push(disk);
+        self.n.set(self.n.get() + 1);
+        self.n.get()
+    }
+
+    fn disk(&self, id: NodeId) -> SharedStorage {
+        self.disks.borrow()[(id - 1) as usize].clone()
+    }
+
+    /// Server ids (every server ever started, removed ones included).
     pub fn ids(&self) -> Vec<NodeId> {
-        (1..=self.n).collect()
+        (1..=self.n.get()).collect()
+    }
+
+    /// Starts a brand-new server (next id, empty disk) that knows no configuration: it serves
+    /// nothing until a leader adds it ([`RsmCluster::change_membership`]). Returns its id.
+    pub fn add_server(&self) -> NodeId {
+        let id = self.new_disk();
+        self.start(id);
+        id
+    }
+
+    /// The membership as server `id` sees it, if it runs.
+    pub fn membership(&self, id: NodeId) -> Option<Membership> {
+        self.world.inspect::<TestNode<M>, _>(id, |n| n.rsm().membership())
+    }
+
+    /// Proposes `changes` through the leader (retrying while refused for now, or unanswered)
+    /// until a leader's settled configuration satisfies `done`; returns it. Panics after 30 s
+    /// of virtual time, or if the change is refused as invalid while `done` does not hold.
+    pub async fn change_membership(
+        &self,
+        client: &SimClient,
+        changes: &[ConfChange],
+        done: impl Fn(&ConfState) -> bool,
+    ) -> ConfState {
+        let t0 = client.now();
+        while client.now() - t0 < 30 * SEC {
+            let l = self.wait_leader(client).await;
+            let m = self.membership(l).expect("the leader runs");
+            if m.settled && done(&m.conf) {
+                return m.conf;
+            }
+            if m.settled {
+                match request(client, l, &RsmRequest::ChangeMembership(changes.to_vec()), SEC).await {
+                    Ok(RsmReply::Failed(SubmitError::MembershipRefused { retryable: false, reason })) => {
+                        let now = self.membership(l).map(|m| m.conf);
+                        assert!(now.as_ref().is_some_and(&done), "change {changes:?} refused: {reason} ({now:?})");
+                    }
+                    Ok(RsmReply::Malformed(m)) => panic!("{m}"),
+                    _ => {}
+                }
+            }
+            client.sleep(100 * MS).await;
+        }
+        panic!("membership change {changes:?} did not settle within 30 s");
     }
 
     /// Starts server `id` from its disk (it stays down if an injected I/O error stops it
     /// from opening its storage).
     pub fn start(&self, id: NodeId) {
-        let mut cfg = Config::new(id, self.ids());
+        // Servers added later join with no bootstrap configuration.
+        let bootstrap = if id <= self.initial { (1..=self.initial).collect() } else { vec![] };
+        let mut cfg = Config::new(id, bootstrap);
         cfg.seed = self.world.random(u64::MAX);
-        let disk = &self.disks[(id - 1) as usize];
+        let disk = &self.disk(id);
         if self.world.is_up(id) {
             // Stopped by a storage failure: the process exits first; the machine (and its page
             // cache) stays up.
@@ -124,7 +194,7 @@ impl<M: StateMachine + 'static> RsmCluster<M> {
     /// Crashes server `id`: its unsynced writes are lost.
     pub fn crash(&self, id: NodeId) {
         self.world.crash(id);
-        let disk = &self.disks[(id - 1) as usize];
+        let disk = &self.disk(id);
         self.world.with_rng(|rng| disk.0.borrow_mut().crash(rng, false));
     }
 
@@ -146,7 +216,7 @@ impl<M: StateMachine + 'static> RsmCluster<M> {
 
     /// Changes the simulated disks' faults (file storage only).
     pub fn set_fs_config(&self, config: SimFsConfig) {
-        for d in &self.disks {
+        for d in self.disks.borrow().iter() {
             if let Some(fs) = d.0.borrow().fs() {
                 fs.set_config(config);
             }
@@ -186,12 +256,12 @@ impl<M: StateMachine + 'static> RsmCluster<M> {
 
     /// Bytes of Raft state on server `id`'s disk.
     pub fn raft_state_bytes(&self, id: NodeId) -> usize {
-        self.disks[(id - 1) as usize].raft_state_bytes()
+        self.disk(id).raft_state_bytes()
     }
 
     /// Bytes of server `id`'s snapshot on disk.
     pub fn snapshot_bytes(&self, id: NodeId) -> usize {
-        self.disks[(id - 1) as usize].0.borrow().snapshot_bytes()
+        self.disk(id).0.borrow().snapshot_bytes()
     }
 
     /// Largest Raft state on any server's disk.

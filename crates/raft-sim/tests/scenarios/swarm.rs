@@ -11,9 +11,15 @@ fn swarm_random_faults() {
         let r = swarm::run(seed, 20 * SEC);
         total.merge(&r);
     });
+    eprintln!("swarm_random_faults totals: {total:?}");
     // The swarm must actually exercise the system, not idle through its faults.
     assert!(
-        total.applied > 0 && total.crashes > 0 && total.leaders > 0 && total.reads > 0 && total.pauses > 0,
+        total.applied > 0
+            && total.crashes > 0
+            && total.leaders > 0
+            && total.reads > 0
+            && total.pauses > 0
+            && total.conf_changes > 0,
         "{total:?}"
     );
 }
