@@ -1,0 +1,4 @@
+//! etcd v3 API
+#![deny(missing_docs)]
+
+pub mod proto;
