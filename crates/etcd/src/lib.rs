@@ -1,4 +1,10 @@
-//! etcd v3 API
+//! # sixfive-etcd: etcd's v3 API on sixfive
 #![deny(missing_docs)]
 
+pub mod error;
+pub mod mvcc;
 pub mod proto;
+pub mod sm;
+
+pub use error::EtcdError;
+pub use sm::{Command, Config, EtcdSm, Output, Query, QueryOutput};
