@@ -159,7 +159,8 @@ pub struct RangeResult {
 /// - every history in `keys` is non-empty and strictly increasing in revision, and its first
 ///   entry is a put (a tombstone only ends a generation);
 /// - `by_rev` holds exactly one `(rev, key)` for every entry of every history;
-/// - every revision in the store is at most `(rev, _)`, and `compact_rev <= rev`.
+/// - every revision in the store is at most `(rev, _)`, and `compact_rev <= rev`;
+/// - `size` is the sum of the entries' sizes.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Store {
     keys: BTreeMap<Vec<u8>, Vec<Entry>>,
@@ -169,12 +170,19 @@ pub struct Store {
     rev: i64,
     /// The last compaction revision; -1 when never compacted, as in etcd.
     compact_rev: i64,
+    /// Approximate bytes held: the sum of [`entry_size`] over every entry.
+    size: u64,
+}
+
+/// Approximate bytes one history entry holds (key, value and fixed fields).
+fn entry_size(key: &[u8], kv: &Option<Kv>) -> u64 {
+    (key.len() + kv.as_ref().map_or(0, |kv| kv.value.len()) + 48) as u64
 }
 
 impl Store {
     /// An empty store at revision 1.
     pub fn new() -> Self {
-        Store { keys: BTreeMap::new(), by_rev: BTreeMap::new(), rev: 1, compact_rev: -1 }
+        Store { keys: BTreeMap::new(), by_rev: BTreeMap::new(), rev: 1, compact_rev: -1, size: 0 }
     }
 
     /// The current revision.
@@ -185,6 +193,11 @@ impl Store {
     /// The last compaction revision (-1: never compacted).
     pub fn compact_rev(&self) -> i64 {
         self.compact_rev
+    }
+
+    /// Approximate bytes the history holds.
+    pub fn size_bytes(&self) -> u64 {
+        self.size
     }
 
     /// Number of history entries kept (puts and tombstones of all keys).
@@ -248,7 +261,10 @@ impl Store {
             None => (rev.0, 1),
         };
         let kv = Kv { create_revision, mod_revision: rev.0, version, value, lease };
-        hist.push(Entry { rev, kv: Some(kv.clone()) });
+        let kv = Some(kv);
+        self.size += entry_size(key, &kv);
+        hist.push(Entry { rev, kv: kv.clone() });
+        let kv = kv.expect("a put");
         self.by_rev.insert(rev, key.to_vec());
         (kv, prev)
     }
@@ -259,6 +275,7 @@ impl Store {
         let prev = hist.last()?.kv.clone()?;
         debug_assert!(hist.last().is_none_or(|e| e.rev < rev), "history goes forward");
         hist.push(Entry { rev, kv: None });
+        self.size += entry_size(key, &None);
         self.by_rev.insert(rev, key.to_vec());
         Some(prev)
     }
@@ -305,6 +322,7 @@ impl Store {
             }
             for e in hist.drain(..drop) {
                 self.by_rev.remove(&e.rev);
+                self.size -= entry_size(k, &e.kv);
             }
             if hist.is_empty() {
                 emptied.push(k.clone());
@@ -388,6 +406,7 @@ impl Store {
     pub fn check(&self) {
         assert!(self.compact_rev <= self.rev, "compaction revision beyond the store's");
         let mut n = 0;
+        let mut size = 0;
         for (k, hist) in &self.keys {
             assert!(!hist.is_empty(), "empty history kept for {k:?}");
             assert!(hist[0].kv.is_some() || hist[0].rev.0 <= self.compact_rev.max(0), "history starts with a tombstone");
@@ -398,8 +417,10 @@ impl Store {
                 assert!(e.rev.0 <= self.rev, "entry beyond the store revision");
                 assert_eq!(self.by_rev.get(&e.rev), Some(k), "revision index misses an entry");
                 n += 1;
+                size += entry_size(k, &e.kv);
             }
         }
         assert_eq!(n, self.by_rev.len(), "revision index holds entries no history has");
+        assert_eq!(size, self.size, "size accounting is off");
     }
 }

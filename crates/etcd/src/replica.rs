@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sixfive_rsm::{ApplyCtx, StateMachine};
+
 use tokio::sync::watch;
 
 use crate::error::EtcdError;
@@ -210,7 +211,7 @@ impl Replica for LocalReplica {
             term: 1,
             commit_index: l.index,
             applied_index: l.index,
-            db_size: l.sm.snapshot().len() as i64,
+            db_size: l.sm.store().size_bytes() as i64,
             members: vec![self.member.clone()],
         }
     }
