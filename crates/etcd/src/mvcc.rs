@@ -337,7 +337,8 @@ impl Store {
     /// The changes to keys of `range` with main revision in `[from, to]`, in revision order,
     /// each with the key's previous value (if history still holds it). `from` must not be below
     /// the compaction revision: `Compacted` then, as a watch from there is cancelled in etcd.
-    /// At most `max` events (0: no limit); the caller resumes after the last one returned.
+    /// At most about `max` events (0: no limit), never splitting a revision; the caller resumes at
+    /// the revision after the last one returned.
     pub fn events(&self, range: &KeyRange, from: i64, to: i64, max: usize) -> Result<Vec<Event>, RevError> {
         if from < self.compact_rev {
             return Err(RevError::Compacted);
@@ -346,6 +347,9 @@ impl Store {
         if from > to {
             return Ok(out);
         }
+        // Full once `max` events are out, but never in the middle of a revision: the caller
+        // resumes at the revision after the last one returned.
+        let full = |out: &Vec<Event>, next: Rev| max != 0 && out.len() >= max && out.last().is_some_and(|e| e.rev.0 != next.0);
         let scan = |out: &mut Vec<Event>, rev: Rev, key: &Vec<u8>| {
             let hist = &self.keys[key];
             let i = hist.partition_point(|e| e.rev < rev);
@@ -359,7 +363,7 @@ impl Store {
                 if let Some(hist) = self.keys.get(k) {
                     let start = hist.partition_point(|e| e.rev.0 < from);
                     for e in &hist[start..] {
-                        if e.rev.0 > to || (max != 0 && out.len() >= max) {
+                        if e.rev.0 > to || full(&out, e.rev) {
                             break;
                         }
                         scan(&mut out, e.rev, k);
@@ -368,7 +372,7 @@ impl Store {
             }
             _ => {
                 for (rev, key) in self.by_rev.range((from, 0)..=(to, i64::MAX)) {
-                    if max != 0 && out.len() >= max {
+                    if full(&out, *rev) {
                         break;
                     }
                     if range.contains(key) {

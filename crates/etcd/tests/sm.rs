@@ -316,6 +316,35 @@ fn compaction_follows_etcd() {
 }
 
 #[test]
+fn the_event_log_never_splits_a_revision() {
+    let mut t = T::new();
+    t.put("a", "1"); // 2
+    t.txn(TxnRequest { success: vec![op_put("b", "1"), op_put("c", "1"), op_put("d", "1")], ..Default::default() })
+        .unwrap(); // 3
+    t.put("e", "1"); // 4
+    let mut from = 1;
+    let mut batches = Vec::new();
+    loop {
+        match t.query(Query::Events { key: vec![0], range_end: vec![0], from, max: 2 }).unwrap() {
+            QueryOutput::Events { events, next, revision } => {
+                batches.push(events.iter().map(|e| e.kv.as_ref().unwrap().mod_revision).collect::<Vec<_>>());
+                from = next;
+                if next > revision {
+                    break;
+                }
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+    assert_eq!(batches, [vec![2, 3, 3, 3], vec![4]], "revision 3's three events stay together");
+    // A single key's history too.
+    match t.query(Query::Events { key: "b".into(), range_end: vec![], from: 1, max: 1 }).unwrap() {
+        QueryOutput::Events { events, next, .. } => assert_eq!((events.len(), next), (1, 4), "resume after revision 3"),
+        o => panic!("{o:?}"),
+    }
+}
+
+#[test]
 fn leases_expire_through_the_log() {
     let mut t = T::new();
     let Output::LeaseGrant(g) = t.apply(Command::LeaseGrant(LeaseGrantRequest { id: 0, ttl: 1 })).unwrap() else {
