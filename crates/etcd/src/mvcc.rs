@@ -53,7 +53,7 @@ impl KeyRange {
         }
     }
 
-    fn bounds(&self) -> Option<(Bound<&[u8]>, Bound<&[u8]>)> {
+    fn bounds(&self) -> Option<KeyBounds<'_>> {
         match self {
             KeyRange::Single(k) => Some((Bound::Included(k), Bound::Included(k))),
             KeyRange::From(k) => Some((Bound::Included(k), Bound::Unbounded)),
@@ -63,6 +63,9 @@ impl KeyRange {
         }
     }
 }
+
+/// Bounds of a key range, as `BTreeMap::range` takes them.
+type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
 
 /// A live value of a key at some revision (etcd's `mvccpb.KeyValue`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,8 +178,8 @@ pub struct Store {
 }
 
 /// Approximate bytes one history entry holds (key, value and fixed fields).
-fn entry_size(key: &[u8], kv: &Option<Kv>) -> u64 {
-    (key.len() + kv.as_ref().map_or(0, |kv| kv.value.len()) + 48) as u64
+fn entry_size(key: &[u8], kv: Option<&Kv>) -> u64 {
+    (key.len() + kv.map_or(0, |kv| kv.value.len()) + 48) as u64
 }
 
 impl Store {
@@ -261,10 +264,8 @@ impl Store {
             None => (rev.0, 1),
         };
         let kv = Kv { create_revision, mod_revision: rev.0, version, value, lease };
-        let kv = Some(kv);
-        self.size += entry_size(key, &kv);
-        hist.push(Entry { rev, kv: kv.clone() });
-        let kv = kv.expect("a put");
+        hist.push(Entry { rev, kv: Some(kv.clone()) });
+        self.size += entry_size(key, Some(&kv));
         self.by_rev.insert(rev, key.to_vec());
         (kv, prev)
     }
@@ -275,7 +276,7 @@ impl Store {
         let prev = hist.last()?.kv.clone()?;
         debug_assert!(hist.last().is_none_or(|e| e.rev < rev), "history goes forward");
         hist.push(Entry { rev, kv: None });
-        self.size += entry_size(key, &None);
+        self.size += entry_size(key, None);
         self.by_rev.insert(rev, key.to_vec());
         Some(prev)
     }
@@ -322,7 +323,7 @@ impl Store {
             }
             for e in hist.drain(..drop) {
                 self.by_rev.remove(&e.rev);
-                self.size -= entry_size(k, &e.kv);
+                self.size -= entry_size(k, e.kv.as_ref());
             }
             if hist.is_empty() {
                 emptied.push(k.clone());
@@ -349,7 +350,8 @@ impl Store {
         }
         // Full once `max` events are out, but never in the middle of a revision: the caller
         // resumes at the revision after the last one returned.
-        let full = |out: &Vec<Event>, next: Rev| max != 0 && out.len() >= max && out.last().is_some_and(|e| e.rev.0 != next.0);
+        let full =
+            |out: &Vec<Event>, next: Rev| max != 0 && out.len() >= max && out.last().is_some_and(|e| e.rev.0 != next.0);
         let scan = |out: &mut Vec<Event>, rev: Rev, key: &Vec<u8>| {
             let hist = &self.keys[key];
             let i = hist.partition_point(|e| e.rev < rev);
@@ -413,7 +415,10 @@ impl Store {
         let mut size = 0;
         for (k, hist) in &self.keys {
             assert!(!hist.is_empty(), "empty history kept for {k:?}");
-            assert!(hist[0].kv.is_some() || hist[0].rev.0 <= self.compact_rev.max(0), "history starts with a tombstone");
+            assert!(
+                hist[0].kv.is_some() || hist[0].rev.0 <= self.compact_rev.max(0),
+                "history starts with a tombstone"
+            );
             for w in hist.windows(2) {
                 assert!(w[0].rev < w[1].rev, "history out of order");
             }
@@ -421,7 +426,7 @@ impl Store {
                 assert!(e.rev.0 <= self.rev, "entry beyond the store revision");
                 assert_eq!(self.by_rev.get(&e.rev), Some(k), "revision index misses an entry");
                 n += 1;
-                size += entry_size(k, &e.kv);
+                size += entry_size(k, e.kv.as_ref());
             }
         }
         assert_eq!(n, self.by_rev.len(), "revision index holds entries no history has");

@@ -362,7 +362,9 @@ impl<R: Replica> maintenance_server::Maintenance for EtcdService<R> {
             Ok(AlarmAction::Get | AlarmAction::Deactivate) => {
                 Ok(Response::new(AlarmResponse { header: self.header(None), alarms: vec![] }))
             }
-            Ok(AlarmAction::Activate) => Err(Status::unimplemented("sixfive: raising alarms by request is not supported")),
+            Ok(AlarmAction::Activate) => {
+                Err(Status::unimplemented("sixfive: raising alarms by request is not supported"))
+            }
             Err(_) => Err(Status::invalid_argument("etcdserver: unknown alarm action")),
         }
     }

@@ -377,14 +377,20 @@ impl EtcdSm {
                 let kr = KeyRange::new(&key, &range_end);
                 let rev = st.store.rev();
                 match st.store.events(&kr, from, rev, max) {
-                    Err(_) => Ok(QueryOutput::EventsCompacted { compact_revision: st.store.compact_rev(), revision: rev }),
+                    Err(_) => {
+                        Ok(QueryOutput::EventsCompacted { compact_revision: st.store.compact_rev(), revision: rev })
+                    }
                     Ok(evs) => {
                         let next = match evs.last() {
                             Some(e) if e.rev.0 < rev => e.rev.0 + 1,
                             _ => rev + 1,
                         };
                         let next = next.max(from);
-                        Ok(QueryOutput::Events { events: evs.iter().map(|e| e.to_proto(true)).collect(), next, revision: rev })
+                        Ok(QueryOutput::Events {
+                            events: evs.iter().map(|e| e.to_proto(true)).collect(),
+                            next,
+                            revision: rev,
+                        })
                     }
                 }
             }
@@ -404,9 +410,9 @@ impl EtcdSm {
                 header: hdr(st.store.rev()),
                 leases: st.leases.keys().map(|id| LeaseStatus { id: *id }).collect(),
             })),
-            Query::ExpiredLeases { now } => {
-                Ok(QueryOutput::ExpiredLeases(st.leases.iter().filter(|(_, l)| l.expiry <= now).map(|(id, _)| *id).collect()))
-            }
+            Query::ExpiredLeases { now } => Ok(QueryOutput::ExpiredLeases(
+                st.leases.iter().filter(|(_, l)| l.expiry <= now).map(|(id, _)| *id).collect(),
+            )),
             Query::Revision => {
                 Ok(QueryOutput::Revision { revision: st.store.rev(), compact_revision: st.store.compact_rev() })
             }
@@ -638,12 +644,10 @@ fn compare(store: &Store, at: i64, c: &Compare) -> bool {
                 };
                 kv.value.as_slice().cmp(v)
             }
-            Some(CompareTarget::Create) => {
-                kv.create_revision.cmp(&match c.target_union {
-                    Some(TargetUnion::CreateRevision(r)) => r,
-                    _ => 0,
-                })
-            }
+            Some(CompareTarget::Create) => kv.create_revision.cmp(&match c.target_union {
+                Some(TargetUnion::CreateRevision(r)) => r,
+                _ => 0,
+            }),
             Some(CompareTarget::Mod) => kv.mod_revision.cmp(&match c.target_union {
                 Some(TargetUnion::ModRevision(r)) => r,
                 _ => 0,
@@ -678,10 +682,8 @@ fn compare(store: &Store, at: i64, c: &Compare) -> bool {
 /// etcd `executeRange` at store revision `cur`.
 fn range(store: &Store, r: &RangeRequest, cur: i64) -> Result<RangeResponse, EtcdError> {
     use pb::range_request::{SortOrder, SortTarget};
-    let filtered = r.min_mod_revision != 0
-        || r.max_mod_revision != 0
-        || r.min_create_revision != 0
-        || r.max_create_revision != 0;
+    let filtered =
+        r.min_mod_revision != 0 || r.max_mod_revision != 0 || r.min_create_revision != 0 || r.max_create_revision != 0;
     let order = SortOrder::try_from(r.sort_order).map_err(|_| EtcdError::InvalidSortOption)?;
     let target = SortTarget::try_from(r.sort_target).map_err(|_| EtcdError::InvalidSortOption)?;
     let mut limit = if order != SortOrder::None || filtered { 0 } else { r.limit.max(0) as usize };
@@ -1006,7 +1008,9 @@ impl Query {
     pub fn decode(b: &[u8]) -> Result<Self, EtcdError> {
         Ok(match from_bytes(b)? {
             WireQuery::Range(m) => Query::Range(dec(&m)?),
-            WireQuery::Events { key, range_end, from, max } => Query::Events { key, range_end, from, max: max as usize },
+            WireQuery::Events { key, range_end, from, max } => {
+                Query::Events { key, range_end, from, max: max as usize }
+            }
             WireQuery::LeaseTimeToLive { id, keys, now } => Query::LeaseTimeToLive { id, keys, now },
             WireQuery::LeaseLeases => Query::LeaseLeases,
             WireQuery::ExpiredLeases { now } => Query::ExpiredLeases { now },
@@ -1042,18 +1046,18 @@ pub fn decode_answer(b: &[u8]) -> Result<QueryOutput, EtcdError> {
     let w: Result<WireQueryOutput, EtcdError> = from_bytes(b)?;
     Ok(match w? {
         WireQueryOutput::Range(m) => QueryOutput::Range(dec(&m)?),
-        WireQueryOutput::Events { events, next, revision } => QueryOutput::Events {
-            events: events.iter().map(|e| dec(e)).collect::<Result<_, _>>()?,
-            next,
-            revision,
-        },
+        WireQueryOutput::Events { events, next, revision } => {
+            QueryOutput::Events { events: events.iter().map(|e| dec(e)).collect::<Result<_, _>>()?, next, revision }
+        }
         WireQueryOutput::EventsCompacted { compact_revision, revision } => {
             QueryOutput::EventsCompacted { compact_revision, revision }
         }
         WireQueryOutput::LeaseTimeToLive(m) => QueryOutput::LeaseTimeToLive(dec(&m)?),
         WireQueryOutput::LeaseLeases(m) => QueryOutput::LeaseLeases(dec(&m)?),
         WireQueryOutput::ExpiredLeases(ids) => QueryOutput::ExpiredLeases(ids),
-        WireQueryOutput::Revision { revision, compact_revision } => QueryOutput::Revision { revision, compact_revision },
+        WireQueryOutput::Revision { revision, compact_revision } => {
+            QueryOutput::Revision { revision, compact_revision }
+        }
         WireQueryOutput::HashKv(m) => QueryOutput::HashKv(dec(&m)?),
     })
 }

@@ -42,7 +42,11 @@ fn grpc(e: etcd_client::Error) -> tonic::Status {
 }
 
 async fn next(w: &mut etcd_client::WatchStream) -> WatchResponse {
-    tokio::time::timeout(Duration::from_secs(10), w.message()).await.expect("a watch response in time").unwrap().unwrap()
+    tokio::time::timeout(Duration::from_secs(10), w.message())
+        .await
+        .expect("a watch response in time")
+        .unwrap()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -59,7 +63,8 @@ async fn put_get_prefix_range_delete() {
     let g = c.get("foo", None).await.unwrap();
     let kv = &g.kvs()[0];
     assert_eq!((kv.value(), kv.version(), kv.create_revision(), kv.mod_revision()), (&b"baz"[..], 2, 2, 3));
-    let keys = |g: &etcd_client::GetResponse| g.kvs().iter().map(|kv| kv.key_str().unwrap().to_string()).collect::<Vec<_>>();
+    let keys =
+        |g: &etcd_client::GetResponse| g.kvs().iter().map(|kv| kv.key_str().unwrap().to_string()).collect::<Vec<_>>();
     assert_eq!(keys(&c.get("foo", Some(GetOptions::new().with_prefix())).await.unwrap()), ["foo", "foo/a", "foo/b"]);
     assert_eq!(keys(&c.get("fo", Some(GetOptions::new().with_range("foo/b"))).await.unwrap()), ["fo", "foo", "foo/a"]);
     assert_eq!(keys(&c.get("foo/b", Some(GetOptions::new().with_from_key())).await.unwrap()), ["foo/b", "fop"]);
@@ -115,10 +120,16 @@ async fn txn_compare_and_swap() {
     assert_eq!((a.kvs()[0].mod_revision(), b.kvs()[0].mod_revision()), (rev, rev), "one revision per txn");
     let dup = c.txn(Txn::new().and_then([TxnOp::put("x", "1", None), TxnOp::put("x", "2", None)])).await.unwrap_err();
     let st = grpc(dup);
-    assert_eq!((st.code(), st.message()), (tonic::Code::InvalidArgument, "etcdserver: duplicate key given in txn request"));
+    assert_eq!(
+        (st.code(), st.message()),
+        (tonic::Code::InvalidArgument, "etcdserver: duplicate key given in txn request")
+    );
     let many: Vec<TxnOp> = (0..200).map(|i| TxnOp::put(format!("k{i}"), "v", None)).collect();
     let st = grpc(c.txn(Txn::new().and_then(many)).await.unwrap_err());
-    assert_eq!((st.code(), st.message()), (tonic::Code::InvalidArgument, "etcdserver: too many operations in txn request"));
+    assert_eq!(
+        (st.code(), st.message()),
+        (tonic::Code::InvalidArgument, "etcdserver: too many operations in txn request")
+    );
 }
 
 #[tokio::test]
@@ -130,9 +141,15 @@ async fn errors_carry_etcds_codes_and_messages() {
     }
     c.compact(4, None).await.unwrap();
     let st = grpc(c.get("k", Some(GetOptions::new().with_revision(3))).await.unwrap_err());
-    assert_eq!((st.code(), st.message()), (tonic::Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"));
+    assert_eq!(
+        (st.code(), st.message()),
+        (tonic::Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted")
+    );
     let st = grpc(c.get("k", Some(GetOptions::new().with_revision(100))).await.unwrap_err());
-    assert_eq!((st.code(), st.message()), (tonic::Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision"));
+    assert_eq!(
+        (st.code(), st.message()),
+        (tonic::Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision")
+    );
     let st = grpc(c.compact(3, None).await.unwrap_err());
     assert_eq!(st.code(), tonic::Code::OutOfRange);
     let st = grpc(c.put("", "v", None).await.unwrap_err());
@@ -163,7 +180,11 @@ async fn leases_grant_keepalive_ttl_revoke_and_expire() {
     assert_eq!((ttl.ttl(), ttl.granted_ttl(), ttl.keys().len()), (10, 10, 2));
     let mut ids: Vec<i64> = c.leases().await.unwrap().leases().iter().map(|l| l.id()).collect();
     ids.sort();
-    assert_eq!(ids, { let mut v = vec![1234, chosen]; v.sort(); v });
+    assert_eq!(ids, {
+        let mut v = vec![1234, chosen];
+        v.sort();
+        v
+    });
 
     // Keep-alive restarts the TTL at the leader's clock.
     s.clock.advance(6_000_000);
@@ -205,7 +226,8 @@ async fn watch_past_revisions_prefix_filters_and_cancel() {
     c.put("x", "1", None).await.unwrap(); // 5
 
     // From a past revision: history replayed in order, prefix only, with prev_kv.
-    let mut w = c.watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(2).with_prev_key())).await.unwrap();
+    let mut w =
+        c.watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(2).with_prev_key())).await.unwrap();
     let created = next(&mut w).await;
     assert!(created.created());
     let id = created.watch_id();
@@ -215,7 +237,12 @@ async fn watch_past_revisions_prefix_filters_and_cancel() {
         assert_eq!(r.watch_id(), id);
         evs.extend(r.events().iter().map(|e| {
             let kv = e.kv().unwrap();
-            (format!("{:?}", e.event_type()), kv.key_str().unwrap().to_string(), kv.mod_revision(), e.prev_kv().map(|p| p.mod_revision()))
+            (
+                format!("{:?}", e.event_type()),
+                kv.key_str().unwrap().to_string(),
+                kv.mod_revision(),
+                e.prev_kv().map(|p| p.mod_revision()),
+            )
         }));
     }
     assert_eq!(

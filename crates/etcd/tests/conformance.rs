@@ -11,8 +11,8 @@ use std::time::Duration;
 use sixfive_etcd::proto::etcdserverpb::{
     self as pb, CompactionRequest, Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest,
     LeaseTimeToLiveRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
-    WatchResponse, compare::CompareTarget, compare::TargetUnion, kv_client::KvClient,
-    lease_client::LeaseClient, range_request::SortOrder, range_request::SortTarget, watch_client::WatchClient,
+    WatchResponse, compare::CompareTarget, compare::TargetUnion, kv_client::KvClient, lease_client::LeaseClient,
+    range_request::SortOrder, range_request::SortTarget, watch_client::WatchClient,
 };
 use sixfive_etcd::proto::mvccpb;
 use sixfive_etcd::{Config, EtcdService, LocalReplica, ServiceConfig};
@@ -122,7 +122,8 @@ impl Gen {
     }
 
     fn put(&mut self) -> PutRequest {
-        let mut p = PutRequest { key: self.key(), value: format!("v{}", self.rng.below(5)).into(), ..Default::default() };
+        let mut p =
+            PutRequest { key: self.key(), value: format!("v{}", self.rng.below(5)).into(), ..Default::default() };
         p.prev_kv = self.rng.chance(30);
         if self.rng.chance(10) {
             p.ignore_value = true;
@@ -172,7 +173,11 @@ impl Gen {
                 2 if !wrote => {
                     wrote = true;
                     let k = self.key();
-                    Request::RequestDeleteRange(DeleteRangeRequest { key: k, range_end: vec![], prev_kv: self.rng.chance(50) })
+                    Request::RequestDeleteRange(DeleteRangeRequest {
+                        key: k,
+                        range_end: vec![],
+                        prev_kv: self.rng.chance(50),
+                    })
                 }
                 3 if !wrote => {
                     wrote = true;
@@ -383,11 +388,21 @@ async fn wait_ready(url: &str) -> Target {
     panic!("etcd at {url} did not become ready");
 }
 
-async fn drain(who: &str, seed: u64, last: i64, rx: &mut mpsc::UnboundedReceiver<mvccpb::Event>, out: &mut Vec<mvccpb::Event>) {
+async fn drain(
+    who: &str,
+    seed: u64,
+    last: i64,
+    rx: &mut mpsc::UnboundedReceiver<mvccpb::Event>,
+    out: &mut Vec<mvccpb::Event>,
+) {
     while last > 1 && out.last().is_none_or(|e| e.kv.as_ref().unwrap().mod_revision < last) {
         match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
             Ok(Some(e)) => out.push(e),
-            r => panic!("seed {seed}: the watch on {who} ended before revision {last} ({r:?}; {} events, last {:?})", out.len(), out.last()),
+            r => panic!(
+                "seed {seed}: the watch on {who} ended before revision {last} ({r:?}; {} events, last {:?})",
+                out.len(),
+                out.last()
+            ),
         }
     }
 }

@@ -41,12 +41,13 @@ impl T {
         }
     }
     fn del(&mut self, k: &str, end: &str) -> i64 {
-        match self.apply(Command::DeleteRange(DeleteRangeRequest {
-            key: k.into(),
-            range_end: end.into(),
-            ..Default::default()
-        }))
-        .unwrap()
+        match self
+            .apply(Command::DeleteRange(DeleteRangeRequest {
+                key: k.into(),
+                range_end: end.into(),
+                ..Default::default()
+            }))
+            .unwrap()
         {
             Output::DeleteRange(r) => r.deleted,
             o => panic!("{o:?}"),
@@ -82,7 +83,9 @@ fn op_put(k: &str, v: &str) -> RequestOp {
 }
 
 fn op_get(k: &str) -> RequestOp {
-    RequestOp { request: Some(pb::request_op::Request::RequestRange(RangeRequest { key: k.into(), ..Default::default() })) }
+    RequestOp {
+        request: Some(pb::request_op::Request::RequestRange(RangeRequest { key: k.into(), ..Default::default() })),
+    }
 }
 
 fn op_del(k: &str) -> RequestOp {
@@ -162,7 +165,9 @@ fn range_options() {
         t.range(RangeRequest { key: "a".into(), sort_order: 7, ..Default::default() }),
         Err(EtcdError::InvalidSortOption)
     );
-    assert!(t.range(RangeRequest { key: "z".into(), range_end: "a".into(), ..Default::default() }).unwrap().kvs.is_empty());
+    assert!(
+        t.range(RangeRequest { key: "z".into(), range_end: "a".into(), ..Default::default() }).unwrap().kvs.is_empty()
+    );
 }
 
 #[test]
@@ -170,7 +175,12 @@ fn put_options() {
     let mut t = T::new();
     let e = t.apply(Command::Put(PutRequest { key: "k".into(), ignore_value: true, ..Default::default() }));
     assert_eq!(e, Err(EtcdError::KeyNotFound));
-    let e = t.apply(Command::Put(PutRequest { key: "k".into(), value: "v".into(), ignore_value: true, ..Default::default() }));
+    let e = t.apply(Command::Put(PutRequest {
+        key: "k".into(),
+        value: "v".into(),
+        ignore_value: true,
+        ..Default::default()
+    }));
     assert_eq!(e, Err(EtcdError::ValueProvided));
     let e = t.apply(Command::Put(PutRequest { key: "k".into(), lease: 5, ..Default::default() }));
     assert_eq!(e, Err(EtcdError::LeaseNotFound));
@@ -185,7 +195,11 @@ fn put_options() {
     };
     assert_eq!(r.prev_kv.unwrap().value, b"v1");
     let k = t.get("k").unwrap();
-    assert_eq!((k.value.as_slice(), k.lease, k.version), (&b"v1"[..], 0, 2), "ignore_value keeps the value; lease 0 detaches");
+    assert_eq!(
+        (k.value.as_slice(), k.lease, k.version),
+        (&b"v1"[..], 0, 2),
+        "ignore_value keeps the value; lease 0 detaches"
+    );
     t.apply(Command::Put(PutRequest { key: "k".into(), value: "v2".into(), lease: 5, ..Default::default() })).unwrap();
     t.apply(Command::Put(PutRequest { key: "k".into(), value: "v3".into(), ignore_lease: true, ..Default::default() }))
         .unwrap();
@@ -221,7 +235,12 @@ fn txn_compares_branches_and_nesting() {
     // A value compare on a missing key is false.
     let r = t
         .txn(TxnRequest {
-            compare: vec![cmp("missing", CompareTarget::Value, CompareResult::NotEqual, TargetUnion::Value("x".into()))],
+            compare: vec![cmp(
+                "missing",
+                CompareTarget::Value,
+                CompareResult::NotEqual,
+                TargetUnion::Value("x".into()),
+            )],
             success: vec![op_put("x", "1")],
             failure: vec![op_get("a")],
         })
@@ -259,7 +278,8 @@ fn txn_refusals() {
     assert_eq!(dup, Err(EtcdError::DuplicateKey));
     let dup = t.txn(TxnRequest { success: vec![op_del("a"), op_put("a", "2")], ..Default::default() });
     assert_eq!(dup, Err(EtcdError::DuplicateKey));
-    let ok = t.txn(TxnRequest { success: vec![op_put("a", "1")], failure: vec![op_put("a", "2")], ..Default::default() });
+    let ok =
+        t.txn(TxnRequest { success: vec![op_put("a", "1")], failure: vec![op_put("a", "2")], ..Default::default() });
     assert!(ok.is_ok(), "one key in both branches is fine");
     let many = TxnRequest { success: (0..129).map(|i| op_put(&format!("k{i}"), "v")).collect(), ..Default::default() };
     assert_eq!(t.txn(many), Err(EtcdError::TooManyOps));
@@ -289,10 +309,19 @@ fn compaction_follows_etcd() {
     t.put("b", "1"); // 4
     t.del("b", ""); // 5
     t.put("c", "1"); // 6
-    assert_eq!(t.apply(Command::Compact(CompactionRequest { revision: 7, physical: false })), Err(EtcdError::FutureRev));
+    assert_eq!(
+        t.apply(Command::Compact(CompactionRequest { revision: 7, physical: false })),
+        Err(EtcdError::FutureRev)
+    );
     t.apply(Command::Compact(CompactionRequest { revision: 5, physical: false })).unwrap();
-    assert_eq!(t.apply(Command::Compact(CompactionRequest { revision: 5, physical: false })), Err(EtcdError::Compacted));
-    assert_eq!(t.apply(Command::Compact(CompactionRequest { revision: 4, physical: false })), Err(EtcdError::Compacted));
+    assert_eq!(
+        t.apply(Command::Compact(CompactionRequest { revision: 5, physical: false })),
+        Err(EtcdError::Compacted)
+    );
+    assert_eq!(
+        t.apply(Command::Compact(CompactionRequest { revision: 4, physical: false })),
+        Err(EtcdError::Compacted)
+    );
     let at = |rev| t.range(RangeRequest { key: "a".into(), range_end: vec![0], revision: rev, ..Default::default() });
     assert_eq!(at(4), Err(EtcdError::Compacted));
     assert_eq!(keys(&at(5).unwrap()), ["a"], "reads at the compaction revision still work");
@@ -359,7 +388,8 @@ fn leases_expire_through_the_log() {
         Err(EtcdError::LeaseTtlTooLarge)
     );
     for k in ["x", "y"] {
-        t.apply(Command::Put(PutRequest { key: k.into(), value: "v".into(), lease: id, ..Default::default() })).unwrap();
+        t.apply(Command::Put(PutRequest { key: k.into(), value: "v".into(), lease: id, ..Default::default() }))
+            .unwrap();
     }
     let ttl = |t: &T, now| match t.query(Query::LeaseTimeToLive { id, keys: true, now }) {
         Ok(QueryOutput::LeaseTimeToLive(r)) => (r.ttl, r.granted_ttl, r.keys.len()),
