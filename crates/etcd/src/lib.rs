@@ -38,6 +38,8 @@
 //!   the log.
 //! - Cluster: MemberList. Maintenance: Status, HashKV (a crc32c of the history, equal across
 //!   replicas; not etcd's bolt-page hash), Alarm (list is empty: no space quota yet).
+//! - Automatic compaction by revision count or by age ([`AutoCompaction`]), proposed by the
+//!   leader through the log.
 //! - Errors with etcd's gRPC codes and messages; `--max-request-bytes` and `--max-txn-ops`.
 //! - Tested: the state machine per operation against etcd's semantics and against a naive
 //!   model at every revision (`tests/sm.rs`); the service through `etcd-client` over a socket
@@ -54,9 +56,7 @@
 //! `applied` is bumped by the apply loop, and `now` is the clock that stamps entries. Then
 //! `sixfive kv serve` calls [`EtcdService::serve`] on its `--listen-client-urls` listener, so
 //! etcdctl pointed at a sixfive cluster's client URL works unchanged. Also waiting: `/health`
-//! over HTTP on the client port (etcdctl's `endpoint health` uses gRPC and works now), automatic
-//! compaction (by revision count or age: a leader-side timer proposing [`Command::Compact`]),
-//! membership changes, the auth service, read-only txns served without the log, watch response
+//! over HTTP on the client port (etcdctl's `endpoint health` uses gRPC and works now), membership changes, the auth service, read-only txns served without the log, watch response
 //! fragmentation, and the benchmarks against etcd.
 #![deny(missing_docs)]
 
@@ -69,5 +69,5 @@ pub mod sm;
 
 pub use error::EtcdError;
 pub use replica::{LocalReplica, Replica, ReplicaError, ReplicaStatus};
-pub use service::{EtcdService, ServiceConfig};
+pub use service::{AutoCompaction, EtcdService, ServiceConfig};
 pub use sm::{Command, Config, EtcdSm, Output, Query, QueryOutput};

@@ -37,6 +37,25 @@ use crate::sm::{self, Command, Output, Query, QueryOutput};
 /// The etcd API version this server speaks (what Status reports).
 pub const ETCD_API_VERSION: &str = "3.6.0";
 
+/// Automatic compaction (etcd's `--auto-compaction-mode` and `--auto-compaction-retention`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutoCompaction {
+    /// Keep the last `retain` revisions: every `interval`, compact to the current revision
+    /// minus `retain` (etcd's revision mode checks every 5 minutes).
+    Revision {
+        /// Revisions kept.
+        retain: i64,
+        /// How often to check.
+        interval: Duration,
+    },
+    /// Keep `retention` of history: every tenth of it, note the current revision, and compact
+    /// to the last revision noted at least `retention` ago (etcd's periodic mode).
+    Periodic {
+        /// History kept, measured on the replica's clock.
+        retention: Duration,
+    },
+}
+
 /// Settings of the service.
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
@@ -52,6 +71,8 @@ pub struct ServiceConfig {
     pub lease_promote_extend: Duration,
     /// Most events read from the store at once for one watcher.
     pub watch_batch_events: usize,
+    /// Automatic compaction, proposed by the leader; `None`: only on request.
+    pub auto_compaction: Option<AutoCompaction>,
 }
 
 impl Default for ServiceConfig {
@@ -63,6 +84,7 @@ impl Default for ServiceConfig {
             lease_check_interval: Duration::from_millis(500),
             lease_promote_extend: Duration::from_secs(1),
             watch_batch_events: 1000,
+            auto_compaction: None,
         }
     }
 }
@@ -120,6 +142,7 @@ impl<R: Replica> EtcdService<R> {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
         let keeper = tokio::spawn(lease_keeper(self.replica.clone(), self.cfg.clone()));
+        let compactor = self.cfg.auto_compaction.map(|ac| tokio::spawn(compactor(self.replica.clone(), ac)));
         let max = self.cfg.max_request_bytes + 512 * 1024; // etcd's grpcOverheadBytes
         let r = tonic::transport::Server::builder()
             .add_service(kv_server::KvServer::new(self.clone()).max_decoding_message_size(max))
@@ -130,6 +153,9 @@ impl<R: Replica> EtcdService<R> {
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await;
         keeper.abort();
+        if let Some(c) = compactor {
+            c.abort();
+        }
         r
     }
 }
@@ -162,6 +188,50 @@ async fn lease_keeper<R: Replica>(replica: Arc<R>, cfg: Arc<ServiceConfig>) {
             // The entry's own stamp decides what expires; a failure is retried next tick.
             let _ = replica.submit(Command::ExpireLeases.encode()).await;
         }
+    }
+}
+
+/// On the leader: automatic compaction, through the log like a client's Compact.
+async fn compactor<R: Replica>(replica: Arc<R>, ac: AutoCompaction) {
+    let every = match ac {
+        AutoCompaction::Revision { interval, .. } => interval,
+        AutoCompaction::Periodic { retention } => (retention / 10).max(Duration::from_millis(1)),
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Periodic mode: (time, revision) noted every tick, oldest first.
+    let mut samples: std::collections::VecDeque<(u64, i64)> = std::collections::VecDeque::new();
+    loop {
+        tick.tick().await;
+        let Ok(out) = replica.read(Query::Revision.encode(), false).await else { continue };
+        let Ok(QueryOutput::Revision { revision, compact_revision }) = sm::decode_answer(&out) else { continue };
+        let target = match ac {
+            AutoCompaction::Revision { retain, .. } => revision - retain,
+            AutoCompaction::Periodic { retention } => {
+                let now = replica.now();
+                samples.push_back((now, revision));
+                let horizon = now.saturating_sub(retention.as_micros() as u64);
+                let mut target = 0;
+                while let Some(&(t, r)) = samples.front() {
+                    if t > horizon {
+                        break;
+                    }
+                    target = r;
+                    // Keep the newest sample at or before the horizon for the next round.
+                    if samples.len() > 1 && samples[1].0 <= horizon {
+                        samples.pop_front();
+                    } else {
+                        break;
+                    }
+                }
+                target
+            }
+        };
+        if !replica.status().is_leader() || target <= 0 || target <= compact_revision {
+            continue;
+        }
+        // Refusals (a racing compaction got there first) are harmless; retried next tick.
+        let _ = replica.submit(Command::Compact(CompactionRequest { revision: target, physical: false }).encode()).await;
     }
 }
 

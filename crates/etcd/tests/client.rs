@@ -9,7 +9,7 @@ use etcd_client::{
     SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions, WatchResponse,
 };
 use sixfive_etcd::replica::ManualClock;
-use sixfive_etcd::{Config, EtcdService, LocalReplica, ServiceConfig};
+use sixfive_etcd::{AutoCompaction, Config, EtcdService, LocalReplica, ServiceConfig};
 use tokio::sync::oneshot;
 
 struct Server {
@@ -347,4 +347,47 @@ async fn cluster_and_maintenance() {
     assert_ne!(c.hash_kv(0).await.unwrap().hash(), h1.hash());
     let alarms = c.alarm(etcd_client::AlarmAction::Get, etcd_client::AlarmType::None, None).await.unwrap();
     assert!(alarms.alarms().is_empty());
+}
+
+/// Polls until reads at `rev` are refused as compacted.
+async fn until_compacted(c: &mut Client, rev: i64) {
+    for _ in 0..1000 {
+        if let Err(e) = c.get("k", Some(GetOptions::new().with_revision(rev))).await {
+            assert_eq!(grpc(e).code(), tonic::Code::OutOfRange);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("revision {rev} never compacted");
+}
+
+#[tokio::test]
+async fn auto_compaction_by_revision_keeps_the_last_revisions() {
+    let ac = AutoCompaction::Revision { retain: 3, interval: Duration::from_millis(10) };
+    let s = start(ServiceConfig { auto_compaction: Some(ac), ..ServiceConfig::default() }).await;
+    let mut c = client(&s).await;
+    for i in 0..10 {
+        c.put("k", format!("{i}"), None).await.unwrap(); // 2..=11
+    }
+    until_compacted(&mut c, 7).await;
+    let r = c.get("k", Some(GetOptions::new().with_revision(8))).await.unwrap();
+    assert_eq!(r.kvs()[0].value(), b"6", "the last 3 revisions stay readable");
+}
+
+#[tokio::test]
+async fn auto_compaction_by_age_compacts_what_is_older_than_the_retention() {
+    let ac = AutoCompaction::Periodic { retention: Duration::from_millis(100) };
+    let s = start(ServiceConfig { auto_compaction: Some(ac), ..ServiceConfig::default() }).await;
+    let mut c = client(&s).await;
+    for i in 0..5 {
+        c.put("k", format!("{i}"), None).await.unwrap(); // 2..=6
+    }
+    // Let the compactor note revision 6 at this clock time, then age it past the retention.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.clock.advance(200_000);
+    c.put("k", "new", None).await.unwrap(); // 7, younger than the retention
+    until_compacted(&mut c, 5).await;
+    let r = c.get("k", Some(GetOptions::new().with_revision(6))).await.unwrap();
+    assert_eq!(r.kvs()[0].value(), b"4", "history younger than the retention stays");
+    assert!(c.get("k", Some(GetOptions::new().with_revision(7))).await.is_ok());
 }
