@@ -38,6 +38,7 @@
 //!   the log.
 //! - Cluster: MemberList. Maintenance: Status, HashKV (a crc32c of the history, equal across
 //!   replicas; not etcd's bolt-page hash), Alarm (list is empty: no space quota yet).
+//! - `GET /health` over HTTP/1.1 on the same port as gRPC, answering as etcd does.
 //! - Automatic compaction by revision count or by age ([`AutoCompaction`]), proposed by the
 //!   leader through the log.
 //! - Errors with etcd's gRPC codes and messages; `--max-request-bytes` and `--max-txn-ops`.
@@ -55,8 +56,7 @@
 //! [`EtcdError::LeaderChanged`] as etcd does), `read` goes through ReadIndex or the local state,
 //! `applied` is bumped by the apply loop, and `now` is the clock that stamps entries. Then
 //! `sixfive kv serve` calls [`EtcdService::serve`] on its `--listen-client-urls` listener, so
-//! etcdctl pointed at a sixfive cluster's client URL works unchanged. Also waiting: `/health`
-//! over HTTP on the client port (etcdctl's `endpoint health` uses gRPC and works now), membership changes, the auth service, read-only txns served without the log, watch response
+//! etcdctl pointed at a sixfive cluster's client URL works unchanged. Also waiting: membership changes, the auth service, read-only txns served without the log, watch response
 //! fragmentation, and the benchmarks against etcd.
 #![deny(missing_docs)]
 

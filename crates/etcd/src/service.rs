@@ -144,12 +144,22 @@ impl<R: Replica> EtcdService<R> {
         let keeper = tokio::spawn(lease_keeper(self.replica.clone(), self.cfg.clone()));
         let compactor = self.cfg.auto_compaction.map(|ac| tokio::spawn(compactor(self.replica.clone(), ac)));
         let max = self.cfg.max_request_bytes + 512 * 1024; // etcd's grpcOverheadBytes
-        let r = tonic::transport::Server::builder()
-            .add_service(kv_server::KvServer::new(self.clone()).max_decoding_message_size(max))
+        let routes = tonic::service::Routes::new(kv_server::KvServer::new(self.clone()).max_decoding_message_size(max))
             .add_service(watch_server::WatchServer::new(self.clone()).max_decoding_message_size(max))
             .add_service(lease_server::LeaseServer::new(self.clone()).max_decoding_message_size(max))
             .add_service(cluster_server::ClusterServer::new(self.clone()))
-            .add_service(maintenance_server::MaintenanceServer::new(self.clone()))
+            .add_service(maintenance_server::MaintenanceServer::new(self.clone()));
+        let svc = self.clone();
+        let router = routes.into_axum_router().route(
+            "/health",
+            axum::routing::get(move || {
+                let svc = svc.clone();
+                async move { svc.health().await }
+            }),
+        );
+        let r = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .add_routes(router.into())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await;
         keeper.abort();
@@ -157,6 +167,26 @@ impl<R: Replica> EtcdService<R> {
             c.abort();
         }
         r
+    }
+}
+
+impl<R: Replica> EtcdService<R> {
+    /// `GET /health`, as etcd answers it: 200 and `{"health":"true","reason":""}` when a leader
+    /// is known and a linearizable read goes through; 503 and the reason otherwise.
+    async fn health(&self) -> (axum::http::StatusCode, [(axum::http::HeaderName, &'static str); 1], String) {
+        let reason = if self.replica.status().leader.is_none() {
+            Some("RAFT NO LEADER")
+        } else {
+            let q = Query::Range(RangeRequest { key: b"health".to_vec(), ..Default::default() });
+            match self.read(q, true).await {
+                Ok(_) => None,
+                Err(_) => Some("QGET ERROR"),
+            }
+        };
+        let code =
+            if reason.is_some() { axum::http::StatusCode::SERVICE_UNAVAILABLE } else { axum::http::StatusCode::OK };
+        let body = format!(r#"{{"health":"{}","reason":"{}"}}"#, reason.is_none(), reason.unwrap_or(""));
+        (code, [(axum::http::header::CONTENT_TYPE, "application/json")], body)
     }
 }
 
@@ -231,7 +261,8 @@ async fn compactor<R: Replica>(replica: Arc<R>, ac: AutoCompaction) {
             continue;
         }
         // Refusals (a racing compaction got there first) are harmless; retried next tick.
-        let _ = replica.submit(Command::Compact(CompactionRequest { revision: target, physical: false }).encode()).await;
+        let _ =
+            replica.submit(Command::Compact(CompactionRequest { revision: target, physical: false }).encode()).await;
     }
 }
 

@@ -8,8 +8,10 @@ use etcd_client::{
     Client, Compare, CompareOp, DeleteOptions, GetOptions, LeaseGrantOptions, LeaseTimeToLiveOptions, PutOptions,
     SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions, WatchResponse,
 };
-use sixfive_etcd::replica::ManualClock;
+use sixfive_etcd::replica::{ManualClock, MemberInfo};
 use sixfive_etcd::{AutoCompaction, Config, EtcdService, LocalReplica, ServiceConfig};
+use sixfive_etcd::{Replica, ReplicaError, ReplicaStatus};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 struct Server {
@@ -390,4 +392,73 @@ async fn auto_compaction_by_age_compacts_what_is_older_than_the_retention() {
     let r = c.get("k", Some(GetOptions::new().with_revision(6))).await.unwrap();
     assert_eq!(r.kvs()[0].value(), b"4", "history younger than the retention stays");
     assert!(c.get("k", Some(GetOptions::new().with_revision(7))).await.is_ok());
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    let mut sock = tokio::net::TcpStream::connect(addr.trim_start_matches("http://")).await.unwrap();
+    sock.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    sock.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// A replica cut off from its cluster: no leader, nothing goes through.
+struct Leaderless;
+
+#[tonic::async_trait]
+impl Replica for Leaderless {
+    async fn submit(&self, _cmd: Vec<u8>) -> Result<Vec<u8>, ReplicaError> {
+        Err(ReplicaError::NoLeader)
+    }
+    async fn read(&self, _q: Vec<u8>, linearizable: bool) -> Result<Vec<u8>, ReplicaError> {
+        if linearizable {
+            return Err(ReplicaError::NoLeader);
+        }
+        // A serializable read still answers from the local (empty) state.
+        Ok(sixfive_rsm::StateMachine::query(&sixfive_etcd::EtcdSm::default(), &_q))
+    }
+    fn applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        tokio::sync::watch::channel(0).1
+    }
+    fn status(&self) -> ReplicaStatus {
+        ReplicaStatus {
+            cluster_id: 7,
+            member_id: 2,
+            leader: None,
+            term: 3,
+            commit_index: 0,
+            applied_index: 0,
+            db_size: 0,
+            members: vec![MemberInfo { id: 2, name: "n2".into(), peer_urls: vec![], client_urls: vec![] }],
+        }
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+#[tokio::test]
+async fn health_over_http_on_the_client_port() {
+    let s = start(ServiceConfig::default()).await;
+    let ok = http_get(&s.addr, "/health").await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(ok.ends_with(r#"{"health":"true","reason":""}"#), "{ok}");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        EtcdService::new(Arc::new(Leaderless), ServiceConfig::default()).serve(listener, std::future::pending()),
+    );
+    let bad = http_get(&addr, "/health").await;
+    assert!(bad.starts_with("HTTP/1.1 503"), "{bad}");
+    assert!(bad.ends_with(r#"{"health":"false","reason":"RAFT NO LEADER"}"#), "{bad}");
+    // Without a leader, writes and linearizable reads fail as etcd's do; serializable reads work.
+    let mut c = Client::connect([addr.as_str()], None).await.unwrap();
+    let st = grpc(c.put("k", "v", None).await.unwrap_err());
+    assert_eq!((st.code(), st.message()), (tonic::Code::Unavailable, "etcdserver: no leader"));
+    let st = grpc(c.get("k", None).await.unwrap_err());
+    assert_eq!(st.code(), tonic::Code::Unavailable);
+    let r = c.get("k", Some(GetOptions::new().with_serializable())).await.unwrap();
+    assert!(r.kvs().is_empty());
+    assert_eq!((r.header().unwrap().member_id(), r.header().unwrap().raft_term()), (2, 3));
 }
