@@ -581,8 +581,8 @@ impl<R: Replica> EtcdService<R> {
                 QueryOutput::EventsCompacted { compact_revision, revision } => {
                     let mut r = self.watch_resp(revision, id);
                     r.compact_revision = compact_revision;
+                    // etcd sets no cancel_reason here: clients read compact_revision.
                     r.canceled = true;
-                    r.cancel_reason = EtcdError::Compacted.to_string();
                     tx.send(Ok(r)).await.map_err(|_| Status::cancelled("watch stream closed"))?;
                     return Ok(false);
                 }
