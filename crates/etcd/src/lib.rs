@@ -44,8 +44,10 @@
 //! - Errors with etcd's gRPC codes and messages; `--max-request-bytes` and `--max-txn-ops`.
 //! - Tested: the state machine per operation against etcd's semantics and against a naive
 //!   model at every revision (`tests/sm.rs`); the service through `etcd-client` over a socket
-//!   (`tests/client.rs`); and, when `etcd` is installed, a conformance test that runs the same
-//!   seeded operations against a real etcd and compares every response (`tests/conformance.rs`).
+//!   (`tests/client.rs`); the state machine replicated by the real `Rsm` on three simulated
+//!   servers with a crashed leader and snapshot installs, every replica ending identical and
+//!   the lease's keys deleted everywhere (`tests/replicated.rs`); and, when `etcd` is installed, a conformance test that runs the same
+//!   seeded operations against a real three-member etcd and compares every response and watch event (`tests/conformance.rs`).
 //!   etcdctl works against `examples/serve.rs` (put/get/del/txn/watch/lease/lock/elect/compaction,
 //!   member list, endpoint status/health/hashkv).
 //!
