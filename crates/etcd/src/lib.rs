@@ -48,8 +48,11 @@
 //!   servers with a crashed leader and snapshot installs, every replica ending identical and
 //!   the lease's keys deleted everywhere (`tests/replicated.rs`); and, when `etcd` is installed, a conformance test that runs the same
 //!   seeded operations against a real three-member etcd and compares every response and watch event (`tests/conformance.rs`).
-//!   etcdctl works against `examples/serve.rs` (put/get/del/txn/watch/lease/lock/elect/compaction,
-//!   member list, endpoint status/health/hashkv).
+//!   Unmodified etcdctl, when installed, runs put/get (`--prefix`, `--rev`, `--limit`,
+//!   `--keys-only`, `-w json`), del, txn, watch from a past revision, lease grant / keep-alive /
+//!   timetolive / list / revoke, compaction, member list, endpoint status and health, `lock`
+//!   (two contending processes) and `elect` (`tests/etcdctl.rs`); `examples/serve.rs` is a
+//!   single-member server to point etcdctl at by hand (`etcdctl check perf --load s` passes).
 //!
 //! ## What waits for the runtime (issue 9)
 //! The runtime implements [`Replica`] over its `RsmNode` event loop running an [`EtcdSm`]:
