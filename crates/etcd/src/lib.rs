@@ -46,13 +46,25 @@
 //!   model at every revision (`tests/sm.rs`); the service through `etcd-client` over a socket
 //!   (`tests/client.rs`); the state machine replicated by the real `Rsm` on three simulated
 //!   servers with a crashed leader and snapshot installs, every replica ending identical and
-//!   the lease's keys deleted everywhere (`tests/replicated.rs`); and, when `etcd` is installed, a conformance test that runs the same
-//!   seeded operations against a real three-member etcd and compares every response and watch event (`tests/conformance.rs`).
-//!   Unmodified etcdctl, when installed, runs put/get (`--prefix`, `--rev`, `--limit`,
-//!   `--keys-only`, `-w json`), del, txn, watch from a past revision, lease grant / keep-alive /
-//!   timetolive / list / revoke, compaction, member list, endpoint status and health, `lock`
-//!   (two contending processes) and `elect` (`tests/etcdctl.rs`); `examples/serve.rs` is a
-//!   single-member server to point etcdctl at by hand (`etcdctl check perf --load s` passes).
+//!   the lease's keys deleted everywhere (`tests/replicated.rs`); when `etcd` is installed, a
+//!   conformance test running the same seeded operations against a real three-member etcd and
+//!   comparing every response and watch event (`tests/conformance.rs`); when `etcdctl` is
+//!   installed, etcdctl unmodified: put/get (`--prefix`, `--rev`, `--limit`, `--keys-only`,
+//!   `-w json`), del, txn, watch from a past revision, lease grant / keep-alive / timetolive /
+//!   list / revoke, compaction, member list, endpoint status and health, `lock` (two contending
+//!   processes) and `elect` (`tests/etcdctl.rs`). `examples/serve.rs` is a single-member server
+//!   to point etcdctl at by hand (`etcdctl check perf --load s` passes against it).
+//!
+//! ## Choices where etcd and sixfive differ
+//! - Lease keep-alives go through the log (etcd renews on the leader only), so that expiry,
+//!   decided by log time, is the same on every replica and survives a leader change.
+//! - A chosen lease id is derived from the log index of the grant (etcd draws it on the leader
+//!   before proposing); ids are positive and never collide with a live lease.
+//! - Read-only txns go through the log (etcd serves them from the read path); results are the
+//!   same, the cost is a log entry.
+//! - Sorted ranges break ties in key order (etcd's sort leaves ties unspecified).
+//! - HashKV hashes our history, not etcd's bolt pages: equal across sixfive replicas, not
+//!   comparable with etcd's value.
 //!
 //! ## What waits for the runtime (issue 9)
 //! The runtime implements [`Replica`] over its `RsmNode` event loop running an [`EtcdSm`]:
@@ -61,8 +73,8 @@
 //! [`EtcdError::LeaderChanged`] as etcd does), `read` goes through ReadIndex or the local state,
 //! `applied` is bumped by the apply loop, and `now` is the clock that stamps entries. Then
 //! `sixfive kv serve` calls [`EtcdService::serve`] on its `--listen-client-urls` listener, so
-//! etcdctl pointed at a sixfive cluster's client URL works unchanged. Also waiting: membership changes, the auth service, read-only txns served without the log, watch response
-//! fragmentation, and the benchmarks against etcd.
+//! etcdctl pointed at a sixfive cluster's client URL works unchanged. Also waiting: membership
+//! changes, the auth service, watch response fragmentation, and the benchmarks against etcd.
 #![deny(missing_docs)]
 
 pub mod error;
