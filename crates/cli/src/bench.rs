@@ -76,22 +76,42 @@ pub fn raft_core(entries: u64, size: usize, batch: u64) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Builds a deterministic corpus of about `size_mib` MiB in `dir` (files of 16 MiB) from the
-/// lines of the texts in `texts`, picked by a seeded generator.
-fn make_corpus(texts: &std::path::Path, dir: &std::path::Path, size_mib: u64) -> Result<Vec<String>, String> {
-    let mut lines: Vec<String> = Vec::new();
+/// The eight Gutenberg texts, built into the binary so that `bench mr` runs from any
+/// directory without the repository at hand.
+const EMBEDDED_TEXTS: [(&str, &[u8]); 8] = [
+    ("pg-being_ernest.txt", include_bytes!("../../../data/gutenberg/pg-being_ernest.txt")),
+    ("pg-dorian_gray.txt", include_bytes!("../../../data/gutenberg/pg-dorian_gray.txt")),
+    ("pg-frankenstein.txt", include_bytes!("../../../data/gutenberg/pg-frankenstein.txt")),
+    ("pg-grimm.txt", include_bytes!("../../../data/gutenberg/pg-grimm.txt")),
+    ("pg-huckleberry_finn.txt", include_bytes!("../../../data/gutenberg/pg-huckleberry_finn.txt")),
+    ("pg-metamorphosis.txt", include_bytes!("../../../data/gutenberg/pg-metamorphosis.txt")),
+    ("pg-sherlock_holmes.txt", include_bytes!("../../../data/gutenberg/pg-sherlock_holmes.txt")),
+    ("pg-tom_sawyer.txt", include_bytes!("../../../data/gutenberg/pg-tom_sawyer.txt")),
+];
+
+/// The texts to draw lines from: those in `texts` if given, else the built-in ones.
+fn load_texts(texts: Option<&std::path::Path>) -> Result<Vec<Vec<u8>>, String> {
+    let Some(texts) = texts else {
+        return Ok(EMBEDDED_TEXTS.iter().map(|(_, t)| t.to_vec()).collect());
+    };
     let mut names: Vec<_> = std::fs::read_dir(texts)
         .map_err(|e| format!("{}: {e}", texts.display()))?
         .flatten()
         .map(|e| e.path())
         .collect();
     names.sort();
-    for p in names {
-        let t = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-        lines.extend(String::from_utf8_lossy(&t).lines().map(|l| format!("{l}\n")));
+    names.into_iter().map(|p| std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))).collect()
+}
+
+/// Builds a deterministic corpus of about `size_mib` MiB in `dir` (files of 16 MiB) from the
+/// lines of `texts`, picked by a seeded generator.
+fn make_corpus(texts: &[Vec<u8>], dir: &std::path::Path, size_mib: u64) -> Result<Vec<String>, String> {
+    let mut lines: Vec<String> = Vec::new();
+    for t in texts {
+        lines.extend(String::from_utf8_lossy(t).lines().map(|l| format!("{l}\n")));
     }
     if lines.is_empty() {
-        return Err(format!("no text in {}", texts.display()));
+        return Err("no text to build a corpus from".into());
     }
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let total = size_mib << 20;
@@ -135,13 +155,13 @@ fn plain_word_count(files: &[String]) -> std::collections::HashMap<String, u64> 
 }
 
 /// Word count on a generated corpus: plain single-threaded Rust vs MapReduce with N workers.
-pub fn mapreduce(size_mib: u64, workers: usize, texts: &std::path::Path, keep: bool) -> ExitCode {
+pub fn mapreduce(size_mib: u64, workers: usize, texts: Option<&std::path::Path>, spark: bool, keep: bool) -> ExitCode {
     if size_mib == 0 || workers == 0 {
         eprintln!("error: --size-mib and --workers must be at least 1");
         return ExitCode::from(2);
     }
     let dir = std::env::temp_dir().join(format!("sixfive-bench-mr-{}", std::process::id()));
-    let files = match make_corpus(texts, &dir.join("input"), size_mib) {
+    let files = match load_texts(texts).and_then(|t| make_corpus(&t, &dir.join("input"), size_mib)) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: {e}");
@@ -167,6 +187,7 @@ pub fn mapreduce(size_mib: u64, workers: usize, texts: &std::path::Path, keep: b
     let job = sixfive_mapreduce::cli::JobArgs {
         reduces: 10,
         out: out.clone(),
+        overwrite: false,
         chunk_mib: 64,
         task_timeout_secs: 60,
         backup_tasks: false,
@@ -209,6 +230,24 @@ pub fn mapreduce(size_mib: u64, workers: usize, texts: &std::path::Path, keep: b
         return ExitCode::FAILURE;
     }
     println!("  outputs agree on all {seen} words");
+    if spark {
+        match spark_word_count(&files, &dir.join("spark-out"), &counts) {
+            Ok(Some(secs)) => {
+                println!(
+                    "spark word count (pyspark, local[2], DataFrame API): {secs:.2} s from launch to exit ({:.1} MB/s); \
+                     outputs agree on all {} words",
+                    mb / secs,
+                    counts.len()
+                );
+                println!("  ratio spark / mapreduce (launch to exit): {:.1}", secs / mr);
+            }
+            Ok(None) => println!("spark: skipped (python3 with pyspark and java are needed)"),
+            Err(e) => {
+                eprintln!("error: spark: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     if !keep {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -229,4 +268,64 @@ pub fn fsyncs(writes: u64) -> ExitCode {
         println!("| {in_flight} | {:.2} | {} |", r.leader, followers.join(", "));
     }
     ExitCode::SUCCESS
+}
+
+/// The same word count in Apache Spark (pyspark, `local[2]`, DataFrame API: lines split at
+/// non-letters, grouped and counted, written as CSV), timed from launch to exit and checked
+/// word by word against `counts`. `Ok(None)` when pyspark or Java is missing.
+fn spark_word_count(
+    files: &[String],
+    out: &std::path::Path,
+    counts: &std::collections::HashMap<String, u64>,
+) -> Result<Option<f64>, String> {
+    let have = |cmd: &mut std::process::Command| {
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
+    };
+    if !have(std::process::Command::new("java").arg("-version"))
+        || !have(std::process::Command::new("python3").args(["-c", "import pyspark"]))
+    {
+        return Ok(None);
+    }
+    const SCRIPT: &str = r#"
+import sys
+from pyspark.sql import SparkSession, functions as F
+out, files = sys.argv[1], sys.argv[2:]
+spark = (SparkSession.builder.master("local[2]").appName("sixfive-bench-wc")
+         .config("spark.ui.enabled", "false").config("spark.driver.memory", "4g")
+         .config("spark.sql.shuffle.partitions", "10").getOrCreate())
+spark.sparkContext.setLogLevel("ERROR")
+words = spark.read.text(files).select(F.explode(F.split("value", r"[^\p{IsAlphabetic}]+")).alias("w")).where("w != ''")
+words.groupBy("w").count().write.mode("overwrite").csv(out)
+spark.stop()
+"#;
+    let t = Instant::now();
+    let o = std::process::Command::new("python3")
+        .args(["-c", SCRIPT])
+        .arg(out)
+        .args(files)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let secs = t.elapsed().as_secs_f64();
+    if !o.status.success() {
+        return Err(format!("pyspark failed: {}", String::from_utf8_lossy(&o.stderr)));
+    }
+    let mut seen = 0;
+    for e in std::fs::read_dir(out).map_err(|e| e.to_string())?.flatten() {
+        if !e.file_name().to_string_lossy().starts_with("part-") {
+            continue;
+        }
+        for line in std::fs::read_to_string(e.path()).unwrap_or_default().lines() {
+            let (w, n) = line.rsplit_once(',').unwrap_or((line, ""));
+            seen += 1;
+            if counts.get(w).copied() != n.parse().ok() {
+                return Err(format!("spark's count for {w:?} is {n}, the plain count's {:?}", counts.get(w)));
+            }
+        }
+    }
+    if seen != counts.len() {
+        return Err(format!("spark found {seen} words, the plain count {}", counts.len()));
+    }
+    Ok(Some(secs))
 }

@@ -8,6 +8,8 @@ use sixfive_raft_sim::swarm::{self, SwarmReport};
 use sixfive_sim::SEC;
 
 mod bench;
+mod bench_kv;
+mod kv;
 
 #[derive(Parser)]
 #[command(name = "sixfive", version, about = "Raft, replicated KV, sharded KV and MapReduce, made real")]
@@ -28,6 +30,11 @@ enum Command {
         #[command(subcommand)]
         what: sixfive_mapreduce::cli::MrCommand,
     },
+    /// The replicated key/value service as real processes: servers, a local cluster, a client.
+    Kv {
+        #[command(subcommand)]
+        what: kv::KvCommand,
+    },
     /// Measures; prints figures.
     Bench {
         #[command(subcommand)]
@@ -37,6 +44,34 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// The replicated KV on a fresh local three-member cluster (data on disk): writes/s and
+    /// linearizable reads/s with latency percentiles, fsyncs per write, peak RSS.
+    Kv {
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 256)]
+        clients: usize,
+        /// Seconds per phase (writes, then reads).
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        /// Key size in bytes.
+        #[arg(long, default_value_t = 16)]
+        key_size: usize,
+        /// Value size in bytes.
+        #[arg(long, default_value_t = 128)]
+        value_size: usize,
+        /// Measure this running cluster instead of starting one.
+        #[arg(long)]
+        endpoints: Option<String>,
+        /// Where the fresh cluster keeps its data (removed afterwards unless --keep).
+        #[arg(long, default_value = "sixfive-bench-data")]
+        data_dir: std::path::PathBuf,
+        /// Keep the data directory.
+        #[arg(long)]
+        keep: bool,
+        /// No etcd row even when `etcd` is on the PATH.
+        #[arg(long)]
+        no_etcd: bool,
+    },
     /// CPU cost of consensus: three in-process nodes with no IO replicate and commit entries.
     RaftCore {
         /// Entries to commit.
@@ -64,9 +99,13 @@ enum BenchCommand {
         /// Worker processes.
         #[arg(long, default_value_t = 2)]
         workers: usize,
-        /// Directory of texts to draw lines from.
-        #[arg(long, default_value = "data/gutenberg")]
-        texts: std::path::PathBuf,
+        /// Directory of texts to draw lines from (default: the eight Gutenberg texts built
+        /// into sixfive, so it runs from any directory).
+        #[arg(long)]
+        texts: Option<std::path::PathBuf>,
+        /// Skip the Apache Spark run (it runs when python3 with pyspark and java are found).
+        #[arg(long)]
+        no_spark: bool,
         /// Keep the corpus and output.
         #[arg(long)]
         keep: bool,
@@ -105,6 +144,21 @@ enum SimCommand {
         #[arg(long)]
         verbose: bool,
     },
+    /// The sharded key/value service (a Raft-replicated shard controller and 2-4 replica groups
+    /// of 3 servers) under random joins, leaves and moves, crashes, partitions, loss and
+    /// reordering; no shard may be served by two groups in one configuration, every history
+    /// must be linearizable and every acknowledged write must survive.
+    Shardkv {
+        /// How many seeds to run.
+        #[arg(long, default_value_t = 100)]
+        seeds: u64,
+        /// First seed (runs `seed`, `seed + 1`, ...). A failure names the seed to replay.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print one line per seed.
+        #[arg(long)]
+        verbose: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -114,13 +168,20 @@ fn main() -> ExitCode {
             sim_raft(seeds, seed, fault_secs, verbose)
         }
         Command::Sim { what: SimCommand::Kv { seeds, seed, verbose } } => sim_kv(seeds, seed, verbose),
+        Command::Sim { what: SimCommand::Shardkv { seeds, seed, verbose } } => sim_shardkv(seeds, seed, verbose),
         Command::Bench { what: BenchCommand::RaftCore { entries, size, batch } } => {
             bench::raft_core(entries, size, batch)
         }
         Command::Bench { what: BenchCommand::Fsyncs { writes } } => bench::fsyncs(writes),
-        Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, keep } } => {
-            bench::mapreduce(size_mib, workers, &texts, keep)
+        Command::Bench {
+            what: BenchCommand::Kv { clients, secs, key_size, value_size, endpoints, data_dir, keep, no_etcd },
+        } => {
+            bench_kv::run(bench_kv::Options { clients, secs, key_size, value_size, endpoints, data_dir, keep, no_etcd })
         }
+        Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, no_spark, keep } } => {
+            bench::mapreduce(size_mib, workers, texts.as_deref(), !no_spark, keep)
+        }
+        Command::Kv { what } => kv::main(what),
         Command::Mr { what } => {
             sixfive_mapreduce::cli::main(what, &sixfive_mapreduce::app::Registry::builtins(), &["mr"])
         }
@@ -228,6 +289,43 @@ fn sim_kv(seeds: u64, first: u64, verbose: bool) -> ExitCode {
         total.ops,
         total.acked_puts,
         total.acked_appends,
+        total.crashes,
+        total.partitions,
+        total.events,
+        started.elapsed().as_secs_f64()
+    );
+    ExitCode::SUCCESS
+}
+
+fn sim_shardkv(seeds: u64, first: u64, verbose: bool) -> ExitCode {
+    if seeds == 0 {
+        eprintln!("error: --seeds must be at least 1");
+        return ExitCode::from(2);
+    }
+    std::panic::set_hook(Box::new(|_| {}));
+    let started = Instant::now();
+    let mut total = sixfive_shardkv::swarm::ShardSwarmReport::default();
+    let passed = each_seed("shardkv", first, seeds, "", sixfive_shardkv::swarm::run, |r| {
+        if verbose {
+            println!(
+                "seed {:>6}: {} groups, {} clients, {:>4} ops checked, {:>3} Puts and {:>3} Appends acknowledged, {:>2} reconfigurations, {:>2} crashes, {:>2} partitions",
+                r.seed, r.groups, r.clients, r.ops, r.acked_puts, r.acked_appends, r.reconfigs, r.crashes, r.partitions
+            );
+        }
+        total.merge(&r);
+    });
+    if !passed {
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "{seeds} seeds passed: no shard served by two groups in one configuration, every history linearizable, every acknowledged write present exactly once"
+    );
+    println!(
+        "  {} operations checked, {} Puts and {} Appends acknowledged, {} reconfigurations, {} server crashes, {} partitions, {} events in {:.1} s",
+        total.ops,
+        total.acked_puts,
+        total.acked_appends,
+        total.reconfigs,
         total.crashes,
         total.partitions,
         total.events,

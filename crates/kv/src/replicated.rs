@@ -203,6 +203,8 @@ impl<T: Transport> RaftClerk<T> {
                 )) if self.servers.contains(&l) => {
                     self.leader = self.servers.iter().position(|&s| s == l).expect("contains");
                 }
+                // The leader is overloaded (back-pressure): not applied; wait, then retry it.
+                Some(RsmReply::Failed(SubmitError::Busy)) => self.t.sleep(ROUND_PAUSE).await,
                 _ => self.leader = (self.leader + 1) % self.servers.len(),
             }
             failures_in_a_row += 1;

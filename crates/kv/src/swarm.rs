@@ -1,6 +1,8 @@
 //! The KV swarm: one seed picks 3 or 5 servers, 2-6 clients on a few keys, a fault mix and
 //! snapshot limits; 10 virtual seconds of versioned Puts, Gets and Appends under random
-//! partitions, crashes and restarts, disconnections, loss, long reordering and delays; then
+//! partitions, one-way cuts, held links, crashes and restarts, stop-the-world pauses,
+//! disconnections, loss, duplication, long reordering and delays, with clocks up to 10% apart
+//! and, on a third of the seeds, the production FileStorage on faulty simulated disks; then
 //! everything heals. Every history must be linearizable and every acknowledged write present
 //! exactly once. Panics (with the reason) on a violation.
 
@@ -33,8 +35,10 @@ pub struct KvSwarmReport {
     pub acked_appends: u64,
     /// Server crashes and restarts injected.
     pub crashes: u64,
-    /// Partitions and disconnections injected.
+    /// Partitions, one-way cuts and disconnections injected.
     pub partitions: u64,
+    /// Stop-the-world pauses injected.
+    pub pauses: u64,
     /// Simulator events handled.
     pub events: u64,
 }
@@ -55,6 +59,7 @@ impl KvSwarmReport {
         self.acked_appends += r.acked_appends;
         self.crashes += r.crashes;
         self.partitions += r.partitions;
+        self.pauses += r.pauses;
         self.events += r.events;
     }
 }
@@ -83,6 +88,12 @@ pub fn run(seed: u64) -> KvSwarmReport {
     let mut net = net;
     net.duplicate = pick.chance(0.3);
     let cl = Rc::new(RsmCluster::new_on(seed, servers, net, max_raft_state, file_storage, KvSm::default));
+    if pick.chance(0.5) {
+        // Clocks up to 10% apart.
+        for id in cl.ids() {
+            cl.world.set_clock_rate(id, 0.9 + pick.below(201) as f64 / 1000.0);
+        }
+    }
     let mut rep = KvSwarmReport { seed, servers, clients, ..Default::default() };
     let h = History::default();
     let acked: Rc<RefCell<Acked>> = Rc::default();
@@ -155,6 +166,23 @@ pub fn run(seed: u64) -> KvSwarmReport {
             27..=32 => cl.world.net(|n| if n.is_connected(id) { n.disconnect(id) } else { n.connect(id) }),
             33..=35 => cl.world.net(|n| n.config.unreliable = !n.config.unreliable),
             36 => cl.world.net(|n| n.config.long_reordering = !n.config.long_reordering),
+            37..=39 => {
+                let d = cl.world.random(3000) * MS;
+                cl.world.pause(id, d);
+                rep.pauses += 1;
+            }
+            40..=42 => {
+                let to = ids[cl.world.random(ids.len() as u64) as usize];
+                if to != id {
+                    rep.partitions += 1;
+                    cl.world.net(|n| n.cut_one_way(id, to));
+                }
+            }
+            43..=44 => {
+                let until = cl.world.now() + cl.world.random(1500) * MS;
+                cl.world.net(|n| n.hold(id, until));
+            }
+            45 => cl.world.net(|n| n.config.duplicate = !n.config.duplicate),
             _ => {}
         }
     }

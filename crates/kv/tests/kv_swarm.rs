@@ -16,7 +16,10 @@ fn kv_swarm_random_faults() {
         total.merge(&r);
     });
     // The swarm must exercise the service, not idle through its faults.
-    assert!(total.ops > 0 && total.crashes > 0 && total.acked_puts > 0 && total.acked_appends > 0, "{total:?}");
+    assert!(
+        total.ops > 0 && total.crashes > 0 && total.pauses > 0 && total.acked_puts > 0 && total.acked_appends > 0,
+        "{total:?}"
+    );
 }
 
 fn rec(client: u64, call: u64, ret: u64, op: Op, result: OpResult) -> Record {

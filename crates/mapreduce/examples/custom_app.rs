@@ -16,19 +16,22 @@ use sixfive_mapreduce::cli::{MrCommand, main as mapreduce_main};
 struct LineLengths;
 
 impl App for LineLengths {
-    fn map(&self, _file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, _file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         for line in contents.lines() {
             emit(&format!("{:04}", line.chars().count() / 10 * 10), "1");
         }
+        Ok(())
     }
-    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
-        Ok(values.iter().map(|v| v.parse::<u64>().unwrap_or(0)).sum::<u64>().to_string())
+    fn reduce(&self, _key: &str, values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
+        let mut sum = 0u64;
+        for v in values {
+            sum += v.parse::<u64>().map_err(|e| format!("bad count {v:?}: {e}"))?;
+        }
+        Ok(sum.to_string())
     }
+    // Implementing the combiner is all it takes to have one.
     fn combine(&self, _key: &str, acc: &mut String, value: &str) -> bool {
         *acc = (acc.parse::<u64>().unwrap_or(0) + value.parse::<u64>().unwrap_or(0)).to_string();
-        true
-    }
-    fn has_combiner(&self) -> bool {
         true
     }
 }

@@ -7,23 +7,24 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A MapReduce application.
+///
+/// `map` and `reduce` return errors (`Err(reason)`): the task fails with that reason, is
+/// retried elsewhere, and fails the job after too many failures. A panic is treated the same.
+/// A combiner is enabled by implementing [`App::combine`]; nothing else is needed.
 pub trait App: Send + Sync {
     /// Calls `emit(key, value)` for each pair the input produces. `contents` is one input
     /// chunk (whole lines) of `file`; invalid UTF-8 has been replaced.
-    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str));
+    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String>;
 
-    /// The output value for `key` given all its values.
-    fn reduce(&self, key: &str, values: &[String]) -> Result<String, String>;
+    /// The output value for `key` given all its values, streamed in order (a key with
+    /// millions of values is never held in memory at once unless the app collects them).
+    fn reduce(&self, key: &str, values: &mut dyn Iterator<Item = String>) -> Result<String, String>;
 
-    /// Optional combiner: folds `value` into `acc` (both values of `key`) on the map side, so
-    /// less data crosses the network. Must agree with `reduce` (e.g. sums for word count).
-    /// Return false if this app has no combiner.
+    /// The combiner, if the app has one: folds `value` into `acc` (both values of `key`) on
+    /// the map side, so less data crosses the network, and returns true. Must agree with
+    /// `reduce` (e.g. sums for word count). The default has none: it returns false and leaves
+    /// `acc` alone, and the framework then keeps every pair.
     fn combine(&self, _key: &str, _acc: &mut String, _value: &str) -> bool {
-        false
-    }
-
-    /// Whether [`App::combine`] is implemented.
-    fn has_combiner(&self) -> bool {
         false
     }
 
@@ -32,14 +33,56 @@ pub trait App: Send + Sync {
     /// its command once per task.
     fn reduce_task(
         &self,
-        groups: &mut dyn Iterator<Item = (String, Vec<String>)>,
+        groups: &mut dyn Groups,
         out: &mut dyn FnMut(&str) -> std::io::Result<()>,
     ) -> Result<(), String> {
-        for (k, vs) in groups {
-            let v = self.reduce(&k, &vs)?;
+        while let Some(k) = groups.next_key() {
+            let v = self.reduce(&k, &mut Values(groups))?;
             out(&format!("{k} {v}")).map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+}
+
+/// A reduce task's input: its keys in order, each key's values streamed.
+pub trait Groups {
+    /// The next key (what is left of the current key's values is skipped), or None at the end.
+    fn next_key(&mut self) -> Option<String>;
+    /// The current key's next value, or None once they are all read.
+    fn next_value(&mut self) -> Option<String>;
+}
+
+/// The current key's values of some [`Groups`], as an iterator.
+pub struct Values<'a>(pub &'a mut dyn Groups);
+
+impl Iterator for Values<'_> {
+    type Item = String;
+    fn next(&mut self) -> Option<String> {
+        self.0.next_value()
+    }
+}
+
+/// Groups over an in-memory list of (key, values), for tests and small jobs.
+pub struct VecGroups {
+    groups: std::vec::IntoIter<(String, Vec<String>)>,
+    current: std::vec::IntoIter<String>,
+}
+
+impl VecGroups {
+    /// Groups in the order given.
+    pub fn new(groups: Vec<(String, Vec<String>)>) -> VecGroups {
+        VecGroups { groups: groups.into_iter(), current: Vec::new().into_iter() }
+    }
+}
+
+impl Groups for VecGroups {
+    fn next_key(&mut self) -> Option<String> {
+        let (k, vs) = self.groups.next()?;
+        self.current = vs.into_iter();
+        Some(k)
+    }
+    fn next_value(&mut self) -> Option<String> {
+        self.current.next()
     }
 }
 
@@ -134,12 +177,13 @@ fn words(s: &str) -> impl Iterator<Item = &str> {
 pub struct WordCount;
 
 impl App for WordCount {
-    fn map(&self, _file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, _file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         for w in words(contents) {
             emit(w, "1");
         }
+        Ok(())
     }
-    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
+    fn reduce(&self, _key: &str, values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
         let mut sum = 0u64;
         for v in values {
             sum += v.parse::<u64>().map_err(|e| format!("bad count {v:?}: {e}"))?;
@@ -148,9 +192,6 @@ impl App for WordCount {
     }
     fn combine(&self, _key: &str, acc: &mut String, value: &str) -> bool {
         add_decimal(acc, value);
-        true
-    }
-    fn has_combiner(&self) -> bool {
         true
     }
 }
@@ -179,16 +220,17 @@ fn add_decimal(acc: &mut String, b: &str) {
 pub struct Indexer;
 
 impl App for Indexer {
-    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         let mut seen = std::collections::BTreeSet::new();
         for w in words(contents) {
             if seen.insert(w) {
                 emit(w, file);
             }
         }
+        Ok(())
     }
-    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
-        let mut docs: Vec<&str> = values.iter().map(String::as_str).collect();
+    fn reduce(&self, _key: &str, values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
+        let mut docs: Vec<String> = values.collect();
         docs.sort_unstable();
         docs.dedup();
         Ok(format!("{} {}", docs.len(), docs.join(",")))
@@ -226,15 +268,16 @@ fn now_secs() -> f64 {
 pub struct MapTiming;
 
 impl App for MapTiming {
-    fn map(&self, _file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, _file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         let t = now_secs();
         let pid = std::process::id();
         let n = nparallel("map");
         emit(&format!("times-{pid}"), &format!("{t:.1}"));
         emit(&format!("parallel-{pid}"), &n.to_string());
+        Ok(())
     }
-    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
-        let mut v = values.to_vec();
+    fn reduce(&self, _key: &str, values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
+        let mut v: Vec<String> = values.collect();
         v.sort();
         Ok(v.join(" "))
     }
@@ -244,12 +287,13 @@ impl App for MapTiming {
 pub struct ReduceTiming;
 
 impl App for ReduceTiming {
-    fn map(&self, _file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, _file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         for k in ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"] {
             emit(k, "1");
         }
+        Ok(())
     }
-    fn reduce(&self, _key: &str, _values: &[String]) -> Result<String, String> {
+    fn reduce(&self, _key: &str, _values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
         Ok(nparallel("reduce").to_string())
     }
 }
@@ -261,14 +305,15 @@ pub struct JobCount {
 }
 
 impl App for JobCount {
-    fn map(&self, _file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, _file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         let n = self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let _ = std::fs::write(format!("mr-worker-jobcount-{}-{n}", std::process::id()), "x");
         let jitter = (now_secs().fract() * 3000.0) as u64;
         std::thread::sleep(Duration::from_millis(2000 + jitter));
         emit("a", "x");
+        Ok(())
     }
-    fn reduce(&self, _key: &str, _values: &[String]) -> Result<String, String> {
+    fn reduce(&self, _key: &str, _values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
         let n = std::fs::read_dir(".")
             .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("mr-worker-jobcount")).count())
             .unwrap_or(0);
@@ -280,14 +325,15 @@ impl App for JobCount {
 pub struct EarlyExit;
 
 impl App for EarlyExit {
-    fn map(&self, file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, file: &str, _contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         emit(file, "1");
+        Ok(())
     }
-    fn reduce(&self, key: &str, values: &[String]) -> Result<String, String> {
+    fn reduce(&self, key: &str, values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
         if key.contains("sherlock") || key.contains("tom") {
             std::thread::sleep(Duration::from_secs(3));
         }
-        Ok(values.len().to_string())
+        Ok(values.count().to_string())
     }
 }
 
@@ -316,16 +362,17 @@ impl Crash {
 }
 
 impl App for Crash {
-    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) {
+    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         self.maybe_crash();
         emit("a", file);
         emit("b", &file.len().to_string());
         emit("c", &contents.len().to_string());
         emit("d", "xyzzy");
+        Ok(())
     }
-    fn reduce(&self, _key: &str, values: &[String]) -> Result<String, String> {
+    fn reduce(&self, _key: &str, values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
         self.maybe_crash();
-        let mut v = values.to_vec();
+        let mut v: Vec<String> = values.collect();
         v.sort();
         Ok(v.join(" "))
     }
@@ -361,12 +408,20 @@ fn run_filter(
         let _ = stdin.write_all(&input); // a command that stops reading early is its own business
     });
     let stdout = child.stdout.take().expect("piped");
+    let mut failed = None;
     for l in BufReader::new(stdout).split(b'\n') {
-        let l = l.map_err(|e| format!("reading from {cmd:?}: {e}"))?;
-        line(&String::from_utf8_lossy(&l))?;
+        let r = l.map_err(|e| format!("reading from {cmd:?}: {e}")).and_then(|l| line(&String::from_utf8_lossy(&l)));
+        if let Err(e) = r {
+            failed = Some(e);
+            let _ = child.kill();
+            break;
+        }
     }
     let _ = writer.join();
     let status = child.wait().map_err(|e| e.to_string())?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
     if !status.success() {
         return Err(format!("command {cmd:?} failed: {status}"));
     }
@@ -374,32 +429,31 @@ fn run_filter(
 }
 
 impl App for Streaming {
-    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) {
-        let r = run_filter(&self.map_cmd, &[("MR_INPUT_FILE", file)], contents.as_bytes().to_vec(), |l| {
-            match l.split_once('\t') {
-                Some((k, v)) => emit(k, v),
-                None => emit(l, ""),
+    fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
+        let cmd = &self.map_cmd;
+        run_filter(cmd, &[("MR_INPUT_FILE", file)], contents.as_bytes().to_vec(), |l| match l.split_once('\t') {
+            Some((k, v)) => {
+                emit(k, v);
+                Ok(())
             }
-            Ok(())
-        });
-        if let Err(e) = r {
-            // The framework turns a panic in map into a failed task.
-            panic!("{e}");
-        }
+            None => {
+                Err(format!("map command {cmd:?} printed a line without a tab: {l:?} (lines must be key<TAB>value)"))
+            }
+        })
     }
 
-    fn reduce(&self, _key: &str, _values: &[String]) -> Result<String, String> {
+    fn reduce(&self, _key: &str, _values: &mut dyn Iterator<Item = String>) -> Result<String, String> {
         Err("the stream app reduces whole tasks".into())
     }
 
     fn reduce_task(
         &self,
-        groups: &mut dyn Iterator<Item = (String, Vec<String>)>,
+        groups: &mut dyn Groups,
         out: &mut dyn FnMut(&str) -> std::io::Result<()>,
     ) -> Result<(), String> {
         let mut input = Vec::new();
-        for (k, vs) in groups {
-            for v in vs {
+        while let Some(k) = groups.next_key() {
+            while let Some(v) = groups.next_value() {
                 input.extend_from_slice(k.as_bytes());
                 input.push(b'\t');
                 input.extend_from_slice(v.as_bytes());
@@ -408,15 +462,6 @@ impl App for Streaming {
         }
         run_filter(&self.reduce_cmd, &[], input, |l| out(l).map_err(|e| e.to_string()))
     }
-}
-
-/// Groups pairs sorted by key (used by the sequential runner).
-pub fn group_sorted(pairs: Vec<(String, String)>) -> BTreeMap<String, Vec<String>> {
-    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (k, v) in pairs {
-        m.entry(k).or_default().push(v);
-    }
-    m
 }
 
 #[cfg(test)]
@@ -446,7 +491,8 @@ mod tests {
         for v in ["1", "1", "5", "1"] {
             wc.combine("w", &mut acc, v);
         }
-        assert_eq!(acc, wc.reduce("w", &["1".into(), "1".into(), "1".into(), "5".into(), "1".into()]).unwrap());
+        let values = ["1", "1", "1", "5", "1"].map(String::from);
+        assert_eq!(acc, wc.reduce("w", &mut values.into_iter()).unwrap());
         let err = Registry::builtins().make("nope", &AppOptions::default()).err().unwrap();
         assert!(err.to_string().contains("wc"), "the error lists the known apps: {err}");
     }

@@ -9,10 +9,14 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::builder::RangedU64ValueParser;
 use clap::{Args, Subcommand};
 
 use crate::app::{App, AppOptions, Registry};
-use crate::coordinator::{Coordinator, CoordinatorConfig, serve};
+use crate::coordinator::{Coordinator, CoordinatorConfig, SUCCESS_NAME, serve_with};
+use crate::journal::{JOURNAL_NAME, JobSpec, Journal};
 use crate::proto::{Addr, JobStatus, Listener, Reply, Request, call};
 use crate::split::{Chunk, split_inputs};
 use crate::worker::{WorkerConfig, run_sequential, run_worker};
@@ -49,27 +53,42 @@ impl AppArgs {
 /// How the job is cut and timed.
 #[derive(Args, Clone, Debug)]
 pub struct JobArgs {
-    /// Reduce tasks (output files mr-out-0, mr-out-1, ...).
-    #[arg(long, default_value_t = 10)]
+    /// Reduce tasks (output files mr-out-0, mr-out-1, ...), 1 to 100000.
+    #[arg(long, default_value_t = 10, value_parser = RangedU64ValueParser::<usize>::new().range(1..=100_000))]
     pub reduces: usize,
-    /// Directory for the mr-out-* files.
+    /// Directory for the mr-out-* files (and `_SUCCESS`, written last).
     #[arg(long, default_value = ".")]
     pub out: PathBuf,
-    /// Map input chunk size in MiB (large files give several map tasks).
-    #[arg(long, default_value_t = 64)]
+    /// Replace another job's output (mr-out-*, _SUCCESS, journal) found in --out.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Map input chunk size in MiB (large files give several map tasks), 1 to 1048576.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub chunk_mib: u64,
-    /// A task silent this long is handed to another worker.
-    #[arg(long, default_value_t = 10)]
+    /// A task whose worker is silent this long (no heartbeat) is handed to another worker,
+    /// 1 to 86400.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub task_timeout_secs: u64,
     /// Start backup copies of straggling tasks near the end of each phase.
     #[arg(long)]
     pub backup_tasks: bool,
 }
 
+/// How `mr status` prints.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// For people.
+    Text,
+    /// One JSON object.
+    Json,
+}
+
 /// The `mr` subcommands.
 #[derive(Subcommand)]
 pub enum MrCommand {
-    /// Runs a coordinator: splits the inputs and hands out tasks until the job is done.
+    /// Runs a coordinator: splits the inputs and hands out tasks until the job is done. Its
+    /// progress is journaled in --out: killed and started again with the same arguments, it
+    /// resumes the job.
     Coordinator {
         /// Where to listen: unix:/path/to.sock or host:port.
         #[arg(long)]
@@ -77,6 +96,13 @@ pub enum MrCommand {
         /// How the job is cut and timed.
         #[command(flatten)]
         job: JobArgs,
+        /// Serve the job's web page (phases, tasks, workers, timeline) at this TCP address,
+        /// e.g. 127.0.0.1:8080; its data is at /status.json.
+        #[arg(long)]
+        http: Option<String>,
+        /// Log only errors (`mr run` uses this; it shows its own progress).
+        #[arg(long, hide = true)]
+        quiet: bool,
         /// Append a line "coordinator PID PEAK_RSS_KIB" to this file on exit.
         #[arg(long, hide = true)]
         stats_file: Option<PathBuf>,
@@ -99,11 +125,16 @@ pub enum MrCommand {
         /// 127.0.0.1 on a free port when the coordinator is on TCP).
         #[arg(long)]
         listen: Option<String>,
+        /// How long to keep trying to reach the coordinator (at start, and after losing it,
+        /// e.g. while it restarts), with backoff; then exit with an error. 1 to 86400.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        connect_timeout_secs: u64,
         /// Append a line "worker PID PEAK_RSS_KIB" to this file on exit.
         #[arg(long, hide = true)]
         stats_file: Option<PathBuf>,
     },
-    /// The sequential reference: one process, no RPC; writes one sorted output file.
+    /// The sequential reference: one process, no RPC; writes one sorted output file. Streams:
+    /// memory stays bounded (sorted runs are spilled next to the output and merged).
     Sequential {
         /// Which app.
         #[command(flatten)]
@@ -116,6 +147,7 @@ pub enum MrCommand {
         inputs: Vec<String>,
     },
     /// Runs a whole job here: a coordinator and N worker processes, with progress and a summary.
+    /// Workers that die are restarted; an interrupted run (Ctrl-C) cleans up after itself.
     Run {
         /// Which app.
         #[command(flatten)]
@@ -123,15 +155,28 @@ pub enum MrCommand {
         /// How the job is cut and timed.
         #[command(flatten)]
         job: JobArgs,
-        /// Worker processes.
-        #[arg(long, default_value_t = 2)]
+        /// Worker processes, 1 to 1024.
+        #[arg(long, default_value_t = 2, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1024))]
         workers: usize,
+        /// Worker restarts (after a worker died) before the run gives up, 0 to 100000.
+        #[arg(long, default_value_t = 20, value_parser = RangedU64ValueParser::<usize>::new().range(0..=100_000))]
+        max_worker_restarts: usize,
         /// Use TCP on 127.0.0.1 instead of UNIX sockets.
         #[arg(long)]
         tcp: bool,
         /// Input files.
         #[arg(required = true)]
         inputs: Vec<String>,
+    },
+    /// Prints a running job's state: tasks per phase and state, workers and when each was
+    /// last heard from, bytes, elapsed time and an estimate of the time left.
+    Status {
+        /// The coordinator's address.
+        #[arg(long)]
+        coordinator: String,
+        /// Output format.
+        #[arg(short = 'w', long = "output", value_enum, default_value_t = Format::Text)]
+        format: Format,
     },
 }
 
@@ -150,25 +195,120 @@ fn write_stats(path: &Option<PathBuf>, role: &str) {
     }
 }
 
-fn coordinator_config(job: &JobArgs) -> CoordinatorConfig {
+/// A job checked and resolved: its chunks (absolute paths), its absolute output directory.
+struct Job {
+    chunks: Vec<Chunk>,
+    out: PathBuf,
+    spec: JobSpec,
+}
+
+/// Checks a job's arguments before anything starts; resolves inputs and the output directory
+/// to absolute paths (workers may run in other directories).
+fn validate_job(job: &JobArgs, inputs: &[String]) -> Result<Job, String> {
+    let out = job.out.canonicalize().map_err(|e| format!("output directory {}: {e}", job.out.display()))?;
+    if !out.is_dir() {
+        return Err(format!("output directory {} is not a directory", job.out.display()));
+    }
+    let mut abs = Vec::with_capacity(inputs.len());
+    for f in inputs {
+        let p = std::fs::canonicalize(f).map_err(|e| format!("input {f}: {e}"))?;
+        abs.push(p.to_str().ok_or_else(|| format!("input {f}: the path is not UTF-8"))?.to_string());
+    }
+    let chunks = split_inputs(&abs, job.chunk_mib << 20)?;
+    let spec =
+        JobSpec { chunks: chunks.iter().map(|c| (c.file.clone(), c.offset, c.len)).collect(), n_reduce: job.reduces };
+    Ok(Job { chunks, out, spec })
+}
+
+fn is_output_name(name: &str) -> bool {
+    name.starts_with("mr-out-") || name == SUCCESS_NAME
+}
+
+/// A run owns its output directory. Another job's output (`mr-out-*`, `_SUCCESS`, or a
+/// journal of a different job) is refused, or with `overwrite` removed (only if `apply`).
+/// Output of this same job with its journal is the job being resumed, and is kept.
+fn prepare_output(job: &Job, overwrite: bool, apply: bool) -> Result<(), String> {
+    let journal = job.out.join(JOURNAL_NAME);
+    let journal_ours = Journal::job_of(&journal).is_some_and(|s| s == job.spec);
+    if journal_ours {
+        return Ok(());
+    }
+    let mut found: Vec<String> = std::fs::read_dir(&job.out)
+        .map_err(|e| format!("{}: {e}", job.out.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| is_output_name(n) || n == JOURNAL_NAME)
+        .collect();
+    found.sort();
+    if found.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        let shown: Vec<&str> = found.iter().take(5).map(String::as_str).collect();
+        return Err(format!(
+            "{} holds another job's output ({}{}); use another --out, or --overwrite to replace it",
+            job.out.display(),
+            shown.join(", "),
+            if found.len() > shown.len() { format!(" and {} more", found.len() - shown.len()) } else { String::new() }
+        ));
+    }
+    if apply {
+        for n in found {
+            std::fs::remove_file(job.out.join(&n)).map_err(|e| format!("removing {n}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn coordinator_config(job: &JobArgs, out: &Path) -> CoordinatorConfig {
     CoordinatorConfig {
         n_reduce: job.reduces,
-        out_dir: job.out.to_string_lossy().to_string(),
+        out_dir: out.to_string_lossy().to_string(),
         task_timeout: Duration::from_secs(job.task_timeout_secs),
         backup_tasks: job.backup_tasks,
         max_task_failures: 4,
     }
 }
 
-/// Checks a job's arguments before anything starts.
-fn validate_job(job: &JobArgs, inputs: &[String]) -> Result<Vec<Chunk>, String> {
-    if job.reduces == 0 || job.chunk_mib == 0 || job.task_timeout_secs == 0 {
-        return Err("--reduces, --chunk-mib and --task-timeout-secs must be at least 1".into());
+fn run_coordinator(
+    listen: &str,
+    job: &JobArgs,
+    http: Option<&str>,
+    quiet: bool,
+    inputs: &[String],
+) -> Result<JobStatus, String> {
+    let addr: Addr = listen.parse().map_err(|e: crate::proto::BadAddr| e.to_string())?;
+    let resolved = validate_job(job, inputs)?;
+    let http = match http {
+        Some(h) => Some(std::net::TcpListener::bind(h).map_err(|e| format!("--http {h}: {e}"))?),
+        None => None,
+    };
+    let listener = Listener::bind(&addr).map_err(|e| format!("cannot listen at {addr}: {e}"))?;
+    prepare_output(&resolved, job.overwrite, true)?;
+    let (journal, records) =
+        Journal::open(&resolved.out.join(JOURNAL_NAME), &resolved.spec).map_err(|e| e.to_string())?;
+    let journal_path = journal.path().to_path_buf();
+    if let (Some(h), false) = (&http, quiet)
+        && let Ok(a) = h.local_addr()
+    {
+        eprintln!("[coordinator] job page at http://{a}/");
     }
-    if !job.out.is_dir() {
-        return Err(format!("output directory {} does not exist", job.out.display()));
+    if !quiet {
+        eprintln!(
+            "[coordinator] listening at {addr}: {} map tasks over {} inputs ({:.1} MB), {} reduce tasks, output in {}",
+            resolved.chunks.len(),
+            inputs.len(),
+            resolved.chunks.iter().map(|c| c.len).sum::<u64>() as f64 / 1e6,
+            job.reduces,
+            resolved.out.display()
+        );
     }
-    split_inputs(inputs, job.chunk_mib << 20)
+    let coord = Coordinator::with_journal(coordinator_config(job, &resolved.out), resolved.chunks, journal, records);
+    let st = serve_with(listener, coord, Duration::from_millis(200), quiet, http);
+    if st.failed.is_some() {
+        let _ = std::fs::remove_file(journal_path); // a failed job is over; a new run starts afresh
+    }
+    Ok(st)
 }
 
 /// Runs a MapReduce command with the apps of `registry`. `prefix` is what this executable
@@ -176,27 +316,16 @@ fn validate_job(job: &JobArgs, inputs: &[String]) -> Result<Vec<Chunk>, String> 
 /// that `run` can start it again as the coordinator and the workers.
 pub fn main(cmd: MrCommand, registry: &Registry, prefix: &[&str]) -> ExitCode {
     match cmd {
-        MrCommand::Coordinator { listen, job, stats_file, inputs } => {
-            let addr: Addr = match listen.parse() {
-                Ok(a) => a,
-                Err(e) => return fail(e),
-            };
-            let chunks = match validate_job(&job, &inputs) {
-                Ok(c) => c,
-                Err(e) => return fail(e),
-            };
-            let listener = match Listener::bind(&addr) {
-                Ok(l) => l,
-                Err(e) => return fail(format!("cannot listen at {addr}: {e}")),
-            };
-            let st = serve(listener, Coordinator::new(coordinator_config(&job), chunks), Duration::from_millis(200));
+        MrCommand::Coordinator { listen, job, http, quiet, stats_file, inputs } => {
+            let r = run_coordinator(&listen, &job, http.as_deref(), quiet, &inputs);
             write_stats(&stats_file, "coordinator");
-            match st.failed {
-                Some(why) => fail(format!("job failed: {why}")),
-                None => ExitCode::SUCCESS,
+            match r {
+                Err(e) => fail(e),
+                Ok(JobStatus { failed: Some(why), .. }) => fail(format!("job failed: {why}")),
+                Ok(_) => ExitCode::SUCCESS,
             }
         }
-        MrCommand::Worker { coordinator, app, work_dir, listen, stats_file } => {
+        MrCommand::Worker { coordinator, app, work_dir, listen, connect_timeout_secs, stats_file } => {
             let app = match app.make(registry) {
                 Ok(a) => a,
                 Err(e) => return fail(e),
@@ -216,7 +345,12 @@ pub fn main(cmd: MrCommand, registry: &Registry, prefix: &[&str]) -> ExitCode {
                     Addr::Tcp(_) => Addr::Tcp("127.0.0.1:0".into()),
                 },
             };
-            let cfg = WorkerConfig { coordinator, listen, work_dir, connect_patience: Duration::from_secs(5) };
+            let cfg = WorkerConfig {
+                coordinator,
+                listen,
+                work_dir,
+                connect_patience: Duration::from_secs(connect_timeout_secs),
+            };
             let r = run_worker(cfg, Arc::from(app));
             write_stats(&stats_file, "worker");
             match r {
@@ -234,16 +368,130 @@ pub fn main(cmd: MrCommand, registry: &Registry, prefix: &[&str]) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        MrCommand::Run { app, job, workers, tcp, inputs } => {
-            run_job(registry, prefix, &app, &job, workers, tcp, &inputs)
+        MrCommand::Run { app, job, workers, max_worker_restarts, tcp, inputs } => {
+            run_job_with(registry, prefix, &app, &job, workers, max_worker_restarts, tcp, &inputs)
+        }
+        MrCommand::Status { coordinator, format } => {
+            let addr: Addr = match coordinator.parse() {
+                Ok(a) => a,
+                Err(e) => return fail(e),
+            };
+            match call::<_, Reply>(&addr, &Request::Status) {
+                Ok(Reply::Status(s)) => {
+                    match format {
+                        Format::Text => print!("{}", status_text(&s)),
+                        Format::Json => println!("{}", status_json(&s)),
+                    }
+                    ExitCode::SUCCESS
+                }
+                Ok(other) => fail(format!("unexpected reply from {addr}: {other:?}")),
+                Err(e) => fail(format!("no coordinator answers at {addr}: {e}")),
+            }
         }
     }
+}
+
+fn secs(ms: u64) -> String {
+    format!("{:.1} s", ms as f64 / 1000.0)
+}
+
+/// `mr status` for people.
+pub fn status_text(s: &JobStatus) -> String {
+    let state = match (&s.failed, s.done) {
+        (Some(why), _) => format!("failed: {why}"),
+        (None, true) => "done".to_string(),
+        (None, false) if s.maps_done < s.maps => "map phase".to_string(),
+        (None, false) => "reduce phase".to_string(),
+    };
+    let mut o = format!("job: {state}\n");
+    o += &format!(
+        "  map tasks:    {:>6} done {:>6} running {:>6} waiting   (of {})\n",
+        s.maps_done,
+        s.maps_running,
+        s.maps - s.maps_done - s.maps_running.min(s.maps - s.maps_done),
+        s.maps
+    );
+    o += &format!(
+        "  reduce tasks: {:>6} done {:>6} running {:>6} waiting   (of {})\n",
+        s.reduces_done,
+        s.reduces_running,
+        s.reduces - s.reduces_done - s.reduces_running.min(s.reduces - s.reduces_done),
+        s.reduces
+    );
+    o += &format!(
+        "  bytes: {:.1} of {:.1} MB mapped, {:.1} MB intermediate, {:.1} MB out\n",
+        s.bytes_in as f64 / 1e6,
+        s.bytes_total as f64 / 1e6,
+        s.bytes_intermediate as f64 / 1e6,
+        s.bytes_out as f64 / 1e6
+    );
+    o += &format!(
+        "  elapsed {}; {}; {} map tasks re-executed, {} backups{}\n",
+        secs(s.elapsed_ms),
+        match s.eta_ms {
+            Some(ms) => format!("about {} left", secs(ms)),
+            None => "time left unknown yet".to_string(),
+        },
+        s.reexecuted,
+        s.backups,
+        if s.resumed_tasks > 0 {
+            format!(", {} tasks resumed from the journal", s.resumed_tasks)
+        } else {
+            String::new()
+        }
+    );
+    o += &format!("  workers: {}\n", s.worker_list.len());
+    for w in &s.worker_list {
+        o += &format!(
+            "    {:016x}  {}  heard {} ago  {} tasks done  {}\n",
+            w.id,
+            w.addr,
+            secs(w.last_heard_ms),
+            w.tasks_done,
+            w.running.as_deref().map(|r| format!("running {r}")).unwrap_or_else(|| "idle".into())
+        );
+    }
+    o
+}
+
+/// `mr status -w json`: one JSON object (also what the job page reads).
+pub fn status_json(s: &JobStatus) -> String {
+    crate::web::status_json(s)
 }
 
 fn status(addr: &Addr) -> Option<JobStatus> {
     match call::<_, Reply>(addr, &Request::Status) {
         Ok(Reply::Status(s)) => Some(s),
         _ => None,
+    }
+}
+
+/// Set by SIGINT, SIGTERM or SIGHUP while `run` runs.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+/// Everything a run made, removed however it ends.
+struct RunDirs {
+    job_dir: PathBuf,
+    sock_dir: PathBuf,
+}
+
+impl Drop for RunDirs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.job_dir);
+        let _ = std::fs::remove_dir_all(&self.sock_dir);
     }
 }
 
@@ -258,6 +506,30 @@ pub fn run_job(
     tcp: bool,
     inputs: &[String],
 ) -> ExitCode {
+    run_job_with(registry, prefix, app, job, workers, 20, tcp, inputs)
+}
+
+fn kill_all(coord: &mut Child, kids: &mut [Option<Child>]) {
+    let _ = coord.kill();
+    let _ = coord.wait();
+    for k in kids.iter_mut().flatten() {
+        let _ = k.kill();
+        let _ = k.wait();
+    }
+}
+
+/// [`run_job`], restarting dead workers up to `max_restarts` times in all.
+#[allow(clippy::too_many_arguments)]
+pub fn run_job_with(
+    registry: &Registry,
+    prefix: &[&str],
+    app: &AppArgs,
+    job: &JobArgs,
+    workers: usize,
+    max_restarts: usize,
+    tcp: bool,
+    inputs: &[String],
+) -> ExitCode {
     // Everything that can be wrong is checked before any process starts.
     if let Err(e) = app.make(registry) {
         return fail(e);
@@ -265,13 +537,25 @@ pub fn run_job(
     if workers == 0 {
         return fail("--workers must be at least 1");
     }
-    let chunks = match validate_job(job, inputs) {
+    let resolved = match validate_job(job, inputs) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let job_dir = job.out.join(format!(".mr-job-{}", std::process::id()));
-    if let Err(e) = std::fs::create_dir_all(&job_dir) {
-        return fail(format!("{}: {e}", job_dir.display()));
+    if let Err(e) = prepare_output(&resolved, job.overwrite, false) {
+        return fail(e);
+    }
+    catch_interrupts();
+    let pid = std::process::id();
+    // Sockets live in a short directory of their own (an output path may be too long for a
+    // UNIX socket); intermediate data lives next to the output.
+    let dirs = RunDirs {
+        job_dir: resolved.out.join(format!(".mr-job-{pid}")),
+        sock_dir: std::env::temp_dir().join(format!("sixfive-mr-{pid}")),
+    };
+    for d in [&dirs.job_dir, &dirs.sock_dir] {
+        if let Err(e) = std::fs::create_dir_all(d) {
+            return fail(format!("{}: {e}", d.display()));
+        }
     }
     let addr = if tcp {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port());
@@ -280,9 +564,13 @@ pub fn run_job(
             Err(e) => return fail(e),
         }
     } else {
-        format!("unix:{}", job_dir.join("coordinator.sock").display())
+        format!("unix:{}", dirs.sock_dir.join("c.sock").display())
     };
-    let stats = job_dir.join("stats");
+    let a: Addr = match addr.parse() {
+        Ok(a) => a,
+        Err(e) => return fail(format!("{e} (set TMPDIR to a shorter directory)")),
+    };
+    let stats = dirs.job_dir.join("stats");
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => return fail(e),
@@ -291,22 +579,24 @@ pub fn run_job(
     let mut coord = Command::new(&exe);
     coord
         .args(prefix)
-        .args(["coordinator", "--listen", &addr, "--reduces", &job.reduces.to_string()])
+        .args(["coordinator", "--quiet", "--listen", &addr, "--reduces", &job.reduces.to_string()])
         .args(["--chunk-mib", &job.chunk_mib.to_string(), "--task-timeout-secs", &job.task_timeout_secs.to_string()])
         .arg("--out")
-        .arg(&job.out)
+        .arg(&resolved.out)
         .arg("--stats-file")
         .arg(&stats);
     if job.backup_tasks {
         coord.arg("--backup-tasks");
     }
+    if job.overwrite {
+        coord.arg("--overwrite");
+    }
     let mut coord = match coord.args(inputs).spawn() {
         Ok(c) => c,
         Err(e) => return fail(format!("cannot start the coordinator: {e}")),
     };
-    let mut kids: Vec<Child> = Vec::new();
-    for i in 0..workers {
-        let dir = job_dir.join(format!("worker-{i}"));
+    let spawn_worker = |i: usize, generation: usize| -> std::io::Result<Child> {
+        let dir = dirs.job_dir.join(format!("worker-{i}"));
         let mut w = Command::new(&exe);
         w.args(prefix)
             .args(["worker", "--coordinator", &addr, "--app", &app.app])
@@ -314,22 +604,28 @@ pub fn run_job(
             .arg(&dir)
             .arg("--stats-file")
             .arg(&stats);
+        if !tcp {
+            w.arg("--listen").arg(format!("unix:{}", dirs.sock_dir.join(format!("w{i}-{generation}.sock")).display()));
+        }
         if let Some(m) = &app.map_cmd {
             w.args(["--map-cmd", m]);
         }
         if let Some(r) = &app.reduce_cmd {
             w.args(["--reduce-cmd", r]);
         }
-        match w.stdout(Stdio::null()).spawn() {
-            Ok(c) => kids.push(c),
+        w.stdout(Stdio::null()).spawn()
+    };
+    let mut kids: Vec<Option<Child>> = Vec::new();
+    for i in 0..workers {
+        match spawn_worker(i, 0) {
+            Ok(c) => kids.push(Some(c)),
             Err(e) => {
-                let _ = coord.kill();
+                kill_all(&mut coord, &mut kids);
                 return fail(format!("cannot start worker {i}: {e}"));
             }
         }
     }
-    let a: Addr = addr.parse().expect("we made it");
-    let total = (chunks.len() + job.reduces) as u64;
+    let total = (resolved.chunks.len() + job.reduces) as u64;
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} tasks  {msg}")
@@ -337,12 +633,27 @@ pub fn run_job(
             .progress_chars("=> "),
     );
     let mut last = JobStatus::default();
-    let mut done_at = None;
-    let code = loop {
-        if let Some(s) = status(&a) {
-            if s.done && done_at.is_none() {
-                done_at = Some(started.elapsed());
+    let mut restarts = 0;
+    let mut generation = vec![0usize; workers];
+    let cleanup_failed_output = || {
+        let _ = std::fs::remove_file(resolved.out.join(JOURNAL_NAME));
+        if let Ok(d) = std::fs::read_dir(&resolved.out) {
+            for e in d.flatten() {
+                if is_output_name(&e.file_name().to_string_lossy()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
+        }
+    };
+    let code = loop {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            bar.finish_and_clear();
+            kill_all(&mut coord, &mut kids);
+            cleanup_failed_output();
+            eprintln!("interrupted: stopped the coordinator and the workers, removed the job's files");
+            return ExitCode::from(130);
+        }
+        if let Some(s) = status(&a) {
             bar.set_position((s.maps_done + s.reduces_done) as u64);
             bar.set_message(format!(
                 "map {}/{} reduce {}/{}  {:.1} MB in",
@@ -357,22 +668,54 @@ pub fn run_job(
         if let Ok(Some(st)) = coord.try_wait() {
             break st;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // A worker that died is restarted (its lost work is redone); one that keeps dying
+        // ends the run with the reason.
+        for i in 0..workers {
+            let Some(k) = kids[i].as_mut() else { continue };
+            let Ok(Some(st)) = k.try_wait() else { continue };
+            kids[i] = None;
+            if st.success() || last.done {
+                continue; // told to exit
+            }
+            if restarts >= max_restarts {
+                bar.finish_and_clear();
+                kill_all(&mut coord, &mut kids);
+                cleanup_failed_output();
+                return fail(format!(
+                    "worker {i} died ({st}) and {restarts} restarts are used up (--max-worker-restarts); \
+                     see the workers' messages above"
+                ));
+            }
+            restarts += 1;
+            generation[i] += 1;
+            bar.println(format!("worker {i} died ({st}); restarting it ({restarts}/{max_restarts})"));
+            match spawn_worker(i, generation[i]) {
+                Ok(c) => kids[i] = Some(c),
+                Err(e) => {
+                    bar.finish_and_clear();
+                    kill_all(&mut coord, &mut kids);
+                    cleanup_failed_output();
+                    return fail(format!("cannot restart worker {i}: {e}"));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
     };
     bar.finish_and_clear();
-    let wall = done_at.unwrap_or_else(|| started.elapsed());
-    // Workers exit when told or when they find the coordinator gone.
+    // Workers exit when told; the coordinator told every live one before exiting.
     let deadline = Instant::now() + Duration::from_secs(10);
-    for k in kids.iter_mut() {
+    for k in kids.iter_mut().flatten() {
         while Instant::now() < deadline && matches!(k.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = k.kill();
         let _ = k.wait();
     }
+    let wall = started.elapsed();
     let rss = std::fs::read_to_string(&stats).unwrap_or_default();
-    let _ = std::fs::remove_dir_all(&job_dir);
+    drop(dirs);
     if !code.success() {
+        cleanup_failed_output();
         eprintln!("job failed ({code}); see the coordinator's message above");
         return ExitCode::FAILURE;
     }
@@ -387,8 +730,11 @@ pub fn run_job(
         last.bytes_intermediate as f64 / 1e6,
         last.bytes_out as f64 / 1e6,
     );
-    if last.reexecuted > 0 || last.backups > 0 {
-        println!("  {} map tasks re-executed, {} backup tasks", last.reexecuted, last.backups);
+    if last.reexecuted > 0 || last.backups > 0 || restarts > 0 {
+        println!(
+            "  {} map tasks re-executed, {} backup tasks, {restarts} worker restarts",
+            last.reexecuted, last.backups
+        );
     }
     for line in rss.lines() {
         let parts: Vec<&str> = line.split_whitespace().collect();
@@ -397,6 +743,6 @@ pub fn run_job(
             println!("  peak RSS {role:<11} pid {pid:>7}: {mib:.1} MiB");
         }
     }
-    println!("  output: {}", Path::new(&job.out).join("mr-out-*").display());
+    println!("  output: {} ({} files and _SUCCESS)", resolved.out.join("mr-out-*").display(), job.reduces);
     ExitCode::SUCCESS
 }

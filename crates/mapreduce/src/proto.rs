@@ -21,16 +21,19 @@ pub enum Addr {
     Tcp(String),
 }
 
+/// Longest UNIX socket path the kernel takes (`sun_path` is 108 bytes with its NUL).
+pub const MAX_UNIX_PATH: usize = 107;
+
 /// A bad address.
 #[derive(Debug, thiserror::Error)]
-#[error("bad address {0:?}: use unix:/path/to.sock or host:port")]
+#[error("bad address {0:?}: use unix:/path/to.sock (at most 107 bytes of path) or host:port")]
 pub struct BadAddr(pub String);
 
 impl std::str::FromStr for Addr {
     type Err = BadAddr;
     fn from_str(s: &str) -> Result<Addr, BadAddr> {
         if let Some(p) = s.strip_prefix("unix:") {
-            if p.is_empty() {
+            if p.is_empty() || p.len() > MAX_UNIX_PATH {
                 return Err(BadAddr(s.into()));
             }
             return Ok(Addr::Unix(PathBuf::from(p)));
@@ -122,12 +125,33 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Listens at `addr` (a stale UNIX socket file is replaced; TCP port 0 picks a port).
+    /// Listens at `addr` (TCP port 0 picks a port). At a UNIX path, only a stale socket (one
+    /// nobody accepts on, left by a killed process) is replaced: a live socket means another
+    /// process serves there, and any other file is not ours to delete; both are refused.
     pub fn bind(addr: &Addr) -> io::Result<Listener> {
         match addr {
             Addr::Unix(p) => {
-                if p.exists() {
-                    std::fs::remove_file(p)?;
+                use std::os::unix::fs::FileTypeExt;
+                if p.as_os_str().len() > MAX_UNIX_PATH {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("socket path {} is longer than {MAX_UNIX_PATH} bytes", p.display()),
+                    ));
+                }
+                if let Ok(meta) = std::fs::symlink_metadata(p) {
+                    if !meta.file_type().is_socket() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AlreadyExists,
+                            format!("{} exists and is not a socket; refusing to replace it", p.display()),
+                        ));
+                    }
+                    if UnixStream::connect(p).is_ok() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            format!("another process is already listening at {}", p.display()),
+                        ));
+                    }
+                    std::fs::remove_file(p)?; // stale: its listener is gone
                 }
                 Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
             }
@@ -210,10 +234,24 @@ pub enum Request {
         /// Its file server.
         addr: String,
     },
+    /// `worker` is alive and still running this task (sent every heartbeat interval while a
+    /// task runs, so a long task is not taken for a lost one).
+    Heartbeat {
+        /// Who.
+        worker: WorkerId,
+        /// Its file server.
+        addr: String,
+        /// Map (true) or reduce.
+        map: bool,
+        /// Which task.
+        task: usize,
+    },
     /// A map task's output is in `worker`'s directory.
     MapDone {
         /// Who did it.
         worker: WorkerId,
+        /// Its file server (a restarted coordinator may not have heard of it yet).
+        addr: String,
         /// Which map task.
         task: usize,
         /// Which attempt (names its files).
@@ -275,6 +313,8 @@ pub enum Task {
         len: u64,
         /// Reduce buckets.
         n_reduce: usize,
+        /// Send a heartbeat this often while the task runs.
+        heartbeat_ms: u64,
     },
     /// Reduce bucket `id`: fetch the winning attempt of each map task from its worker.
     Reduce {
@@ -284,6 +324,8 @@ pub enum Task {
         sources: Vec<(usize, String, u64)>,
         /// Directory for `mr-out-<id>`.
         out_dir: String,
+        /// Send a heartbeat this often while the task runs.
+        heartbeat_ms: u64,
     },
     /// Nothing now; ask again shortly.
     Wait,
@@ -291,17 +333,46 @@ pub enum Task {
     Exit,
 }
 
+/// A worker as the coordinator knows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// Its id.
+    pub id: WorkerId,
+    /// Its file server.
+    pub addr: String,
+    /// Milliseconds since it was last heard from (a request or a heartbeat).
+    pub last_heard_ms: u64,
+    /// Tasks it finished (map and reduce).
+    pub tasks_done: u64,
+    /// What it runs now, e.g. "map 3", if anything.
+    pub running: Option<String>,
+}
+
 /// Progress of a job.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct JobStatus {
     /// Map tasks done.
     pub maps_done: usize,
+    /// Map tasks running (at least one attempt in flight).
+    pub maps_running: usize,
     /// Map tasks in all.
     pub maps: usize,
     /// Reduce tasks done.
     pub reduces_done: usize,
+    /// Reduce tasks running.
+    pub reduces_running: usize,
     /// Reduce tasks in all.
     pub reduces: usize,
+    /// Input bytes in all.
+    pub bytes_total: u64,
+    /// Milliseconds since the coordinator started (this run of it).
+    pub elapsed_ms: u64,
+    /// Estimated milliseconds left (from the rate of progress so far), once there is a rate.
+    pub eta_ms: Option<u64>,
+    /// Tasks found done in the journal when this coordinator started (a resumed job).
+    pub resumed_tasks: usize,
+    /// Every worker heard from, by id.
+    pub worker_list: Vec<WorkerInfo>,
     /// Input bytes mapped.
     pub bytes_in: u64,
     /// Intermediate bytes written.

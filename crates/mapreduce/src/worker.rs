@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::app::App;
+use crate::app::{App, Groups};
 use crate::proto::{
     Addr, Fetch, Listener, Reply, Request, Stream, Task, WorkerId, bucket, call, intermediate_name,
     is_intermediate_name, recv, send,
@@ -27,7 +27,8 @@ pub struct WorkerConfig {
     pub listen: Addr,
     /// This worker's own directory.
     pub work_dir: PathBuf,
-    /// How long to keep trying to reach the coordinator at start.
+    /// How long to keep trying to reach the coordinator, at start (it may not be up yet) and
+    /// after losing it (it may be restarting), with backoff between tries.
     pub connect_patience: Duration,
 }
 
@@ -47,44 +48,128 @@ fn nonce() -> u64 {
     h.finish()
 }
 
-/// Runs a worker until the coordinator says the job is done or can no longer be reached.
+/// Calls the coordinator, retrying with backoff (20 ms doubling to 1 s) for up to `patience`.
+/// Says once on stderr that it is waiting.
+fn call_patiently(cfg: &WorkerConfig, req: &Request, what: &str) -> Result<Reply, String> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(20);
+    let mut said = false;
+    loop {
+        match call::<_, Reply>(&cfg.coordinator, req) {
+            Ok(r) => {
+                if said {
+                    eprintln!("worker {}: reached the coordinator again", std::process::id());
+                }
+                return Ok(r);
+            }
+            Err(e) => {
+                if started.elapsed() >= cfg.connect_patience {
+                    return Err(format!(
+                        "cannot reach the coordinator at {} ({what}): {e}; gave up after {} s (--connect-timeout-secs)",
+                        cfg.coordinator,
+                        cfg.connect_patience.as_secs()
+                    ));
+                }
+                if !said && started.elapsed() >= Duration::from_millis(500) {
+                    eprintln!(
+                        "worker {}: waiting for the coordinator at {} ({e}); retrying for up to {} s",
+                        std::process::id(),
+                        cfg.coordinator,
+                        cfg.connect_patience.as_secs()
+                    );
+                    said = true;
+                }
+                std::thread::sleep(delay.min(cfg.connect_patience.saturating_sub(started.elapsed())));
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Sends heartbeats for a running task until dropped.
+struct Heartbeat {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    fn start(coordinator: Addr, req: Request, every: Duration) -> Heartbeat {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+                let _ = call::<_, Reply>(&coordinator, &req); // a missed beat is not fatal
+            }
+        });
+        Heartbeat { stop: Some(tx), thread: Some(thread) }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs a worker until the coordinator says the job is done. Fails if the coordinator cannot
+/// be reached for `connect_patience`. Removes its intermediate files and socket on the way out.
 pub fn run_worker(cfg: WorkerConfig, app: Arc<dyn App>) -> Result<WorkerReport, String> {
     std::fs::create_dir_all(&cfg.work_dir).map_err(|e| format!("work dir {}: {e}", cfg.work_dir.display()))?;
     let listener = Listener::bind(&cfg.listen).map_err(|e| format!("cannot listen at {}: {e}", cfg.listen))?;
     let my_addr = listener.local_addr().map_err(|e| e.to_string())?.to_string();
+    let socket = match &cfg.listen {
+        Addr::Unix(p) => Some(p.clone()),
+        Addr::Tcp(_) => None,
+    };
     let dir = cfg.work_dir.clone();
     std::thread::spawn(move || serve_files(listener, dir));
+    let mut written: Vec<PathBuf> = Vec::new();
+    let r = work(&cfg, app, &my_addr, &mut written);
+    for f in written {
+        let _ = std::fs::remove_file(f);
+    }
+    if let Some(p) = socket {
+        let _ = std::fs::remove_file(p);
+    }
+    r
+}
+
+fn work(
+    cfg: &WorkerConfig,
+    app: Arc<dyn App>,
+    my_addr: &str,
+    written: &mut Vec<PathBuf>,
+) -> Result<WorkerReport, String> {
     let id: WorkerId = ((std::process::id() as u64) << 32) ^ (nonce() & 0xFFFF_FFFF);
     let mut report = WorkerReport::default();
-    let started = Instant::now();
-    let mut contacted = false;
     loop {
-        let reply = call::<_, Reply>(&cfg.coordinator, &Request::GetTask { worker: id, addr: my_addr.clone() });
-        let task = match reply {
-            Ok(Reply::Task(t)) => t,
-            Ok(other) => return Err(format!("unexpected reply from the coordinator: {other:?}")),
-            Err(e) => {
-                if !contacted && started.elapsed() < cfg.connect_patience {
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                }
-                if !contacted {
-                    return Err(format!("cannot reach the coordinator at {}: {e}", cfg.coordinator));
-                }
-                return Ok(report); // the coordinator is gone: the job is over
-            }
+        let ask = Request::GetTask { worker: id, addr: my_addr.to_string() };
+        let task = match call_patiently(cfg, &ask, "asking for work")? {
+            Reply::Task(t) => t,
+            other => return Err(format!("unexpected reply from the coordinator: {other:?}")),
         };
-        contacted = true;
+        let beat = |map: bool, task: usize, ms: u64| {
+            let req = Request::Heartbeat { worker: id, addr: my_addr.to_string(), map, task };
+            Heartbeat::start(cfg.coordinator.clone(), req, Duration::from_millis(ms.max(10)))
+        };
         let outcome = match task {
-            Task::Map { id: task, attempt, file, offset, len, n_reduce } => {
+            Task::Map { id: task, attempt, file, offset, len, n_reduce, heartbeat_ms } => {
                 report.maps += 1;
-                match guarded(|| run_map(app.as_ref(), &cfg.work_dir, task, attempt, &file, offset, len, n_reduce)) {
-                    Ok((bytes_in, bytes_out)) => Request::MapDone { worker: id, task, attempt, bytes_in, bytes_out },
+                let _beat = beat(true, task, heartbeat_ms);
+                let r = guarded(|| run_map(app.as_ref(), &cfg.work_dir, task, attempt, &file, offset, len, n_reduce));
+                match r {
+                    Ok((bytes_in, bytes_out, files)) => {
+                        written.extend(files);
+                        Request::MapDone { worker: id, addr: my_addr.to_string(), task, attempt, bytes_in, bytes_out }
+                    }
                     Err(reason) => Request::TaskFailed { worker: id, map: true, task, reason },
                 }
             }
-            Task::Reduce { id: task, sources, out_dir } => {
+            Task::Reduce { id: task, sources, out_dir, heartbeat_ms } => {
                 report.reduces += 1;
+                let _beat = beat(false, task, heartbeat_ms);
                 match guarded(|| run_reduce(app.as_ref(), &cfg.work_dir, task, &sources, Path::new(&out_dir))) {
                     Ok(Ok(bytes_out)) => Request::ReduceDone { worker: id, task, bytes_out },
                     Ok(Err((map, addr))) => Request::FetchFailed { worker: id, reduce: task, map, addr },
@@ -97,9 +182,8 @@ pub fn run_worker(cfg: WorkerConfig, app: Arc<dyn App>) -> Result<WorkerReport, 
             }
             Task::Exit => return Ok(report),
         };
-        if call::<_, Reply>(&cfg.coordinator, &outcome).is_err() {
-            return Ok(report); // the coordinator is gone
-        }
+        // A result is delivered even across a coordinator restart: the new one accepts it.
+        call_patiently(cfg, &outcome, "reporting a result")?;
     }
 }
 
@@ -158,7 +242,10 @@ fn read_record(r: &mut impl Read) -> io::Result<Option<(String, String)>> {
     Ok(Some((k, v)))
 }
 
-/// Maps one chunk into `n_reduce` sorted intermediate files `mr-<task>-<r>-<attempt>`.
+/// Maps one chunk into `n_reduce` sorted intermediate files `mr-<task>-<r>-<attempt>`;
+/// returns bytes in, bytes out and the files written. Pairs are combined on the map side
+/// while the app's [`App::combine`] accepts them (an app without a combiner declines the
+/// first time a key repeats, and its pairs are kept as they are from then on).
 #[allow(clippy::too_many_arguments)]
 fn run_map(
     app: &dyn App,
@@ -169,42 +256,55 @@ fn run_map(
     offset: u64,
     len: u64,
     n_reduce: usize,
-) -> Result<(u64, u64), String> {
+) -> Result<(u64, u64, Vec<PathBuf>), String> {
+    let bytes = read_chunk(file, offset, len)?;
+    let contents = String::from_utf8_lossy(&bytes);
+    let mut buckets: Vec<Vec<(String, String)>> = vec![Vec::new(); n_reduce];
+    let mut combined: FxHashMap<String, String> = FxHashMap::default();
+    let mut combining = true;
+    app.map(file, &contents, &mut |k, v| {
+        if combining {
+            match combined.get_mut(k) {
+                Some(acc) => {
+                    if !app.combine(k, acc, v) {
+                        // No combiner: from here on every pair is kept. Until now every key
+                        // had a single value, so nothing was folded; values keep their order.
+                        combining = false;
+                        for (k, v) in combined.drain() {
+                            buckets[bucket(&k, n_reduce)].push((k, v));
+                        }
+                        buckets[bucket(k, n_reduce)].push((k.to_string(), v.to_string()));
+                    }
+                }
+                None => {
+                    combined.insert(k.to_string(), v.to_string());
+                }
+            }
+        } else {
+            buckets[bucket(k, n_reduce)].push((k.to_string(), v.to_string()));
+        }
+    })
+    .map_err(|e| format!("map of {file} at {offset}: {e}"))?;
+    for (k, v) in combined {
+        buckets[bucket(&k, n_reduce)].push((k, v));
+    }
+    let mut out_bytes = 0;
+    let mut files = Vec::new();
+    for (r, mut pairs) in buckets.into_iter().enumerate() {
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        let name = intermediate_name(task, r, attempt);
+        out_bytes += write_bucket(dir, &name, &pairs)?;
+        files.push(dir.join(name));
+    }
+    Ok((len, out_bytes, files))
+}
+
+fn read_chunk(file: &str, offset: u64, len: u64) -> Result<Vec<u8>, String> {
     let mut f = File::open(file).map_err(|e| format!("input {file}: {e}"))?;
     std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
     let mut bytes = vec![0u8; len as usize];
     f.read_exact(&mut bytes).map_err(|e| format!("input {file}: {e}"))?;
-    let contents = String::from_utf8_lossy(&bytes);
-    let mut out_bytes = 0;
-    if app.has_combiner() {
-        // Map-side combining: one value per key. Buckets are assigned once per distinct key
-        // when writing, not once per emitted pair.
-        let mut combined: FxHashMap<String, String> = FxHashMap::default();
-        app.map(file, &contents, &mut |k, v| match combined.get_mut(k) {
-            Some(acc) => {
-                app.combine(k, acc, v);
-            }
-            None => {
-                combined.insert(k.to_string(), v.to_string());
-            }
-        });
-        let mut buckets: Vec<Vec<(String, String)>> = vec![Vec::new(); n_reduce];
-        for (k, v) in combined {
-            buckets[bucket(&k, n_reduce)].push((k, v));
-        }
-        for (r, mut pairs) in buckets.into_iter().enumerate() {
-            pairs.sort_unstable();
-            out_bytes += write_bucket(dir, &intermediate_name(task, r, attempt), &pairs)?;
-        }
-    } else {
-        let mut buckets: Vec<Vec<(String, String)>> = vec![Vec::new(); n_reduce];
-        app.map(file, &contents, &mut |k, v| buckets[bucket(k, n_reduce)].push((k.to_string(), v.to_string())));
-        for (r, mut pairs) in buckets.into_iter().enumerate() {
-            pairs.sort_by(|a, b| a.0.cmp(&b.0));
-            out_bytes += write_bucket(dir, &intermediate_name(task, r, attempt), &pairs)?;
-        }
-    }
-    Ok((len, out_bytes))
+    Ok(bytes)
 }
 
 fn write_bucket(dir: &Path, name: &str, pairs: &[(String, String)]) -> Result<u64, String> {
@@ -254,38 +354,42 @@ fn run_reduce(
         cleanup(&fetched);
         return Ok(Err((*m, addr.clone())));
     }
-    let mut runs = Vec::new();
+    let mut runs: Vec<Box<dyn Read>> = Vec::new();
     for f in &inputs {
-        runs.push(BufReader::with_capacity(256 << 10, File::open(f).map_err(|e| e.to_string())?));
+        runs.push(Box::new(BufReader::with_capacity(256 << 10, File::open(f).map_err(|e| e.to_string())?)));
     }
-    let mut merge = Merge::new(runs).map_err(|e| e.to_string())?;
-    let out_path = out_dir.join(format!("mr-out-{task}"));
-    let mut app_err = None;
-    let written = write_atomically(&out_path, |w| {
-        let mut groups = std::iter::from_fn(|| match merge.next_group() {
-            Ok(g) => g,
-            Err(e) => {
-                app_err = Some(format!("reading intermediate data: {e}"));
-                None
-            }
-        });
+    let r = reduce_runs(app, runs, &out_dir.join(format!("mr-out-{task}")));
+    cleanup(&fetched);
+    r.map(Ok).map_err(|e| format!("reduce {task}: {e}"))
+}
+
+/// Merges sorted runs by key, reduces each group, and writes the lines to `out_path`
+/// (atomically). Returns the bytes written.
+fn reduce_runs(app: &dyn App, runs: Vec<Box<dyn Read>>, out_path: &Path) -> Result<u64, String> {
+    let mut merge = Merge::new(runs).map_err(|e| format!("reading intermediate data: {e}"))?;
+    write_atomically(out_path, |w| {
         let mut out = |line: &str| -> io::Result<()> {
             w.write_all(line.as_bytes())?;
             w.write_all(b"\n")
         };
-        app.reduce_task(&mut groups, &mut out).map_err(io::Error::other)
-    });
-    cleanup(&fetched);
-    if let Some(e) = app_err {
-        return Err(e);
-    }
-    written.map(Ok).map_err(|e| format!("reduce {task}: {e}"))
+        let r = app.reduce_task(&mut merge, &mut out);
+        // Nothing half-read is ever renamed into place.
+        if let Some(e) = merge.err.take() {
+            return Err(io::Error::other(format!("reading intermediate data: {e}")));
+        }
+        r.map_err(io::Error::other)
+    })
+    .map_err(|e| e.to_string())
 }
 
-/// K-way merge of sorted runs, yielding (key, values) groups in key order.
+/// K-way merge of sorted runs, yielding keys in order and each key's values streamed (in
+/// run order, and within a run in file order). A read error ends the stream; it is kept in
+/// `err` for the caller.
 struct Merge<R> {
     runs: Vec<R>,
     heap: BinaryHeap<std::cmp::Reverse<(String, usize, String)>>,
+    current: Option<String>,
+    err: Option<io::Error>,
 }
 
 impl<R: Read> Merge<R> {
@@ -296,26 +400,37 @@ impl<R: Read> Merge<R> {
                 heap.push(std::cmp::Reverse((k, i, v)));
             }
         }
-        Ok(Merge { runs, heap })
+        Ok(Merge { runs, heap, current: None, err: None })
     }
 
-    fn next_group(&mut self) -> io::Result<Option<(String, Vec<String>)>> {
-        let Some(std::cmp::Reverse((key, i, v))) = self.heap.pop() else { return Ok(None) };
-        let mut values = vec![v];
-        self.refill(i)?;
-        while self.heap.peek().is_some_and(|top| top.0.0 == key) {
-            let std::cmp::Reverse((_, j, v)) = self.heap.pop().expect("peeked");
-            values.push(v);
-            self.refill(j)?;
+    fn refill(&mut self, i: usize) {
+        match read_record(&mut self.runs[i]) {
+            Ok(Some((k, v))) => self.heap.push(std::cmp::Reverse((k, i, v))),
+            Ok(None) => {}
+            Err(e) => {
+                self.err = Some(e);
+                self.heap.clear();
+            }
         }
-        Ok(Some((key, values)))
+    }
+}
+
+impl<R: Read> Groups for Merge<R> {
+    fn next_key(&mut self) -> Option<String> {
+        while self.next_value().is_some() {}
+        let key = self.heap.peek()?.0.0.clone();
+        self.current = Some(key.clone());
+        Some(key)
     }
 
-    fn refill(&mut self, i: usize) -> io::Result<()> {
-        if let Some((k, v)) = read_record(&mut self.runs[i])? {
-            self.heap.push(std::cmp::Reverse((k, i, v)));
+    fn next_value(&mut self) -> Option<String> {
+        let cur = self.current.as_ref()?;
+        if self.heap.peek().is_none_or(|top| top.0.0 != *cur) {
+            return None;
         }
-        Ok(())
+        let std::cmp::Reverse((_, i, v)) = self.heap.pop().expect("peeked");
+        self.refill(i);
+        Some(v)
     }
 }
 
@@ -364,25 +479,126 @@ fn serve_files(listener: Listener, dir: PathBuf) {
     }
 }
 
-/// The sequential reference: map every file whole, sort, reduce, write `out`.
+/// Pairs buffered by [`run_sequential`] before a sorted run is spilled to disk. Pairs are
+/// grouped by key in memory: a value costs its bytes plus 4, a distinct key its bytes plus 64.
+pub const SEQUENTIAL_SPILL_BYTES: usize = 64 << 20;
+
+/// The sequential reference: map every file (in 16 MiB pieces at line boundaries), sort,
+/// reduce, write `out`. Memory stays bounded whatever the input size: pairs are sorted and
+/// spilled to disk in runs of [`SEQUENTIAL_SPILL_BYTES`] (next to `out`, removed after), and
+/// the runs are merged. Returns the bytes written.
 pub fn run_sequential(app: &dyn App, files: &[String], out: &Path) -> Result<u64, String> {
-    let mut pairs: Vec<(String, String)> = Vec::new();
-    for f in files {
-        let bytes = std::fs::read(f).map_err(|e| format!("input {f}: {e}"))?;
-        let contents = String::from_utf8_lossy(&bytes);
-        app.map(f, &contents, &mut |k, v| pairs.push((k.to_string(), v.to_string())));
-    }
-    pairs.sort_by(|a, b| a.0.cmp(&b.0));
-    let groups = crate::app::group_sorted(pairs);
-    write_atomically(out, |w| {
-        let mut it = groups.into_iter();
-        let mut line = |l: &str| -> io::Result<()> {
-            w.write_all(l.as_bytes())?;
-            w.write_all(b"\n")
+    run_sequential_with(app, files, out, 16 << 20, SEQUENTIAL_SPILL_BYTES).map(|(bytes, _)| bytes)
+}
+
+/// [`run_sequential`] with the piece size and spill threshold given; also returns how many
+/// sorted runs were spilled.
+pub fn run_sequential_with(
+    app: &dyn App,
+    files: &[String],
+    out: &Path,
+    piece_bytes: u64,
+    spill_bytes: usize,
+) -> Result<(u64, usize), String> {
+    let chunks = crate::split::split_inputs(files, piece_bytes.max(1))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let spill_dir = parent.join(format!(".mr-sequential-{}", nonce()));
+    let r = sequential_in(app, &chunks, out, &spill_dir, spill_bytes);
+    let _ = std::fs::remove_dir_all(&spill_dir);
+    r
+}
+
+/// Pairs grouped by key in memory, values appended (length-prefixed) to one buffer per key,
+/// spilled as a sorted run when they hold `limit` bytes.
+struct Spiller<'a> {
+    groups: FxHashMap<String, Vec<u8>>,
+    held: usize,
+    limit: usize,
+    dir: &'a Path,
+    runs: Vec<PathBuf>,
+    err: Option<String>,
+}
+
+impl Spiller<'_> {
+    fn add(&mut self, k: &str, v: &str) {
+        let buf = match self.groups.get_mut(k) {
+            Some(b) => b,
+            None => {
+                self.held += k.len() + 64;
+                self.groups.entry(k.to_string()).or_default()
+            }
         };
-        app.reduce_task(&mut it, &mut line).map_err(io::Error::other)
-    })
-    .map_err(|e| format!("writing {}: {e}", out.display()))
+        buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        buf.extend_from_slice(v.as_bytes());
+        self.held += 4 + v.len();
+        if self.held >= self.limit
+            && self.err.is_none()
+            && let Err(e) = self.spill()
+        {
+            self.err = Some(e);
+        }
+    }
+
+    /// The groups, sorted by key, as records (key, value) in value order.
+    fn write_sorted(&mut self, w: &mut impl Write) -> io::Result<()> {
+        let mut groups: Vec<(String, Vec<u8>)> = self.groups.drain().collect();
+        self.held = 0;
+        groups.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (k, buf) in groups {
+            let mut pos = 0;
+            while pos < buf.len() {
+                let len = u32::from_le_bytes(buf[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+                let v = std::str::from_utf8(&buf[pos + 4..pos + 4 + len]).expect("values are str");
+                write_record(w, &k, v)?;
+                pos += 4 + len;
+            }
+        }
+        Ok(())
+    }
+
+    fn spill(&mut self) -> Result<(), String> {
+        std::fs::create_dir_all(self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        let path = self.dir.join(format!("run-{}", self.runs.len()));
+        write_atomically(&path, |w| self.write_sorted(w))
+            .map_err(|e| format!("spilling to {}: {e}", path.display()))?;
+        self.runs.push(path);
+        Ok(())
+    }
+}
+
+fn sequential_in(
+    app: &dyn App,
+    chunks: &[crate::split::Chunk],
+    out: &Path,
+    spill: &Path,
+    spill_bytes: usize,
+) -> Result<(u64, usize), String> {
+    let mut sp =
+        Spiller { groups: FxHashMap::default(), held: 0, limit: spill_bytes, dir: spill, runs: Vec::new(), err: None };
+    for c in chunks {
+        let bytes = read_chunk(&c.file, c.offset, c.len)?;
+        let contents = String::from_utf8_lossy(&bytes);
+        app.map(&c.file, &contents, &mut |k, v| sp.add(k, v)).map_err(|e| format!("map of {}: {e}", c.file))?;
+        if let Some(e) = sp.err.take() {
+            return Err(e);
+        }
+    }
+    let mut readers: Vec<Box<dyn Read>> = Vec::new();
+    if sp.runs.is_empty() {
+        let mut last = Vec::new();
+        sp.write_sorted(&mut last).map_err(|e| e.to_string())?;
+        readers.push(Box::new(io::Cursor::new(last)));
+    } else if !sp.groups.is_empty() {
+        sp.spill()?;
+    }
+    for r in &sp.runs {
+        readers.push(Box::new(BufReader::with_capacity(256 << 10, File::open(r).map_err(|e| e.to_string())?)));
+    }
+    let bytes = reduce_runs(app, readers, out).map_err(|e| format!("writing {}: {e}", out.display()))?;
+    Ok((bytes, sp.runs.len()))
 }
 
 #[cfg(test)]
@@ -403,9 +619,10 @@ mod tests {
             .collect();
         let mut m = Merge::new(runs.iter().map(|r| r.as_slice()).collect()).unwrap();
         let mut got = Vec::new();
-        while let Some(g) = m.next_group().unwrap() {
-            got.push(g);
+        while let Some(k) = m.next_key() {
+            got.push((k, crate::app::Values(&mut m).collect::<Vec<_>>()));
         }
+        assert!(m.err.is_none());
         assert_eq!(
             got,
             vec![

@@ -116,7 +116,7 @@ impl Storage for SimStorage {
 }
 
 /// Where the directory of node storage lives on a simulated file system.
-const FILE_DIR: &str = "/data/raft";
+const FILE_DIR: &str = "/raft";
 
 /// A node's storage in the simulator: the in-memory model over a [`Disk`], or the real
 /// [`FileStorage`] over a simulated file system ([`SimFs`]) that loses unsynced pages and fails

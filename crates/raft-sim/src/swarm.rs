@@ -98,6 +98,9 @@ pub fn run_on(seed: u64, fault_micros: Micros, storage: SwarmStorage) -> SwarmRe
             c.max_msg_bytes = 64;
             c.max_inflight_msgs = 2;
             c.snapshot_chunk_bytes = 40;
+            c.max_committed_bytes_per_ready = 64;
+            c.max_uncommitted_bytes = 100;
+            c.max_pending_reads = 2;
         }
     } else {
         |_| {}

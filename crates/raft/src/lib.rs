@@ -13,7 +13,11 @@
 //! Features: elections with randomised timeouts, pre-vote, check-quorum with leader lease;
 //! replication with fast backtracking, batching (every proposal made between two `Ready`s goes
 //! out in one message per follower), pipelining with a bounded in-flight window, a message size
-//! limit; snapshots with chunked InstallSnapshot; ReadIndex; leadership transfer.
+//! limit; snapshots with chunked InstallSnapshot (each transfer a stream with its own identity
+//! and checksum, kept valid while the leader compacts again); ReadIndex, with the requests that
+//! arrive together sharing one heartbeat round; leadership transfer; back-pressure (bounds on
+//! uncommitted proposal bytes, committed bytes per `Ready` and pending reads, refused with
+//! typed, retryable errors); no fsync for a change of the commit index alone.
 //!
 //! Design choices: the log lives in memory after the latest snapshot (the application compacts
 //! it by taking snapshots), so the core never reads storage; the cluster's voters are fixed at

@@ -2,6 +2,7 @@
 //! say how far the log is committed, persisted and applied.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use crate::types::{Entry, Index, RejectHint, Snapshot, SnapshotMeta, Term};
 
@@ -14,8 +15,9 @@ use crate::types::{Entry, Index, RejectHint, Snapshot, SnapshotMeta, Term};
 /// - `persisted <= last_index()`.
 #[derive(Clone, Debug)]
 pub struct RaftLog {
-    /// Everything up to `snapshot.meta.index` is compacted into this snapshot.
-    pub(crate) snapshot: Snapshot,
+    /// Everything up to `snapshot.meta.index` is compacted into this snapshot (shared with the
+    /// transfers that stream it, so a compaction does not disturb them).
+    pub(crate) snapshot: Arc<Snapshot>,
     /// Entries after the snapshot.
     pub(crate) entries: VecDeque<Entry>,
     /// Highest index known committed.
@@ -31,7 +33,7 @@ pub struct RaftLog {
 impl RaftLog {
     /// A log restored from storage (or empty).
     pub(crate) fn new(snapshot: Option<Snapshot>, entries: Vec<Entry>, commit: Index) -> RaftLog {
-        let snapshot = snapshot.unwrap_or_default();
+        let snapshot = Arc::new(snapshot.unwrap_or_default());
         let base = snapshot.meta.index;
         let entries: VecDeque<Entry> = entries.into_iter().filter(|e| e.index > base).collect();
         let last = base + entries.len() as u64;
@@ -198,7 +200,7 @@ impl RaftLog {
         self.committed = snapshot.meta.index;
         self.applied = snapshot.meta.index;
         self.persisted = snapshot.meta.index;
-        self.snapshot = snapshot;
+        self.snapshot = Arc::new(snapshot);
         self.snapshot_pending = true;
     }
 
@@ -207,8 +209,9 @@ impl RaftLog {
         let term = self.term(index).expect("compact index held in the log");
         let drop = (index - self.snapshot.meta.index) as usize;
         self.entries.drain(..drop);
-        self.snapshot = Snapshot { meta: SnapshotMeta { index, term }, data };
-        self.snapshot.clone()
+        let snapshot = Snapshot { meta: SnapshotMeta { index, term }, data };
+        self.snapshot = Arc::new(snapshot.clone());
+        snapshot
     }
 
     /// Entries not yet handed out for persistence.
@@ -216,10 +219,14 @@ impl RaftLog {
         self.slice_all(self.persisted + 1, self.last_index())
     }
 
-    /// Committed entries not yet handed to the application. Entries in the same `Ready` are
-    /// persisted before they are applied, so these may include not-yet-persisted ones.
-    pub(crate) fn to_apply(&self) -> Vec<Entry> {
-        self.slice_all(self.applied + 1, self.committed)
+    /// Committed entries not yet handed to the application, oldest first, up to `max_bytes`
+    /// (but at least one if any). Entries in the same `Ready` are persisted before they are
+    /// applied, so these may include not-yet-persisted ones.
+    pub(crate) fn to_apply(&self, max_bytes: usize) -> Vec<Entry> {
+        if self.applied >= self.committed {
+            return Vec::new();
+        }
+        self.slice(self.applied + 1, self.committed + 1, max_bytes)
     }
 
     fn slice_all(&self, lo: Index, hi: Index) -> Vec<Entry> {

@@ -2,8 +2,31 @@
 //! control as in etcd-io/raft `tracker/progress.go` and `tracker/inflights.go`).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
-use crate::types::{Index, SnapshotMeta};
+use crate::types::{Index, Snapshot, SnapshotMeta};
+
+/// A snapshot being streamed to one follower. The leader keeps sending this very snapshot until
+/// the transfer ends, however often it compacts its own log meanwhile (as etcd and raft-rs do).
+#[derive(Clone)]
+pub(crate) struct OutgoingSnapshot {
+    /// The transfer's identity, unique among this leader's transfers.
+    pub stream: u64,
+    /// What is sent.
+    pub snapshot: Arc<Snapshot>,
+    /// [`Snapshot::checksum`] of it.
+    pub checksum: u32,
+}
+
+impl std::fmt::Debug for OutgoingSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutgoingSnapshot")
+            .field("stream", &self.stream)
+            .field("meta", &self.snapshot.meta)
+            .field("bytes", &self.snapshot.data.len())
+            .finish()
+    }
+}
 
 /// How the leader is sending to a follower.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,7 +46,8 @@ pub enum ProgressState {
 
 /// The leader's view of one follower.
 ///
-/// Invariant: `match_index < next_index` (Figure 2: nextIndex starts past matchIndex).
+/// Invariants: `match_index < next_index` (Figure 2: nextIndex starts past matchIndex); the
+/// state is `Snapshot` exactly when a snapshot is being streamed (`outgoing` is set).
 #[derive(Clone, Debug)]
 pub struct Progress {
     /// Highest index known to match the leader's log.
@@ -41,6 +65,8 @@ pub struct Progress {
     /// Ticks since `match_index` last advanced while Appends were in flight; when this grows
     /// past two heartbeats the in-flight Appends are presumed lost.
     pub stalled_ticks: u32,
+    /// In `Snapshot`: the transfer under way.
+    pub(crate) outgoing: Option<OutgoingSnapshot>,
 }
 
 impl Progress {
@@ -53,6 +79,7 @@ impl Progress {
             inflights: VecDeque::new(),
             recent_active: false,
             stalled_ticks: 0,
+            outgoing: None,
         }
     }
 
@@ -65,6 +92,7 @@ impl Progress {
         self.state = ProgressState::Probe;
         self.probe_sent = false;
         self.inflights.clear();
+        self.outgoing = None;
     }
 
     pub(crate) fn become_replicate(&mut self) {
@@ -73,12 +101,14 @@ impl Progress {
         self.next_index = self.match_index + 1;
         self.probe_sent = false;
         self.inflights.clear();
+        self.outgoing = None;
     }
 
-    pub(crate) fn become_snapshot(&mut self, meta: SnapshotMeta) {
-        self.state = ProgressState::Snapshot { meta, acked_offset: 0 };
+    pub(crate) fn become_snapshot(&mut self, out: OutgoingSnapshot) {
+        self.state = ProgressState::Snapshot { meta: out.snapshot.meta, acked_offset: 0 };
         self.probe_sent = false;
         self.inflights.clear();
+        self.outgoing = Some(out);
     }
 
     /// Whether the leader should hold back `Append`s to this follower.

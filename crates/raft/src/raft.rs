@@ -3,10 +3,11 @@
 //! messages and log changes collected for the next `Ready`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::config::Config;
 use crate::log::RaftLog;
-use crate::progress::{Progress, ProgressState};
+use crate::progress::{OutgoingSnapshot, Progress, ProgressState};
 use crate::read_only::ReadOnly;
 use crate::types::*;
 
@@ -23,7 +24,18 @@ pub enum Role {
     Leader,
 }
 
-/// Why a proposal (or a read, or a transfer) was refused.
+/// How an election starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Campaign {
+    /// A timeout or an operator: pre-vote first when enabled.
+    PreElection,
+    /// The real election, after a pre-vote was won (or with pre-vote off). Respects leases.
+    Election,
+    /// On `TimeoutNow` only: skips pre-vote, and its vote requests pass voters' leases.
+    Transfer,
+}
+
+/// Why a proposal (or a read, or a transfer) was refused. Nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProposeError {
     /// Only the leader takes proposals; `leader` is who this node believes leads, if anyone.
@@ -35,6 +47,26 @@ pub enum ProposeError {
     TransferInProgress,
     /// The node named is not a voter of this cluster.
     UnknownNode(NodeId),
+    /// Back-pressure: the leader already holds `limit` bytes of uncommitted proposals
+    /// ([`Config::max_uncommitted_bytes`]). Retry the same leader once earlier ones commit.
+    UncommittedLimit {
+        /// The limit, in bytes of command data.
+        limit: usize,
+    },
+    /// Back-pressure: the leader already holds `limit` unanswered ReadIndex requests
+    /// ([`Config::max_pending_reads`]). Retry the same leader once earlier ones are answered.
+    PendingReadsLimit {
+        /// The limit, in requests.
+        limit: usize,
+    },
+}
+
+impl ProposeError {
+    /// Whether the same request may succeed later (here or at another node). Only a request
+    /// naming a node that is not a voter never will.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, ProposeError::UnknownNode(_))
+    }
 }
 
 impl std::fmt::Display for ProposeError {
@@ -44,6 +76,12 @@ impl std::fmt::Display for ProposeError {
             ProposeError::NotLeader { leader: None } => write!(f, "not the leader; no leader known, retry later"),
             ProposeError::TransferInProgress => write!(f, "leadership transfer in progress; retry shortly"),
             ProposeError::UnknownNode(n) => write!(f, "node {n} is not a voter of this cluster"),
+            ProposeError::UncommittedLimit { limit } => {
+                write!(f, "the leader holds {limit} bytes of uncommitted proposals; retry shortly")
+            }
+            ProposeError::PendingReadsLimit { limit } => {
+                write!(f, "the leader holds {limit} unanswered reads; retry shortly")
+            }
         }
     }
 }
@@ -73,9 +111,38 @@ pub struct Raft {
     read_only: ReadOnly,
     pub(crate) read_states: Vec<ReadState>,
     lead_transferee: Option<NodeId>,
+    /// Leader only: ticks since the transfer to `lead_transferee` began (a retry of the same
+    /// transfer does not restart it). Kept apart from `election_elapsed`, so that no transfer
+    /// request delays check-quorum.
+    transfer_elapsed: u32,
+    /// Leader only: bytes of command data proposed in this term and not yet committed.
+    /// Invariant: zero unless leader.
+    uncommitted_bytes: usize,
+    /// Leader only: identity of the next snapshot transfer.
+    next_stream: u64,
     /// Follower only: a snapshot being received in chunks.
-    incoming_snapshot: Option<(SnapshotMeta, Vec<u8>)>,
+    incoming_snapshot: Option<IncomingSnapshot>,
     rng: u64,
+}
+
+/// One InstallSnapshot chunk, as received.
+struct Chunk {
+    meta: SnapshotMeta,
+    stream: u64,
+    offset: u64,
+    data: Vec<u8>,
+    done: bool,
+    checksum: u32,
+}
+
+/// A snapshot stream being received: chunks of exactly one stream are joined.
+struct IncomingSnapshot {
+    from: NodeId,
+    term: Term,
+    stream: u64,
+    meta: SnapshotMeta,
+    checksum: u32,
+    data: Vec<u8>,
 }
 
 impl Raft {
@@ -99,6 +166,9 @@ impl Raft {
             read_only: ReadOnly::default(),
             read_states: Vec::new(),
             lead_transferee: None,
+            transfer_elapsed: 0,
+            uncommitted_bytes: 0,
+            next_stream: 1,
             incoming_snapshot: None,
             rng: cfg.seed ^ 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(cfg.id),
             cfg,
@@ -151,6 +221,8 @@ impl Raft {
         self.progress.clear();
         self.read_only = ReadOnly::default();
         self.lead_transferee = None;
+        self.transfer_elapsed = 0;
+        self.uncommitted_bytes = 0;
     }
 
     pub(crate) fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
@@ -192,11 +264,13 @@ impl Raft {
     }
 
     /// Starts an election (pre-vote first when enabled, unless this is a leadership transfer).
-    pub(crate) fn campaign(&mut self, transfer: bool) {
+    pub(crate) fn campaign(&mut self, kind: Campaign) {
         if self.role == Role::Leader {
             return;
         }
-        let pre = self.cfg.pre_vote && !transfer;
+        let pre = kind == Campaign::PreElection && self.cfg.pre_vote;
+        // Only a transfer target passes the voters' leases; a won pre-vote does not.
+        let transfer = kind == Campaign::Transfer;
         if pre {
             self.become_pre_candidate();
         } else {
@@ -206,7 +280,7 @@ impl Raft {
         if self.poll_won() {
             // Single-voter cluster.
             if pre {
-                self.campaign(true);
+                self.campaign(Campaign::Election);
             } else {
                 self.become_leader();
             }
@@ -240,7 +314,7 @@ impl Raft {
             self.tick_leader();
         } else if self.election_elapsed >= self.randomized_election_ticks {
             self.election_elapsed = 0;
-            self.campaign(false);
+            self.campaign(Campaign::PreElection);
         }
     }
 
@@ -264,8 +338,14 @@ impl Raft {
                     p.recent_active = false;
                 }
             }
+        }
+        if self.lead_transferee.is_some() {
             // A transfer that did not finish within an election timeout is abandoned.
-            self.lead_transferee = None;
+            self.transfer_elapsed += 1;
+            if self.transfer_elapsed >= self.cfg.election_ticks {
+                self.lead_transferee = None;
+                self.transfer_elapsed = 0;
+            }
         }
         if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
             self.heartbeat_elapsed = 0;
@@ -273,6 +353,8 @@ impl Raft {
         }
     }
 
+    /// Heartbeats carry the latest ReadIndex round started, so every heartbeat answer counts
+    /// for it.
     fn broadcast_heartbeat(&mut self) {
         let seq = self.read_only.seq;
         for to in self.others() {
@@ -299,28 +381,39 @@ impl Raft {
         if self.lead_transferee.is_some() {
             return Err(ProposeError::TransferInProgress);
         }
+        let limit = self.cfg.max_uncommitted_bytes;
+        if self.uncommitted_bytes > 0 && self.uncommitted_bytes.saturating_add(data.len()) > limit {
+            // Back-pressure (etcd's MaxUncommittedEntriesSize): one proposal is always taken.
+            return Err(ProposeError::UncommittedLimit { limit });
+        }
+        self.uncommitted_bytes += data.len();
         let index = self.append_entry(EntryKind::Normal, data);
         Ok((index, self.term))
     }
 
-    /// Sends whatever each follower is missing. Called before every `Ready` is built, so all
-    /// proposals made since the last `Ready` go out together (batching).
-    pub(crate) fn flush_appends(&mut self) {
+    /// Sends whatever each follower is missing, and one heartbeat round for the ReadIndex
+    /// requests that arrived. Called before every `Ready` is built, so all proposals (and all
+    /// reads) made since the last `Ready` go out together (batching).
+    pub(crate) fn flush(&mut self) {
         if self.role != Role::Leader {
             return;
         }
         for to in self.others() {
             while self.send_append(to, false) {}
         }
+        if self.read_only.start_round().is_some() {
+            self.broadcast_heartbeat();
+        }
     }
 
-    /// Whether `flush_appends` would send anything.
-    pub(crate) fn has_appends_to_send(&self) -> bool {
+    /// Whether `flush` would send anything.
+    pub(crate) fn has_pending_sends(&self) -> bool {
         self.role == Role::Leader
-            && self
-                .progress
-                .values()
-                .any(|p| !p.is_paused(self.cfg.max_inflight_msgs) && p.next_index <= self.log.last_index())
+            && (self.read_only.round_due
+                || self
+                    .progress
+                    .values()
+                    .any(|p| !p.is_paused(self.cfg.max_inflight_msgs) && p.next_index <= self.log.last_index()))
     }
 
     /// Sends one `Append` (or snapshot chunk) to `to`. Returns true if more could follow at once.
@@ -332,9 +425,12 @@ impl Raft {
         }
         let next = pr.next_index;
         if next <= self.log.snapshot.meta.index {
-            // The entries it needs are compacted: stream the snapshot instead (section 7).
-            let meta = self.log.snapshot.meta;
-            self.progress.get_mut(&to).expect("exists").become_snapshot(meta);
+            // The entries it needs are compacted: stream the snapshot instead (section 7). The
+            // transfer keeps this snapshot even if the log is compacted again meanwhile.
+            let snapshot = Arc::clone(&self.log.snapshot);
+            let out = OutgoingSnapshot { stream: self.next_stream, checksum: snapshot.checksum(), snapshot };
+            self.next_stream += 1;
+            self.progress.get_mut(&to).expect("exists").become_snapshot(out);
             self.send_snapshot_chunk(to, 0);
             return false;
         }
@@ -365,15 +461,20 @@ impl Raft {
         }
     }
 
+    /// Sends the chunk at `offset` of the transfer under way to `to`.
     fn send_snapshot_chunk(&mut self, to: NodeId, offset: u64) {
-        let snap = &self.log.snapshot;
+        let Some(out) = self.progress.get(&to).and_then(|p| p.outgoing.clone()) else { return };
+        let snap = &out.snapshot;
         let len = snap.data.len() as u64;
+        let offset = offset.min(len);
         let end = (offset + self.cfg.snapshot_chunk_bytes as u64).min(len);
         let body = MessageBody::Snapshot {
             meta: snap.meta,
+            stream: out.stream,
             offset,
             data: snap.data[offset as usize..end as usize].to_vec(),
             done: end == len,
+            checksum: out.checksum,
         };
         self.send(to, body);
     }
@@ -390,6 +491,12 @@ impl Raft {
         let candidate = matches[self.quorum() - 1];
         if candidate > self.log.committed && self.log.term(candidate) == Some(self.term) {
             let had_committed_in_term = self.committed_in_term();
+            let newly: usize = (self.log.committed + 1..=candidate)
+                .filter_map(|i| self.log.entry(i))
+                .filter(|e| e.term == self.term)
+                .map(|e| e.data.len())
+                .sum();
+            self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(newly);
             self.log.commit_to(candidate);
             if !had_committed_in_term {
                 for ctx in std::mem::take(&mut self.read_only.before_first_commit) {
@@ -411,6 +518,10 @@ impl Raft {
         if self.role != Role::Leader {
             return Err(ProposeError::NotLeader { leader: self.leader });
         }
+        let limit = self.cfg.max_pending_reads;
+        if self.read_only.len() >= limit {
+            return Err(ProposeError::PendingReadsLimit { limit });
+        }
         if !self.committed_in_term() {
             // Our commit index may lag the true one until our no-op commits (thesis 6.4 step 1).
             self.read_only.before_first_commit.push(ctx);
@@ -426,8 +537,8 @@ impl Raft {
             self.read_states.push(ReadState { index, ctx });
             return;
         }
+        // The heartbeat round goes out with the next `Ready`, shared by every read until then.
         self.read_only.add(index, ctx);
-        self.broadcast_heartbeat();
     }
 
     // ---------------------------------------------------------------- transfer
@@ -439,14 +550,28 @@ impl Raft {
         if to == self.id || !self.progress.contains_key(&to) {
             return Ok(()); // nothing to do, or not a voter (the RawNode boundary rejects that)
         }
+        let caught_up = self.progress[&to].match_index == self.log.last_index();
+        if self.lead_transferee == Some(to) {
+            // A retry: the transfer under way keeps its deadline (and check-quorum its clock,
+            // which no transfer touches); only a lost TimeoutNow is worth sending again.
+            if caught_up {
+                self.send_timeout_now(to);
+            }
+            return Ok(());
+        }
         self.lead_transferee = Some(to);
-        self.election_elapsed = 0;
-        if self.progress[&to].match_index == self.log.last_index() {
-            self.send(to, MessageBody::TimeoutNow);
+        self.transfer_elapsed = 0;
+        if caught_up {
+            self.send_timeout_now(to);
         } else {
             self.send_append(to, true);
         }
         Ok(())
+    }
+
+    fn send_timeout_now(&mut self, to: NodeId) {
+        let last_index = self.log.last_index();
+        self.send(to, MessageBody::TimeoutNow { last_index });
     }
 
     // ---------------------------------------------------------------- step
@@ -497,13 +622,17 @@ impl Raft {
                 self.log.commit_to(commit.min(self.log.last_index()));
                 self.send(m.from, MessageBody::HeartbeatResponse { read_seq });
             }
-            MessageBody::Snapshot { meta, offset, data, done } => {
+            MessageBody::Snapshot { meta, stream, offset, data, done, checksum } => {
                 self.become_follower_of(m.from);
-                self.handle_snapshot_chunk(m.from, meta, offset, data, done);
+                let chunk = Chunk { meta, stream, offset, data, done, checksum };
+                self.handle_snapshot_chunk(m.from, chunk);
             }
-            MessageBody::TimeoutNow => {
-                if self.role != Role::Leader {
-                    self.campaign(true);
+            MessageBody::TimeoutNow { last_index } => {
+                // Honoured only while our log ends exactly where the leader's did when it sent
+                // this: a leader that took proposals since has abandoned the transfer.
+                let current = self.log.last_index() == last_index && self.log.last_term() == m.term;
+                if self.role != Role::Leader && current {
+                    self.campaign(Campaign::Transfer);
                 }
             }
             MessageBody::AppendResponse { index, success, hint } => {
@@ -516,9 +645,9 @@ impl Raft {
                     self.handle_heartbeat_response(m.from, read_seq);
                 }
             }
-            MessageBody::SnapshotResponse { index, next_offset, done } => {
+            MessageBody::SnapshotResponse { index, stream, next_offset, done } => {
                 if self.role == Role::Leader {
-                    self.handle_snapshot_response(m.from, index, next_offset, done);
+                    self.handle_snapshot_response(m.from, index, stream, next_offset, done);
                 }
             }
         }
@@ -561,7 +690,7 @@ impl Raft {
         self.votes.insert(from, granted);
         if self.poll_won() {
             if pre {
-                self.campaign(true);
+                self.campaign(Campaign::Election);
             } else {
                 self.become_leader();
             }
@@ -608,7 +737,7 @@ impl Raft {
         }
         self.maybe_commit();
         if self.lead_transferee == Some(from) && self.progress[&from].match_index == self.log.last_index() {
-            self.send(from, MessageBody::TimeoutNow);
+            self.send_timeout_now(from);
         }
     }
 
@@ -621,13 +750,9 @@ impl Raft {
             pr.inflights.pop_front();
         }
         match pr.state {
-            ProgressState::Snapshot { acked_offset, meta } => {
+            ProgressState::Snapshot { acked_offset, .. } => {
                 // A chunk may have been lost: resend from where the follower confirmed.
-                if meta == self.log.snapshot.meta {
-                    self.send_snapshot_chunk(from, acked_offset);
-                } else {
-                    self.progress.get_mut(&from).expect("exists").become_probe();
-                }
+                self.send_snapshot_chunk(from, acked_offset);
             }
             _ if pr.match_index < last
                 && (pr.inflights.is_empty() || pr.stalled_ticks >= 2 * self.cfg.heartbeat_ticks) =>
@@ -649,55 +774,79 @@ impl Raft {
         }
     }
 
-    fn handle_snapshot_chunk(&mut self, from: NodeId, meta: SnapshotMeta, offset: u64, data: Vec<u8>, done: bool) {
-        if meta.index <= self.log.committed {
+    fn handle_snapshot_chunk(&mut self, from: NodeId, c: Chunk) {
+        let (term, stream) = (self.term, c.stream);
+        if c.meta.index <= self.log.committed {
             // Stale: we already have all of it.
             self.incoming_snapshot = None;
             let index = self.log.committed;
-            self.send(from, MessageBody::SnapshotResponse { index, next_offset: 0, done: true });
+            self.send(from, MessageBody::SnapshotResponse { index, stream, next_offset: 0, done: true });
             return;
         }
-        if offset == 0 {
-            self.incoming_snapshot = Some((meta, Vec::new()));
+        if let Some(inc) = &self.incoming_snapshot
+            && (inc.from, inc.term) == (from, term)
+            && inc.stream > stream
+        {
+            return; // a delayed chunk of a transfer this leader has since replaced
+        }
+        let same_stream = |inc: &IncomingSnapshot| {
+            (inc.from, inc.term, inc.stream, inc.meta, inc.checksum) == (from, term, stream, c.meta, c.checksum)
+        };
+        if c.offset == 0 && !self.incoming_snapshot.as_ref().is_some_and(same_stream) {
+            self.incoming_snapshot =
+                Some(IncomingSnapshot { from, term, stream, meta: c.meta, checksum: c.checksum, data: Vec::new() });
         }
         let next_offset = match &mut self.incoming_snapshot {
-            Some((m, buf)) if *m == meta && buf.len() as u64 == offset => {
-                buf.extend_from_slice(&data);
-                buf.len() as u64
+            Some(inc) if same_stream(inc) && inc.data.len() as u64 == c.offset => {
+                inc.data.extend_from_slice(&c.data);
+                inc.data.len() as u64
             }
-            Some((m, buf)) if *m == meta => buf.len() as u64, // duplicate or out of order
-            _ => 0,
+            Some(inc) if same_stream(inc) => inc.data.len() as u64, // duplicate or out of order
+            _ => 0,                                                 // another stream's chunk: never joined to ours
         };
-        if !(done && next_offset == offset + data.len() as u64) {
-            self.send(from, MessageBody::SnapshotResponse { index: meta.index, next_offset, done: false });
+        let index = c.meta.index;
+        if !(c.done && next_offset == c.offset + c.data.len() as u64) {
+            self.send(from, MessageBody::SnapshotResponse { index, stream, next_offset, done: false });
             return;
         }
-        let (meta, data) = self.incoming_snapshot.take().expect("just filled");
-        if self.log.match_term(meta.index, meta.term) {
-            // We hold the entry the snapshot ends at, so our log already matches through it.
-            self.log.commit_to(meta.index);
-        } else {
-            self.log.restore(Snapshot { meta, data });
+        let inc = self.incoming_snapshot.take().expect("just filled");
+        let snapshot = Snapshot { meta: inc.meta, data: inc.data };
+        if snapshot.checksum() != inc.checksum {
+            // Corrupted in transit: start the transfer over.
+            self.send(from, MessageBody::SnapshotResponse { index, stream, next_offset: 0, done: false });
+            return;
         }
-        self.send(from, MessageBody::SnapshotResponse { index: meta.index, next_offset, done: true });
+        if self.log.match_term(index, snapshot.meta.term) {
+            // We hold the entry the snapshot ends at, so our log already matches through it.
+            self.log.commit_to(index);
+        } else {
+            self.log.restore(snapshot);
+        }
+        self.send(from, MessageBody::SnapshotResponse { index, stream, next_offset, done: true });
     }
 
-    fn handle_snapshot_response(&mut self, from: NodeId, index: Index, next_offset: u64, done: bool) {
+    fn handle_snapshot_response(&mut self, from: NodeId, index: Index, stream: u64, next_offset: u64, done: bool) {
         let Some(pr) = self.progress.get_mut(&from) else { return };
         pr.recent_active = true;
+        let current = pr.outgoing.as_ref().is_some_and(|o| o.stream == stream);
         if done {
             pr.maybe_update(index);
-            if matches!(pr.state, ProgressState::Snapshot { .. }) {
+            // The transfer under way ends when it is answered, or when the follower's log
+            // already matches through its snapshot anyway.
+            if let ProgressState::Snapshot { meta, .. } = pr.state
+                && (current || pr.match_index >= meta.index)
+            {
                 pr.become_probe();
             }
             self.maybe_commit();
             return;
         }
-        if let ProgressState::Snapshot { meta, acked_offset } = &mut pr.state {
+        if let ProgressState::Snapshot { acked_offset, .. } = &mut pr.state {
             // Follow the offset the follower asks for: forward as chunks land, backward if it
-            // lost its partial copy (it restarted). An answer repeating the offset we already
-            // follow is a duplicate (a resent chunk): ignoring it keeps a single chunk stream.
-            if *meta == self.log.snapshot.meta && meta.index == index && next_offset != *acked_offset {
+            // lost its partial copy (it restarted, or the checksum failed). An answer repeating
+            // the offset we already follow is a duplicate (a resent chunk): ignoring it keeps a
+            // single chunk stream. Answers about other streams are not ours to follow.
+            if current && next_offset != *acked_offset {
                 *acked_offset = next_offset;
                 self.send_snapshot_chunk(from, next_offset);
             }
@@ -715,6 +864,15 @@ impl Raft {
     /// Panics if an invariant does not hold. Run after every input in debug builds.
     pub(crate) fn check_invariants(&self) {
         self.log.check_invariants();
+        self.read_only.check_invariants();
+        if self.role != Role::Leader {
+            assert_eq!(self.uncommitted_bytes, 0, "uncommitted bytes counted off the leader");
+            assert!(self.lead_transferee.is_none(), "a transfer under way off the leader");
+        }
+        for (id, p) in &self.progress {
+            let streaming = matches!(p.state, ProgressState::Snapshot { .. });
+            assert_eq!(streaming, p.outgoing.is_some(), "snapshot state and transfer out of step for {id}");
+        }
         match self.role {
             Role::Leader => {
                 assert_eq!(self.leader, Some(self.id), "a leader knows it leads");

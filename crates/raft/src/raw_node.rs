@@ -2,7 +2,7 @@
 
 use crate::config::{Config, ConfigError};
 use crate::log::RaftLog;
-use crate::raft::{ProposeError, Raft, Role};
+use crate::raft::{Campaign, ProposeError, Raft, Role};
 use crate::storage::RestoredState;
 use crate::types::*;
 
@@ -29,12 +29,18 @@ pub struct Ready {
     pub committed_entries: Vec<Entry>,
     /// Reads that became safe (ReadIndex).
     pub read_states: Vec<ReadState>,
+    /// See [`Ready::must_sync`].
+    must_sync: bool,
 }
 
 impl Ready {
-    /// Whether anything must be made durable before the messages go out.
+    /// Whether anything must be made durable (`fsync`) before the messages go out: a new term
+    /// or vote, entries, or a snapshot. A change of the commit index alone need not be (as
+    /// etcd's `MustSync`): a commit index lost in a crash is learned again from the leader, and
+    /// it never points past synced entries (those in this `Ready` make it sync). Write
+    /// `hard_state` all the same; a later sync makes it durable.
     pub fn must_sync(&self) -> bool {
-        self.hard_state.is_some() || self.snapshot.is_some() || !self.entries.is_empty()
+        self.must_sync
     }
 }
 
@@ -191,9 +197,9 @@ impl RawNode {
         r
     }
 
-    /// Starts an election now (tests and operators).
+    /// Starts an election now (tests and operators); pre-vote first when enabled.
     pub fn campaign(&mut self) {
-        self.raft.campaign(false);
+        self.raft.campaign(Campaign::PreElection);
         self.check();
     }
 
@@ -221,7 +227,7 @@ impl RawNode {
             || r.log.snapshot_pending
             || r.log.persisted < r.log.last_index()
             || r.log.applied < r.log.committed
-            || r.has_appends_to_send()
+            || r.has_pending_sends()
     }
 
     /// Collects what the driver must do; see [`Ready`] for the order. Call [`RawNode::advance`]
@@ -229,17 +235,21 @@ impl RawNode {
     pub fn ready(&mut self) -> Ready {
         assert!(!self.ready_pending, "ready() called twice without advance()");
         self.ready_pending = true;
-        self.raft.flush_appends();
+        self.raft.flush();
         let r = &mut self.raft;
         let hs = r.hard_state();
+        let prev = self.prev_hard_state;
         let snapshot = if r.log.snapshot_pending { Some(r.log.snapshot().clone()) } else { None };
+        let entries = r.log.unpersisted();
+        let must_sync = hs.term != prev.term || hs.vote != prev.vote || !entries.is_empty() || snapshot.is_some();
         Ready {
-            hard_state: (hs != self.prev_hard_state).then_some(hs),
+            hard_state: (hs != prev).then_some(hs),
             snapshot,
-            entries: r.log.unpersisted(),
+            entries,
             messages: std::mem::take(&mut r.msgs),
-            committed_entries: r.log.to_apply(),
+            committed_entries: r.log.to_apply(r.cfg.max_committed_bytes_per_ready),
             read_states: std::mem::take(&mut r.read_states),
+            must_sync,
         }
     }
 

@@ -1,5 +1,8 @@
 //! ReadIndex bookkeeping (thesis section 6.4): a read is safe at the commit index recorded when
 //! it arrived, once a majority has answered a heartbeat sent after it arrived.
+//!
+//! Reads that arrive between two `Ready`s share one heartbeat round (batching): they wait for
+//! round `seq + 1`, which the leader starts when it builds the next `Ready`.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -18,11 +21,14 @@ pub(crate) struct PendingRead {
 
 /// Reads in flight on a leader.
 ///
-/// Invariant: `pending` is ordered by `seq`, and every `seq <= self.seq`.
+/// Invariants: `pending` is ordered by `seq`; every `seq <= self.seq + 1`, and a read waits for
+/// round `self.seq + 1` (not sent yet) exactly when `round_due`.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ReadOnly {
-    /// Latest heartbeat round started.
+    /// Latest heartbeat round sent.
     pub seq: u64,
+    /// Reads are waiting for round `seq + 1`, which has not been sent.
+    pub round_due: bool,
     /// Reads waiting for their round to be acknowledged by a majority.
     pub pending: VecDeque<PendingRead>,
     /// Highest round each follower has answered.
@@ -32,16 +38,33 @@ pub(crate) struct ReadOnly {
 }
 
 impl ReadOnly {
-    /// Starts a new round for a read at `index`; returns the round to put in heartbeats.
-    pub fn add(&mut self, index: Index, ctx: Vec<u8>) -> u64 {
-        self.seq += 1;
-        self.pending.push_back(PendingRead { seq: self.seq, index, ctx });
-        self.seq
+    /// Queues a read at `index` for the next round (see [`ReadOnly::start_round`]).
+    pub fn add(&mut self, index: Index, ctx: Vec<u8>) {
+        self.pending.push_back(PendingRead { seq: self.seq + 1, index, ctx });
+        self.round_due = true;
     }
 
-    /// Records `from`'s answer and returns the reads that became safe, oldest first.
-    /// `quorum` counts the leader itself.
+    /// Starts the round the queued reads wait for, if any: the round to put in heartbeats.
+    pub fn start_round(&mut self) -> Option<u64> {
+        if !self.round_due {
+            return None;
+        }
+        self.round_due = false;
+        self.seq += 1;
+        Some(self.seq)
+    }
+
+    /// Reads held, answered or not yet started.
+    pub fn len(&self) -> usize {
+        self.pending.len() + self.before_first_commit.len()
+    }
+
+    /// Records `from`'s answer to round `seq` and returns the reads that became safe, oldest
+    /// first. `quorum` counts the leader itself.
     pub fn ack(&mut self, from: NodeId, seq: u64, quorum: usize) -> Vec<PendingRead> {
+        if seq > self.seq {
+            return Vec::new(); // an answer to a round this leader never sent: not ours to count
+        }
         let e = self.acked.entry(from).or_insert(0);
         *e = (*e).max(seq);
         let mut safe = Vec::new();
@@ -53,5 +76,16 @@ impl ReadOnly {
             safe.push(self.pending.pop_front().expect("front exists"));
         }
         safe
+    }
+
+    /// Panics if an invariant listed on the struct does not hold.
+    pub fn check_invariants(&self) {
+        let mut prev = 0;
+        for r in &self.pending {
+            assert!(r.seq >= prev, "pending reads out of round order");
+            assert!(r.seq <= self.seq + 1, "read waits for round {} past the next ({})", r.seq, self.seq + 1);
+            prev = r.seq;
+        }
+        assert_eq!(self.round_due, self.pending.back().is_some_and(|r| r.seq == self.seq + 1), "round_due out of step");
     }
 }

@@ -42,7 +42,9 @@ pub trait Storage {
 
 /// Writes a `Ready`'s persistent parts in the order that keeps a crash at any point recoverable:
 /// snapshot, then entries, then hard state (so a durable commit index never points past durable
-/// entries), then `sync`. Only after this returns may the `Ready`'s messages be sent.
+/// entries), then `sync` if [`crate::Ready::must_sync`] (a change of the commit index alone is
+/// written but not synced: one committed write costs one sync per node). Only after this
+/// returns may the `Ready`'s messages be sent.
 pub fn persist_ready<S: Storage>(storage: &mut S, ready: &crate::Ready) -> Result<(), S::Error> {
     if let Some(s) = &ready.snapshot {
         storage.save_snapshot(s)?;

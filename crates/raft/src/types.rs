@@ -102,7 +102,8 @@ pub enum MessageBody {
         last_index: Index,
         /// Candidate's last log term.
         last_term: Term,
-        /// Sent on leadership transfer: voters ignore their leader lease.
+        /// Sent by the target of a leadership transfer after `TimeoutNow` (and only then):
+        /// voters ignore their leader lease.
         transfer: bool,
     },
     /// Answer to `Vote`.
@@ -146,27 +147,42 @@ pub enum MessageBody {
         read_seq: u64,
     },
     /// One chunk of InstallSnapshot (section 7).
+    ///
+    /// A transfer is a stream identified by (sender, term, `stream`): the receiver only ever
+    /// joins chunks of one stream, and checks the whole snapshot against `checksum` before
+    /// installing it, so chunks of two senders or two transfers are never spliced.
     Snapshot {
         /// Which snapshot.
         meta: SnapshotMeta,
+        /// The transfer this chunk belongs to; the sender numbers its transfers upwards.
+        stream: u64,
         /// Byte offset of `data` in the snapshot.
         offset: u64,
         /// The chunk.
         data: Vec<u8>,
         /// Last chunk.
         done: bool,
+        /// CRC32C of the whole snapshot (`meta.index`, `meta.term` little-endian, then the data).
+        checksum: u32,
     },
     /// Answer to a snapshot chunk.
     SnapshotResponse {
         /// Which snapshot (or, when `done` after a stale snapshot, the follower's commit index).
         index: Index,
+        /// Echo of the chunk's `stream`.
+        stream: u64,
         /// The offset the follower expects next.
         next_offset: u64,
         /// The follower's log now matches through `index`.
         done: bool,
     },
-    /// Leadership transfer: start an election now (thesis section 3.10).
-    TimeoutNow,
+    /// Leadership transfer: start an election now, past any leader lease (thesis section 3.10).
+    TimeoutNow {
+        /// The leader's last index when it sent this: the target had acknowledged it. A receiver
+        /// whose log no longer ends exactly there (the leader took proposals since, so it
+        /// abandoned the transfer) ignores the message; so does one of an older term.
+        last_index: Index,
+    },
 }
 
 /// Where a rejecting follower suggests the leader retry.
@@ -176,6 +192,16 @@ pub struct RejectHint {
     pub conflict_term: Option<Term>,
     /// First index of `conflict_term` in the follower's log, or its last index + 1.
     pub conflict_index: Index,
+}
+
+impl Snapshot {
+    /// CRC32C of the snapshot's position and data, as carried by every chunk of its transfer.
+    pub fn checksum(&self) -> u32 {
+        let mut head = [0u8; 16];
+        head[..8].copy_from_slice(&self.meta.index.to_le_bytes());
+        head[8..].copy_from_slice(&self.meta.term.to_le_bytes());
+        crc32c::crc32c_append(crc32c::crc32c(&head), &self.data)
+    }
 }
 
 impl MessageBody {

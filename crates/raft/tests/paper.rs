@@ -452,7 +452,14 @@ fn stale_snapshot_ignored_7() {
         from: 1,
         to: 2,
         term: net.status(1).term,
-        body: MessageBody::Snapshot { meta: SnapshotMeta { index: 1, term: 1 }, offset: 0, data: vec![], done: true },
+        body: MessageBody::Snapshot {
+            meta: SnapshotMeta { index: 1, term: 1 },
+            stream: 1,
+            offset: 0,
+            data: vec![],
+            done: true,
+            checksum: Snapshot { meta: SnapshotMeta { index: 1, term: 1 }, data: vec![] }.checksum(),
+        },
     };
     net.deliver(stale);
     assert!(!net.snapshots.contains_key(&2));
@@ -764,4 +771,429 @@ fn snapshot_transfer_resumes_after_follower_restart_7() {
     let snaps = net.snapshots.get(&3).expect("node 3 completed the snapshot after restarting");
     assert_eq!(snaps.last().unwrap().data, data);
     assert_eq!(net.status(3).commit, net.status(1).commit);
+}
+
+// ---------------------------------------------------------------- hardening (issue 8)
+
+/// Runs a lone node's Ready loop and returns the messages it would send.
+fn drain(n: &mut RawNode) -> Vec<Message> {
+    let mut out = Vec::new();
+    while n.has_ready() {
+        let rd = n.ready();
+        out.extend(rd.messages.iter().cloned());
+        n.advance(&rd);
+    }
+    out
+}
+
+/// Node 2 of three, restarted in term 2 holding `n` entries of term 1 that it never saw committed.
+fn follower_with_term1_entries(n: u64) -> RawNode {
+    let entries = (1..=n).map(|i| Entry { term: 1, index: i, kind: EntryKind::Normal, data: vec![i as u8] }).collect();
+    let state = RestoredState { hard_state: HardState { term: 2, vote: None, commit: 0 }, snapshot: None, entries };
+    RawNode::restart(Config::new(2, vec![1, 2, 3]), state).unwrap()
+}
+
+fn append_from_1(term: Term, prev_index: Index, prev_term: Term, entries: Vec<Entry>, commit: Index) -> Message {
+    Message { from: 1, to: 2, term, body: MessageBody::Append { prev_index, prev_term, entries, commit } }
+}
+
+/// Figure 2, AppendEntries receiver rule 2: reply false if the log has no entry at `prev_index`
+/// whose term is `prev_term`, and change nothing.
+#[test]
+fn append_refused_on_prev_mismatch_rule_2_5_3() {
+    let mut n = follower_with_term1_entries(3);
+    let new = |index| vec![Entry { term: 2, index, kind: EntryKind::Normal, data: b"new".to_vec() }];
+    for (prev_index, prev_term) in [(3, 2), (4, 1), (2, 2)] {
+        n.step(append_from_1(2, prev_index, prev_term, new(prev_index + 1), 3)).unwrap();
+        let answers = drain(&mut n);
+        assert!(
+            matches!(answers[..], [Message { body: MessageBody::AppendResponse { success: false, index, .. }, .. }] if index == prev_index),
+            "prev ({prev_index}, {prev_term}) accepted: {answers:?}"
+        );
+        let st = n.status();
+        assert_eq!((st.last_index, st.commit), (3, 0), "a refused Append changed the log or the commit index");
+        assert_eq!(n.log().term(3), Some(1));
+    }
+    // The matching prev is accepted.
+    n.step(append_from_1(2, 3, 1, new(4), 0)).unwrap();
+    let answers = drain(&mut n);
+    assert!(matches!(answers[..], [Message { body: MessageBody::AppendResponse { success: true, index: 4, .. }, .. }]));
+}
+
+/// Figure 2, AppendEntries receiver rule 5: a follower sets its commit index to
+/// `min(leader_commit, index of last new entry)`, never to the leader's commit alone: entries
+/// after the last one the leader sent are not known to match the leader's log.
+#[test]
+fn follower_commit_bounded_by_last_new_entry_rule_5_5_3() {
+    let mut n = follower_with_term1_entries(5);
+    // A probe that matches at index 1 and carries no entries: only index 1 is known to match.
+    n.step(append_from_1(2, 1, 1, vec![], 5)).unwrap();
+    drain(&mut n);
+    assert_eq!(n.status().commit, 1, "committed entries not known to match the leader");
+    // An entry of term 2 at index 2 replaces the stale tail; the commit stops at it.
+    let e2 = Entry { term: 2, index: 2, kind: EntryKind::Normal, data: b"two".to_vec() };
+    n.step(append_from_1(2, 1, 1, vec![e2], 5)).unwrap();
+    drain(&mut n);
+    let st = n.status();
+    assert_eq!((st.last_index, st.commit), (2, 2));
+    // A leader commit below the last new entry bounds it the other way.
+    let e3 = Entry { term: 2, index: 3, kind: EntryKind::Normal, data: b"three".to_vec() };
+    n.step(append_from_1(2, 2, 2, vec![e3], 2)).unwrap();
+    drain(&mut n);
+    assert_eq!(n.status().commit, 2);
+}
+
+/// Thesis 6.4: an acknowledgement of an earlier heartbeat round does not confirm a read that
+/// arrived after that round was sent.
+#[test]
+fn read_index_ignores_ack_of_earlier_round_6_4() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.node(1).read_index(b"r1".to_vec()).unwrap();
+    let round1 = net.take();
+    let hb = round1.iter().find(|m| m.to == 2 && matches!(m.body, MessageBody::Heartbeat { .. })).unwrap().clone();
+    net.deliver(hb);
+    let ack1 = net.take().into_iter().find(|m| m.from == 2).unwrap();
+    assert!(matches!(ack1.body, MessageBody::HeartbeatResponse { .. }));
+    net.node(1).read_index(b"r2".to_vec()).unwrap();
+    let round2 = net.take();
+    net.deliver(ack1);
+    let ctxs = |net: &Net| net.reads.get(&1).map_or(vec![], |r| r.iter().map(|r| r.ctx.clone()).collect::<Vec<_>>());
+    assert_eq!(ctxs(&net), vec![b"r1".to_vec()], "a round-1 ack confirmed a read of round 2");
+    let hb = round2.into_iter().find(|m| m.to == 2 && matches!(m.body, MessageBody::Heartbeat { .. })).unwrap();
+    net.deliver(hb);
+    net.stabilize();
+    assert_eq!(ctxs(&net), vec![b"r1".to_vec(), b"r2".to_vec()]);
+}
+
+/// ReadIndex batching: reads that arrive between two `Ready`s share one heartbeat round.
+#[test]
+fn read_index_requests_share_a_heartbeat_round_6_4() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    for i in 0..10u8 {
+        net.node(1).read_index(vec![i]).unwrap();
+    }
+    let msgs = net.take();
+    let heartbeats = msgs.iter().filter(|m| matches!(m.body, MessageBody::Heartbeat { .. })).count();
+    assert_eq!(heartbeats, 2, "10 reads took {heartbeats} heartbeats; one round (one per follower) is enough");
+    for m in msgs {
+        net.deliver(m);
+    }
+    net.stabilize();
+    let reads = &net.reads[&1];
+    assert_eq!(reads.iter().map(|r| r.ctx[0]).collect::<Vec<_>>(), (0..10).collect::<Vec<u8>>());
+}
+
+/// Thesis 3.10 / 6.2: a caller that keeps asking an isolated leader to transfer leadership does
+/// not keep it alive: check-quorum still deposes it within two election timeouts (no transfer
+/// request touches the election clock).
+#[test]
+fn repeated_transfer_does_not_defer_check_quorum_3_10() {
+    // The same target every time, or alternating targets (each call a new transfer).
+    for alternate in [false, true] {
+        let mut net = Net::new(3, |_| {});
+        net.elect(1);
+        net.isolate(1);
+        let mut stepped_down_at = None;
+        for t in 1..=300u32 {
+            let to = if alternate && t % 2 == 0 { 3 } else { 2 };
+            let _ = net.node(1).transfer_leader(to);
+            net.tick(1, 1);
+            net.take();
+            if net.status(1).role != Role::Leader {
+                stepped_down_at = Some(t);
+                break;
+            }
+        }
+        let t = stepped_down_at.expect("an isolated leader asked to transfer kept leading for 300 ticks");
+        assert!(t <= 60, "stepped down after {t} ticks (alternate={alternate}); check-quorum allows 2 x 30");
+    }
+}
+
+/// Thesis 3.10: retrying a transfer to the same node does not extend it; it is abandoned one
+/// election timeout after it began, and proposals are taken again.
+#[test]
+fn repeated_transfer_still_times_out_3_10() {
+    let mut net = Net::new(3, |c| c.check_quorum = false);
+    net.elect(1);
+    net.isolate(3);
+    for _ in 0..30 {
+        net.node(1).transfer_leader(3).unwrap();
+        net.tick(1, 1);
+    }
+    net.take();
+    assert_eq!(net.status(1).role, Role::Leader);
+    assert!(net.node(1).propose(b"ok".to_vec()).is_ok(), "a retried transfer never timed out");
+}
+
+/// Thesis 9.6 with 4.2.3: winning a pre-vote does not make the real vote request a transfer;
+/// a voter that heard from its leader within the election timeout still ignores it.
+#[test]
+fn vote_after_prevote_respects_lease_9_6() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    let term = net.status(3).term;
+    net.node(3).campaign(); // pre-vote first
+    net.take();
+    // Node 2 grants the pre-vote (as it could once its lease ran out); node 3 then campaigns.
+    let grant =
+        Message { from: 2, to: 3, term: term + 1, body: MessageBody::VoteResponse { pre: true, granted: true } };
+    net.deliver(grant);
+    assert_eq!(net.status(3).role, Role::Candidate);
+    let votes: Vec<Message> =
+        net.take().into_iter().filter(|m| matches!(m.body, MessageBody::Vote { pre: false, .. })).collect();
+    assert_eq!(votes.len(), 2);
+    for v in &votes {
+        assert!(
+            matches!(v.body, MessageBody::Vote { transfer: false, .. }),
+            "a vote after pre-vote claims to be a transfer: {v:?}"
+        );
+    }
+    // Node 2 heard from leader 1 just now: its lease makes it ignore the request.
+    net.deliver(votes.into_iter().find(|m| m.to == 2).unwrap());
+    assert_eq!(net.status(2).term, term, "the vote request skipped node 2's leader lease");
+    assert_eq!(net.status(2).leader, Some(1));
+}
+
+/// Thesis 3.10: a `TimeoutNow` from a transfer the leader has since abandoned (it took new
+/// proposals meanwhile) is ignored, and so is one of an older term.
+#[test]
+fn stale_timeout_now_ignored_3_10() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.node(1).transfer_leader(2).unwrap(); // node 2 is up to date: TimeoutNow at once
+    let tn = net.take().into_iter().find(|m| matches!(m.body, MessageBody::TimeoutNow { .. })).unwrap();
+    net.tick(1, 30); // the transfer is abandoned
+    net.stabilize();
+    net.node(1).propose(b"after".to_vec()).unwrap();
+    net.stabilize();
+    let term = net.status(1).term;
+    net.deliver(tn.clone());
+    assert_eq!(net.status(2).term, term, "a TimeoutNow of an abandoned transfer started an election");
+    assert_eq!(net.status(1).role, Role::Leader);
+    // A completed transfer, then a duplicate of its TimeoutNow (older term now): ignored.
+    net.node(1).transfer_leader(2).unwrap();
+    net.stabilize();
+    assert_eq!(net.status(2).role, Role::Leader);
+    let tn = Message { to: 2, ..tn };
+    let term = net.status(2).term;
+    net.deliver(tn);
+    assert_eq!((net.status(2).role, net.status(2).term), (Role::Leader, term));
+}
+
+/// Section 7: a chunked snapshot transfer finishes even though the leader compacts its log
+/// again and again meanwhile (it keeps sending the snapshot the transfer began with).
+#[test]
+fn snapshot_transfer_survives_leader_compaction_7() {
+    let image = |i: Index| format!("image-of-the-state-at-index-{i:06}").into_bytes();
+    let mut net = Net::new(3, |c| c.snapshot_chunk_bytes = 4);
+    net.elect(1);
+    net.isolate(3);
+    for i in 0..10u8 {
+        net.node(1).propose(vec![i]).unwrap();
+    }
+    net.stabilize();
+    net.node(1).compact(8, image(8)).unwrap();
+    net.heal();
+    let mut compactions = 0;
+    for _ in 0..400 {
+        for id in 1..=3 {
+            net.node(id).tick();
+        }
+        for id in 1..=3 {
+            net.flush(id);
+        }
+        while let Some(m) = net.queue.pop_front() {
+            let chunk = m.to == 3 && matches!(m.body, MessageBody::Snapshot { .. });
+            net.deliver(m);
+            if chunk && !net.snapshots.contains_key(&3) {
+                // Between any two chunks the leader takes a command and compacts what it applied.
+                net.node(1).propose(b"more".to_vec()).unwrap();
+                net.flush(1);
+                let st = net.status(1);
+                if st.applied > st.snapshot_index {
+                    net.node(1).compact(st.applied, image(st.applied)).unwrap();
+                    compactions += 1;
+                }
+            }
+        }
+        if net.snapshots.contains_key(&3) {
+            break;
+        }
+    }
+    let got = net.snapshots.get(&3).expect("node 3 never completed a snapshot while the leader compacted");
+    assert!(compactions >= 3, "the leader compacted only {compactions} times during the transfer");
+    assert_eq!(got[0].data, image(got[0].meta.index), "snapshot spliced from different images");
+    net.tick_all(30);
+    net.stabilize();
+    assert_eq!(net.status(3).commit, net.status(1).commit, "node 3 caught up after the snapshot");
+}
+
+/// etcd's `MustSync`: a `Ready` whose only durable change is the commit index need not be
+/// synced; a new term, vote or entries must be.
+#[test]
+fn commit_only_ready_needs_no_sync() {
+    let mut n = follower_with_term1_entries(3);
+    n.step(append_from_1(2, 3, 1, vec![], 0)).unwrap();
+    drain(&mut n);
+    let hb = Message { from: 1, to: 2, term: 2, body: MessageBody::Heartbeat { commit: 2, read_seq: 0 } };
+    n.step(hb).unwrap();
+    let rd = n.ready();
+    assert_eq!(rd.hard_state.map(|h| h.commit), Some(2), "the new commit index is handed out to write");
+    assert!(!rd.must_sync(), "a commit-only change asked for an fsync");
+    n.advance(&rd);
+    // A vote must be durable before it is granted.
+    let vote = Message {
+        from: 3,
+        to: 2,
+        term: 9,
+        body: MessageBody::Vote { pre: false, last_index: 3, last_term: 1, transfer: true },
+    };
+    n.step(vote).unwrap();
+    let rd = n.ready();
+    assert_eq!(rd.hard_state.map(|h| (h.term, h.vote)), Some((9, Some(3))));
+    assert!(rd.must_sync(), "a new term and vote were not synced");
+    n.advance(&rd);
+}
+
+/// Back-pressure: a leader refuses proposals past `max_uncommitted_bytes` of uncommitted
+/// command data with a retryable error, and takes them again once earlier ones commit.
+#[test]
+fn uncommitted_bytes_bounded() {
+    let mut net = Net::new(3, |c| c.max_uncommitted_bytes = 100);
+    net.elect(1);
+    net.isolate(1);
+    net.node(1).propose(vec![1; 60]).unwrap();
+    let err = net.node(1).propose(vec![2; 60]).unwrap_err();
+    assert_eq!(err, ProposeError::UncommittedLimit { limit: 100 });
+    assert!(err.is_retryable());
+    assert_eq!(net.status(1).last_index, 2, "a refused proposal was appended");
+    net.node(1).propose(vec![3; 40]).unwrap(); // 60 + 40 fits
+    net.take();
+    net.heal();
+    net.tick_all(20);
+    net.stabilize();
+    assert_eq!(net.status(1).commit, 3);
+    net.node(1).propose(vec![4; 60]).unwrap();
+    net.stabilize();
+    // With nothing uncommitted, one proposal larger than the limit is still taken.
+    net.node(1).propose(vec![5; 500]).unwrap();
+}
+
+/// `max_committed_bytes_per_ready` bounds the committed entries of one `Ready` (at least one
+/// entry goes out); the rest follows in order.
+#[test]
+fn committed_bytes_per_ready_bounded() {
+    let mut c = Config::new(1, vec![1]);
+    c.max_committed_bytes_per_ready = 100;
+    let mut n = RawNode::new(c).unwrap();
+    n.campaign();
+    for i in 0..10u8 {
+        n.propose(vec![i; 60]).unwrap(); // 84 bytes each, as counted
+    }
+    let mut applied = Vec::new();
+    let mut readys = 0;
+    while n.has_ready() {
+        let rd = n.ready();
+        let bytes: usize = rd.committed_entries.iter().map(|e| e.size_bytes()).sum();
+        assert!(rd.committed_entries.len() <= 1 || bytes <= 100, "{bytes} committed bytes in one Ready");
+        applied.extend(rd.committed_entries.iter().map(|e| e.index));
+        readys += 1;
+        n.advance(&rd);
+    }
+    assert_eq!(applied, (1..=11).collect::<Vec<_>>());
+    assert!(readys >= 10, "{readys} Readys for 10 entries that fit one per Ready");
+}
+
+/// A leader holds at most `max_pending_reads` unanswered reads; more are refused (retryable).
+#[test]
+fn pending_reads_bounded() {
+    let mut net = Net::new(3, |c| c.max_pending_reads = 2);
+    net.elect(1);
+    net.node(1).read_index(b"a".to_vec()).unwrap();
+    net.node(1).read_index(b"b".to_vec()).unwrap();
+    assert_eq!(net.node(1).read_index(b"c".to_vec()), Err(ProposeError::PendingReadsLimit { limit: 2 }));
+    net.stabilize();
+    assert_eq!(net.reads[&1].len(), 2);
+    net.node(1).read_index(b"c".to_vec()).unwrap();
+}
+
+fn snapshot_chunk(stream: u64, snap: &Snapshot, offset: usize, len: usize, checksum: u32) -> Message {
+    let end = (offset + len).min(snap.data.len());
+    Message {
+        from: 1,
+        to: 2,
+        term: 1,
+        body: MessageBody::Snapshot {
+            meta: snap.meta,
+            stream,
+            offset: offset as u64,
+            data: snap.data[offset..end].to_vec(),
+            done: end == snap.data.len(),
+            checksum,
+        },
+    }
+}
+
+fn snapshot_answer(net: &mut Net) -> (u64, u64, bool) {
+    let m = net.take().into_iter().find(|m| m.from == 2).unwrap();
+    match m.body {
+        MessageBody::SnapshotResponse { stream, next_offset, done, .. } => (stream, next_offset, done),
+        b => panic!("expected a snapshot answer, got {b:?}"),
+    }
+}
+
+/// Section 7: chunks of two snapshot streams are never joined, even for the same snapshot
+/// position: a foreign chunk neither completes nor disturbs the stream under way, and a
+/// delayed chunk of a stream the leader has replaced is ignored.
+#[test]
+fn snapshot_streams_never_spliced_7() {
+    let meta = SnapshotMeta { index: 5, term: 1 };
+    let a = Snapshot { meta, data: b"AAAAAAAA".to_vec() };
+    let b = Snapshot { meta, data: b"BBBBBBBB".to_vec() };
+    let mut net = Net::new(3, |_| {});
+    net.deliver(snapshot_chunk(1, &a, 0, 4, a.checksum()));
+    assert_eq!(snapshot_answer(&mut net), (1, 4, false));
+    // The second half of another stream does not complete stream 1: it must start at 0.
+    net.deliver(snapshot_chunk(2, &b, 4, 4, b.checksum()));
+    assert_eq!(snapshot_answer(&mut net), (2, 0, false));
+    assert!(!net.snapshots.contains_key(&2), "installed a snapshot spliced from two streams");
+    // Stream 1 goes on where it was.
+    net.deliver(snapshot_chunk(1, &a, 4, 4, a.checksum()));
+    assert_eq!(snapshot_answer(&mut net), (1, 8, true));
+    assert_eq!(net.snapshots[&2], vec![a]);
+    // A later position: stream 4 replaces stream 3; a late chunk of stream 3 is ignored.
+    let meta = SnapshotMeta { index: 9, term: 1 };
+    let c = Snapshot { meta, data: b"CCCCCCCC".to_vec() };
+    let d = Snapshot { meta, data: b"DDDDDDDD".to_vec() };
+    net.deliver(snapshot_chunk(3, &c, 0, 4, c.checksum()));
+    assert_eq!(snapshot_answer(&mut net), (3, 4, false));
+    net.deliver(snapshot_chunk(4, &d, 0, 4, d.checksum()));
+    assert_eq!(snapshot_answer(&mut net), (4, 4, false));
+    net.deliver(snapshot_chunk(3, &c, 4, 4, c.checksum()));
+    assert!(net.take().is_empty(), "a chunk of a replaced stream was answered");
+    net.deliver(snapshot_chunk(4, &d, 4, 4, d.checksum()));
+    assert_eq!(snapshot_answer(&mut net), (4, 8, true));
+    assert_eq!(net.snapshots[&2][1], d);
+}
+
+/// Section 7: a snapshot whose bytes do not match its checksum (corrupted in transit) is not
+/// installed; the follower asks for the stream again from offset 0.
+#[test]
+fn corrupted_snapshot_refused_7() {
+    let snap = Snapshot { meta: SnapshotMeta { index: 5, term: 1 }, data: b"0123456789".to_vec() };
+    let mut net = Net::new(3, |_| {});
+    net.deliver(snapshot_chunk(1, &snap, 0, 5, snap.checksum()));
+    assert_eq!(snapshot_answer(&mut net), (1, 5, false));
+    let mut bad = snapshot_chunk(1, &snap, 5, 5, snap.checksum());
+    if let MessageBody::Snapshot { data, .. } = &mut bad.body {
+        data[0] ^= 1;
+    }
+    net.deliver(bad);
+    assert_eq!(snapshot_answer(&mut net), (1, 0, false));
+    assert!(!net.snapshots.contains_key(&2), "installed a corrupted snapshot");
+    net.deliver(snapshot_chunk(1, &snap, 0, 5, snap.checksum()));
+    net.deliver(snapshot_chunk(1, &snap, 5, 5, snap.checksum()));
+    assert_eq!(net.snapshots[&2], vec![snap]);
 }

@@ -78,6 +78,11 @@ pub enum SubmitError {
     /// The server is shutting down.
     #[error("server shutting down")]
     Shutdown,
+    /// Refused for now by back-pressure: the leader holds as many uncommitted proposal bytes
+    /// or unanswered reads as it allows (`Config::max_uncommitted_bytes`,
+    /// `Config::max_pending_reads`). Not applied; retry the same node after a pause.
+    #[error("the leader is busy (too much uncommitted or pending); not applied, retry shortly")]
+    Busy,
 }
 
 /// Identifies one submission on one node.
@@ -118,6 +123,9 @@ pub struct Rsm<S, M> {
     reads_waiting: BTreeMap<SubmitId, (Term, Vec<u8>)>,
     /// Queries whose read index is known: (index, id, query), served once applied.
     reads_ready: Vec<(Index, SubmitId, Vec<u8>)>,
+    /// Queries that share one ReadIndex round ([`Rsm::query_batch`]): the id the round was
+    /// asked under -> the other ids of the batch (each also in `reads_waiting`).
+    read_batches: BTreeMap<SubmitId, Vec<SubmitId>>,
     /// Snapshots received from a leader and installed.
     snapshots_installed: u64,
 }
@@ -144,6 +152,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             pending: BTreeMap::new(),
             reads_waiting: BTreeMap::new(),
             reads_ready: Vec::new(),
+            read_batches: BTreeMap::new(),
             snapshots_installed: 0,
         })
     }
@@ -172,10 +181,18 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 self.pending.insert(index, (term, id));
                 Ok(id)
             }
-            Err(ProposeError::NotLeader { leader }) => Err(SubmitError::WrongLeader { leader }),
-            Err(ProposeError::TransferInProgress | ProposeError::UnknownNode(_)) => {
-                Err(SubmitError::WrongLeader { leader: None })
+            Err(e) => Err(Self::refused(e)),
+        }
+    }
+
+    /// Why the core refused a proposal or a read, as the client sees it (nothing was applied).
+    fn refused(e: ProposeError) -> SubmitError {
+        match e {
+            ProposeError::NotLeader { leader } => SubmitError::WrongLeader { leader },
+            ProposeError::TransferInProgress | ProposeError::UnknownNode(_) => {
+                SubmitError::WrongLeader { leader: None }
             }
+            ProposeError::UncommittedLimit { .. } | ProposeError::PendingReadsLimit { .. } => SubmitError::Busy,
         }
     }
 
@@ -189,8 +206,29 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 self.reads_waiting.insert(id, (self.raw.status().term, query));
                 Ok(id)
             }
+            Err(e @ ProposeError::PendingReadsLimit { .. }) => Err(Self::refused(e)),
             Err(_) => Err(self.not_leader()),
         }
+    }
+
+    /// Asks several read-only queries with one ReadIndex round: each is linearizable, since the
+    /// round starts after all of them arrived. Returns their ids, in order.
+    pub fn query_batch(&mut self, queries: Vec<Vec<u8>>) -> Result<Vec<SubmitId>, SubmitError> {
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let first = self.next_id;
+        if self.raw.read_index(first.to_le_bytes().to_vec()).is_err() {
+            return Err(self.not_leader());
+        }
+        let term = self.raw.status().term;
+        let ids: Vec<SubmitId> = (first..first + queries.len() as u64).collect();
+        self.next_id += queries.len() as u64;
+        for (id, q) in ids.iter().zip(queries) {
+            self.reads_waiting.insert(*id, (term, q));
+        }
+        self.read_batches.insert(first, ids[1..].to_vec());
+        Ok(ids)
     }
 
     /// Runs the Ready loop. Returns the messages to send (everything they depend on is
@@ -234,6 +272,11 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 if let Some((_, q)) = self.reads_waiting.remove(&id) {
                     self.reads_ready.push((rs.index, id, q));
                 }
+                for other in self.read_batches.remove(&id).unwrap_or_default() {
+                    if let Some((_, q)) = self.reads_waiting.remove(&other) {
+                        self.reads_ready.push((rs.index, other, q));
+                    }
+                }
             }
             self.raw.advance(&rd);
         }
@@ -264,6 +307,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             self.reads_waiting.iter().filter(|(_, (t, _))| !leading || *t != st.term).map(|(id, _)| *id).collect();
         for id in stale_reads {
             self.reads_waiting.remove(&id);
+            self.read_batches.remove(&id);
             done.push(Completion { id, result: Err(err.clone()) });
         }
         if !leading {
@@ -297,6 +341,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 .into_keys()
                 .map(|id| Completion { id, result: Err(SubmitError::Shutdown) }),
         );
+        self.read_batches.clear();
         done.extend(self.reads_ready.drain(..).map(|(_, id, _)| Completion { id, result: Err(SubmitError::Shutdown) }));
         done
     }
@@ -362,17 +407,30 @@ pub struct RsmNode<S, M> {
     rsm: Rsm<S, M>,
     waiting: BTreeMap<SubmitId, (Endpoint, CallId)>,
     failed: Option<String>,
+    /// Group commit: requests and messages only queue work; the driver calls
+    /// [`RsmNode::flush`] once per batch of events, so one Ready (one sync) covers them all.
+    deferred: bool,
+    /// Group commit: queries of the current batch, asked together at the next flush.
+    queued_reads: Vec<(Endpoint, CallId, Vec<u8>)>,
 }
 
 impl<S: Storage, M: StateMachine> RsmNode<S, M> {
     /// A node serving `rsm`.
     pub fn new(rsm: Rsm<S, M>) -> RsmNode<S, M> {
-        RsmNode { rsm, waiting: BTreeMap::new(), failed: None }
+        RsmNode { rsm, waiting: BTreeMap::new(), failed: None, deferred: false, queued_reads: Vec::new() }
     }
 
     /// Why the node stopped, if its storage failed.
     pub fn failed(&self) -> Option<&str> {
         self.failed.as_deref()
+    }
+
+    /// Group commit: requests and peer messages no longer run the Ready loop themselves; the
+    /// driver must call [`RsmNode::flush`] after each batch of events (timers still flush).
+    /// Every proposal of a batch then goes into one Ready, written and synced once.
+    pub fn with_group_commit(mut self) -> RsmNode<S, M> {
+        self.deferred = true;
+        self
     }
 
     /// The replicated state machine.
@@ -390,6 +448,19 @@ impl<S: Storage, M: StateMachine> RsmNode<S, M> {
     pub fn flush(&mut self, ctx: &mut dyn Ctx) -> Vec<Completion> {
         if self.failed.is_some() {
             return Vec::new();
+        }
+        if !self.queued_reads.is_empty() {
+            let (who, queries): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.queued_reads).into_iter().map(|(to, call, q)| ((to, call), q)).unzip();
+            match self.rsm.query_batch(queries) {
+                Ok(ids) => self.waiting.extend(ids.into_iter().zip(who)),
+                Err(e) => {
+                    let reply = postcard::to_allocvec(&RsmReply::Failed(e)).expect("encodes");
+                    for (to, call) in who {
+                        ctx.reply(to, call, reply.clone());
+                    }
+                }
+            }
         }
         let (msgs, done) = match self.rsm.process() {
             Ok(r) => r,
@@ -442,6 +513,7 @@ impl<S: Storage, M: StateMachine> Node for RsmNode<S, M> {
         if self.failed.is_none()
             && let Ok(m) = postcard::from_bytes::<Message>(&message)
             && self.rsm.step(m).is_ok()
+            && !self.deferred
         {
             self.flush(ctx);
         }
@@ -455,6 +527,11 @@ impl<S: Storage, M: StateMachine> Node for RsmNode<S, M> {
         }
         let submitted = match postcard::from_bytes::<RsmRequest>(&request) {
             Ok(RsmRequest::Command(cmd)) => self.rsm.submit(cmd, ctx.now()),
+            Ok(RsmRequest::Query(q)) if self.deferred => {
+                // One ReadIndex round for every query of the batch, at the flush.
+                self.queued_reads.push((from, call, q));
+                return;
+            }
             Ok(RsmRequest::Query(q)) => self.rsm.query(q),
             Err(e) => {
                 let reply = RsmReply::Malformed(e.to_string());
@@ -465,14 +542,76 @@ impl<S: Storage, M: StateMachine> Node for RsmNode<S, M> {
         match submitted {
             Ok(id) => {
                 self.waiting.insert(id, (from, call));
-                self.flush(ctx);
+                if !self.deferred {
+                    self.flush(ctx);
+                }
             }
             Err(e) => ctx.reply(from, call, postcard::to_allocvec(&RsmReply::Failed(e)).expect("encodes")),
         }
     }
 
     fn on_shutdown(&mut self, ctx: &mut dyn Ctx) {
+        let reply = postcard::to_allocvec(&RsmReply::Failed(SubmitError::Shutdown)).expect("encodes");
+        for (to, call, _) in std::mem::take(&mut self.queued_reads) {
+            ctx.reply(to, call, reply.clone());
+        }
         let done = self.rsm.shutdown();
         self.answer(ctx, done);
+    }
+}
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use super::*;
+    use crate::testkit::SharedStorage;
+
+    /// Counts applied commands; a query answers the count followed by the query's bytes.
+    #[derive(Default)]
+    struct Count(u64);
+    impl StateMachine for Count {
+        fn apply(&mut self, _cmd: &[u8], _ctx: ApplyCtx) -> Vec<u8> {
+            self.0 += 1;
+            Vec::new()
+        }
+        fn query(&self, q: &[u8]) -> Vec<u8> {
+            let mut out = self.0.to_le_bytes().to_vec();
+            out.extend_from_slice(q);
+            out
+        }
+        fn snapshot(&self) -> Vec<u8> {
+            self.0.to_le_bytes().to_vec()
+        }
+        fn restore(&mut self, s: &[u8]) {
+            self.0 = u64::from_le_bytes(s.try_into().unwrap());
+        }
+    }
+
+    #[test]
+    fn a_batch_of_queries_shares_one_read_index_round_and_each_is_answered() {
+        let mut follower = Rsm::new(Config::new(1, vec![1, 2, 3]), SharedStorage::default(), Count(0), None).unwrap();
+        assert_eq!(
+            follower.query_batch(vec![b"a".to_vec()]),
+            Err(SubmitError::WrongLeader { leader: None }),
+            "only a leader confirms reads"
+        );
+        let mut rsm = Rsm::new(Config::new(1, vec![1]), SharedStorage::default(), Count(0), None).unwrap();
+        for _ in 0..100 {
+            rsm.tick();
+            rsm.process().unwrap();
+        }
+        assert_eq!(rsm.status().role, Role::Leader);
+        rsm.submit(b"x".to_vec(), 0).unwrap();
+        assert_eq!(rsm.query_batch(Vec::new()), Ok(Vec::new()));
+        let ids = rsm.query_batch(vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]).unwrap();
+        assert_eq!(ids.len(), 3);
+        let (_, done) = rsm.process().unwrap();
+        let answers: BTreeMap<SubmitId, Vec<u8>> =
+            done.into_iter().filter_map(|c| Some((c.id, c.result.ok()?))).collect();
+        for (id, q) in ids.iter().zip([b"a", b"b", b"c"]) {
+            let mut want = 1u64.to_le_bytes().to_vec();
+            want.extend_from_slice(q);
+            assert_eq!(answers.get(id), Some(&want), "query {id} sees the command applied before it");
+        }
+        assert!(rsm.read_batches.is_empty() && rsm.reads_waiting.is_empty());
     }
 }

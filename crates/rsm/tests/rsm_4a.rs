@@ -53,8 +53,8 @@ async fn inc_at(c: &SimClient, server: NodeId, h: &History, timeout: u64) -> Res
     };
     let (ret, output) = match &out {
         Ok(v) => (Some(c.now()), Some(*v)),
-        Err(SubmitError::WrongLeader { .. }) => return out, // refused: never applied
-        Err(_) => (None, None),                             // abandoned or no answer: may or may not have been applied
+        Err(SubmitError::WrongLeader { .. } | SubmitError::Busy) => return out, // refused: never applied
+        Err(_) => (None, None), // abandoned or no answer: may or may not have been applied
     };
     h.borrow_mut().push(Op { client: c.me(), call, ret, input: (), output });
     out

@@ -77,6 +77,10 @@ struct Inner {
     next_task: TaskId,
     trace: u64,
     handled: u64,
+    /// Nodes paused (stop-the-world) until a time.
+    paused: BTreeMap<Endpoint, Micros>,
+    /// Nodes whose clocks run fast or slow: a timer set for `d` fires after `d * rate`.
+    clock_rate: BTreeMap<Endpoint, f64>,
 }
 
 /// The simulated world. Cheap to clone (a handle); not `Send`.
@@ -137,6 +141,8 @@ impl World {
                 next_task: 1,
                 trace: 0xcbf2_9ce4_8422_2325,
                 handled: 0,
+                paused: BTreeMap::new(),
+                clock_rate: BTreeMap::new(),
             })),
             runnable: Arc::new(Mutex::new(VecDeque::new())),
         }
@@ -199,6 +205,28 @@ impl World {
     pub fn shutdown(&self, at: Endpoint) {
         self.dispatch(at, |n, ctx| n.on_shutdown(ctx));
         self.crash(at);
+    }
+
+    /// Pauses node `at` for `d` (a stop-the-world garbage collection, a SIGSTOP): its timers,
+    /// messages and requests wait, then all come at once when it resumes. Calls to it may
+    /// time out meanwhile.
+    pub fn pause(&self, at: Endpoint, d: Micros) {
+        let mut i = self.inner.borrow_mut();
+        let until = i.now + d;
+        let p = i.paused.entry(at).or_insert(0);
+        *p = (*p).max(until);
+    }
+
+    /// Makes node `at`'s clock run at `rate` (1.0: true time; 1.1: its timers take 10% longer).
+    pub fn set_clock_rate(&self, at: Endpoint, rate: f64) {
+        assert!(rate > 0.0, "a clock rate must be positive");
+        self.inner.borrow_mut().clock_rate.insert(at, rate);
+    }
+
+    /// If node `at` is paused now, the time it resumes.
+    fn paused_until(&self, at: Endpoint) -> Option<Micros> {
+        let i = self.inner.borrow();
+        i.paused.get(&at).copied().filter(|&u| u > i.now)
     }
 
     /// Whether node `at` is running.
@@ -332,6 +360,16 @@ impl World {
             i.handled += 1;
             ev
         };
+        // A paused node handles nothing until it resumes; then everything due comes at once.
+        let target = match &ev {
+            Ev::Timer { node, .. } => Some(*node),
+            Ev::Message { to, .. } | Ev::Request { to, .. } => Some(*to),
+            _ => None,
+        };
+        if let Some(until) = target.and_then(|t| self.paused_until(t)) {
+            self.inner.borrow_mut().events.push(until, ev);
+            return true;
+        }
         match ev {
             Ev::Wake(w) => w.wake(),
             Ev::Timer { node, incarnation, id } => {
@@ -437,7 +475,11 @@ impl Inner {
                 Fate::Drop => self.events.push(now, Ev::Fail { call, err: RpcError::Failed }),
                 Fate::FailAt(at) => self.events.push(at, Ev::Fail { call, err: RpcError::Failed }),
             },
-            Action::Timer { after, id } => self.events.push(now + after, Ev::Timer { node: me, incarnation, id }),
+            Action::Timer { after, id } => {
+                let rate = self.clock_rate.get(&me).copied().unwrap_or(1.0);
+                let after = if rate == 1.0 { after } else { (after as f64 * rate) as Micros };
+                self.events.push(now + after, Ev::Timer { node: me, incarnation, id })
+            }
         }
     }
 }

@@ -142,3 +142,28 @@ fn waiting_forever_is_reported() {
     let w = World::new(5, NetConfig::default());
     w.block_on(std::future::pending::<()>());
 }
+
+#[test]
+fn a_paused_node_answers_after_it_resumes_and_slow_clocks_stretch_timers() {
+    let w = World::new(5, NetConfig::default());
+    w.start_node(1, Echo::default());
+    let c = w.client(100);
+    w.pause(1, 400 * MS);
+    let c2 = c.clone();
+    let (r, took) = w.block_on(async move {
+        let t0 = c2.now();
+        let r = c2.call(1, b"x".to_vec(), SEC).await;
+        (r, c2.now() - t0)
+    });
+    assert_eq!(r, Ok(b"x".to_vec()));
+    assert!((400 * MS..402 * MS).contains(&took), "answered after {took} us, not when it resumed");
+    // A clock 50% slow: the deferred reply (a 50 ms timer) comes after 75 ms.
+    w.set_clock_rate(1, 1.5);
+    let (r, took) = w.block_on(async move {
+        let t0 = c.now();
+        let r = c.call(1, b"Later".to_vec(), SEC).await;
+        (r, c.now() - t0)
+    });
+    assert_eq!(r, Ok(b"Later".to_vec()));
+    assert!((75 * MS..77 * MS).contains(&took), "deferred reply after {took} us");
+}

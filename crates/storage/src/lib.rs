@@ -30,9 +30,10 @@
 //! window never spans a restart.)
 //!
 //! ## Durability of names
-//! The parent of the data directory is synced when the directory is created, the directory
-//! is synced when the log is created and after every rename, so a power loss can neither make
-//! `raft.log` disappear nor bring back a replaced file.
+//! The parent of each directory created on the way to the data directory is synced when it is
+//! created; the data directory and its parent are synced at every open (an earlier start may
+//! have died between creating a name and syncing it) and the directory after every rename, so
+//! a power loss can neither make `raft.log` disappear nor bring back a replaced file.
 //!
 //! ## I/O errors poison
 //! After any I/O error (`EIO`, `ENOSPC`, a short write, a failed `fdatasync`) the storage is
@@ -343,10 +344,13 @@ impl<F: Fs> FileStorage<F> {
             state.snapshot = Some(snap);
         }
         let log_path = dir.join(LOG);
-        let created = !fs.exists(&log_path).map_err(io_err("inspecting", &log_path))?;
         let mut log = fs.open_append(&log_path).map_err(io_err("opening", &log_path))?;
-        if created {
-            fs.sync_dir(&dir).map_err(io_err("syncing", &dir))?;
+        // Always, not only when the log is new: an earlier start (or snapshot) may have died
+        // between creating or renaming a file and syncing its directory, leaving a name that
+        // reads back now but would not survive a power loss.
+        fs.sync_dir(&dir).map_err(io_err("syncing", &dir))?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs.sync_dir(parent).map_err(io_err("syncing", parent))?;
         }
         let bytes = fs.read(&log_path).map_err(io_err("reading", &log_path))?;
         let (valid, chain) = replay(&bytes, &mut state, &log_path)?;

@@ -77,33 +77,57 @@ fn follower_failure_3b() {
 
 #[test]
 fn leader_failure_3b() {
-    scenario("leader_failure_3b", |seed| {
-        let n = 3;
-        let mut c = Cluster::new(ClusterConfig::new(n as usize), seed);
-        c.one(cmd(101), 3, false);
-        let leader1 = c.check_one_leader();
-        c.disconnect(leader1);
-        // The remaining followers elect a leader and agree.
-        c.one(cmd(102), 2, false);
-        c.sleep(ELECTION_TIMEOUT);
-        c.one(cmd(103), 2, false);
-        // Disconnect the new leader too: nothing can commit.
-        let leader2 = c.check_one_leader();
-        c.disconnect(leader2);
-        let mut indexes = Vec::new();
-        for id in c.ids() {
-            if let Some((i, _)) = c.start(id, cmd(104)) {
-                indexes.push(i);
-            }
+    scenario("leader_failure_3b", |seed| leader_failure(seed, true));
+}
+
+/// The same with check-quorum off, where cut-off leaders never step down by themselves.
+#[test]
+fn leader_failure_without_check_quorum_3b() {
+    scenario("leader_failure_without_check_quorum_3b", |seed| leader_failure(seed, false));
+}
+
+fn leader_failure(seed: u64, check_quorum: bool) {
+    let n = 3;
+    let mut cfg = ClusterConfig::new(n as usize);
+    if !check_quorum {
+        cfg.tweak = |c| c.check_quorum = false;
+    }
+    let mut c = Cluster::new(cfg, seed);
+    c.one(cmd(101), 3, false);
+    let leader1 = c.check_one_leader();
+    c.disconnect(leader1);
+    // The remaining followers elect a leader and agree.
+    c.one(cmd(102), 2, false);
+    c.sleep(ELECTION_TIMEOUT);
+    c.one(cmd(103), 2, false);
+    // Disconnect the new leader too: no majority is connected, so nothing can commit.
+    let leader2 = c.check_one_leader();
+    c.disconnect(leader2);
+    // Who still takes the command depends on check-quorum. With it, leader1 stepped down long
+    // ago (cut off for more than two election timeouts), and only leader2, cut off just now,
+    // still believes it leads. Without it, a cut-off leader leads until it hears of a higher
+    // term: leader1 takes 104 too, in its old term, at an index of its own short log that the
+    // majority may already have committed with another command. Either way the lone
+    // connected node is a follower and refuses.
+    let mut taken = Vec::new();
+    for id in c.ids() {
+        if let Some((i, _)) = c.start(id, cmd(104)) {
+            taken.push((id, i));
         }
-        c.sleep(2 * ELECTION_TIMEOUT);
-        for i in indexes {
-            assert_eq!(c.n_committed(i).0, 0, "index {i} committed without a majority");
-        }
-        for id in c.ids() {
-            assert!(!c.applied(id).cmds.values().any(|v| *v == cmd(104)), "node {id} applied 104 without a majority");
-        }
-    });
+    }
+    let takers: Vec<_> = taken.iter().map(|&(id, _)| id).collect();
+    let mut expected = if check_quorum { vec![leader2] } else { vec![leader1, leader2] };
+    expected.sort_unstable();
+    assert_eq!(takers, expected, "nodes that took 104 (check_quorum={check_quorum})");
+    c.sleep(2 * ELECTION_TIMEOUT);
+    // 104 commits nowhere: no index holds it on any node that applied that index. (The index
+    // itself may be committed, with the majority's command, as explained above.)
+    for (id, i) in taken {
+        assert_ne!(c.n_committed(i).1, Some(cmd(104)), "104, taken by node {id} at {i}, committed without a majority");
+    }
+    for id in c.ids() {
+        assert!(!c.applied(id).cmds.values().any(|v| *v == cmd(104)), "node {id} applied 104 without a majority");
+    }
 }
 
 #[test]

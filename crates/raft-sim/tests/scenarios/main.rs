@@ -11,6 +11,7 @@
 mod agreement;
 mod determinism;
 mod election;
+mod hardening;
 mod persistence;
 mod snapshots;
 mod swarm;

@@ -1,0 +1,352 @@
+//! `sixfive bench kv`: a fresh local three-member cluster of `kv serve` processes with data on
+//! disk (or the cluster at `--endpoints`), N concurrent clients, writes/s then linearizable
+//! reads/s with latency percentiles, fsyncs per write, group-commit batch sizes and each
+//! server's peak RSS.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use sixfive_kv::KvClient;
+use sixfive_runtime::client::{Cluster, random_u64};
+
+/// Options of `bench kv`.
+pub struct Options {
+    pub clients: usize,
+    pub secs: f64,
+    pub key_size: usize,
+    pub value_size: usize,
+    pub endpoints: Option<String>,
+    pub data_dir: PathBuf,
+    pub keep: bool,
+    pub no_etcd: bool,
+}
+
+struct Servers {
+    children: Vec<Child>,
+    metrics: Vec<String>,
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+fn start_servers(dir: &std::path::Path, keep: bool) -> Result<(Servers, Vec<String>), String> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (free_port(), free_port(), free_port())).collect();
+    let initial = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("b{}=http://127.0.0.1:{}", i + 1, p.1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut s = Servers { children: Vec::new(), metrics: Vec::new(), dir: dir.to_path_buf(), keep };
+    let mut urls = Vec::new();
+    for (i, (c, p, m)) in ports.iter().enumerate() {
+        let name = format!("b{}", i + 1);
+        let child = Command::new(&exe)
+            .args(["kv", "serve", "--name", &name])
+            .arg(format!("--data-dir={}", dir.join(&name).display()))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{c}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{p}"))
+            .arg(format!("--listen-metrics-urls=http://127.0.0.1:{m}"))
+            .arg(format!("--initial-cluster={initial}"))
+            .arg("--initial-cluster-token=bench")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        s.children.push(child);
+        s.metrics.push(format!("127.0.0.1:{m}"));
+        urls.push(format!("http://127.0.0.1:{c}"));
+    }
+    Ok((s, urls))
+}
+
+/// A metric's value (summed over label sets) from a server's /metrics.
+fn scrape(addr: &str, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return 0.0 };
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+struct Phase {
+    ops: u64,
+    secs: f64,
+    hist: Histogram<u64>,
+}
+
+impl Phase {
+    fn row(&self, what: &str) -> String {
+        let q = |p: f64| self.hist.value_at_quantile(p) as f64 / 1000.0;
+        format!(
+            "{what:<22} {:>10.0} ops/s   p50 {:>7.2} ms   p99 {:>7.2} ms   p99.9 {:>7.2} ms   ({} ops in {:.1} s)",
+            self.ops as f64 / self.secs,
+            q(0.5),
+            q(0.99),
+            q(0.999),
+            self.ops,
+            self.secs
+        )
+    }
+}
+
+async fn phase(cluster: &Cluster, o: &Options, write: bool) -> Phase {
+    let deadline = Instant::now() + Duration::from_secs_f64(o.secs);
+    let value = "v".repeat(o.value_size);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    let value = Rc::new(value);
+    for c in 0..o.clients {
+        let mut clerk = cluster.clerk(random_u64());
+        let value = value.clone();
+        let key_size = o.key_size;
+        tasks.push(tokio::task::spawn_local(async move {
+            let mut h = Histogram::<u64>::new(3).expect("histogram");
+            let mut versions = vec![0u64; 16];
+            let mut ops = 0u64;
+            let mut i = 0usize;
+            while Instant::now() < deadline {
+                // Each client owns 16 keys: a Put with the version it knows is one round trip.
+                let slot = i % versions.len();
+                let key = format!("{:0>width$}", format!("{c}-{slot}"), width = key_size);
+                let t = Instant::now();
+                if write {
+                    match clerk.put(&key, &value, versions[slot]).await {
+                        Ok(()) => versions[slot] += 1,
+                        Err(e) => panic!("put {key}: {e}"),
+                    }
+                } else {
+                    let _ = clerk.get(&key).await;
+                }
+                h.record(t.elapsed().as_micros() as u64).expect("in range");
+                ops += 1;
+                i += 1;
+            }
+            (ops, h, versions)
+        }));
+    }
+    let mut hist = Histogram::<u64>::new(3).expect("histogram");
+    let mut ops = 0;
+    for t in tasks {
+        let (n, h, _) = t.await.expect("client task");
+        ops += n;
+        hist.add(h).expect("same bounds");
+    }
+    Phase { ops, secs: started.elapsed().as_secs_f64(), hist }
+}
+
+pub fn run(o: Options) -> ExitCode {
+    if o.clients == 0 || o.secs <= 0.0 {
+        eprintln!("error: --clients and --secs must be positive");
+        return ExitCode::from(2);
+    }
+    let (servers, urls) = match &o.endpoints {
+        Some(e) => (None, e.split(',').map(str::to_string).collect::<Vec<_>>()),
+        None => match start_servers(&o.data_dir, o.keep) {
+            Ok((s, u)) => (Some(s), u),
+            Err(e) => {
+                eprintln!("error: cannot start the servers: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    let result = local.block_on(&rt, async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let cluster = loop {
+            if let Ok(c) = Cluster::connect(&urls, 500_000).await
+                && c.urls.iter().all(|(e, _)| *e < (1 << 32))
+            {
+                let mut clerk = c.clerk(random_u64());
+                if tokio::time::timeout(Duration::from_secs(2), clerk.get("warmup")).await.is_ok() {
+                    break c;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("the cluster did not become ready within 30 s".to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let fs0: f64 =
+            servers.as_ref().map_or(0.0, |s| s.metrics.iter().map(|m| scrape(m, "sixfive_fsyncs_total")).sum());
+        let writes = phase(&cluster, &o, true).await;
+        let (fs1, batch_sum, batch_count) = servers.as_ref().map_or((0.0, 0.0, 0.0), |s| {
+            (
+                s.metrics.iter().map(|m| scrape(m, "sixfive_fsyncs_total")).sum(),
+                s.metrics.iter().map(|m| scrape(m, "sixfive_sync_batch_entries_sum")).sum(),
+                s.metrics.iter().map(|m| scrape(m, "sixfive_sync_batch_entries_count")).sum(),
+            )
+        });
+        let reads = phase(&cluster, &o, false).await;
+        Ok((writes, reads, fs1 - fs0, batch_sum, batch_count))
+    });
+    let (writes, reads, fsyncs, batch_sum, batch_count) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "sixfive bench kv: 3 members, {} clients, {} s per phase, {} B keys, {} B values, every write fsynced on a majority",
+        o.clients, o.secs, o.key_size, o.value_size
+    );
+    println!("{}", writes.row("sixfive writes (Put)"));
+    println!("{}", reads.row("sixfive reads (Get, RI)"));
+    if let Some(s) = &servers {
+        println!(
+            "  fsyncs per write {:.3} (all 3 members)   log entries per sync {:.1}   peak RSS per server: {}",
+            fsyncs / writes.ops.max(1) as f64,
+            batch_sum / batch_count.max(1.0),
+            s.children.iter().map(|c| format!("{} MiB", peak_rss_kib(c.id()) / 1024)).collect::<Vec<_>>().join(", ")
+        );
+    }
+    drop(servers);
+    if o.endpoints.is_none() && !o.no_etcd {
+        etcd_side_by_side(&o, &writes, &reads);
+    }
+    if o.endpoints.is_none() && !o.keep {
+        let _ = std::fs::remove_dir_all(&o.data_dir);
+    }
+    ExitCode::SUCCESS
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| PathBuf::from(d).join(name)).find(|p| p.is_file())
+}
+
+/// The etcd row: a three-member etcd cluster started the same way (same disk, loopback), the
+/// same load driven through the `etcd-client` crate by `bench/etcd-load`.
+fn etcd_side_by_side(o: &Options, writes: &Phase, reads: &Phase) {
+    let Some(etcd) = on_path("etcd") else {
+        println!("(etcd not on the PATH: no side-by-side row; Debian: apt-get install etcd-server)");
+        return;
+    };
+    let driver = std::env::var_os("SIXFIVE_ETCD_LOAD")
+        .map(PathBuf::from)
+        .or_else(|| Some(PathBuf::from("bench/etcd-load/target/release/etcd-load")).filter(|p| p.is_file()))
+        .or_else(|| on_path("etcd-load"));
+    let Some(driver) = driver else {
+        println!(
+            "(etcd found but not its load driver: build it with \
+             `cargo build --release --manifest-path bench/etcd-load/Cargo.toml` (needs protoc), or set SIXFIVE_ETCD_LOAD)"
+        );
+        return;
+    };
+    let dir = o.data_dir.join("etcd");
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        println!("(etcd: cannot create {}: {e})", dir.display());
+        return;
+    }
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let initial = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("e{}=http://127.0.0.1:{}", i + 1, p.1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut members = Servers { children: Vec::new(), metrics: Vec::new(), dir: dir.clone(), keep: o.keep };
+    for (i, (c, p)) in ports.iter().enumerate() {
+        let name = format!("e{}", i + 1);
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).ok();
+        let spawned = Command::new(&etcd)
+            .args(["--name", &name])
+            .arg(format!("--data-dir={}", dir.join(&name).display()))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{c}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{c}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{p}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{p}"))
+            .arg(format!("--initial-cluster={initial}"))
+            .args(["--initial-cluster-token=bench", "--initial-cluster-state=new"])
+            .stdout(Stdio::null())
+            .stderr(log.map(Stdio::from).unwrap_or_else(Stdio::null))
+            .spawn();
+        match spawned {
+            Ok(c) => members.children.push(c),
+            Err(e) => {
+                println!("(etcd: cannot start {name}: {e})");
+                return;
+            }
+        }
+    }
+    let endpoints = ports.iter().map(|(c, _)| format!("http://127.0.0.1:{c}")).collect::<Vec<_>>().join(",");
+    let out = Command::new(&driver)
+        .args(["--endpoints", &endpoints, "--clients", &o.clients.to_string(), "--secs", &o.secs.to_string()])
+        .args(["--key-size", &o.key_size.to_string(), "--value-size", &o.value_size.to_string()])
+        .stderr(Stdio::inherit())
+        .output();
+    let rss: Vec<String> = members.children.iter().map(|c| format!("{} MiB", peak_rss_kib(c.id()) / 1024)).collect();
+    drop(members);
+    let text = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).to_string(),
+        Ok(o) => {
+            println!("(etcd load driver failed: {})", o.status);
+            return;
+        }
+        Err(e) => {
+            println!("(etcd load driver: {e})");
+            return;
+        }
+    };
+    let parse = |what: &str| -> Option<(f64, f64, f64, f64, f64)> {
+        let l = text.lines().find(|l| l.starts_with(what))?;
+        let v: Vec<f64> = l.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        Some((v[0], v[1], v[2] / 1000.0, v[3] / 1000.0, v[4] / 1000.0))
+    };
+    for (what, ours, label) in [("writes", writes, "etcd writes (Put)"), ("reads", reads, "etcd reads (Get, lin.)")] {
+        let Some((ops, secs, p50, p99, p999)) = parse(what) else {
+            println!("(etcd load driver printed no {what} line)");
+            return;
+        };
+        let rate = ops / secs;
+        println!(
+            "{label:<22} {rate:>10.0} ops/s   p50 {p50:>7.2} ms   p99 {p99:>7.2} ms   p99.9 {p999:>7.2} ms   ({ops} ops in {secs:.1} s)"
+        );
+        let our_p99 = ours.hist.value_at_quantile(0.99) as f64 / 1000.0;
+        println!(
+            "  sixfive / etcd: {:.2}x the {what}/s, p99 {:.2}x etcd's",
+            ours.ops as f64 / ours.secs / rate.max(1e-9),
+            our_p99 / p99.max(1e-9)
+        );
+    }
+    println!("  etcd peak RSS per member: {}", rss.join(", "));
+}

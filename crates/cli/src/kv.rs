@@ -1,0 +1,585 @@
+//! `sixfive kv ...`: the replicated key/value service as real processes, and its command-line
+//! client.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+use sixfive_kv::{KvClient, KvError};
+use sixfive_runtime::client::{Cluster, random_u64};
+use sixfive_runtime::server::{RawConfig, ServeConfig, serve};
+
+/// The client endpoints of the cluster that `sixfive kv cluster` starts with its defaults.
+pub const LOCAL_ENDPOINTS: &str = "http://127.0.0.1:2379,http://127.0.0.1:22379,http://127.0.0.1:32379";
+const CLIENT_PORTS: [u16; 6] = [2379, 22379, 32379, 42379, 52379, 62379];
+const PEER_PORTS: [u16; 6] = [2380, 22380, 32380, 42380, 52380, 62380];
+
+/// Exit codes of the client commands.
+pub mod exit {
+    /// A usage error (as clap reports them).
+    pub const USAGE: u8 = 2;
+    /// The key does not exist.
+    pub const NOT_FOUND: u8 = 3;
+    /// A compare-and-swap found another version.
+    pub const VERSION_MISMATCH: u8 = 4;
+    /// A write was sent but no answer came in time: it may or may not have been applied.
+    pub const MAYBE_APPLIED: u8 = 5;
+    /// No server answered (or no leader could answer) in time; nothing was written.
+    pub const UNAVAILABLE: u8 = 6;
+}
+
+#[derive(Subcommand)]
+pub enum KvCommand {
+    /// Runs one replica (flags as etcd's; each also from a SIXFIVE_* variable and --config-file).
+    Serve(Box<ServeArgs>),
+    /// Starts a local cluster of server processes with data under ./sixfive-data; Ctrl-C stops
+    /// them all cleanly; running it again reuses the data.
+    Cluster(ClusterArgs),
+    /// Stores VALUE under KEY (whatever its version).
+    Put {
+        /// Key.
+        key: String,
+        /// Value.
+        value: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Prints KEY's value and version (exit 3 if there is no such key).
+    Get {
+        /// Key.
+        key: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Removes KEY (exit 3 if there is no such key).
+    Del {
+        /// Key.
+        key: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Lists keys from START (inclusive) to --end (exclusive), in order.
+    Scan {
+        /// First key (default: the first).
+        #[arg(default_value = "")]
+        start: String,
+        /// End key (exclusive; default: to the last key).
+        #[arg(long)]
+        end: Option<String>,
+        /// Most entries.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Appends SUFFIX to KEY's value exactly once (creating it); prints the old value.
+    Append {
+        /// Key.
+        key: String,
+        /// Suffix.
+        suffix: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Compare-and-swap: stores VALUE under KEY only if KEY's version is --version (0: only if
+    /// KEY does not exist); exit 4 on another version.
+    Cas {
+        /// Key.
+        key: String,
+        /// New value.
+        value: String,
+        /// Expected current version.
+        #[arg(long)]
+        version: u64,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Every member's role, term, indexes and disk use; exits 0 only when the cluster has a
+    /// leader and answers a linearizable read.
+    Status {
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+/// Options of every client command.
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// Client URLs of the cluster's members (default: the local cluster of `kv cluster`).
+    #[arg(long, env = "SIXFIVE_ENDPOINTS", default_value = LOCAL_ENDPOINTS)]
+    pub endpoints: String,
+    /// Output format.
+    #[arg(short = 'w', long = "write-out", value_enum, default_value_t = Output::Simple)]
+    pub write_out: Output,
+    /// Seconds to wait for an answer before giving up.
+    #[arg(long, env = "SIXFIVE_COMMAND_TIMEOUT", default_value_t = 5.0)]
+    pub command_timeout: f64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Human-readable.
+    Simple,
+    /// One JSON document.
+    Json,
+}
+
+/// `kv serve`'s flags: etcd's names. Each is also read from the environment variable
+/// SIXFIVE_ followed by its name in capitals (e.g. SIXFIVE_DATA_DIR), then from --config-file; a flag wins over the
+/// variable, the variable over the file.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Human-readable name of this member; must appear in --initial-cluster [default: default].
+    #[arg(long, env = "SIXFIVE_NAME")]
+    name: Option<String>,
+    /// Directory of this member's data (write-ahead log, snapshot) [default: NAME.sixfive, NAME being --name].
+    #[arg(long, env = "SIXFIVE_DATA_DIR")]
+    data_dir: Option<String>,
+    /// URLs to listen on for clients, comma-separated [default: http://127.0.0.1:2379].
+    #[arg(long, env = "SIXFIVE_LISTEN_CLIENT_URLS")]
+    listen_client_urls: Option<String>,
+    /// Client URLs to tell others about [default: --listen-client-urls].
+    #[arg(long, env = "SIXFIVE_ADVERTISE_CLIENT_URLS")]
+    advertise_client_urls: Option<String>,
+    /// URLs to listen on for peer traffic [default: http://127.0.0.1:2380].
+    #[arg(long, env = "SIXFIVE_LISTEN_PEER_URLS")]
+    listen_peer_urls: Option<String>,
+    /// This member's peer URLs as the other members reach them [default: --listen-peer-urls].
+    #[arg(long, env = "SIXFIVE_INITIAL_ADVERTISE_PEER_URLS")]
+    initial_advertise_peer_urls: Option<String>,
+    /// Every member of the cluster: name=http://host:port,... (the same on every member;
+    /// member ids are the positions in this list) [default: this member alone].
+    #[arg(long, env = "SIXFIVE_INITIAL_CLUSTER")]
+    initial_cluster: Option<String>,
+    /// `new` when creating the cluster, `existing` when a member with empty data joins a running
+    /// one (it catches up from the leader) [default: new].
+    #[arg(long, env = "SIXFIVE_INITIAL_CLUSTER_STATE")]
+    initial_cluster_state: Option<String>,
+    /// Token that tells clusters apart: members of two clusters refuse each other
+    /// [default: sixfive-cluster].
+    #[arg(long, env = "SIXFIVE_INITIAL_CLUSTER_TOKEN")]
+    initial_cluster_token: Option<String>,
+    /// URLs to serve /metrics (Prometheus) and /health on [default: none].
+    #[arg(long, env = "SIXFIVE_LISTEN_METRICS_URLS")]
+    listen_metrics_urls: Option<String>,
+    /// Time between leader heartbeats, in milliseconds [default: 100].
+    #[arg(long, env = "SIXFIVE_HEARTBEAT_INTERVAL")]
+    heartbeat_interval: Option<String>,
+    /// Base election timeout, in milliseconds [default: 1000].
+    #[arg(long, env = "SIXFIVE_ELECTION_TIMEOUT")]
+    election_timeout: Option<String>,
+    /// Take a snapshot and compact the log once it holds this many bytes [default: 67108864].
+    #[arg(long, env = "SIXFIVE_SNAPSHOT_BYTES")]
+    snapshot_bytes: Option<String>,
+    /// TOML file with any of the settings above (keys as the flags, without the dashes in
+    /// front: name = "n1", data-dir = "..."); flags and variables win over it.
+    #[arg(long, env = "SIXFIVE_CONFIG_FILE")]
+    config_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ClusterArgs {
+    /// Number of server processes (at most 6).
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Directory holding one data directory per member.
+    #[arg(long, default_value = "sixfive-data")]
+    data_dir: PathBuf,
+    /// Client ports, comma-separated [default: 2379,22379,32379,...].
+    #[arg(long)]
+    client_ports: Option<String>,
+    /// Peer ports, comma-separated [default: 2380,22380,32380,...].
+    #[arg(long)]
+    peer_ports: Option<String>,
+    /// Serve /metrics and /health on each client port + 2.
+    #[arg(long)]
+    metrics: bool,
+    /// Extra flags passed to every `kv serve` (e.g. "--snapshot-bytes=1000000").
+    #[arg(long, allow_hyphen_values = true)]
+    serve_flag: Vec<String>,
+}
+
+pub fn main(cmd: KvCommand) -> ExitCode {
+    match cmd {
+        KvCommand::Serve(a) => serve_main(*a),
+        KvCommand::Cluster(a) => cluster_main(a),
+        other => client_main(other),
+    }
+}
+
+fn serve_main(a: ServeArgs) -> ExitCode {
+    sixfive_runtime::init_logging();
+    let mut raw = RawConfig {
+        name: a.name,
+        data_dir: a.data_dir,
+        listen_client_urls: a.listen_client_urls,
+        advertise_client_urls: a.advertise_client_urls,
+        listen_peer_urls: a.listen_peer_urls,
+        initial_advertise_peer_urls: a.initial_advertise_peer_urls,
+        initial_cluster: a.initial_cluster,
+        initial_cluster_state: a.initial_cluster_state,
+        initial_cluster_token: a.initial_cluster_token,
+        listen_metrics_urls: a.listen_metrics_urls,
+        heartbeat_interval: a.heartbeat_interval,
+        election_timeout: a.election_timeout,
+        snapshot_bytes: a.snapshot_bytes,
+    };
+    if let Some(f) = &a.config_file {
+        let text = match std::fs::read_to_string(f) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: cannot read --config-file {}: {e}", f.display());
+                return ExitCode::from(exit::USAGE);
+            }
+        };
+        if let Err(e) = raw.fill_from_toml(&text) {
+            eprintln!("error: {}: {e}", f.display());
+            return ExitCode::from(exit::USAGE);
+        }
+    }
+    let cfg = match ServeConfig::from_raw(&raw) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    match serve(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ports(given: &Option<String>, default: &[u16], n: usize, what: &str) -> Result<Vec<u16>, String> {
+    let v: Vec<u16> = match given {
+        Some(s) => s
+            .split(',')
+            .map(|p| p.trim().parse().map_err(|_| format!("--{what}: {p:?} is not a port")))
+            .collect::<Result<_, _>>()?,
+        None => default.to_vec(),
+    };
+    if v.len() < n {
+        return Err(format!("--{what}: {n} ports needed, {} given", v.len()));
+    }
+    Ok(v[..n].to_vec())
+}
+
+fn cluster_main(a: ClusterArgs) -> ExitCode {
+    if a.nodes == 0 || a.nodes > 6 {
+        eprintln!("error: --nodes must be between 1 and 6");
+        return ExitCode::from(exit::USAGE);
+    }
+    let (cp, pp) = match (
+        ports(&a.client_ports, &CLIENT_PORTS, a.nodes, "client-ports"),
+        ports(&a.peer_ports, &PEER_PORTS, a.nodes, "peer-ports"),
+    ) {
+        (Ok(c), Ok(p)) => (c, p),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: cannot find this program's path: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let names: Vec<String> = (1..=a.nodes).map(|i| format!("n{i}")).collect();
+    let initial = names.iter().zip(&pp).map(|(n, p)| format!("{n}=http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let mut children = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let dir = a.data_dir.join(name);
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["kv", "serve", "--name", name])
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{}", cp[i]))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{}", pp[i]))
+            .arg(format!("--initial-cluster={initial}"))
+            .arg("--initial-cluster-token=sixfive-local");
+        if a.metrics {
+            cmd.arg(format!("--listen-metrics-urls=http://127.0.0.1:{}", cp[i] + 2));
+        }
+        cmd.args(&a.serve_flag);
+        // Each server in its own process group: a Ctrl-C reaches only us, and we stop them in order.
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        match cmd.spawn() {
+            Ok(c) => children.push((name.clone(), c)),
+            Err(e) => {
+                eprintln!("error: cannot start {name}: {e}");
+                stop_all(&mut children);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let endpoints = cp.iter().map(|p| format!("http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    println!("started {} servers (data in {}):", a.nodes, a.data_dir.display());
+    for (i, (name, c)) in children.iter().enumerate() {
+        println!("  {name}  pid {:>7}  client http://127.0.0.1:{}  peer http://127.0.0.1:{}", c.id(), cp[i], pp[i]);
+    }
+    println!("endpoints: {endpoints}");
+    println!("try: sixfive kv put greeting hello && sixfive kv get greeting   (Ctrl-C stops the cluster)");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let code = rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = int.recv() => return 0,
+                _ = term.recv() => return 0,
+                _ = tick.tick() => {
+                    let mut alive = 0;
+                    for (name, c) in children.iter_mut() {
+                        match c.try_wait() {
+                            Ok(None) => alive += 1,
+                            Ok(Some(st)) => {
+                                if !name.ends_with(" (exited)") {
+                                    eprintln!("{name} exited ({st}); not restarting it (see its log above)");
+                                    name.push_str(" (exited)");
+                                }
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    if alive == 0 {
+                        return 1;
+                    }
+                }
+            }
+        }
+    });
+    println!("stopping the cluster...");
+    let clean = stop_all(&mut children);
+    if code == 0 && clean {
+        println!("stopped; the data stays in {} (run again to reuse it)", a.data_dir.display());
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// SIGTERM to every child, then waits for each; true if all exited 0.
+fn stop_all(children: &mut [(String, std::process::Child)]) -> bool {
+    for (_, c) in children.iter() {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+    }
+    let mut clean = true;
+    for (name, c) in children.iter_mut() {
+        match c.wait() {
+            Ok(st) if st.success() => {}
+            Ok(st) => {
+                if !name.ends_with(" (exited)") {
+                    eprintln!("{name}: {st}");
+                }
+                clean = false;
+            }
+            Err(e) => {
+                eprintln!("{name}: {e}");
+                clean = false;
+            }
+        }
+    }
+    clean
+}
+
+/// What a client command ended with.
+struct Outcome {
+    code: u8,
+    simple: String,
+    json: serde_json::Value,
+}
+
+fn ok(simple: String, json: serde_json::Value) -> Outcome {
+    Outcome { code: 0, simple, json }
+}
+
+fn failed(code: u8, msg: String) -> Outcome {
+    Outcome { code, simple: format!("error: {msg}"), json: json!({ "error": msg, "code": code }) }
+}
+
+fn kv_error(e: KvError) -> Outcome {
+    match e {
+        KvError::NoKey => failed(exit::NOT_FOUND, "key not found".into()),
+        KvError::Version => failed(exit::VERSION_MISMATCH, "version mismatch".into()),
+        KvError::Maybe => failed(exit::MAYBE_APPLIED, "the write may or may not have been applied".into()),
+        e => failed(1, e.to_string()),
+    }
+}
+
+fn client_main(cmd: KvCommand) -> ExitCode {
+    let c = match &cmd {
+        KvCommand::Put { c, .. }
+        | KvCommand::Get { c, .. }
+        | KvCommand::Del { c, .. }
+        | KvCommand::Scan { c, .. }
+        | KvCommand::Append { c, .. }
+        | KvCommand::Cas { c, .. }
+        | KvCommand::Status { c } => c.clone(),
+        _ => unreachable!("server commands are handled elsewhere"),
+    };
+    let urls: Vec<String> = c.endpoints.split(',').filter(|s| !s.trim().is_empty()).map(str::to_string).collect();
+    let timeout = Duration::from_secs_f64(c.command_timeout.max(0.01));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let out = rt.block_on(async move {
+        if let KvCommand::Status { .. } = cmd {
+            return status(&urls, timeout).await;
+        }
+        let cluster = match Cluster::connect(&urls, 1_000_000.min(timeout.as_micros() as u64)).await {
+            Ok(cl) => cl,
+            Err(e) => return failed(exit::UNAVAILABLE, e.to_string()),
+        };
+        let transport = cluster.transport.clone();
+        let mut clerk = cluster.clerk(random_u64());
+        let write = !matches!(cmd, KvCommand::Get { .. } | KvCommand::Scan { .. });
+        let run = async {
+            match cmd {
+                KvCommand::Get { key, .. } => match clerk.get(&key).await {
+                    Ok((v, ver)) => ok(v.clone(), json!({ "key": key, "value": v, "version": ver })),
+                    Err(e) => kv_error(e),
+                },
+                KvCommand::Put { key, value, .. } => {
+                    // Read the version, then a versioned Put; a concurrent writer makes us retry.
+                    loop {
+                        let version = match clerk.get(&key).await {
+                            Ok((_, v)) => v,
+                            Err(KvError::NoKey) => 0,
+                            Err(e) => return kv_error(e),
+                        };
+                        match clerk.put(&key, &value, version).await {
+                            Ok(()) => {
+                                return ok("OK".into(), json!({ "key": key, "ok": true, "version": version + 1 }));
+                            }
+                            Err(KvError::Version) => continue,
+                            Err(e) => return kv_error(e),
+                        }
+                    }
+                }
+                KvCommand::Cas { key, value, version, .. } => match clerk.put(&key, &value, version).await {
+                    Ok(()) => ok("OK".into(), json!({ "key": key, "ok": true, "version": version + 1 })),
+                    Err(e) => kv_error(e),
+                },
+                KvCommand::Del { key, .. } => match clerk.delete(&key).await {
+                    Ok(()) => ok("OK".into(), json!({ "key": key, "deleted": true })),
+                    Err(e) => kv_error(e),
+                },
+                KvCommand::Append { key, suffix, .. } => match clerk.append(&key, &suffix).await {
+                    Ok(old) => ok(old.clone(), json!({ "key": key, "old": old })),
+                    Err(e) => kv_error(e),
+                },
+                KvCommand::Scan { start, end, limit, .. } => match clerk.scan(&start, end.as_deref(), limit).await {
+                    Ok(entries) => {
+                        let simple =
+                            entries.iter().map(|(k, v, ver)| format!("{k}\t{v}\t{ver}")).collect::<Vec<_>>().join("\n");
+                        let j: Vec<_> =
+                            entries.iter().map(|(k, v, ver)| json!({ "key": k, "value": v, "version": ver })).collect();
+                        ok(simple, json!({ "entries": j }))
+                    }
+                    Err(e) => kv_error(e),
+                },
+                _ => unreachable!(),
+            }
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(o) => o,
+            Err(_) if write && transport.requests_sent() > 0 => failed(
+                exit::MAYBE_APPLIED,
+                format!("no answer within {timeout:?}: the write may or may not have been applied"),
+            ),
+            Err(_) => failed(exit::UNAVAILABLE, format!("no leader answered within {timeout:?}")),
+        }
+    });
+    match (c.write_out, out.code) {
+        (Output::Json, _) => println!("{}", out.json),
+        (Output::Simple, _) if out.simple.starts_with("error: ") => eprintln!("{}", out.simple),
+        (Output::Simple, _) => {
+            if !out.simple.is_empty() {
+                println!("{}", out.simple)
+            }
+        }
+    }
+    ExitCode::from(out.code)
+}
+
+async fn status(urls: &[String], timeout: Duration) -> Outcome {
+    let per = 1_000_000.min(timeout.as_micros() as u64);
+    let cluster = match Cluster::connect(urls, per).await {
+        Ok(c) => c,
+        Err(e) => return failed(exit::UNAVAILABLE, e.to_string()),
+    };
+    let mut rows = Vec::new();
+    let mut table = vec![format!(
+        "{:<28} {:>4} {:<8} {:<12} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11}",
+        "ENDPOINT",
+        "ID",
+        "NAME",
+        "ROLE",
+        "TERM",
+        "LEADER",
+        "COMMIT",
+        "APPLIED",
+        "LAST",
+        "SNAPSHOT",
+        "LOG BYTES",
+        "SNAP BYTES"
+    )];
+    let mut leaders = std::collections::BTreeSet::new();
+    for (e, url) in &cluster.urls {
+        match cluster.transport.status(*e, per).await {
+            Ok(s) => {
+                if s.role == "leader" {
+                    leaders.insert(s.id);
+                }
+                table.push(format!(
+                    "{:<28} {:>4} {:<8} {:<12} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11}",
+                    format!("http://{url}"),
+                    s.id,
+                    s.name,
+                    s.role,
+                    s.term,
+                    s.leader.map_or("-".into(), |l| l.to_string()),
+                    s.commit,
+                    s.applied,
+                    s.last_index,
+                    s.snapshot_index,
+                    s.log_bytes,
+                    s.snapshot_bytes
+                ));
+                rows.push(json!({
+                    "endpoint": format!("http://{url}"), "id": s.id, "name": s.name, "role": s.role, "term": s.term,
+                    "leader": s.leader, "commit": s.commit, "applied": s.applied, "last_index": s.last_index,
+                    "snapshot_index": s.snapshot_index, "log_bytes": s.log_bytes, "snapshot_bytes": s.snapshot_bytes,
+                }));
+            }
+            Err(err) => {
+                table.push(format!("{:<28} unreachable ({err})", format!("http://{url}")));
+                rows.push(json!({ "endpoint": format!("http://{url}"), "error": err.to_string() }));
+            }
+        }
+    }
+    // Ready only if a read through the leader (ReadIndex: a quorum confirms it) answers.
+    let mut clerk = cluster.clerk(random_u64());
+    let answered = tokio::time::timeout(timeout, clerk.get("\u{0}status")).await;
+    let readable = matches!(answered, Ok(Ok(_) | Err(KvError::NoKey)));
+    let healthy = !leaders.is_empty() && readable;
+    table.push(if healthy {
+        format!("cluster healthy: leader {}, a linearizable read answered", leaders.first().expect("one"))
+    } else if leaders.is_empty() {
+        "cluster NOT ready: no member reports itself leader".to_string()
+    } else {
+        format!("cluster NOT ready: a linearizable read got no answer within {timeout:?}")
+    });
+    let json = json!({ "members": rows, "healthy": healthy, "leader": leaders.first() });
+    Outcome { code: if healthy { 0 } else { exit::UNAVAILABLE }, simple: table.join("\n"), json }
+}

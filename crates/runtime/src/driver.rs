@@ -1,0 +1,339 @@
+//! The event loop that drives one [`Node`], as the simulator's `World` does: `on_start` once,
+//! then timers, peer messages and client requests one at a time, each handler acting only
+//! through the [`Ctx`]; replies may come from a later event.
+//!
+//! The loop runs on a thread of its own (so a sync blocks only it, while the network tasks
+//! keep reading into its queue). It takes every event already queued as one batch and then
+//! calls [`Driven::end_of_batch`]: a node that defers its work there (the KV server's group
+//! commit) writes and syncs one Ready for the whole batch; what arrives during that sync
+//! makes the next batch.
+//!
+//! If the node fails (a storage failure it cannot continue from) or a handler panics, the loop
+//! stops and [`DriverHandle::join`] returns the reason: the server stops serving and exits
+//! non-zero, rather than answering from a state it could not persist.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sixfive_rpc::{CallId, Ctx, Endpoint, Micros, Node};
+use tokio::sync::mpsc;
+
+/// Most events taken into one batch (bounds the latency of the first of them).
+pub const MAX_BATCH: usize = 4096;
+/// Capacity of a node's input queue; network readers wait when it is full.
+pub const INPUT_QUEUE: usize = 16_384;
+
+/// Microseconds on a clock shared by everything in this process: wall-clock time read once at
+/// the first call, advanced by the monotonic clock (so it never goes back while the process
+/// runs, and a restarted server continues roughly where the last one was).
+pub fn now_micros() -> Micros {
+    static BASE: OnceLock<(Instant, Micros)> = OnceLock::new();
+    let (at, wall) = BASE.get_or_init(|| {
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as Micros).unwrap_or(0);
+        (Instant::now(), wall)
+    });
+    wall + at.elapsed().as_micros() as Micros
+}
+
+/// A [`Node`] the runtime can drive.
+pub trait Driven: Node + Send + 'static {
+    /// Every event queued at the start of this batch has been handled. A node that defers work
+    /// (group commit) does it now.
+    fn end_of_batch(&mut self, _ctx: &mut dyn Ctx) {}
+    /// Why the node cannot go on (its storage failed), if so: the loop then stops with it.
+    fn failure(&self) -> Option<String> {
+        None
+    }
+}
+
+impl<S, M> Driven for sixfive_rsm::RsmNode<S, M>
+where
+    S: sixfive_raft::Storage + Send + 'static,
+    M: sixfive_rsm::StateMachine + Send + 'static,
+{
+    fn end_of_batch(&mut self, ctx: &mut dyn Ctx) {
+        self.flush(ctx);
+    }
+    fn failure(&self) -> Option<String> {
+        self.failed().map(str::to_owned)
+    }
+}
+
+/// Where a node's sends and replies go.
+pub trait Router: Send + Sync + 'static {
+    /// A one-way message to peer `to` (dropped if it cannot be queued).
+    fn send(&self, to: Endpoint, bytes: Vec<u8>);
+    /// The answer to request `call` of client `to`.
+    fn reply(&self, to: Endpoint, call: CallId, bytes: Vec<u8>);
+}
+
+/// A closure run on the node with a context.
+pub type Job<N> = Box<dyn FnOnce(&mut N, &mut dyn Ctx) + Send>;
+
+/// Something for the node's loop to do.
+pub enum Input<N> {
+    /// A message from a peer.
+    Message {
+        /// The peer.
+        from: Endpoint,
+        /// Its bytes.
+        bytes: Vec<u8>,
+    },
+    /// A client's request.
+    Request {
+        /// The client's endpoint (its connection).
+        from: Endpoint,
+        /// Its call id.
+        call: CallId,
+        /// The request.
+        bytes: Vec<u8>,
+    },
+    /// Runs a closure on the node (status, leadership transfer), with a context.
+    With(Job<N>),
+    /// Stops on purpose: `on_shutdown` answers what waits, the batch is flushed, the loop ends.
+    Shutdown,
+}
+
+/// Runs after every batch with the node (for metrics).
+pub type Observer<N> = Box<dyn FnMut(&N) + Send>;
+
+/// A node's input queue: the sender for the network tasks, the receiver for [`spawn`].
+pub fn channel<N>() -> (mpsc::Sender<Input<N>>, mpsc::Receiver<Input<N>>) {
+    mpsc::channel(INPUT_QUEUE)
+}
+
+/// A running node loop.
+pub struct DriverHandle<N> {
+    /// Where to send inputs.
+    pub input: mpsc::Sender<Input<N>>,
+    thread: std::thread::JoinHandle<Result<(), String>>,
+}
+
+impl<N> DriverHandle<N> {
+    /// Waits for the loop to end: `Ok` after a shutdown, `Err` with the reason if the node
+    /// failed (its storage failed, or a handler panicked).
+    pub fn join(self) -> Result<(), String> {
+        self.thread.join().unwrap_or_else(|_| Err("the node loop's thread died".into()))
+    }
+
+    /// Whether the loop has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+}
+
+struct RtCtx<'a> {
+    me: Endpoint,
+    now: Micros,
+    router: &'a dyn Router,
+    timers: &'a mut BTreeMap<(Micros, u64), u64>,
+    timer_seq: &'a mut u64,
+}
+
+impl Ctx for RtCtx<'_> {
+    fn now(&self) -> Micros {
+        self.now
+    }
+    fn me(&self) -> Endpoint {
+        self.me
+    }
+    fn send(&mut self, to: Endpoint, message: Vec<u8>) {
+        self.router.send(to, message);
+    }
+    fn reply(&mut self, to: Endpoint, call: CallId, reply: Vec<u8>) {
+        self.router.reply(to, call, reply);
+    }
+    fn set_timer(&mut self, after: Micros, id: u64) {
+        *self.timer_seq += 1;
+        self.timers.insert((self.now + after, *self.timer_seq), id);
+    }
+}
+
+struct Loop<N> {
+    me: Endpoint,
+    node: N,
+    router: Arc<dyn Router>,
+    timers: BTreeMap<(Micros, u64), u64>,
+    timer_seq: u64,
+}
+
+impl<N: Driven> Loop<N> {
+    fn dispatch(&mut self, f: impl FnOnce(&mut N, &mut dyn Ctx)) {
+        let mut ctx = RtCtx {
+            me: self.me,
+            now: now_micros(),
+            router: self.router.as_ref(),
+            timers: &mut self.timers,
+            timer_seq: &mut self.timer_seq,
+        };
+        f(&mut self.node, &mut ctx);
+    }
+
+    /// Handles one input; false once the node is shut down.
+    fn handle(&mut self, input: Input<N>) -> bool {
+        match input {
+            Input::Message { from, bytes } => self.dispatch(|n, ctx| n.on_message(ctx, from, bytes)),
+            Input::Request { from, call, bytes } => self.dispatch(|n, ctx| n.on_request(ctx, from, call, bytes)),
+            Input::With(f) => self.dispatch(f),
+            Input::Shutdown => {
+                self.dispatch(|n, ctx| {
+                    n.on_shutdown(ctx);
+                    n.end_of_batch(ctx);
+                });
+                return false;
+            }
+        }
+        true
+    }
+
+    fn fire_due_timers(&mut self) {
+        let now = now_micros();
+        while let Some((&(at, seq), _)) = self.timers.first_key_value() {
+            if at > now {
+                break;
+            }
+            let id = self.timers.remove(&(at, seq)).expect("listed");
+            self.dispatch(|n, ctx| n.on_timer(ctx, id));
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Input<N>>, mut observer: Option<Observer<N>>) -> Result<(), String> {
+        self.dispatch(|n, ctx| n.on_start(ctx));
+        loop {
+            let next = self.timers.first_key_value().map(|(&(at, _), _)| at);
+            let first = match next {
+                Some(at) => {
+                    let wait = Duration::from_micros(at.saturating_sub(now_micros()));
+                    tokio::select! {
+                        biased;
+                        input = rx.recv() => Some(input),
+                        _ = tokio::time::sleep(wait) => None,
+                    }
+                }
+                None => Some(rx.recv().await),
+            };
+            let mut running = match first {
+                Some(Some(input)) => self.handle(input),
+                Some(None) => self.handle(Input::Shutdown), // every sender is gone
+                None => true,
+            };
+            let mut taken = 1;
+            while running && taken < MAX_BATCH {
+                let Ok(input) = rx.try_recv() else { break };
+                running = self.handle(input);
+                taken += 1;
+            }
+            if !running {
+                return Ok(());
+            }
+            self.fire_due_timers();
+            self.dispatch(|n, ctx| n.end_of_batch(ctx));
+            if let Some(why) = self.node.failure() {
+                return Err(why);
+            }
+            if let Some(o) = observer.as_mut() {
+                o(&self.node);
+            }
+        }
+    }
+}
+
+fn panic_message(e: &(dyn std::any::Any + Send)) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// Starts the loop of `node` at address `me` on a new thread, taking its inputs from the queue
+/// made by [`channel`].
+pub fn spawn<N: Driven>(
+    me: Endpoint,
+    node: N,
+    router: Arc<dyn Router>,
+    observer: Option<Observer<N>>,
+    (input, rx): (mpsc::Sender<Input<N>>, mpsc::Receiver<Input<N>>),
+) -> DriverHandle<N> {
+    let thread = std::thread::Builder::new()
+        .name(format!("node-{me}"))
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(|e| e.to_string())?;
+            let lp = Loop { me, node, router, timers: BTreeMap::new(), timer_seq: 0 };
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(lp.run(rx, observer))))
+                .map_err(|e| panic_message(e.as_ref()))?
+        })
+        .expect("spawn the node thread");
+    DriverHandle { input, thread }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Log(Mutex<Vec<String>>);
+    impl Router for Log {
+        fn send(&self, to: Endpoint, bytes: Vec<u8>) {
+            self.0.lock().unwrap().push(format!("send {to} {}", String::from_utf8_lossy(&bytes)));
+        }
+        fn reply(&self, to: Endpoint, call: CallId, bytes: Vec<u8>) {
+            self.0.lock().unwrap().push(format!("reply {to}/{call} {}", String::from_utf8_lossy(&bytes)));
+        }
+    }
+
+    /// Echoes requests at the end of the batch; ticks three times; panics on "boom".
+    #[derive(Default)]
+    struct Echo {
+        queued: Vec<(Endpoint, CallId, Vec<u8>)>,
+        ticks: u32,
+    }
+    impl Node for Echo {
+        fn on_start(&mut self, ctx: &mut dyn Ctx) {
+            ctx.set_timer(1_000, 7);
+        }
+        fn on_timer(&mut self, ctx: &mut dyn Ctx, id: u64) {
+            assert_eq!(id, 7);
+            self.ticks += 1;
+            if self.ticks < 3 {
+                ctx.set_timer(1_000, 7);
+            } else {
+                ctx.send(2, b"ticked".to_vec());
+            }
+        }
+        fn on_message(&mut self, _ctx: &mut dyn Ctx, _from: Endpoint, message: Vec<u8>) {
+            assert_ne!(message, b"boom", "storage failed: cannot continue safely");
+        }
+        fn on_request(&mut self, _ctx: &mut dyn Ctx, from: Endpoint, call: CallId, request: Vec<u8>) {
+            self.queued.push((from, call, request));
+        }
+        fn on_shutdown(&mut self, ctx: &mut dyn Ctx) {
+            ctx.send(2, b"bye".to_vec());
+        }
+    }
+    impl Driven for Echo {
+        fn end_of_batch(&mut self, ctx: &mut dyn Ctx) {
+            for (to, call, r) in self.queued.drain(..) {
+                ctx.reply(to, call, r);
+            }
+        }
+    }
+
+    #[test]
+    fn timers_deferred_replies_shutdown_and_failure() {
+        let log = Arc::new(Log::default());
+        let h = spawn(1, Echo::default(), log.clone(), None, channel());
+        h.input.blocking_send(Input::Request { from: 9, call: 3, bytes: b"hi".to_vec() }).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        h.input.blocking_send(Input::Shutdown).unwrap();
+        assert_eq!(h.join(), Ok(()));
+        let got = log.0.lock().unwrap().clone();
+        assert_eq!(got, vec!["reply 9/3 hi", "send 2 ticked", "send 2 bye"]);
+
+        let h = spawn(1, Echo::default(), Arc::new(Log::default()), None, channel());
+        h.input.blocking_send(Input::Message { from: 2, bytes: b"boom".to_vec() }).unwrap();
+        let err = h.join().unwrap_err();
+        assert!(err.contains("storage failed"), "{err}");
+    }
+}

@@ -1,0 +1,35 @@
+//! # sixfive-runtime: the production driver of the seams in `sixfive-rpc`
+//!
+//! The simulator's `World` drives [`sixfive_rpc::Node`]s in virtual time; this crate drives the
+//! same nodes with tokio, TCP and files, so the server code the simulator proves is the code
+//! that runs:
+//!
+//! - [`driver`]: one event loop per server, on its own thread, delivering timers, peer messages
+//!   and client requests to the node exactly as `World` does, in batches (group commit);
+//! - [`frame`] and [`proto`]: length-prefixed, checksummed frames and the messages in them;
+//! - [`peer`]: one TCP connection per pair of members, a cluster-id handshake, bounded queues,
+//!   reconnection with backoff;
+//! - [`client`]: [`client::TcpTransport`], a [`sixfive_rpc::Transport`] over TCP for the clerks;
+//! - [`server`]: the replicated key/value server (etcd-style configuration, locked data
+//!   directory, graceful stop on SIGTERM, `/metrics` and `/health`);
+//! - [`metrics`]: Prometheus metrics and the storage wrapper that times each sync.
+#![deny(missing_docs)]
+
+pub mod client;
+pub mod driver;
+pub mod frame;
+pub mod metrics;
+pub mod peer;
+pub mod proto;
+pub mod server;
+
+/// Sends `tracing` logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}

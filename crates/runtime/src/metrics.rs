@@ -1,0 +1,256 @@
+//! What an operator watches, in Prometheus' text format (through `prometheus-client`), and the
+//! storage wrapper that measures every sync.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use sixfive_raft::{Entry, HardState, Snapshot, Storage};
+
+type Labels = Vec<(String, String)>;
+
+/// Every metric of one server.
+pub struct Metrics {
+    registry: Registry,
+    /// Client requests answered, by result (`ok` or `failed`).
+    pub requests: Family<Labels, Counter>,
+    /// Commit index.
+    pub commit: Gauge,
+    /// Applied index.
+    pub applied: Gauge,
+    /// Commit index minus applied index.
+    pub apply_lag: Gauge,
+    /// Current term.
+    pub term: Gauge,
+    /// 1 while this member leads.
+    pub is_leader: Gauge,
+    /// Times the known leader changed.
+    pub leader_changes: Counter,
+    /// Snapshots taken or installed (the snapshot index moved).
+    pub snapshots: Counter,
+    /// Index of the latest snapshot.
+    pub snapshot_index: Gauge,
+    /// Syncs of the write-ahead log.
+    pub fsyncs: Counter,
+    /// Seconds per sync.
+    pub fsync_seconds: Histogram,
+    /// Log entries written per sync (the group-commit batch).
+    pub sync_batch_entries: Histogram,
+    /// Log entries written.
+    pub entries_written: Counter,
+    /// Bytes sent to each peer.
+    pub peer_sent_bytes: Family<Labels, Counter>,
+    /// Bytes received from each peer.
+    pub peer_received_bytes: Family<Labels, Counter>,
+    /// Messages dropped because a peer's send queue was full.
+    pub peer_dropped: Family<Labels, Counter>,
+    /// Connections closed for malformed or oversized frames or a refused handshake.
+    pub bad_connections: Family<Labels, Counter>,
+    last_leader: AtomicU64,
+    last_snapshot: AtomicU64,
+    extra: Mutex<Vec<(String, u64)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn label(k: &str, v: impl ToString) -> Labels {
+    vec![(k.to_string(), v.to_string())]
+}
+
+impl Metrics {
+    /// Fresh metrics, registered.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("sixfive");
+        let m = Metrics {
+            requests: Family::default(),
+            commit: Gauge::default(),
+            applied: Gauge::default(),
+            apply_lag: Gauge::default(),
+            term: Gauge::default(),
+            is_leader: Gauge::default(),
+            leader_changes: Counter::default(),
+            snapshots: Counter::default(),
+            snapshot_index: Gauge::default(),
+            fsyncs: Counter::default(),
+            fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            sync_batch_entries: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            entries_written: Counter::default(),
+            peer_sent_bytes: Family::default(),
+            peer_received_bytes: Family::default(),
+            peer_dropped: Family::default(),
+            bad_connections: Family::default(),
+            last_leader: AtomicU64::new(0),
+            last_snapshot: AtomicU64::new(0),
+            extra: Mutex::new(Vec::new()),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Client requests answered, by result", m.requests.clone());
+        registry.register("commit_index", "Raft commit index", m.commit.clone());
+        registry.register("applied_index", "Index applied to the state machine", m.applied.clone());
+        registry.register("apply_lag", "Committed entries not yet applied", m.apply_lag.clone());
+        registry.register("term", "Current Raft term", m.term.clone());
+        registry.register("is_leader", "1 while this member leads", m.is_leader.clone());
+        registry.register("leader_changes", "Times the known leader changed", m.leader_changes.clone());
+        registry.register("snapshots", "Snapshots taken or installed", m.snapshots.clone());
+        registry.register("snapshot_index", "Index of the latest snapshot", m.snapshot_index.clone());
+        registry.register("fsyncs", "Syncs of the write-ahead log", m.fsyncs.clone());
+        registry.register("fsync_seconds", "Duration of one sync", m.fsync_seconds.clone());
+        registry.register("sync_batch_entries", "Log entries made durable by one sync", m.sync_batch_entries.clone());
+        registry.register("entries_written", "Log entries written", m.entries_written.clone());
+        registry.register("peer_sent_bytes", "Bytes sent to each peer", m.peer_sent_bytes.clone());
+        registry.register("peer_received_bytes", "Bytes received from each peer", m.peer_received_bytes.clone());
+        registry.register("peer_dropped_messages", "Messages dropped on a full peer queue", m.peer_dropped.clone());
+        registry.register("bad_connections", "Connections closed for bad input, by port", m.bad_connections.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Counts bytes sent to `peer`.
+    pub fn sent(&self, peer: &str, bytes: usize) {
+        self.peer_sent_bytes.get_or_create(&label("peer", peer)).inc_by(bytes as u64);
+    }
+
+    /// Counts bytes received from `peer`.
+    pub fn received(&self, peer: &str, bytes: usize) {
+        self.peer_received_bytes.get_or_create(&label("peer", peer)).inc_by(bytes as u64);
+    }
+
+    /// Counts a message dropped for `peer`.
+    pub fn dropped(&self, peer: &str) {
+        self.peer_dropped.get_or_create(&label("peer", peer)).inc();
+    }
+
+    /// Counts a connection closed on bad input on `port` (`peer` or `client`).
+    pub fn bad_connection(&self, port: &str) {
+        self.bad_connections.get_or_create(&label("port", port)).inc();
+    }
+
+    /// Counts a request answered.
+    pub fn request(&self, ok: bool) {
+        self.requests.get_or_create(&label("result", if ok { "ok" } else { "failed" })).inc();
+    }
+
+    /// Records the node's state after a batch.
+    pub fn observe(&self, st: &sixfive_raft::Status) {
+        self.commit.set(st.commit as i64);
+        self.applied.set(st.applied as i64);
+        self.apply_lag.set(st.commit.saturating_sub(st.applied) as i64);
+        self.term.set(st.term as i64);
+        self.is_leader.set((st.role == sixfive_raft::Role::Leader) as i64);
+        let leader = st.leader.unwrap_or(0);
+        if leader != 0 && self.last_leader.swap(leader, Ordering::Relaxed) != leader {
+            self.leader_changes.inc();
+        }
+        if self.last_snapshot.swap(st.snapshot_index, Ordering::Relaxed) < st.snapshot_index {
+            self.snapshots.inc();
+        }
+        self.snapshot_index.set(st.snapshot_index as i64);
+    }
+
+    /// Sets a gauge that is computed on demand (file sizes), shown with the others.
+    pub fn set_extra(&self, name: &str, value: u64) {
+        let mut e = self.extra.lock().expect("metrics");
+        match e.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 = value,
+            None => e.push((name.to_string(), value)),
+        }
+    }
+
+    /// Everything, in Prometheus' text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String");
+        let body = out.strip_suffix("# EOF\n").unwrap_or(&out).to_string();
+        let mut out = body;
+        for (name, v) in self.extra.lock().expect("metrics").iter() {
+            out.push_str(&format!("# TYPE sixfive_{name} gauge\nsixfive_{name} {v}\n"));
+        }
+        out.push_str("# EOF\n");
+        out
+    }
+}
+
+/// A [`Storage`] that measures its syncs into [`Metrics`].
+pub struct MeteredStorage<S> {
+    inner: S,
+    metrics: std::sync::Arc<Metrics>,
+    entries_since_sync: u64,
+}
+
+impl<S> MeteredStorage<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, metrics: std::sync::Arc<Metrics>) -> MeteredStorage<S> {
+        MeteredStorage { inner, metrics, entries_since_sync: 0 }
+    }
+
+    /// The wrapped storage.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Storage> Storage for MeteredStorage<S> {
+    type Error = S::Error;
+    fn initial_state(&self) -> Result<sixfive_raft::RestoredState, S::Error> {
+        self.inner.initial_state()
+    }
+    fn save_hard_state(&mut self, hs: &HardState) -> Result<(), S::Error> {
+        self.inner.save_hard_state(hs)
+    }
+    fn append(&mut self, entries: &[Entry]) -> Result<(), S::Error> {
+        self.entries_since_sync += entries.len() as u64;
+        self.metrics.entries_written.inc_by(entries.len() as u64);
+        self.inner.append(entries)
+    }
+    fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), S::Error> {
+        self.inner.save_snapshot(snapshot)
+    }
+    fn sync(&mut self) -> Result<(), S::Error> {
+        let started = Instant::now();
+        let r = self.inner.sync();
+        self.metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics.fsyncs.inc();
+        if self.entries_since_sync > 0 {
+            self.metrics.sync_batch_entries.observe(self.entries_since_sync as f64);
+            self.entries_since_sync = 0;
+        }
+        r
+    }
+    fn raft_state_bytes(&self) -> usize {
+        self.inner.raft_state_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text_with_every_family() {
+        let m = Metrics::new();
+        m.request(true);
+        m.sent("n2", 100);
+        m.fsync_seconds.observe(0.001);
+        m.set_extra("log_bytes", 42);
+        let text = m.render();
+        for name in [
+            "sixfive_requests_total{result=\"ok\"} 1",
+            "sixfive_peer_sent_bytes_total{peer=\"n2\"} 100",
+            "sixfive_fsync_seconds_count 1",
+            "sixfive_log_bytes 42",
+            "sixfive_leader_changes_total 0",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,351 @@
+//! Peer transport: one TCP connection per pair of members, dialed by the member with the lower
+//! id and used in both directions.
+//!
+//! - The dialer's first frame is a [`PeerHello`] naming the cluster and both members; the other
+//!   side refuses a connection from another cluster, an unknown member or the wrong direction
+//!   with a clear log line (as etcd does for a cluster id mismatch) and closes it.
+//! - Each peer has a bounded send queue. Raft tolerates loss, so when the queue is full (a slow
+//!   or absent peer) new messages are dropped and counted: memory does not grow while a peer
+//!   is down. While disconnected, queued messages are discarded (they would be stale).
+//! - The dialer reconnects with exponential backoff (50 ms to 2 s).
+//! - A frame that is oversized or fails its checksum closes the connection with the reason
+//!   logged; Raft messages that do not decode are dropped by the node.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sixfive_raft::NodeId;
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use crate::driver::Input;
+use crate::frame::{self, FrameError, MAX_PEER_FRAME};
+use crate::metrics::Metrics;
+use crate::proto::{PEER_MAGIC, PeerHello, PeerWelcome};
+
+/// Messages queued for one peer before new ones are dropped.
+pub const PEER_QUEUE: usize = 4096;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// A member of the cluster, as its peers reach it.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// Name.
+    pub name: String,
+    /// `host:port` of its peer listener.
+    pub addr: String,
+}
+
+/// The outgoing side of the peer transport.
+pub struct PeerNet {
+    queues: BTreeMap<NodeId, (String, mpsc::Sender<Vec<u8>>)>,
+    metrics: Arc<Metrics>,
+}
+
+impl PeerNet {
+    /// Queues `bytes` for `to`, or drops them if its queue is full.
+    pub fn send(&self, to: NodeId, bytes: Vec<u8>) {
+        if let Some((name, q)) = self.queues.get(&to)
+            && q.try_send(bytes).is_err()
+        {
+            self.metrics.dropped(name);
+        }
+    }
+}
+
+/// Starts the peer transport of member `me` on the current tokio runtime: accepts on
+/// `listeners`, dials the members with higher ids, and delivers what arrives to `input`.
+pub fn start<N: Send + 'static>(
+    me: NodeId,
+    cluster_id: u64,
+    members: &BTreeMap<NodeId, Peer>,
+    listeners: Vec<TcpListener>,
+    input: mpsc::Sender<Input<N>>,
+    metrics: Arc<Metrics>,
+) -> (PeerNet, Vec<tokio::task::JoinHandle<()>>) {
+    let mut queues = BTreeMap::new();
+    let mut accepted = BTreeMap::new();
+    let mut tasks = Vec::new();
+    // Dial from our own advertised address, so that traffic between members is told apart by
+    // address (each member on its own loopback address can be partitioned by firewall rules).
+    let local = members
+        .get(&me)
+        .and_then(|p| p.addr.rsplit_once(':'))
+        .and_then(|(h, _)| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok());
+    for (&id, peer) in members.iter().filter(|(id, _)| **id != me) {
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        queues.insert(id, (peer.name.clone(), tx));
+        let link = Link {
+            me,
+            local,
+            peer: id,
+            name: peer.name.clone(),
+            addr: peer.addr.clone(),
+            cluster_id,
+            input: input.clone(),
+            metrics: metrics.clone(),
+        };
+        let from_them = if id < me {
+            let (atx, arx) = mpsc::channel(4);
+            accepted.insert(id, atx);
+            Some(arx)
+        } else {
+            None
+        };
+        tasks.push(tokio::spawn(link.run(rx, from_them)));
+    }
+    let accepted = Arc::new(accepted);
+    let names: Arc<BTreeMap<NodeId, String>> = Arc::new(members.iter().map(|(i, p)| (*i, p.name.clone())).collect());
+    for l in listeners {
+        let accepted = accepted.clone();
+        let names = names.clone();
+        let metrics = metrics.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Ok((stream, addr)) = l.accept().await else { continue };
+                let accepted = accepted.clone();
+                let names = names.clone();
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    match handshake(stream, me, cluster_id, &names).await {
+                        Ok((from, stream)) => {
+                            if let Some(tx) = accepted.get(&from) {
+                                let _ = tx.send(stream).await;
+                            }
+                        }
+                        Err(HandshakeError::Refused(reason)) => {
+                            metrics.bad_connection("peer");
+                            error!("refusing peer connection from {addr}: {reason}");
+                        }
+                        Err(HandshakeError::Frame(e)) => {
+                            metrics.bad_connection("peer");
+                            warn!("closing peer connection from {addr}: {e}");
+                        }
+                    }
+                });
+            }
+        }));
+    }
+    (PeerNet { queues, metrics }, tasks)
+}
+
+enum HandshakeError {
+    Refused(String),
+    Frame(FrameError),
+}
+
+async fn handshake(
+    mut stream: TcpStream,
+    me: NodeId,
+    cluster_id: u64,
+    names: &BTreeMap<NodeId, String>,
+) -> Result<(NodeId, TcpStream), HandshakeError> {
+    let hello: PeerHello = tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_msg(&mut stream, 1024))
+        .await
+        .map_err(|_| HandshakeError::Frame(FrameError::Io(std::io::ErrorKind::TimedOut.into())))?
+        .map_err(HandshakeError::Frame)?;
+    let refusal = if hello.magic != PEER_MAGIC {
+        Some("not a sixfive peer (bad magic)".to_string())
+    } else if hello.cluster_id != cluster_id {
+        Some(format!(
+            "cluster id mismatch: the peer belongs to cluster {:016x}, this member to {:016x} \
+             (a member of another cluster, or started with another --initial-cluster or --initial-cluster-token)",
+            hello.cluster_id, cluster_id
+        ))
+    } else if hello.to != me {
+        Some(format!("the peer means to reach member {}, this is member {me}", hello.to))
+    } else if !names.contains_key(&hello.from) || hello.from == me {
+        Some(format!("unknown member id {}", hello.from))
+    } else if hello.from > me {
+        Some(format!("member {} has the higher id: this member dials it, not the other way", hello.from))
+    } else {
+        None
+    };
+    if let Some(reason) = refusal {
+        let _ = frame::write_msg(&mut stream, &PeerWelcome::Refused(reason.clone())).await;
+        return Err(HandshakeError::Refused(reason));
+    }
+    frame::write_msg(&mut stream, &PeerWelcome::Accepted).await.map_err(|e| HandshakeError::Frame(e.into()))?;
+    let _ = stream.set_nodelay(true);
+    Ok((hello.from, stream))
+}
+
+struct Link<N> {
+    me: NodeId,
+    local: Option<std::net::IpAddr>,
+    peer: NodeId,
+    name: String,
+    addr: String,
+    cluster_id: u64,
+    input: mpsc::Sender<Input<N>>,
+    metrics: Arc<Metrics>,
+}
+
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl<N: Send + 'static> Link<N> {
+    async fn dial(&self) -> Result<TcpStream, String> {
+        let connect = async {
+            let addr = tokio::net::lookup_host(&self.addr)
+                .await?
+                .next()
+                .ok_or_else(|| std::io::Error::other("the address resolves to nothing"))?;
+            let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            if let Some(ip) = self.local.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+                sock.bind(std::net::SocketAddr::new(ip, 0))?;
+            }
+            sock.connect(addr).await
+        };
+        let mut s = tokio::time::timeout(DIAL_TIMEOUT, connect)
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let _ = s.set_nodelay(true);
+        let hello = PeerHello { magic: PEER_MAGIC, cluster_id: self.cluster_id, from: self.me, to: self.peer };
+        frame::write_msg(&mut s, &hello).await.map_err(|e| e.to_string())?;
+        let welcome: PeerWelcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_msg(&mut s, 1 << 16))
+            .await
+            .map_err(|_| "no answer to the handshake".to_string())?
+            .map_err(|e| e.to_string())?;
+        match welcome {
+            PeerWelcome::Accepted => Ok(s),
+            PeerWelcome::Refused(why) => Err(format!("refused by the peer: {why}")),
+        }
+    }
+
+    async fn run(self, mut out: mpsc::Receiver<Vec<u8>>, mut from_them: Option<mpsc::Receiver<TcpStream>>) {
+        let dialer = from_them.is_none();
+        let mut backoff = BACKOFF_MIN;
+        let mut next: Option<TcpStream> = None;
+        let mut failures = 0u64;
+        loop {
+            let stream = match next.take() {
+                Some(s) => s,
+                None if dialer => {
+                    while out.try_recv().is_ok() {} // stale while disconnected
+                    match self.dial().await {
+                        Ok(s) => {
+                            info!(peer = %self.name, addr = %self.addr, "connected to peer");
+                            failures = 0;
+                            s
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            if e.starts_with("refused") {
+                                error!(peer = %self.name, addr = %self.addr, "cannot connect to peer: {e}");
+                            } else if failures == 1 || failures.is_multiple_of(30) {
+                                warn!(peer = %self.name, addr = %self.addr, "cannot reach peer (retrying): {e}");
+                            } else {
+                                debug!(peer = %self.name, "cannot reach peer: {e}");
+                            }
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(BACKOFF_MAX);
+                            continue;
+                        }
+                    }
+                }
+                None => {
+                    tokio::select! {
+                        s = recv_opt(&mut from_them) => match s {
+                            Some(s) => {
+                                info!(peer = %self.name, "peer connected");
+                                s
+                            }
+                            None => return,
+                        },
+                        m = out.recv() => match m {
+                            Some(_) => continue, // not connected: dropped
+                            None => return,
+                        },
+                    }
+                }
+            };
+            let connected_at = std::time::Instant::now();
+            let (r, w) = stream.into_split();
+            let mut reader =
+                tokio::spawn(read_loop(r, self.peer, self.name.clone(), self.input.clone(), self.metrics.clone()));
+            let mut w = BufWriter::with_capacity(1 << 16, w);
+            let reason: String = loop {
+                tokio::select! {
+                    res = &mut reader => break res.unwrap_or_else(|e| e.to_string()),
+                    m = out.recv() => {
+                        let Some(m) = m else { reader.abort(); return };
+                        if let Err(e) = self.write_batch(&mut w, m, &mut out).await {
+                            break format!("write failed: {e}");
+                        }
+                    }
+                    s = recv_opt(&mut from_them) => {
+                        next = s;
+                        break "replaced by a newer connection from the peer".into();
+                    }
+                }
+            };
+            reader.abort();
+            info!(peer = %self.name, "peer connection closed: {reason}");
+            // A connection that closes at once (the peer is stopping) must not make us spin.
+            if dialer && connected_at.elapsed() < Duration::from_secs(1) {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            } else {
+                backoff = BACKOFF_MIN;
+            }
+        }
+    }
+
+    async fn write_batch(
+        &self,
+        w: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+        first: Vec<u8>,
+        out: &mut mpsc::Receiver<Vec<u8>>,
+    ) -> std::io::Result<()> {
+        let mut bytes = first.len() + frame::HEADER_BYTES;
+        frame::write(w, &first).await?;
+        for _ in 0..256 {
+            let Ok(m) = out.try_recv() else { break };
+            bytes += m.len() + frame::HEADER_BYTES;
+            frame::write(w, &m).await?;
+        }
+        w.flush().await?;
+        self.metrics.sent(&self.name, bytes);
+        Ok(())
+    }
+}
+
+async fn read_loop<N: Send + 'static>(
+    r: OwnedReadHalf,
+    peer: NodeId,
+    name: String,
+    input: mpsc::Sender<Input<N>>,
+    metrics: Arc<Metrics>,
+) -> String {
+    let mut r = BufReader::with_capacity(1 << 16, r);
+    loop {
+        match frame::read(&mut r, MAX_PEER_FRAME).await {
+            Ok(bytes) => {
+                metrics.received(&name, bytes.len() + frame::HEADER_BYTES);
+                if input.send(Input::Message { from: peer, bytes }).await.is_err() {
+                    return "the node stopped".into();
+                }
+            }
+            Err(FrameError::Closed) => return "closed by the peer".into(),
+            Err(e @ (FrameError::Oversized { .. } | FrameError::Checksum | FrameError::Decode(_))) => {
+                metrics.bad_connection("peer");
+                warn!(peer = %name, "closing peer connection: {e}");
+                return e.to_string();
+            }
+            Err(e) => return e.to_string(),
+        }
+    }
+}

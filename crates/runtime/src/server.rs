@@ -1,0 +1,800 @@
+//! One replica of the replicated key/value service as a server process: the `sixfive-kv`
+//! state machine in an `RsmNode` on `FileStorage`, driven by [`crate::driver`], reached by peers
+//! and clients over TCP.
+//!
+//! Configuration follows etcd's flags (see [`RawConfig`]). The data directory holds `LOCK`
+//! (held with `flock` while the server runs: a second server on it is refused), `member`
+//! (the cluster id, name and member id it was created for: a server started with another
+//! cluster's data is refused) and `raft/` (the write-ahead log and snapshot).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sixfive_kv::{KvSm, Op};
+use sixfive_raft::{Config, NodeId, Role};
+use sixfive_rpc::{CallId, Ctx, Endpoint};
+use sixfive_rsm::{Rsm, RsmNode, RsmReply, RsmRequest, TICK_MICROS};
+use sixfive_storage::FileStorage;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use crate::driver::{self, Input, Router};
+use crate::frame::{self, FrameError, MAX_CLIENT_FRAME};
+use crate::metrics::{MeteredStorage, Metrics};
+use crate::peer::{self, Peer, PeerNet};
+use crate::proto::{ClientMsg, MemberStatus, ServerMsg};
+
+/// The node a KV server runs.
+pub type KvNode = RsmNode<MeteredStorage<FileStorage>, KvSm>;
+
+/// Client connections get endpoints from here up (member ids are below).
+const CLIENT_ENDPOINTS: Endpoint = 1 << 40;
+/// The server's own requests (health checks).
+const INTERNAL_ENDPOINT: Endpoint = u64::MAX;
+/// Replies queued for one client connection before new ones are dropped (the client times out).
+const CLIENT_QUEUE: usize = 8192;
+
+/// Why a server could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A flag, variable or config file value is wrong.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Another server holds the data directory.
+    #[error("data directory {0} is in use by another server (its LOCK file is held); refusing to start")]
+    Locked(PathBuf),
+    /// The data directory belongs to another member or cluster.
+    #[error("data directory {dir}: {reason}; refusing to start")]
+    ForeignData {
+        /// Which directory.
+        dir: PathBuf,
+        /// What differs.
+        reason: String,
+    },
+    /// The storage could not be opened (corruption is named with its file and offset).
+    #[error("storage: {0}")]
+    Storage(#[from] sixfive_storage::StorageError),
+    /// The operating system refused.
+    #[error("{what}: {source}")]
+    Io {
+        /// What we were doing.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The node stopped on an error it cannot continue from (a storage failure).
+    #[error("the node failed and stopped serving: {0}")]
+    NodeFailed(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let what = what.into();
+    move |source| ServeError::Io { what, source }
+}
+
+/// Whether the cluster is being created or the member joins one that runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterState {
+    /// `new`.
+    New,
+    /// `existing`.
+    Existing,
+}
+
+/// The settings as given (flags, environment or config file), before checking. Names are
+/// etcd's; lists are comma-separated.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawConfig {
+    /// `--name`: this member's name (default `default`).
+    pub name: Option<String>,
+    /// `--data-dir` (default `<name>.sixfive`).
+    pub data_dir: Option<String>,
+    /// `--listen-client-urls` (default `http://127.0.0.1:2379`).
+    pub listen_client_urls: Option<String>,
+    /// `--advertise-client-urls` (default: the listen URLs).
+    pub advertise_client_urls: Option<String>,
+    /// `--listen-peer-urls` (default `http://127.0.0.1:2380`).
+    pub listen_peer_urls: Option<String>,
+    /// `--initial-advertise-peer-urls` (default: the listen URLs).
+    pub initial_advertise_peer_urls: Option<String>,
+    /// `--initial-cluster`: `name=url,...` (default: this member alone).
+    pub initial_cluster: Option<String>,
+    /// `--initial-cluster-state`: `new` or `existing` (default `new`).
+    pub initial_cluster_state: Option<String>,
+    /// `--initial-cluster-token` (default `sixfive-cluster`).
+    pub initial_cluster_token: Option<String>,
+    /// `--listen-metrics-urls`: where `/metrics` and `/health` are served (default: none).
+    pub listen_metrics_urls: Option<String>,
+    /// `--heartbeat-interval` in milliseconds (default 100).
+    pub heartbeat_interval: Option<String>,
+    /// `--election-timeout` in milliseconds (default 1000).
+    pub election_timeout: Option<String>,
+    /// `--snapshot-bytes`: take a snapshot once the log holds this many bytes (default 64 MiB).
+    pub snapshot_bytes: Option<String>,
+}
+
+/// Keys accepted in a config file (etcd's spelling), in [`RawConfig`]'s order.
+pub const CONFIG_KEYS: [&str; 13] = [
+    "name",
+    "data-dir",
+    "listen-client-urls",
+    "advertise-client-urls",
+    "listen-peer-urls",
+    "initial-advertise-peer-urls",
+    "initial-cluster",
+    "initial-cluster-state",
+    "initial-cluster-token",
+    "listen-metrics-urls",
+    "heartbeat-interval",
+    "election-timeout",
+    "snapshot-bytes",
+];
+
+impl RawConfig {
+    fn slots(&mut self) -> [&mut Option<String>; 13] {
+        [
+            &mut self.name,
+            &mut self.data_dir,
+            &mut self.listen_client_urls,
+            &mut self.advertise_client_urls,
+            &mut self.listen_peer_urls,
+            &mut self.initial_advertise_peer_urls,
+            &mut self.initial_cluster,
+            &mut self.initial_cluster_state,
+            &mut self.initial_cluster_token,
+            &mut self.listen_metrics_urls,
+            &mut self.heartbeat_interval,
+            &mut self.election_timeout,
+            &mut self.snapshot_bytes,
+        ]
+    }
+
+    /// Fills the settings not given yet from a TOML config file's text (keys as in
+    /// [`CONFIG_KEYS`]; strings, numbers, or arrays of strings for URL lists).
+    pub fn fill_from_toml(&mut self, text: &str) -> Result<(), ServeError> {
+        let table: toml::Table = text.parse().map_err(|e| ServeError::Config(format!("config file: {e}")))?;
+        for (k, v) in table {
+            let Some(pos) = CONFIG_KEYS.iter().position(|c| *c == k || c.replace('-', "_") == k) else {
+                return Err(ServeError::Config(format!(
+                    "config file: unknown key {k:?} (known: {})",
+                    CONFIG_KEYS.join(", ")
+                )));
+            };
+            let value = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Array(a) => a
+                    .iter()
+                    .map(|x| x.as_str().map(str::to_string).ok_or(()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| ServeError::Config(format!("config file: {k}: a list of strings expected")))?
+                    .join(","),
+                other => return Err(ServeError::Config(format!("config file: {k}: unexpected value {other}"))),
+            };
+            let slot = &mut self.slots()[pos];
+            if slot.is_none() {
+                **slot = Some(value);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A checked configuration.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// This member's name.
+    pub name: String,
+    /// Its id (its position in the initial cluster, from 1).
+    pub id: NodeId,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Where clients connect.
+    pub listen_client: Vec<String>,
+    /// What clients are told.
+    pub advertise_client: Vec<String>,
+    /// Where peers connect.
+    pub listen_peer: Vec<String>,
+    /// Every member: id -> (name, peer address).
+    pub members: BTreeMap<NodeId, Peer>,
+    /// New or existing cluster.
+    pub state: ClusterState,
+    /// The cluster's token.
+    pub token: String,
+    /// Where `/metrics` and `/health` are served.
+    pub listen_metrics: Vec<String>,
+    /// Raft heartbeat interval, in ticks of 10 ms.
+    pub heartbeat_ticks: u32,
+    /// Raft base election timeout, in ticks of 10 ms.
+    pub election_ticks: u32,
+    /// Snapshot threshold in bytes of log.
+    pub snapshot_bytes: usize,
+}
+
+/// `http://host:port` -> `host:port`; `https://` is refused until TLS exists.
+pub fn parse_url(url: &str) -> Result<String, ServeError> {
+    let url = url.trim();
+    if url.starts_with("https://") || url.starts_with("unixs://") {
+        return Err(ServeError::Config(format!(
+            "{url}: TLS is not supported yet; use an http:// URL (and a private network)"
+        )));
+    }
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| ServeError::Config(format!("{url}: expected a URL of the form http://host:port")))?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) =
+        rest.rsplit_once(':').ok_or_else(|| ServeError::Config(format!("{url}: the URL has no port")))?;
+    if host.is_empty() || port.parse::<u16>().is_err() || rest.contains('/') {
+        return Err(ServeError::Config(format!("{url}: expected http://host:port")));
+    }
+    Ok(rest.to_string())
+}
+
+fn url_list(s: &str) -> Result<Vec<String>, ServeError> {
+    let v: Vec<String> = s.split(',').filter(|u| !u.trim().is_empty()).map(parse_url).collect::<Result<_, _>>()?;
+    if v.is_empty() {
+        return Err(ServeError::Config(format!("{s:?}: no URL given")));
+    }
+    Ok(v)
+}
+
+fn number<T: std::str::FromStr>(what: &str, v: Option<&String>, default: T) -> Result<T, ServeError> {
+    match v {
+        None => Ok(default),
+        Some(s) => s.trim().parse().map_err(|_| ServeError::Config(format!("{what}: {s:?} is not a number"))),
+    }
+}
+
+/// The cluster's id: a hash of its token and its initial members (as etcd derives its own), so
+/// members started with another token or member list are told apart.
+pub fn cluster_id(token: &str, members: &BTreeMap<NodeId, Peer>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: &[u8]| {
+        for x in b {
+            h = (h ^ *x as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(token.as_bytes());
+    for (id, p) in members {
+        eat(format!("\n{id}={}={}", p.name, p.addr).as_bytes());
+    }
+    h
+}
+
+impl ServeConfig {
+    /// Checks `raw` and fills the defaults.
+    pub fn from_raw(raw: &RawConfig) -> Result<ServeConfig, ServeError> {
+        let name = raw.name.clone().unwrap_or_else(|| "default".into());
+        if name.is_empty() || name.contains(['=', ',']) {
+            return Err(ServeError::Config(format!("--name {name:?}: must be non-empty, without '=' or ','")));
+        }
+        let data_dir = PathBuf::from(raw.data_dir.clone().unwrap_or_else(|| format!("{name}.sixfive")));
+        let listen_client = url_list(raw.listen_client_urls.as_deref().unwrap_or("http://127.0.0.1:2379"))?;
+        let advertise_client = match &raw.advertise_client_urls {
+            Some(s) => url_list(s)?,
+            None => listen_client.clone(),
+        };
+        let listen_peer = url_list(raw.listen_peer_urls.as_deref().unwrap_or("http://127.0.0.1:2380"))?;
+        let advertise_peer = match &raw.initial_advertise_peer_urls {
+            Some(s) => url_list(s)?,
+            None => listen_peer.clone(),
+        };
+        let initial = raw.initial_cluster.clone().unwrap_or_else(|| format!("{name}=http://{}", advertise_peer[0]));
+        let mut members = BTreeMap::new();
+        let mut id = None;
+        for (i, part) in initial.split(',').filter(|p| !p.trim().is_empty()).enumerate() {
+            let (n, u) = part.split_once('=').ok_or_else(|| {
+                ServeError::Config(format!("--initial-cluster: {part:?} is not name=http://host:port"))
+            })?;
+            let n = n.trim().to_string();
+            let addr = parse_url(u)?;
+            if members.values().any(|p: &Peer| p.name == n) {
+                return Err(ServeError::Config(format!("--initial-cluster: member name {n:?} appears twice")));
+            }
+            let mid = i as NodeId + 1;
+            if n == name {
+                if !advertise_peer.contains(&addr) {
+                    return Err(ServeError::Config(format!(
+                        "--initial-cluster gives {name} the peer URL http://{addr}, but --initial-advertise-peer-urls is {}",
+                        advertise_peer.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>().join(",")
+                    )));
+                }
+                id = Some(mid);
+            }
+            members.insert(mid, Peer { name: n, addr });
+        }
+        let id = id.ok_or_else(|| {
+            ServeError::Config(format!(
+                "member name {name:?} is not in --initial-cluster ({}); unknown member",
+                members.values().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        let state = match raw.initial_cluster_state.as_deref().unwrap_or("new") {
+            "new" => ClusterState::New,
+            "existing" => ClusterState::Existing,
+            s => return Err(ServeError::Config(format!("--initial-cluster-state {s:?}: expected new or existing"))),
+        };
+        let listen_metrics = match &raw.listen_metrics_urls {
+            Some(s) if !s.trim().is_empty() => url_list(s)?,
+            _ => Vec::new(),
+        };
+        let hb_ms: u64 = number("--heartbeat-interval", raw.heartbeat_interval.as_ref(), 100)?;
+        let el_ms: u64 = number("--election-timeout", raw.election_timeout.as_ref(), 1000)?;
+        let tick_ms = TICK_MICROS / 1000;
+        let (heartbeat_ticks, election_ticks) = ((hb_ms / tick_ms) as u32, (el_ms / tick_ms) as u32);
+        if heartbeat_ticks == 0 || election_ticks <= heartbeat_ticks {
+            return Err(ServeError::Config(format!(
+                "--heartbeat-interval {hb_ms} and --election-timeout {el_ms}: need {tick_ms} <= heartbeat < election (ms)"
+            )));
+        }
+        let snapshot_bytes = number("--snapshot-bytes", raw.snapshot_bytes.as_ref(), 64usize << 20)?;
+        Ok(ServeConfig {
+            name,
+            id,
+            data_dir,
+            listen_client,
+            advertise_client,
+            listen_peer,
+            members,
+            state,
+            token: raw.initial_cluster_token.clone().unwrap_or_else(|| "sixfive-cluster".into()),
+            listen_metrics,
+            heartbeat_ticks,
+            election_ticks,
+            snapshot_bytes,
+        })
+    }
+
+    /// The cluster id (see [`cluster_id`]).
+    pub fn cluster_id(&self) -> u64 {
+        cluster_id(&self.token, &self.members)
+    }
+}
+
+/// Holds the data directory's lock while alive.
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Locks `dir` (creating it), or says who holds it.
+pub fn lock_data_dir(dir: &Path) -> Result<DirLock, ServeError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("creating data directory {}", dir.display())))?;
+    let path = dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        return Err(ServeError::Locked(dir.to_path_buf()));
+    }
+    Ok(DirLock { _file: file })
+}
+
+/// Checks the data directory was made for this member of this cluster (or marks it so).
+fn check_member_file(cfg: &ServeConfig) -> Result<(), ServeError> {
+    let path = cfg.data_dir.join("member");
+    let want = format!("cluster-id={:016x}\nname={}\nid={}\n", cfg.cluster_id(), cfg.name, cfg.id);
+    match std::fs::read_to_string(&path) {
+        Ok(have) if have == want => Ok(()),
+        Ok(have) => Err(ServeError::ForeignData {
+            dir: cfg.data_dir.clone(),
+            reason: format!(
+                "it holds the data of [{}], but this server is [{}] (another cluster's data, or another member's)",
+                have.trim().replace('\n', " "),
+                want.trim().replace('\n', " ")
+            ),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if cfg.data_dir.join("raft").exists() {
+                return Err(ServeError::ForeignData {
+                    dir: cfg.data_dir.clone(),
+                    reason: "it holds Raft data but no member file".into(),
+                });
+            }
+            let tmp = cfg.data_dir.join("member.tmp");
+            std::fs::write(&tmp, &want).map_err(io(format!("writing {}", tmp.display())))?;
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io("syncing the member file"))?;
+            std::fs::rename(&tmp, &path).map_err(io(format!("renaming {}", path.display())))?;
+            std::fs::File::open(&cfg.data_dir).and_then(|f| f.sync_all()).map_err(io("syncing the data directory"))?;
+            Ok(())
+        }
+        Err(e) => Err(io(format!("reading {}", path.display()))(e)),
+    }
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Follower => "follower",
+        Role::PreCandidate => "precandidate",
+        Role::Candidate => "candidate",
+        Role::Leader => "leader",
+    }
+}
+
+/// The member's status as `kv status` shows it.
+pub fn member_status(n: &KvNode, name: &str, raft_dir: &Path) -> MemberStatus {
+    let st = n.rsm().status();
+    MemberStatus {
+        id: st.id,
+        name: name.to_string(),
+        role: role_name(st.role).into(),
+        term: st.term,
+        leader: st.leader,
+        commit: st.commit,
+        applied: st.applied,
+        last_index: st.last_index,
+        snapshot_index: st.snapshot_index,
+        log_bytes: file_len(&raft_dir.join("raft.log")),
+        snapshot_bytes: file_len(&raft_dir.join("raft.snapshot")),
+    }
+}
+
+/// Client connections and the server's own pending requests.
+#[derive(Default)]
+struct Clients {
+    conns: Mutex<BTreeMap<Endpoint, mpsc::Sender<ServerMsg>>>,
+    internal: Mutex<BTreeMap<CallId, oneshot::Sender<Vec<u8>>>>,
+    next_internal: AtomicU64,
+}
+
+struct KvRouter {
+    peers: PeerNet,
+    clients: Arc<Clients>,
+    metrics: Arc<Metrics>,
+}
+
+impl Router for KvRouter {
+    fn send(&self, to: Endpoint, bytes: Vec<u8>) {
+        self.peers.send(to, bytes);
+    }
+
+    fn reply(&self, to: Endpoint, call: CallId, bytes: Vec<u8>) {
+        // RsmReply::Done is variant 0.
+        self.metrics.request(bytes.first() == Some(&0));
+        if to == INTERNAL_ENDPOINT {
+            if let Some(tx) = self.clients.internal.lock().expect("clients").remove(&call) {
+                let _ = tx.send(bytes);
+            }
+            return;
+        }
+        let tx = self.clients.conns.lock().expect("clients").get(&to).cloned();
+        if let Some(tx) = tx {
+            let _ = tx.try_send(ServerMsg::Reply { call, body: bytes });
+        }
+    }
+}
+
+struct Shared {
+    me: NodeId,
+    name: String,
+    cluster_id: u64,
+    raft_dir: PathBuf,
+    input: mpsc::Sender<Input<KvNode>>,
+    clients: Arc<Clients>,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    /// Runs `f` on the node and returns its result (None if the node is gone).
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut KvNode, &mut dyn Ctx) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        let job: driver::Job<KvNode> = Box::new(move |n, ctx| {
+            let _ = tx.send(f(n, ctx));
+        });
+        self.input.send(Input::With(job)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Health: a leader answers a linearizable read (ReadIndex: a quorum confirms its
+    /// leadership); a follower knows a leader (with check-quorum, a leader that lost its
+    /// majority steps down, and followers that stop hearing from it lose it within an
+    /// election timeout).
+    async fn healthy(&self) -> bool {
+        let st = self.with(|n, _| n.rsm().status()).await;
+        match st {
+            Some(st) if st.role == Role::Leader => {}
+            Some(st) => return st.role == Role::Follower && st.leader.is_some(),
+            None => return false,
+        }
+        let call = self.clients.next_internal.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.clients.internal.lock().expect("clients").insert(call, tx);
+        let q = postcard::to_allocvec(&Op::Get { key: "\u{0}health".into() }).expect("encodes");
+        let bytes = postcard::to_allocvec(&RsmRequest::Query(q)).expect("encodes");
+        if self.input.send(Input::Request { from: INTERNAL_ENDPOINT, call, bytes }).await.is_err() {
+            return false;
+        }
+        let r = tokio::time::timeout(Duration::from_secs(1), rx).await;
+        self.clients.internal.lock().expect("clients").remove(&call);
+        matches!(r, Ok(Ok(b)) if matches!(postcard::from_bytes::<RsmReply>(&b), Ok(RsmReply::Done(_))))
+    }
+}
+
+async fn serve_client(stream: TcpStream, addr: std::net::SocketAddr, ep: Endpoint, sh: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<ServerMsg>(CLIENT_QUEUE);
+    sh.clients.conns.lock().expect("clients").insert(ep, tx.clone());
+    let writer = tokio::spawn(async move {
+        let mut w = BufWriter::with_capacity(1 << 16, w);
+        while let Some(m) = rx.recv().await {
+            let mut ok = frame::write(&mut w, &postcard::to_allocvec(&m).expect("encodes")).await.is_ok();
+            while ok && let Ok(m) = rx.try_recv() {
+                ok = frame::write(&mut w, &postcard::to_allocvec(&m).expect("encodes")).await.is_ok();
+            }
+            if !ok || w.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut r = BufReader::with_capacity(1 << 16, r);
+    loop {
+        match frame::read_msg::<_, ClientMsg>(&mut r, MAX_CLIENT_FRAME).await {
+            Ok(ClientMsg::Hello { call }) => {
+                let _ = tx
+                    .send(ServerMsg::Hello { call, cluster_id: sh.cluster_id, id: sh.me, name: sh.name.clone() })
+                    .await;
+            }
+            Ok(ClientMsg::Call { call, body }) => {
+                if sh.input.send(Input::Request { from: ep, call, bytes: body }).await.is_err() {
+                    break;
+                }
+            }
+            Ok(ClientMsg::Status { call }) => {
+                let (name, dir, tx) = (sh.name.clone(), sh.raft_dir.clone(), tx.clone());
+                let job: driver::Job<KvNode> = Box::new(move |n, _| {
+                    let _ = tx.try_send(ServerMsg::Status { call, status: member_status(n, &name, &dir) });
+                });
+                if sh.input.send(Input::With(job)).await.is_err() {
+                    break;
+                }
+            }
+            Err(FrameError::Closed) => break,
+            Err(e) => {
+                if !matches!(e, FrameError::Io(_)) {
+                    sh.metrics.bad_connection("client");
+                }
+                warn!("closing client connection from {addr}: {e}");
+                break;
+            }
+        }
+    }
+    sh.clients.conns.lock().expect("clients").remove(&ep);
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn serve_http(stream: TcpStream, sh: Arc<Shared>) {
+    let mut stream = stream;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+            let n = stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Some(())
+    })
+    .await;
+    if !matches!(read, Ok(Some(()))) {
+        return;
+    }
+    let line = String::from_utf8_lossy(&buf).lines().next().unwrap_or("").to_string();
+    let path = line.split_whitespace().nth(1).unwrap_or("");
+    let (status, ctype, body) = match path {
+        "/metrics" => {
+            if let Some(st) = sh
+                .with({
+                    let (name, dir) = (sh.name.clone(), sh.raft_dir.clone());
+                    move |n, _| member_status(n, &name, &dir)
+                })
+                .await
+            {
+                sh.metrics.set_extra("log_bytes", st.log_bytes);
+                sh.metrics.set_extra("snapshot_bytes", st.snapshot_bytes);
+            }
+            ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", sh.metrics.render())
+        }
+        "/health" => {
+            if sh.healthy().await {
+                ("200 OK", "application/json", "{\"health\":\"true\"}\n".to_string())
+            } else {
+                (
+                    "503 Service Unavailable",
+                    "application/json",
+                    "{\"health\":\"false\",\"reason\":\"no leader or no quorum\"}\n".to_string(),
+                )
+            }
+        }
+        _ => ("404 Not Found", "text/plain", "not found: try /metrics or /health\n".to_string()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn bind(urls: &[String], what: &str) -> Result<Vec<TcpListener>, ServeError> {
+    let mut out = Vec::new();
+    for a in urls {
+        out.push(TcpListener::bind(a).await.map_err(io(format!("cannot listen for {what} on http://{a}")))?);
+    }
+    Ok(out)
+}
+
+/// Runs the server until SIGTERM or SIGINT (graceful stop: returns `Ok`) or until the node
+/// fails (returns the error; the caller exits non-zero).
+pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    let _lock = lock_data_dir(&cfg.data_dir)?;
+    check_member_file(&cfg)?;
+    let raft_dir = cfg.data_dir.join("raft");
+    let storage = FileStorage::open(&raft_dir)?;
+    let metrics = Arc::new(Metrics::new());
+    let mut raft = Config::new(cfg.id, cfg.members.keys().copied().collect());
+    raft.heartbeat_ticks = cfg.heartbeat_ticks;
+    raft.election_ticks = cfg.election_ticks;
+    raft.seed = driver::now_micros() ^ cfg.id.rotate_left(32);
+    let rsm = Rsm::new(raft, MeteredStorage::new(storage, metrics.clone()), KvSm::default(), Some(cfg.snapshot_bytes))
+        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let restored = rsm.status();
+    let node: KvNode = RsmNode::new(rsm).with_group_commit();
+    let cluster_id = cfg.cluster_id();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("sixfive-io")
+        .build()
+        .map_err(io("starting the runtime"))?;
+    let (peer_l, client_l, metrics_l) = rt.block_on(async {
+        Ok::<_, ServeError>((
+            bind(&cfg.listen_peer, "peers").await?,
+            bind(&cfg.listen_client, "clients").await?,
+            bind(&cfg.listen_metrics, "metrics").await?,
+        ))
+    })?;
+    let (input, rx) = driver::channel::<KvNode>();
+    let (peers, mut tasks) = {
+        let _g = rt.enter();
+        peer::start(cfg.id, cluster_id, &cfg.members, peer_l, input.clone(), metrics.clone())
+    };
+    let clients = Arc::new(Clients::default());
+    let router = Arc::new(KvRouter { peers, clients: clients.clone(), metrics: metrics.clone() });
+    let m2 = metrics.clone();
+    let observer: driver::Observer<KvNode> = Box::new(move |n: &KvNode| m2.observe(&n.rsm().status()));
+    let handle = driver::spawn(cfg.id, node, router, Some(observer), (input.clone(), rx));
+    let sh = Arc::new(Shared {
+        me: cfg.id,
+        name: cfg.name.clone(),
+        cluster_id,
+        raft_dir: raft_dir.clone(),
+        input,
+        clients,
+        metrics,
+    });
+    let mut client_tasks = Vec::new();
+    {
+        let _g = rt.enter();
+        let next_ep = Arc::new(AtomicU64::new(CLIENT_ENDPOINTS));
+        for l in client_l {
+            let (sh, next_ep) = (sh.clone(), next_ep.clone());
+            client_tasks.push(tokio::spawn(async move {
+                loop {
+                    let Ok((s, addr)) = l.accept().await else { continue };
+                    let ep = next_ep.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(serve_client(s, addr, ep, sh.clone()));
+                }
+            }));
+        }
+        for l in metrics_l {
+            let sh = sh.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let Ok((s, _)) = l.accept().await else { continue };
+                    tokio::spawn(serve_http(s, sh.clone()));
+                }
+            }));
+        }
+    }
+    info!(
+        name = %cfg.name,
+        id = cfg.id,
+        cluster_id = %format!("{cluster_id:016x}"),
+        clients = %cfg.advertise_client.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>().join(","),
+        peers = %cfg.listen_peer.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>().join(","),
+        term = restored.term,
+        commit = restored.commit,
+        snapshot = restored.snapshot_index,
+        last_index = restored.last_index,
+        "serving"
+    );
+
+    // Wait for a signal or a node failure.
+    let stop = rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(io("installing the SIGTERM handler"))?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(io("installing the SIGINT handler"))?;
+        let mut poll = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = term.recv() => return Ok(Some("SIGTERM")),
+                _ = int.recv() => return Ok(Some("SIGINT")),
+                _ = poll.tick() => if handle.is_finished() { return Ok::<_, ServeError>(None) },
+            }
+        }
+    })?;
+    let Some(signal) = stop else {
+        let err = handle.join().err().unwrap_or_else(|| "the node loop ended".into());
+        error!("node failed, stopping: {err}");
+        return Err(ServeError::NodeFailed(err));
+    };
+    info!("{signal}: stopping (no new clients; handing off leadership; answering what waits)");
+    for t in &client_tasks {
+        t.abort();
+    }
+    rt.block_on(async {
+        let me = cfg.id;
+        let moved = sh
+            .with(move |n, _ctx| {
+                let raw = n.rsm_mut().raw();
+                if raw.status().role != Role::Leader {
+                    return None;
+                }
+                let best = raw.progress().iter().filter(|(id, _)| **id != me).max_by_key(|(_, p)| p.match_index);
+                let to = best.map(|(id, _)| *id)?;
+                raw.transfer_leader(to).ok().map(|_| to)
+            })
+            .await
+            .flatten();
+        if let Some(to) = moved {
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let role = sh.with(|n, _| n.rsm().status().role).await;
+                if role != Some(Role::Leader) {
+                    info!("leadership handed to member {to}");
+                    break;
+                }
+            }
+        }
+        let _ = sh.input.send(Input::Shutdown).await;
+    });
+    let result = handle.join();
+    // Let the replies to what waited go out.
+    rt.block_on(async { tokio::time::sleep(Duration::from_millis(100)).await });
+    for t in tasks {
+        t.abort();
+    }
+    rt.shutdown_timeout(Duration::from_millis(200));
+    match result {
+        Ok(()) => {
+            info!("stopped cleanly");
+            Ok(())
+        }
+        Err(e) => Err(ServeError::NodeFailed(e)),
+    }
+}
