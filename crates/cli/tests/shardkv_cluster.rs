@@ -297,3 +297,131 @@ fn join_leave_and_kill9_under_load_lose_nothing() {
     });
     d.ok = true;
 }
+
+impl Deployment {
+    /// SIGTERM to server `i`; true if it exited 0.
+    fn terminate(&self, i: usize) -> bool {
+        let mut c = self.servers[i].child.borrow_mut().take().expect("running");
+        // SAFETY: kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(c.id() as i32, libc::SIGTERM) }, 0);
+        c.wait().unwrap().success()
+    }
+
+    fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.servers[i].log).unwrap_or_default()
+    }
+}
+
+/// Writes `bytes` to `port` and waits for the server to close the connection.
+fn closed_after(port: u16, bytes: &[u8]) -> bool {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+#[test]
+fn whole_deployment_restarts_from_disk_and_bad_input_changes_nothing() {
+    let mut d = Deployment::new("restart", &[1, 2]);
+    run_local(async {
+        for g in [1, 2] {
+            let (code, out) = d.cli(&["ctl", "join", &g.to_string(), &d.urls(g)]);
+            assert_eq!(code, 0, "join {g}: {out}");
+        }
+        let mut clerk = d.clerk();
+        for i in 0..40 {
+            clerk.put(&format!("k{i}"), &format!("v{i}"), 0).await.unwrap();
+        }
+        let before = d.settled().await;
+        // Graceful stop of every server (exit 0), then all of them again from their data.
+        for i in 0..d.servers.len() {
+            assert!(d.terminate(i), "{} stops cleanly on SIGTERM", d.servers[i].name);
+        }
+        for i in 0..d.servers.len() {
+            d.start(i);
+        }
+        let after = d.settled().await;
+        assert_eq!(before["config"], after["config"], "the configuration survived the restart");
+        let mut clerk = d.clerk();
+        for i in 0..40 {
+            assert_eq!(clerk.get(&format!("k{i}")).await.map(|(v, _)| v), Ok(format!("v{i}")));
+        }
+
+        // Garbage, an oversized frame and a bad checksum close only that connection.
+        let g1 = d.servers.iter().position(|s| s.gid == 1).unwrap();
+        let port = d.servers[g1].port;
+        assert!(closed_after(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+        let mut oversized = u32::MAX.to_le_bytes().to_vec();
+        oversized.extend_from_slice(&[0; 12]);
+        assert!(closed_after(port, &oversized));
+        let mut bad_crc = 4u32.to_le_bytes().to_vec();
+        bad_crc.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert!(closed_after(port, &bad_crc));
+        assert_eq!(clerk.get("k1").await.map(|(v, _)| v), Ok("v1".into()), "still serving");
+
+        // A second server on a data directory in use is refused.
+        let s = &d.servers[g1];
+        let out = Command::new(BIN)
+            .args(["shardkv", "serve", "--role", "group", "--gid", "1", "--name", &s.name])
+            .arg(format!("--data-dir={}", s.dir.display()))
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", free_port())])
+            .args(["--ctrler-endpoints", &d.urls(0)])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("in use"), "{}", String::from_utf8_lossy(&out.stderr));
+
+        // Usage errors: exit 2 with a reason, nothing started.
+        let usage = |args: &[&str]| {
+            let out = Command::new(BIN).args(["shardkv", "serve"]).args(args).output().unwrap();
+            (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        let (code, err) = usage(&["--role", "group", "--data-dir", "/nonexistent/x"]);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains("--gid"), "{err}");
+        let (code, err) =
+            usage(&["--role", "ctrler", "--listen-peer-urls", "http://localhost:1", "--data-dir", "/nonexistent/x"]);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains("IPv4"), "{err}");
+
+        // A server of another deployment (another token) is refused by the servers it dials.
+        let port = free_port();
+        let intruder_dir = d.root.join("intruder");
+        let others: Vec<String> =
+            d.servers.iter().filter(|s| s.gid == 1).skip(1).map(|s| format!("{}={}", s.name, s.url())).collect();
+        let mut intruder = Command::new(BIN)
+            .args(["shardkv", "serve", "--role", "group", "--gid", "1", "--name", "x"])
+            .arg(format!("--data-dir={}", intruder_dir.display()))
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{port}")])
+            .arg(format!("--initial-cluster=x=http://127.0.0.1:{port},{}", others.join(",")))
+            .args(["--ctrler-endpoints", &d.urls(0), "--initial-cluster-token", "another"])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "300"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let refused = loop {
+            if (g1 + 1..g1 + 3).any(|i| d.log_of(i).contains("cluster id mismatch")) {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let _ = intruder.kill();
+        let _ = intruder.wait();
+        assert!(refused, "the servers of group 1 log the refusal of the other deployment's server");
+        assert_eq!(clerk.get("k2").await.map(|(v, _)| v), Ok("v2".into()), "still serving");
+    });
+    d.ok = true;
+}
