@@ -1,7 +1,7 @@
 //! The sharded key/value service as real processes (`sixfive shardkv serve`) on loopback TCP
 //! with data on disk: a controller group and replica groups of three servers each. Keys are
 //! written, a group joins and another leaves (through the `shardkv ctl` commands) while clients
-//! run, and a server is killed with kill -9 and restarted; every key must still be there, every
+//! run, and a group leader and the controller's leader are killed with kill -9 and restarted; every key must still be there, every
 //! client's acknowledged appends present exactly once, and the whole recorded history
 //! linearizable.
 
@@ -240,8 +240,13 @@ fn join_leave_and_kill9_under_load_lose_nothing() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (code, out) = d.cli(&["ctl", "leave", "1"]);
         assert_eq!(code, 0, "leave 1: {out}");
+        // The controller's leader too, while the groups poll it to move through the leave.
+        let ctrl = d.leader_of(0).await;
+        eprintln!("kill -9 {} (leader of the controller)", d.servers[ctrl].name);
+        d.kill9(ctrl);
         tokio::time::sleep(Duration::from_millis(1500)).await;
         d.start(victim);
+        d.start(ctrl);
         let status = d.settled().await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         stop.set(true);
