@@ -272,9 +272,15 @@ impl Node for ShardNode {
     }
 }
 
-/// The controller and group nodes write through at each event (no deferred group commit), so
-/// nothing is left for the end of a batch.
+/// Group commit: the controller and group nodes defer their Ready loop to the end of each
+/// batch, so every proposal of a batch is written and synced once.
 impl Driven for ShardNode {
+    fn end_of_batch(&mut self, ctx: &mut dyn Ctx) {
+        match self {
+            ShardNode::Ctrler(n) => n.flush(ctx),
+            ShardNode::Group(n) => n.flush(ctx),
+        }
+    }
     fn failure(&self) -> Option<String> {
         match self {
             ShardNode::Ctrler(n) => n.node().failed().map(str::to_owned),
@@ -680,12 +686,12 @@ pub fn serve(cfg: ShardServeConfig) -> Result<(), ServeError> {
         ShardRole::Ctrler => {
             let rsm =
                 Rsm::new(raft, storage, CtrlerSm::default(), snap).map_err(|e| ServeError::Config(e.to_string()))?;
-            ShardNode::Ctrler(CtrlerServer::new(RsmNode::new(rsm)))
+            ShardNode::Ctrler(CtrlerServer::new(RsmNode::new(rsm).with_group_commit()))
         }
         ShardRole::Group(gid) => {
             let rsm =
                 Rsm::new(raft, storage, ShardSm::new(gid), snap).map_err(|e| ServeError::Config(e.to_string()))?;
-            ShardNode::Group(ShardServer::new(RsmNode::new(rsm), cfg.group(), cfg.ctrlers.clone()))
+            ShardNode::Group(ShardServer::new(RsmNode::new(rsm).with_group_commit(), cfg.group(), cfg.ctrlers.clone()))
         }
     };
     let restored = node.rsm_status();

@@ -78,8 +78,8 @@
 //! - A push carries the whole shard and is repeated every poll interval until acknowledged;
 //!   there is no chunking or rate limit for very large shards yet.
 //! - The same servers run as real processes on the production runtime (`sixfive-runtime`'s
-//!   `shard` module and the `sixfive shardkv` commands); there they write through at each
-//!   event (no group commit yet).
+//!   `shard` module and the `sixfive shardkv` commands), with group commit
+//!   ([`ShardServer::flush`], [`CtrlerServer::flush`] after each batch of events).
 #![deny(missing_docs)]
 
 pub mod clerk;
