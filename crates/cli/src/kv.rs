@@ -179,6 +179,34 @@ pub struct ServeArgs {
     config_file: Option<PathBuf>,
 }
 
+impl ServeArgs {
+    /// The settings as given (flags, variables, then `--config-file`), for other `serve`
+    /// commands that take the same flags (`shardkv serve`).
+    pub fn into_raw(self) -> Result<RawConfig, String> {
+        let mut raw = RawConfig {
+            name: self.name,
+            data_dir: self.data_dir,
+            listen_client_urls: self.listen_client_urls,
+            advertise_client_urls: self.advertise_client_urls,
+            listen_peer_urls: self.listen_peer_urls,
+            initial_advertise_peer_urls: self.initial_advertise_peer_urls,
+            initial_cluster: self.initial_cluster,
+            initial_cluster_state: self.initial_cluster_state,
+            initial_cluster_token: self.initial_cluster_token,
+            listen_metrics_urls: self.listen_metrics_urls,
+            heartbeat_interval: self.heartbeat_interval,
+            election_timeout: self.election_timeout,
+            snapshot_bytes: self.snapshot_bytes,
+        };
+        if let Some(f) = &self.config_file {
+            let text =
+                std::fs::read_to_string(f).map_err(|e| format!("cannot read --config-file {}: {e}", f.display()))?;
+            raw.fill_from_toml(&text).map_err(|e| format!("{}: {e}", f.display()))?;
+        }
+        Ok(raw)
+    }
+}
+
 #[derive(Args)]
 pub struct ClusterArgs {
     /// Number of server processes (at most 6).
@@ -370,7 +398,7 @@ fn cluster_main(a: ClusterArgs) -> ExitCode {
 }
 
 /// SIGTERM to every child, then waits for each; true if all exited 0.
-fn stop_all(children: &mut [(String, std::process::Child)]) -> bool {
+pub(crate) fn stop_all(children: &mut [(String, std::process::Child)]) -> bool {
     for (_, c) in children.iter() {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };

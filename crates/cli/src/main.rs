@@ -10,6 +10,7 @@ use sixfive_sim::SEC;
 mod bench;
 mod bench_kv;
 mod kv;
+mod shardkv;
 
 #[derive(Parser)]
 #[command(name = "sixfive", version, about = "Raft, replicated KV, sharded KV and MapReduce, made real")]
@@ -34,6 +35,12 @@ enum Command {
     Kv {
         #[command(subcommand)]
         what: kv::KvCommand,
+    },
+    /// The sharded key/value service as real processes: controller and group servers, a local
+    /// deployment, administration, a client.
+    Shardkv {
+        #[command(subcommand)]
+        what: shardkv::ShardCommand,
     },
     /// Measures; prints figures.
     Bench {
@@ -182,6 +189,7 @@ fn main() -> ExitCode {
             bench::mapreduce(size_mib, workers, texts.as_deref(), !no_spark, keep)
         }
         Command::Kv { what } => kv::main(what),
+        Command::Shardkv { what } => shardkv::main(what),
         Command::Mr { what } => {
             sixfive_mapreduce::cli::main(what, &sixfive_mapreduce::app::Registry::builtins(), &["mr"])
         }

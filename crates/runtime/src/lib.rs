@@ -12,7 +12,9 @@
 //! - [`client`]: [`client::TcpTransport`], a [`sixfive_rpc::Transport`] over TCP for the clerks;
 //! - [`server`]: the replicated key/value server (etcd-style configuration, locked data
 //!   directory, graceful stop on SIGTERM, `/metrics` and `/health`);
-//! - [`metrics`]: Prometheus metrics and the storage wrapper that times each sync.
+//! - [`metrics`]: Prometheus metrics and the storage wrapper that times each sync;
+//! - [`shard`]: the sharded service's servers (controller and replica-group members), their
+//!   address-named peer links and the clerks' [`shard::ShardTransport`].
 #![deny(missing_docs)]
 
 pub mod client;
@@ -22,6 +24,7 @@ pub mod metrics;
 pub mod peer;
 pub mod proto;
 pub mod server;
+pub mod shard;
 
 /// Sends `tracing` logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {

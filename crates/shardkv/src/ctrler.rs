@@ -297,6 +297,12 @@ impl<S: Storage> CtrlerServer<S> {
     pub fn node(&self) -> &RsmNode<S, CtrlerSm> {
         &self.node
     }
+
+    /// With group commit (`RsmNode::with_group_commit`): runs the deferred Ready loop once for
+    /// the batch of events just handled. A driver of such a server calls it after each batch.
+    pub fn flush(&mut self, ctx: &mut dyn Ctx) {
+        self.node.flush(&mut RaftCtx(ctx));
+    }
 }
 
 impl<S: Storage> Node for CtrlerServer<S> {

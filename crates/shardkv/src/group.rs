@@ -352,6 +352,14 @@ impl<S: Storage> ShardServer<S> {
         self.node.rsm().state_machine()
     }
 
+    /// With group commit (`RsmNode::with_group_commit`): runs the deferred Ready loop once for
+    /// the batch of events just handled, then acts on what it applied. A driver of such a
+    /// server calls it after each batch.
+    pub fn flush(&mut self, ctx: &mut dyn Ctx) {
+        self.node.flush(&mut RaftCtx(ctx));
+        self.react(ctx);
+    }
+
     fn leading(&self) -> Option<Term> {
         let st = self.node.rsm().status();
         (st.role == Role::Leader).then_some(st.term)

@@ -77,8 +77,9 @@
 //!   by one configuration per change.
 //! - A push carries the whole shard and is repeated every poll interval until acknowledged;
 //!   there is no chunking or rate limit for very large shards yet.
-//! - The servers run in the simulator today; the production runtime (real processes, TCP,
-//!   files) and the `sixfive shardkv` commands come with it.
+//! - The same servers run as real processes on the production runtime (`sixfive-runtime`'s
+//!   `shard` module and the `sixfive shardkv` commands), with group commit
+//!   ([`ShardServer::flush`], [`CtrlerServer::flush`] after each batch of events).
 #![deny(missing_docs)]
 
 pub mod clerk;
