@@ -72,6 +72,36 @@ pub enum ServeError {
     NodeFailed(String),
 }
 
+/// Waits for SIGTERM or SIGINT (its name is returned, with the node's handle, for a graceful
+/// stop) or for the node's loop to end on its own: a node failure, returned as the error the
+/// server stops with.
+pub(crate) fn wait_for_stop<N>(
+    rt: &tokio::runtime::Runtime,
+    handle: driver::DriverHandle<N>,
+) -> Result<(&'static str, driver::DriverHandle<N>), ServeError> {
+    let stop = rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(io("installing the SIGTERM handler"))?;
+        let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
+        let mut poll = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = term.recv() => return Ok(Some("SIGTERM")),
+                _ = int.recv() => return Ok(Some("SIGINT")),
+                _ = poll.tick() => if handle.is_finished() { return Ok::<_, ServeError>(None) },
+            }
+        }
+    })?;
+    match stop {
+        Some(signal) => Ok((signal, handle)),
+        None => {
+            let err = handle.join().err().unwrap_or_else(|| "the node loop ended".into());
+            error!("node failed, stopping: {err}");
+            Err(ServeError::NodeFailed(err))
+        }
+    }
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
     let what = what.into();
     move |source| ServeError::Io { what, source }
@@ -733,26 +763,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         "serving"
     );
 
-    // Wait for a signal or a node failure.
-    let stop = rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(io("installing the SIGTERM handler"))?;
-        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-            .map_err(io("installing the SIGINT handler"))?;
-        let mut poll = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            tokio::select! {
-                _ = term.recv() => return Ok(Some("SIGTERM")),
-                _ = int.recv() => return Ok(Some("SIGINT")),
-                _ = poll.tick() => if handle.is_finished() { return Ok::<_, ServeError>(None) },
-            }
-        }
-    })?;
-    let Some(signal) = stop else {
-        let err = handle.join().err().unwrap_or_else(|| "the node loop ended".into());
-        error!("node failed, stopping: {err}");
-        return Err(ServeError::NodeFailed(err));
-    };
+    let (signal, handle) = wait_for_stop(&rt, handle)?;
     info!("{signal}: stopping (no new clients; handing off leadership; answering what waits)");
     for t in &client_tasks {
         t.abort();

@@ -760,24 +760,7 @@ pub fn serve(cfg: ShardServeConfig) -> Result<(), ServeError> {
         "serving"
     );
 
-    let stop = rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).map_err(io("installing the SIGTERM handler"))?;
-        let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
-        let mut poll = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            tokio::select! {
-                _ = term.recv() => return Ok(Some("SIGTERM")),
-                _ = int.recv() => return Ok(Some("SIGINT")),
-                _ = poll.tick() => if handle.is_finished() { return Ok::<_, ServeError>(None) },
-            }
-        }
-    })?;
-    let Some(signal) = stop else {
-        let err = handle.join().err().unwrap_or_else(|| "the node loop ended".into());
-        error!("node failed, stopping: {err}");
-        return Err(ServeError::NodeFailed(err));
-    };
+    let (signal, handle) = crate::server::wait_for_stop(&rt, handle)?;
     info!("{signal}: stopping (answering what waits)");
     for t in &accept_tasks {
         t.abort();
