@@ -423,21 +423,92 @@ pub(crate) fn stop_all(children: &mut [(String, std::process::Child)]) -> bool {
 }
 
 /// What a client command ended with.
-struct Outcome {
-    code: u8,
-    simple: String,
-    json: serde_json::Value,
+pub(crate) struct Outcome {
+    pub(crate) code: u8,
+    pub(crate) simple: String,
+    pub(crate) json: serde_json::Value,
 }
 
-fn ok(simple: String, json: serde_json::Value) -> Outcome {
+impl Outcome {
+    /// Prints the outcome as asked (errors on stderr in simple form) and gives its exit code.
+    pub(crate) fn finish(self, w: Output) -> ExitCode {
+        match w {
+            Output::Json => println!("{}", self.json),
+            Output::Simple if self.simple.starts_with("error: ") => eprintln!("{}", self.simple),
+            Output::Simple if !self.simple.is_empty() => println!("{}", self.simple),
+            Output::Simple => {}
+        }
+        ExitCode::from(self.code)
+    }
+}
+
+pub(crate) fn ok(simple: String, json: serde_json::Value) -> Outcome {
     Outcome { code: 0, simple, json }
 }
 
-fn failed(code: u8, msg: String) -> Outcome {
+pub(crate) fn failed(code: u8, msg: String) -> Outcome {
     Outcome { code, simple: format!("error: {msg}"), json: json!({ "error": msg, "code": code }) }
 }
 
-fn kv_error(e: KvError) -> Outcome {
+/// The writes and scans both command-line clients (`kv` and `shardkv`) offer.
+pub(crate) enum DataOp {
+    /// Set `key` whatever its version: read the version, then a versioned Put, again if
+    /// another writer got in first.
+    Put {
+        key: String,
+        value: String,
+    },
+    Del {
+        key: String,
+    },
+    Append {
+        key: String,
+        suffix: String,
+    },
+    Scan {
+        start: String,
+        end: Option<String>,
+        limit: u32,
+    },
+}
+
+/// Runs `op` with `clerk`.
+pub(crate) async fn data_op(clerk: &mut impl KvClient, op: DataOp) -> Outcome {
+    match op {
+        DataOp::Put { key, value } => loop {
+            let version = match clerk.get(&key).await {
+                Ok((_, v)) => v,
+                Err(KvError::NoKey) => 0,
+                Err(e) => return kv_error(e),
+            };
+            match clerk.put(&key, &value, version).await {
+                Ok(()) => return ok("OK".into(), json!({ "key": key, "ok": true, "version": version + 1 })),
+                Err(KvError::Version) => continue,
+                Err(e) => return kv_error(e),
+            }
+        },
+        DataOp::Del { key } => match clerk.delete(&key).await {
+            Ok(()) => ok("OK".into(), json!({ "key": key, "deleted": true })),
+            Err(e) => kv_error(e),
+        },
+        DataOp::Append { key, suffix } => match clerk.append(&key, &suffix).await {
+            Ok(old) => ok(old.clone(), json!({ "key": key, "old": old })),
+            Err(e) => kv_error(e),
+        },
+        DataOp::Scan { start, end, limit } => match clerk.scan(&start, end.as_deref(), limit).await {
+            Ok(entries) => {
+                let simple =
+                    entries.iter().map(|(k, v, ver)| format!("{k}\t{v}\t{ver}")).collect::<Vec<_>>().join("\n");
+                let j: Vec<_> =
+                    entries.iter().map(|(k, v, ver)| json!({ "key": k, "value": v, "version": ver })).collect();
+                ok(simple, json!({ "entries": j }))
+            }
+            Err(e) => kv_error(e),
+        },
+    }
+}
+
+pub(crate) fn kv_error(e: KvError) -> Outcome {
     match e {
         KvError::NoKey => failed(exit::NOT_FOUND, "key not found".into()),
         KvError::Version => failed(exit::VERSION_MISMATCH, "version mismatch".into()),
@@ -477,45 +548,16 @@ fn client_main(cmd: KvCommand) -> ExitCode {
                     Ok((v, ver)) => ok(v.clone(), json!({ "key": key, "value": v, "version": ver })),
                     Err(e) => kv_error(e),
                 },
-                KvCommand::Put { key, value, .. } => {
-                    // Read the version, then a versioned Put; a concurrent writer makes us retry.
-                    loop {
-                        let version = match clerk.get(&key).await {
-                            Ok((_, v)) => v,
-                            Err(KvError::NoKey) => 0,
-                            Err(e) => return kv_error(e),
-                        };
-                        match clerk.put(&key, &value, version).await {
-                            Ok(()) => {
-                                return ok("OK".into(), json!({ "key": key, "ok": true, "version": version + 1 }));
-                            }
-                            Err(KvError::Version) => continue,
-                            Err(e) => return kv_error(e),
-                        }
-                    }
-                }
+                KvCommand::Put { key, value, .. } => data_op(&mut clerk, DataOp::Put { key, value }).await,
                 KvCommand::Cas { key, value, version, .. } => match clerk.put(&key, &value, version).await {
                     Ok(()) => ok("OK".into(), json!({ "key": key, "ok": true, "version": version + 1 })),
                     Err(e) => kv_error(e),
                 },
-                KvCommand::Del { key, .. } => match clerk.delete(&key).await {
-                    Ok(()) => ok("OK".into(), json!({ "key": key, "deleted": true })),
-                    Err(e) => kv_error(e),
-                },
-                KvCommand::Append { key, suffix, .. } => match clerk.append(&key, &suffix).await {
-                    Ok(old) => ok(old.clone(), json!({ "key": key, "old": old })),
-                    Err(e) => kv_error(e),
-                },
-                KvCommand::Scan { start, end, limit, .. } => match clerk.scan(&start, end.as_deref(), limit).await {
-                    Ok(entries) => {
-                        let simple =
-                            entries.iter().map(|(k, v, ver)| format!("{k}\t{v}\t{ver}")).collect::<Vec<_>>().join("\n");
-                        let j: Vec<_> =
-                            entries.iter().map(|(k, v, ver)| json!({ "key": k, "value": v, "version": ver })).collect();
-                        ok(simple, json!({ "entries": j }))
-                    }
-                    Err(e) => kv_error(e),
-                },
+                KvCommand::Del { key, .. } => data_op(&mut clerk, DataOp::Del { key }).await,
+                KvCommand::Append { key, suffix, .. } => data_op(&mut clerk, DataOp::Append { key, suffix }).await,
+                KvCommand::Scan { start, end, limit, .. } => {
+                    data_op(&mut clerk, DataOp::Scan { start, end, limit }).await
+                }
                 _ => unreachable!(),
             }
         };
@@ -528,16 +570,7 @@ fn client_main(cmd: KvCommand) -> ExitCode {
             Err(_) => failed(exit::UNAVAILABLE, format!("no leader answered within {timeout:?}")),
         }
     });
-    match (c.write_out, out.code) {
-        (Output::Json, _) => println!("{}", out.json),
-        (Output::Simple, _) if out.simple.starts_with("error: ") => eprintln!("{}", out.simple),
-        (Output::Simple, _) => {
-            if !out.simple.is_empty() {
-                println!("{}", out.simple)
-            }
-        }
-    }
-    ExitCode::from(out.code)
+    out.finish(c.write_out)
 }
 
 async fn status(urls: &[String], timeout: Duration) -> Outcome {

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
-use sixfive_kv::{KvClient, KvError};
+use sixfive_kv::KvClient;
 use sixfive_runtime::client::random_u64;
 use sixfive_runtime::server::{ServeConfig, ServeError};
 use sixfive_runtime::shard::{ShardRole, ShardServeConfig, ShardTransport, endpoint_of_url, serve, url_of};
 use sixfive_shardkv::{CtrlerClerk, Gid, NSHARDS, ShardClerk, ShardConfig, ShardState, key2shard};
 
-use crate::kv::{Output, ServeArgs, exit, stop_all};
+use crate::kv::{DataOp, Outcome, Output, ServeArgs, data_op, exit, failed, kv_error, ok, stop_all};
 
 /// The controller of the deployment that `sixfive shardkv cluster` starts with its defaults.
 pub const LOCAL_CTRLERS: &str = "http://127.0.0.1:26100,http://127.0.0.1:26101,http://127.0.0.1:26102";
@@ -381,30 +381,6 @@ fn cluster_main(a: ClusterArgs) -> ExitCode {
     }
 }
 
-/// What a client command ended with.
-struct Outcome {
-    code: u8,
-    simple: String,
-    json: serde_json::Value,
-}
-
-fn ok(simple: String, json: serde_json::Value) -> Outcome {
-    Outcome { code: 0, simple, json }
-}
-
-fn failed(code: u8, msg: String) -> Outcome {
-    Outcome { code, simple: format!("error: {msg}"), json: json!({ "error": msg, "code": code }) }
-}
-
-fn kv_error(e: KvError) -> Outcome {
-    match e {
-        KvError::NoKey => failed(exit::NOT_FOUND, "key not found".into()),
-        KvError::Version => failed(exit::VERSION_MISMATCH, "version mismatch".into()),
-        KvError::Maybe => failed(exit::MAYBE_APPLIED, "the write may or may not have been applied".into()),
-        e => failed(1, e.to_string()),
-    }
-}
-
 fn config_json(c: &ShardConfig) -> serde_json::Value {
     let groups: serde_json::Map<String, serde_json::Value> = c
         .groups
@@ -493,37 +469,12 @@ fn client_main(cmd: ShardCommand) -> ExitCode {
                     }
                     Err(e) => kv_error(e),
                 },
-                ShardCommand::Put { key, value, .. } => loop {
-                    // Read the version, then a versioned Put; a concurrent writer makes us retry.
-                    let version = match clerk.get(&key).await {
-                        Ok((_, v)) => v,
-                        Err(KvError::NoKey) => 0,
-                        Err(e) => return kv_error(e),
-                    };
-                    match clerk.put(&key, &value, version).await {
-                        Ok(()) => return ok("OK".into(), json!({ "key": key, "ok": true, "version": version + 1 })),
-                        Err(KvError::Version) => continue,
-                        Err(e) => return kv_error(e),
-                    }
-                },
-                ShardCommand::Del { key, .. } => match clerk.delete(&key).await {
-                    Ok(()) => ok("OK".into(), json!({ "key": key, "deleted": true })),
-                    Err(e) => kv_error(e),
-                },
-                ShardCommand::Append { key, suffix, .. } => match clerk.append(&key, &suffix).await {
-                    Ok(old) => ok(old.clone(), json!({ "key": key, "old": old })),
-                    Err(e) => kv_error(e),
-                },
-                ShardCommand::Scan { start, end, limit, .. } => match clerk.scan(&start, end.as_deref(), limit).await {
-                    Ok(entries) => {
-                        let simple =
-                            entries.iter().map(|(k, v, ver)| format!("{k}\t{v}\t{ver}")).collect::<Vec<_>>().join("\n");
-                        let j: Vec<_> =
-                            entries.iter().map(|(k, v, ver)| json!({ "key": k, "value": v, "version": ver })).collect();
-                        ok(simple, json!({ "entries": j }))
-                    }
-                    Err(e) => kv_error(e),
-                },
+                ShardCommand::Put { key, value, .. } => data_op(&mut clerk, DataOp::Put { key, value }).await,
+                ShardCommand::Del { key, .. } => data_op(&mut clerk, DataOp::Del { key }).await,
+                ShardCommand::Append { key, suffix, .. } => data_op(&mut clerk, DataOp::Append { key, suffix }).await,
+                ShardCommand::Scan { start, end, limit, .. } => {
+                    data_op(&mut clerk, DataOp::Scan { start, end, limit }).await
+                }
                 _ => unreachable!(),
             }
         };
@@ -536,16 +487,7 @@ fn client_main(cmd: ShardCommand) -> ExitCode {
             Err(_) => failed(exit::UNAVAILABLE, format!("no answer within {timeout:?}")),
         }
     });
-    match (c.write_out, out.code) {
-        (Output::Json, _) => println!("{}", out.json),
-        (Output::Simple, _) if out.simple.starts_with("error: ") => eprintln!("{}", out.simple),
-        (Output::Simple, _) => {
-            if !out.simple.is_empty() {
-                println!("{}", out.simple)
-            }
-        }
-    }
-    ExitCode::from(out.code)
+    out.finish(c.write_out)
 }
 
 fn state_name(s: ShardState) -> &'static str {
