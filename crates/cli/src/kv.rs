@@ -357,7 +357,22 @@ fn cluster_main(a: ClusterArgs) -> ExitCode {
     println!("endpoints: {endpoints}");
     println!("try: sixfive kv put greeting hello && sixfive kv get greeting   (Ctrl-C stops the cluster)");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let code = rt.block_on(async {
+    let code = supervise(&rt, &mut children);
+    println!("stopping the cluster...");
+    let clean = stop_all(&mut children);
+    if code == 0 && clean {
+        println!("stopped; the data stays in {} (run again to reuse it)", a.data_dir.display());
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// SIGTERM to every child, then waits for each; true if all exited 0.
+/// Watches the processes of a local deployment until Ctrl-C or SIGTERM (0) or until all of them
+/// have exited (1). A process that exits is reported once and not restarted.
+pub(crate) fn supervise(rt: &tokio::runtime::Runtime, children: &mut [(String, std::process::Child)]) -> i32 {
+    rt.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -386,18 +401,9 @@ fn cluster_main(a: ClusterArgs) -> ExitCode {
                 }
             }
         }
-    });
-    println!("stopping the cluster...");
-    let clean = stop_all(&mut children);
-    if code == 0 && clean {
-        println!("stopped; the data stays in {} (run again to reuse it)", a.data_dir.display());
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    })
 }
 
-/// SIGTERM to every child, then waits for each; true if all exited 0.
 pub(crate) fn stop_all(children: &mut [(String, std::process::Child)]) -> bool {
     for (_, c) in children.iter() {
         // SAFETY: kill(2) on our own child's pid.

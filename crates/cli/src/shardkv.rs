@@ -14,7 +14,7 @@ use sixfive_runtime::server::{ServeConfig, ServeError};
 use sixfive_runtime::shard::{ShardRole, ShardServeConfig, ShardTransport, endpoint_of_url, serve, url_of};
 use sixfive_shardkv::{CtrlerClerk, Gid, NSHARDS, ShardClerk, ShardConfig, ShardState, key2shard};
 
-use crate::kv::{DataOp, Outcome, Output, ServeArgs, data_op, exit, failed, kv_error, ok, stop_all};
+use crate::kv::{DataOp, Outcome, Output, ServeArgs, data_op, exit, failed, kv_error, ok, stop_all, supervise};
 
 /// The controller of the deployment that `sixfive shardkv cluster` starts with its defaults.
 pub const LOCAL_CTRLERS: &str = "http://127.0.0.1:26100,http://127.0.0.1:26101,http://127.0.0.1:26102";
@@ -341,36 +341,7 @@ fn cluster_main(a: ClusterArgs) -> ExitCode {
     println!(
         "try: sixfive shardkv put greeting hello && sixfive shardkv get greeting && sixfive shardkv status   (Ctrl-C stops all)"
     );
-    let code = rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        loop {
-            tokio::select! {
-                _ = int.recv() => return 0,
-                _ = term.recv() => return 0,
-                _ = tick.tick() => {
-                    let mut alive = 0;
-                    for (name, c) in children.iter_mut() {
-                        match c.try_wait() {
-                            Ok(None) => alive += 1,
-                            Ok(Some(st)) => {
-                                if !name.ends_with(" (exited)") {
-                                    eprintln!("{name} exited ({st}); not restarting it (see its log above)");
-                                    name.push_str(" (exited)");
-                                }
-                            }
-                            Err(_) => {}
-                        }
-                    }
-                    if alive == 0 {
-                        return 1;
-                    }
-                }
-            }
-        }
-    });
+    let code = supervise(&rt, &mut children);
     println!("stopping the deployment...");
     let clean = stop_all(&mut children);
     if code == 0 && clean {

@@ -458,7 +458,11 @@ fn role_name(r: Role) -> &'static str {
 
 /// The member's status as `kv status` shows it.
 pub fn member_status(n: &KvNode, name: &str, raft_dir: &Path) -> MemberStatus {
-    let st = n.rsm().status();
+    member_status_of(n.rsm().status(), name, raft_dir)
+}
+
+/// A member's status from its Raft status and the sizes of its files in `raft_dir`.
+pub(crate) fn member_status_of(st: sixfive_raft::Status, name: &str, raft_dir: &Path) -> MemberStatus {
     MemberStatus {
         id: st.id,
         name: name.to_string(),

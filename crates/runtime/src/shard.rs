@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sixfive_raft::{Config, Role};
+use sixfive_raft::Config;
 use sixfive_rpc::{CallId, Ctx, Endpoint, Micros, Node, RpcError, Transport};
 use sixfive_rsm::{Rsm, RsmNode};
 use sixfive_shardkv::{CtrlerServer, CtrlerSm, Gid, NSHARDS, ShardServer, ShardSm, ShardState};
@@ -304,34 +304,8 @@ pub struct ShardInfo {
     pub keys: Vec<usize>,
 }
 
-fn role_name(r: Role) -> &'static str {
-    match r {
-        Role::Follower => "follower",
-        Role::PreCandidate => "precandidate",
-        Role::Candidate => "candidate",
-        Role::Leader => "leader",
-    }
-}
-
-fn file_len(p: &Path) -> u64 {
-    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
-}
-
 fn member_status(n: &ShardNode, name: &str, raft_dir: &Path) -> MemberStatus {
-    let st = n.rsm_status();
-    MemberStatus {
-        id: st.id,
-        name: name.to_string(),
-        role: role_name(st.role).into(),
-        term: st.term,
-        leader: st.leader,
-        commit: st.commit,
-        applied: st.applied,
-        last_index: st.last_index,
-        snapshot_index: st.snapshot_index,
-        log_bytes: file_len(&raft_dir.join("raft.log")),
-        snapshot_bytes: file_len(&raft_dir.join("raft.snapshot")),
-    }
+    crate::server::member_status_of(n.rsm_status(), name, raft_dir)
 }
 
 /// Outgoing peer links, made on first use.
