@@ -173,6 +173,11 @@ pub struct ServeArgs {
     /// Take a snapshot and compact the log once it holds this many bytes [default: 67108864].
     #[arg(long, env = "SIXFIVE_SNAPSHOT_BYTES")]
     snapshot_bytes: Option<String>,
+    /// What the client port speaks: `sixfive` (this program's client, `sixfive kv put`...) or
+    /// `etcd` (etcd's v3 gRPC API, for etcdctl and etcd's client libraries; `kv status` works
+    /// too). A data directory keeps the API it was created with [default: sixfive].
+    #[arg(long, env = "SIXFIVE_API")]
+    api: Option<String>,
     /// TOML file with any of the settings above (keys as the flags, without the dashes in
     /// front: name = "n1", data-dir = "..."); flags and variables win over it.
     #[arg(long, env = "SIXFIVE_CONFIG_FILE")]
@@ -197,6 +202,7 @@ impl ServeArgs {
             heartbeat_interval: self.heartbeat_interval,
             election_timeout: self.election_timeout,
             snapshot_bytes: self.snapshot_bytes,
+            api: self.api,
         };
         if let Some(f) = &self.config_file {
             let text =
@@ -224,6 +230,9 @@ pub struct ClusterArgs {
     /// Serve /metrics and /health on each client port + 2.
     #[arg(long)]
     metrics: bool,
+    /// What the servers' client ports speak: `sixfive` or `etcd` (etcd's v3 API, for etcdctl).
+    #[arg(long, default_value = "sixfive", value_parser = ["sixfive", "etcd"])]
+    api: String,
     /// Extra flags passed to every `kv serve` (e.g. "--snapshot-bytes=1000000").
     #[arg(long, allow_hyphen_values = true)]
     serve_flag: Vec<String>,
@@ -239,34 +248,13 @@ pub fn main(cmd: KvCommand) -> ExitCode {
 
 fn serve_main(a: ServeArgs) -> ExitCode {
     sixfive_runtime::init_logging();
-    let mut raw = RawConfig {
-        name: a.name,
-        data_dir: a.data_dir,
-        listen_client_urls: a.listen_client_urls,
-        advertise_client_urls: a.advertise_client_urls,
-        listen_peer_urls: a.listen_peer_urls,
-        initial_advertise_peer_urls: a.initial_advertise_peer_urls,
-        initial_cluster: a.initial_cluster,
-        initial_cluster_state: a.initial_cluster_state,
-        initial_cluster_token: a.initial_cluster_token,
-        listen_metrics_urls: a.listen_metrics_urls,
-        heartbeat_interval: a.heartbeat_interval,
-        election_timeout: a.election_timeout,
-        snapshot_bytes: a.snapshot_bytes,
-    };
-    if let Some(f) = &a.config_file {
-        let text = match std::fs::read_to_string(f) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("error: cannot read --config-file {}: {e}", f.display());
-                return ExitCode::from(exit::USAGE);
-            }
-        };
-        if let Err(e) = raw.fill_from_toml(&text) {
-            eprintln!("error: {}: {e}", f.display());
+    let raw = match a.into_raw() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::from(exit::USAGE);
         }
-    }
+    };
     let cfg = match ServeConfig::from_raw(&raw) {
         Ok(c) => c,
         Err(e) => {
@@ -332,7 +320,8 @@ fn cluster_main(a: ClusterArgs) -> ExitCode {
             .arg(format!("--listen-client-urls=http://127.0.0.1:{}", cp[i]))
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{}", pp[i]))
             .arg(format!("--initial-cluster={initial}"))
-            .arg("--initial-cluster-token=sixfive-local");
+            .arg("--initial-cluster-token=sixfive-local")
+            .arg(format!("--api={}", a.api));
         if a.metrics {
             cmd.arg(format!("--listen-metrics-urls=http://127.0.0.1:{}", cp[i] + 2));
         }
@@ -355,7 +344,13 @@ fn cluster_main(a: ClusterArgs) -> ExitCode {
         println!("  {name}  pid {:>7}  client http://127.0.0.1:{}  peer http://127.0.0.1:{}", c.id(), cp[i], pp[i]);
     }
     println!("endpoints: {endpoints}");
-    println!("try: sixfive kv put greeting hello && sixfive kv get greeting   (Ctrl-C stops the cluster)");
+    if a.api == "etcd" {
+        println!(
+            "try: etcdctl --endpoints={endpoints} put greeting hello && etcdctl get greeting   (Ctrl-C stops the cluster)"
+        );
+    } else {
+        println!("try: sixfive kv put greeting hello && sixfive kv get greeting   (Ctrl-C stops the cluster)");
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let code = supervise(&rt, &mut children);
     println!("stopping the cluster...");
@@ -601,12 +596,12 @@ async fn status(urls: &[String], timeout: Duration) -> Outcome {
         "LOG BYTES",
         "SNAP BYTES"
     )];
-    let mut leaders = std::collections::BTreeSet::new();
+    let mut leaders = std::collections::BTreeMap::new();
     for (e, url) in &cluster.urls {
         match cluster.transport.status(*e, per).await {
             Ok(s) => {
                 if s.role == "leader" {
-                    leaders.insert(s.id);
+                    leaders.insert(s.id, *e);
                 }
                 table.push(format!(
                     "{:<28} {:>4} {:<8} {:<12} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11}",
@@ -635,18 +630,27 @@ async fn status(urls: &[String], timeout: Duration) -> Outcome {
             }
         }
     }
-    // Ready only if a read through the leader (ReadIndex: a quorum confirms it) answers.
-    let mut clerk = cluster.clerk(random_u64());
-    let answered = tokio::time::timeout(timeout, clerk.get("\u{0}status")).await;
-    let readable = matches!(answered, Ok(Ok(_) | Err(KvError::NoKey)));
+    // Ready only if a read on the leader (ReadIndex: a quorum confirms it) answers. The query
+    // is one the sixfive store understands; a member serving etcd's API answers it too (with
+    // an error of its state machine), and either answer proves a ReadIndex round went through.
+    let readable = match leaders.last_key_value() {
+        Some((_, leader)) => {
+            use sixfive_rpc::Transport;
+            let q = postcard::to_allocvec(&sixfive_kv::Op::Get { key: "\u{0}status".into() }).expect("encodes");
+            let req = postcard::to_allocvec(&sixfive_rsm::RsmRequest::Query(q)).expect("encodes");
+            let answer = cluster.transport.call(*leader, req, timeout.as_micros() as u64).await;
+            matches!(answer.map(|b| postcard::from_bytes(&b)), Ok(Ok(sixfive_rsm::RsmReply::Done(_))))
+        }
+        None => false,
+    };
     let healthy = !leaders.is_empty() && readable;
     table.push(if healthy {
-        format!("cluster healthy: leader {}, a linearizable read answered", leaders.first().expect("one"))
+        format!("cluster healthy: leader {}, a linearizable read answered", leaders.keys().last().expect("one"))
     } else if leaders.is_empty() {
         "cluster NOT ready: no member reports itself leader".to_string()
     } else {
         format!("cluster NOT ready: a linearizable read got no answer within {timeout:?}")
     });
-    let json = json!({ "members": rows, "healthy": healthy, "leader": leaders.first() });
+    let json = json!({ "members": rows, "healthy": healthy, "leader": leaders.keys().last() });
     Outcome { code: if healthy { 0 } else { exit::UNAVAILABLE }, simple: table.join("\n"), json }
 }

@@ -141,6 +141,21 @@ impl<R: Replica> EtcdService<R> {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
+        self.serve_incoming(TcpListenerStream::new(listener), shutdown).await
+    }
+
+    /// [`EtcdService::serve`] on connections accepted elsewhere (a server that shares its client
+    /// port with another protocol hands over the connections that speak HTTP).
+    pub async fn serve_incoming<S, IO, IE>(
+        self,
+        incoming: S,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error>
+    where
+        S: tokio_stream::Stream<Item = Result<IO, IE>> + Send + 'static,
+        IO: tonic::transport::server::Connected + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let keeper = tokio::spawn(lease_keeper(self.replica.clone(), self.cfg.clone()));
         let compactor = self.cfg.auto_compaction.map(|ac| tokio::spawn(compactor(self.replica.clone(), ac)));
         let max = self.cfg.max_request_bytes + 512 * 1024; // etcd's grpcOverheadBytes
@@ -160,7 +175,7 @@ impl<R: Replica> EtcdService<R> {
         let r = tonic::transport::Server::builder()
             .accept_http1(true)
             .add_routes(router.into())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         keeper.abort();
         if let Some(c) = compactor {

@@ -58,6 +58,43 @@ pub async fn write<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> std::io:
     w.write_all(payload).await
 }
 
+/// Writes one frame whose payload is `head` followed by `body` (not flushed), without joining them.
+pub async fn write_parts<W: AsyncWrite + Unpin>(w: &mut W, head: &[u8], body: &[u8]) -> std::io::Result<()> {
+    let mut header = [0u8; HEADER_BYTES];
+    header[..4].copy_from_slice(&((head.len() + body.len()) as u32).to_le_bytes());
+    header[4..].copy_from_slice(&crc32c::crc32c_append(crc32c::crc32c(head), body).to_le_bytes());
+    w.write_all(&header).await?;
+    w.write_all(head).await?;
+    w.write_all(body).await
+}
+
+/// Reads one non-empty frame as its first payload byte and the rest (so a tagged payload needs
+/// no copy), with [`read`]'s checks.
+pub async fn read_tagged<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<(u8, Vec<u8>), FrameError> {
+    let mut header = [0u8; HEADER_BYTES];
+    let n = r.read(&mut header).await?;
+    if n == 0 {
+        return Err(FrameError::Closed);
+    }
+    r.read_exact(&mut header[n..]).await?;
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    if len > max {
+        return Err(FrameError::Oversized { len, max });
+    }
+    if len == 0 {
+        return Err(FrameError::Decode("empty frame".into()));
+    }
+    let mut tag = [0u8; 1];
+    r.read_exact(&mut tag).await?;
+    let mut rest = vec![0u8; len - 1];
+    r.read_exact(&mut rest).await?;
+    if crc32c::crc32c_append(crc32c::crc32c(&tag), &rest) != crc {
+        return Err(FrameError::Checksum);
+    }
+    Ok((tag[0], rest))
+}
+
 /// Reads one frame's payload, refusing frames above `max` bytes or with a bad checksum.
 pub async fn read<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8>, FrameError> {
     let mut header = [0u8; HEADER_BYTES];
@@ -120,6 +157,15 @@ mod tests {
             let mut bad = encode(b"payload");
             *bad.last_mut().unwrap() ^= 1;
             assert!(matches!(read(&mut &bad[..], 100).await, Err(FrameError::Checksum)));
+
+            let mut parts = Vec::new();
+            write_parts(&mut parts, b"\x02head", b"body").await.unwrap();
+            assert_eq!(parts, encode(b"\x02headbody"));
+            assert_eq!(read_tagged(&mut &parts[..], 100).await.unwrap(), (2, b"headbody".to_vec()));
+            assert!(matches!(read_tagged(&mut &encode(b"")[..], 100).await, Err(FrameError::Decode(_))));
+            let mut bad = parts.clone();
+            *bad.last_mut().unwrap() ^= 1;
+            assert!(matches!(read_tagged(&mut &bad[..], 100).await, Err(FrameError::Checksum)));
 
             let torn = &encode(b"payload")[..10];
             assert!(matches!(read(&mut &torn[..], 100).await, Err(FrameError::Io(_))));

@@ -12,6 +12,8 @@
 //! - [`client`]: [`client::TcpTransport`], a [`sixfive_rpc::Transport`] over TCP for the clerks;
 //! - [`server`]: the replicated key/value server (etcd-style configuration, locked data
 //!   directory, graceful stop on SIGTERM, `/metrics` and `/health`);
+//! - [`etcd`]: etcd's v3 API on the client port (`--api etcd`), over the same server, with
+//!   requests forwarded from followers to the leader over the peer connections;
 //! - [`metrics`]: Prometheus metrics and the storage wrapper that times each sync;
 //! - [`shard`]: the sharded service's servers (controller and replica-group members), their
 //!   address-named peer links and the clerks' [`shard::ShardTransport`].
@@ -19,6 +21,7 @@
 
 pub mod client;
 pub mod driver;
+pub mod etcd;
 pub mod frame;
 pub mod metrics;
 pub mod peer;

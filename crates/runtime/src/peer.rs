@@ -3,7 +3,12 @@
 //!
 //! - The dialer's first frame is a [`PeerHello`] naming the cluster and both members; the other
 //!   side refuses a connection from another cluster, an unknown member or the wrong direction
-//!   with a clear log line (as etcd does for a cluster id mismatch) and closes it.
+//!   with a clear log line (as etcd does for a cluster id mismatch) and closes it. Both sides
+//!   tell their client URLs, so every member can list every member's.
+//! - Frames are [`PeerFrame`]s: Raft messages, and requests forwarded to the leader
+//!   ([`PeerNet::call`]) with their replies. A forwarded request reaches the node as a request
+//!   from the endpoint [`forwarded_endpoint`] of the member that sent it; the node's reply to
+//!   that endpoint goes back over the connection ([`PeerNet::reply`]) to the [`Calls`] waiting.
 //! - Each peer has a bounded send queue. Raft tolerates loss, so when the queue is full (a slow
 //!   or absent peer) new messages are dropped and counted: memory does not grow while a peer
 //!   is down. While disconnected, queued messages are discarded (they would be stale).
@@ -12,20 +17,22 @@
 //!   logged; Raft messages that do not decode are dropped by the node.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sixfive_raft::NodeId;
+use sixfive_rpc::Endpoint;
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::driver::Input;
 use crate::frame::{self, FrameError, MAX_PEER_FRAME};
 use crate::metrics::Metrics;
-use crate::proto::{PEER_MAGIC, PeerHello, PeerWelcome};
+use crate::proto::{PEER_MAGIC, PeerFrame, PeerHello, PeerWelcome};
 
 /// Messages queued for one peer before new ones are dropped.
 pub const PEER_QUEUE: usize = 4096;
@@ -33,6 +40,47 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Requests forwarded by member `m` reach the node from endpoint `FORWARDED + m`.
+const FORWARDED: Endpoint = 1 << 39;
+
+/// The endpoint a request forwarded by member `m` comes from.
+pub fn forwarded_endpoint(m: NodeId) -> Endpoint {
+    FORWARDED + m
+}
+
+/// The member that forwarded a request from endpoint `ep`, if it was forwarded.
+pub fn forwarded_by(ep: Endpoint) -> Option<NodeId> {
+    (FORWARDED..FORWARDED + (1 << 32)).contains(&ep).then(|| ep - FORWARDED)
+}
+
+/// Requests waiting for their replies, by call id (forwarded ones, and a server's own).
+#[derive(Default)]
+pub struct Calls {
+    next: AtomicU64,
+    waiting: Mutex<BTreeMap<u64, oneshot::Sender<Vec<u8>>>>,
+}
+
+impl Calls {
+    /// A new call id and where its reply will come.
+    pub fn open(&self) -> (u64, oneshot::Receiver<Vec<u8>>) {
+        let call = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().expect("calls").insert(call, tx);
+        (call, rx)
+    }
+
+    /// Delivers the reply to `call` (false if nobody waits for it any more).
+    pub fn answer(&self, call: u64, reply: Vec<u8>) -> bool {
+        let tx = self.waiting.lock().expect("calls").remove(&call);
+        tx.is_some_and(|tx| tx.send(reply).is_ok())
+    }
+
+    /// Stops waiting for `call` (it timed out).
+    pub fn forget(&self, call: u64) {
+        self.waiting.lock().expect("calls").remove(&call);
+    }
+}
 
 /// A member of the cluster, as its peers reach it.
 #[derive(Clone, Debug)]
@@ -45,31 +93,80 @@ pub struct Peer {
 
 /// The outgoing side of the peer transport.
 pub struct PeerNet {
-    queues: BTreeMap<NodeId, (String, mpsc::Sender<Vec<u8>>)>,
+    queues: BTreeMap<NodeId, (String, mpsc::Sender<PeerFrame>)>,
     metrics: Arc<Metrics>,
+    /// Forwarded requests waiting for the peer's reply.
+    pub calls: Arc<Calls>,
+    client_urls: Arc<Mutex<BTreeMap<NodeId, Vec<String>>>>,
 }
 
 impl PeerNet {
-    /// Queues `bytes` for `to`, or drops them if its queue is full.
-    pub fn send(&self, to: NodeId, bytes: Vec<u8>) {
-        if let Some((name, q)) = self.queues.get(&to)
-            && q.try_send(bytes).is_err()
-        {
-            self.metrics.dropped(name);
+    fn queue(&self, to: NodeId, f: PeerFrame) -> bool {
+        match self.queues.get(&to) {
+            Some((name, q)) => {
+                let ok = q.try_send(f).is_ok();
+                if !ok {
+                    self.metrics.dropped(name);
+                }
+                ok
+            }
+            None => false,
         }
     }
+
+    /// Queues the Raft message `bytes` for `to`, or drops it if its queue is full.
+    pub fn send(&self, to: NodeId, bytes: Vec<u8>) {
+        self.queue(to, PeerFrame::Raft(bytes));
+    }
+
+    /// Forwards the request `body` to member `to`'s node; its reply arrives on the receiver.
+    /// None if it could not be queued (unknown member, or a full queue).
+    pub fn call(&self, to: NodeId, body: Vec<u8>) -> Option<(u64, oneshot::Receiver<Vec<u8>>)> {
+        let (call, rx) = self.calls.open();
+        if self.queue(to, PeerFrame::Call(call, body)) {
+            Some((call, rx))
+        } else {
+            self.calls.forget(call);
+            None
+        }
+    }
+
+    /// Sends the node's reply to a request member `to` forwarded (dropped if the queue is full:
+    /// the forwarding member times out).
+    pub fn reply(&self, to: NodeId, call: u64, body: Vec<u8>) {
+        self.queue(to, PeerFrame::Reply(call, body));
+    }
+
+    /// The client URLs each member told when it last connected.
+    pub fn client_urls(&self) -> BTreeMap<NodeId, Vec<String>> {
+        self.client_urls.lock().expect("client urls").clone()
+    }
+}
+
+/// This member, as the peer transport presents it.
+#[derive(Clone, Debug)]
+pub struct Me {
+    /// Member id.
+    pub id: NodeId,
+    /// Cluster id.
+    pub cluster_id: u64,
+    /// Client URLs (`host:port`) told to the peers.
+    pub client_urls: Vec<String>,
 }
 
 /// Starts the peer transport of member `me` on the current tokio runtime: accepts on
 /// `listeners`, dials the members with higher ids, and delivers what arrives to `input`.
 pub fn start<N: Send + 'static>(
-    me: NodeId,
-    cluster_id: u64,
+    me: Me,
     members: &BTreeMap<NodeId, Peer>,
     listeners: Vec<TcpListener>,
     input: mpsc::Sender<Input<N>>,
     metrics: Arc<Metrics>,
 ) -> (PeerNet, Vec<tokio::task::JoinHandle<()>>) {
+    let calls = Arc::new(Calls::default());
+    let client_urls = Arc::new(Mutex::new(BTreeMap::from([(me.id, me.client_urls.clone())])));
+    let shared = Arc::new(LinkShared { me: me.clone(), calls: calls.clone(), client_urls: client_urls.clone() });
+    let me = me.id;
     let mut queues = BTreeMap::new();
     let mut accepted = BTreeMap::new();
     let mut tasks = Vec::new();
@@ -83,12 +180,11 @@ pub fn start<N: Send + 'static>(
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
         queues.insert(id, (peer.name.clone(), tx));
         let link = Link {
-            me,
+            shared: shared.clone(),
             local,
             peer: id,
             name: peer.name.clone(),
             addr: peer.addr.clone(),
-            cluster_id,
             input: input.clone(),
             metrics: metrics.clone(),
         };
@@ -107,14 +203,16 @@ pub fn start<N: Send + 'static>(
         let accepted = accepted.clone();
         let names = names.clone();
         let metrics = metrics.clone();
+        let shared = shared.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 let Ok((stream, addr)) = l.accept().await else { continue };
                 let accepted = accepted.clone();
                 let names = names.clone();
                 let metrics = metrics.clone();
+                let shared = shared.clone();
                 tokio::spawn(async move {
-                    match handshake(stream, me, cluster_id, &names).await {
+                    match handshake(stream, &shared, &names).await {
                         Ok((from, stream)) => {
                             if let Some(tx) = accepted.get(&from) {
                                 let _ = tx.send(stream).await;
@@ -133,7 +231,20 @@ pub fn start<N: Send + 'static>(
             }
         }));
     }
-    (PeerNet { queues, metrics }, tasks)
+    (PeerNet { queues, metrics, calls, client_urls }, tasks)
+}
+
+/// What every link of a member shares.
+struct LinkShared {
+    me: Me,
+    calls: Arc<Calls>,
+    client_urls: Arc<Mutex<BTreeMap<NodeId, Vec<String>>>>,
+}
+
+impl LinkShared {
+    fn learned(&self, peer: NodeId, urls: Vec<String>) {
+        self.client_urls.lock().expect("client urls").insert(peer, urls);
+    }
 }
 
 enum HandshakeError {
@@ -143,11 +254,11 @@ enum HandshakeError {
 
 async fn handshake(
     mut stream: TcpStream,
-    me: NodeId,
-    cluster_id: u64,
+    shared: &LinkShared,
     names: &BTreeMap<NodeId, String>,
 ) -> Result<(NodeId, TcpStream), HandshakeError> {
-    let hello: PeerHello = tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_msg(&mut stream, 1024))
+    let (me, cluster_id) = (shared.me.id, shared.me.cluster_id);
+    let hello: PeerHello = tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_msg(&mut stream, 1 << 16))
         .await
         .map_err(|_| HandshakeError::Frame(FrameError::Io(std::io::ErrorKind::TimedOut.into())))?
         .map_err(HandshakeError::Frame)?;
@@ -172,18 +283,19 @@ async fn handshake(
         let _ = frame::write_msg(&mut stream, &PeerWelcome::Refused(reason.clone())).await;
         return Err(HandshakeError::Refused(reason));
     }
-    frame::write_msg(&mut stream, &PeerWelcome::Accepted).await.map_err(|e| HandshakeError::Frame(e.into()))?;
+    let welcome = PeerWelcome::Accepted { client_urls: shared.me.client_urls.clone() };
+    frame::write_msg(&mut stream, &welcome).await.map_err(|e| HandshakeError::Frame(e.into()))?;
+    shared.learned(hello.from, hello.client_urls);
     let _ = stream.set_nodelay(true);
     Ok((hello.from, stream))
 }
 
 struct Link<N> {
-    me: NodeId,
+    shared: Arc<LinkShared>,
     local: Option<std::net::IpAddr>,
     peer: NodeId,
     name: String,
     addr: String,
-    cluster_id: u64,
     input: mpsc::Sender<Input<N>>,
     metrics: Arc<Metrics>,
 }
@@ -213,19 +325,29 @@ impl<N: Send + 'static> Link<N> {
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| e.to_string())?;
         let _ = s.set_nodelay(true);
-        let hello = PeerHello { magic: PEER_MAGIC, cluster_id: self.cluster_id, from: self.me, to: self.peer };
+        let me = &self.shared.me;
+        let hello = PeerHello {
+            magic: PEER_MAGIC,
+            cluster_id: me.cluster_id,
+            from: me.id,
+            to: self.peer,
+            client_urls: me.client_urls.clone(),
+        };
         frame::write_msg(&mut s, &hello).await.map_err(|e| e.to_string())?;
         let welcome: PeerWelcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_msg(&mut s, 1 << 16))
             .await
             .map_err(|_| "no answer to the handshake".to_string())?
             .map_err(|e| e.to_string())?;
         match welcome {
-            PeerWelcome::Accepted => Ok(s),
+            PeerWelcome::Accepted { client_urls } => {
+                self.shared.learned(self.peer, client_urls);
+                Ok(s)
+            }
             PeerWelcome::Refused(why) => Err(format!("refused by the peer: {why}")),
         }
     }
 
-    async fn run(self, mut out: mpsc::Receiver<Vec<u8>>, mut from_them: Option<mpsc::Receiver<TcpStream>>) {
+    async fn run(self, mut out: mpsc::Receiver<PeerFrame>, mut from_them: Option<mpsc::Receiver<TcpStream>>) {
         let dialer = from_them.is_none();
         let mut backoff = BACKOFF_MIN;
         let mut next: Option<TcpStream> = None;
@@ -274,8 +396,14 @@ impl<N: Send + 'static> Link<N> {
             };
             let connected_at = std::time::Instant::now();
             let (r, w) = stream.into_split();
-            let mut reader =
-                tokio::spawn(read_loop(r, self.peer, self.name.clone(), self.input.clone(), self.metrics.clone()));
+            let mut reader = tokio::spawn(read_loop(
+                r,
+                self.peer,
+                self.name.clone(),
+                self.input.clone(),
+                self.metrics.clone(),
+                self.shared.calls.clone(),
+            ));
             let mut w = BufWriter::with_capacity(1 << 16, w);
             let reason: String = loop {
                 tokio::select! {
@@ -307,15 +435,16 @@ impl<N: Send + 'static> Link<N> {
     async fn write_batch(
         &self,
         w: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
-        first: Vec<u8>,
-        out: &mut mpsc::Receiver<Vec<u8>>,
+        first: PeerFrame,
+        out: &mut mpsc::Receiver<PeerFrame>,
     ) -> std::io::Result<()> {
-        let mut bytes = first.len() + frame::HEADER_BYTES;
-        frame::write(w, &first).await?;
+        let mut bytes = 0;
+        let mut next = Some(first);
         for _ in 0..256 {
-            let Ok(m) = out.try_recv() else { break };
-            bytes += m.len() + frame::HEADER_BYTES;
-            frame::write(w, &m).await?;
+            let Some(m) = next.take().or_else(|| out.try_recv().ok()) else { break };
+            let (head, n) = m.head();
+            bytes += n + m.body().len() + frame::HEADER_BYTES;
+            frame::write_parts(w, &head[..n], m.body()).await?;
         }
         w.flush().await?;
         self.metrics.sent(&self.name, bytes);
@@ -329,13 +458,27 @@ async fn read_loop<N: Send + 'static>(
     name: String,
     input: mpsc::Sender<Input<N>>,
     metrics: Arc<Metrics>,
+    calls: Arc<Calls>,
 ) -> String {
     let mut r = BufReader::with_capacity(1 << 16, r);
     loop {
-        match frame::read(&mut r, MAX_PEER_FRAME).await {
-            Ok(bytes) => {
-                metrics.received(&name, bytes.len() + frame::HEADER_BYTES);
-                if input.send(Input::Message { from: peer, bytes }).await.is_err() {
+        match frame::read_tagged(&mut r, MAX_PEER_FRAME).await {
+            Ok((tag, rest)) => {
+                metrics.received(&name, 1 + rest.len() + frame::HEADER_BYTES);
+                let to_node = match PeerFrame::parse(tag, rest) {
+                    Ok(PeerFrame::Raft(bytes)) => Input::Message { from: peer, bytes },
+                    Ok(PeerFrame::Call(call, bytes)) => Input::Request { from: forwarded_endpoint(peer), call, bytes },
+                    Ok(PeerFrame::Reply(call, bytes)) => {
+                        calls.answer(call, bytes);
+                        continue;
+                    }
+                    Err(e) => {
+                        metrics.bad_connection("peer");
+                        warn!(peer = %name, "closing peer connection: {e}");
+                        return e;
+                    }
+                };
+                if input.send(to_node).await.is_err() {
                     return "the node stopped".into();
                 }
             }

@@ -1,14 +1,14 @@
 //! The messages on the wire, each one frame (see [`crate::frame`]), postcard-encoded.
 //!
 //! Peers: the node with the lower id dials; its first frame is a [`PeerHello`]; the other answers
-//! with a [`PeerWelcome`] and from then on both send raw Raft messages (one per frame) over that
-//! single connection. Clients: [`ClientMsg`] frames in, [`ServerMsg`] frames out, answered by
+//! with a [`PeerWelcome`] and from then on both send [`PeerFrame`]s over that single connection:
+//! Raft messages, and requests a member forwards to the leader with their replies. Clients: [`ClientMsg`] frames in, [`ServerMsg`] frames out, answered by
 //! call id, in any order.
 
 use serde::{Deserialize, Serialize};
 
 /// Marks the first frame of a peer connection (and the protocol version).
-pub const PEER_MAGIC: [u8; 4] = *b"S5P1";
+pub const PEER_MAGIC: [u8; 4] = *b"S5P2";
 
 /// First frame a dialing peer sends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,15 +21,71 @@ pub struct PeerHello {
     pub from: u64,
     /// The member the dialer means to reach.
     pub to: u64,
+    /// The dialer's client URLs (`host:port`), for the member list.
+    pub client_urls: Vec<String>,
 }
 
 /// The answer to a [`PeerHello`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerWelcome {
-    /// Accepted: Raft messages follow.
-    Accepted,
+    /// Accepted: peer frames follow. With the answering member's client URLs.
+    Accepted {
+        /// `host:port` of each.
+        client_urls: Vec<String>,
+    },
     /// Refused, with the reason (the connection closes).
     Refused(String),
+}
+
+/// What one peer frame carries, tagged by its first byte (so a Raft message is written as it
+/// is, without being copied into an envelope).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerFrame {
+    /// A Raft message (tag 0), as the node encoded it.
+    Raft(Vec<u8>),
+    /// A request forwarded to this member's node (tag 1): a follower sends its clients'
+    /// requests to the leader. Answered by a [`PeerFrame::Reply`] with the same call id.
+    Call(u64, Vec<u8>),
+    /// The node's answer to a forwarded request (tag 2).
+    Reply(u64, Vec<u8>),
+}
+
+impl PeerFrame {
+    /// The bytes in front of the body: the tag, and the call id of a call or reply.
+    pub fn head(&self) -> ([u8; 9], usize) {
+        let mut h = [0u8; 9];
+        match self {
+            PeerFrame::Raft(_) => (h, 1),
+            PeerFrame::Call(c, _) | PeerFrame::Reply(c, _) => {
+                h[0] = if matches!(self, PeerFrame::Call(..)) { 1 } else { 2 };
+                h[1..].copy_from_slice(&c.to_le_bytes());
+                (h, 9)
+            }
+        }
+    }
+
+    /// The body.
+    pub fn body(&self) -> &[u8] {
+        match self {
+            PeerFrame::Raft(b) | PeerFrame::Call(_, b) | PeerFrame::Reply(_, b) => b,
+        }
+    }
+
+    /// Parses a frame from its tag (the payload's first byte) and the rest of its payload.
+    pub fn parse(tag: u8, mut rest: Vec<u8>) -> Result<PeerFrame, String> {
+        match tag {
+            0 => Ok(PeerFrame::Raft(rest)),
+            1 | 2 => {
+                let c = rest
+                    .get(..8)
+                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    .ok_or("truncated peer frame")?;
+                rest.drain(..8);
+                Ok(if tag == 1 { PeerFrame::Call(c, rest) } else { PeerFrame::Reply(c, rest) })
+            }
+            t => Err(format!("unknown peer frame tag {t}")),
+        }
+    }
 }
 
 /// A client's frame.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use sixfive_kv::{KvSm, Op};
 use sixfive_raft::{Config, NodeId, Role};
 use sixfive_rpc::{CallId, Ctx, Endpoint};
-use sixfive_rsm::{Rsm, RsmNode, RsmReply, RsmRequest, TICK_MICROS};
+use sixfive_rsm::{Rsm, RsmNode, RsmReply, RsmRequest, StateMachine, TICK_MICROS};
 use sixfive_storage::FileStorage;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,8 +29,10 @@ use crate::metrics::{MeteredStorage, Metrics};
 use crate::peer::{self, Peer, PeerNet};
 use crate::proto::{ClientMsg, MemberStatus, ServerMsg};
 
+/// The node a server process runs: a replicated state machine on metered file storage.
+pub type Member<M> = RsmNode<MeteredStorage<FileStorage>, M>;
 /// The node a KV server runs.
-pub type KvNode = RsmNode<MeteredStorage<FileStorage>, KvSm>;
+pub type KvNode = Member<KvSm>;
 
 /// Client connections get endpoints from here up (member ids are below).
 const CLIENT_ENDPOINTS: Endpoint = 1 << 40;
@@ -107,6 +109,27 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
     move |source| ServeError::Io { what, source }
 }
 
+/// What the client port speaks, and so which state machine the members replicate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    /// sixfive's own protocol and key/value service (versioned puts, appends, scans; the
+    /// `sixfive kv` client and `KvClient`).
+    Sixfive,
+    /// etcd's v3 gRPC API with etcd's MVCC semantics (etcdctl, etcd's client libraries), plus
+    /// etcd's `/health` on the same port. `sixfive kv status` works too.
+    Etcd,
+}
+
+impl Api {
+    /// As written on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Api::Sixfive => "sixfive",
+            Api::Etcd => "etcd",
+        }
+    }
+}
+
 /// Whether the cluster is being created or the member joins one that runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClusterState {
@@ -146,10 +169,12 @@ pub struct RawConfig {
     pub election_timeout: Option<String>,
     /// `--snapshot-bytes`: take a snapshot once the log holds this many bytes (default 64 MiB).
     pub snapshot_bytes: Option<String>,
+    /// `--api`: `sixfive` or `etcd` (default `sixfive`).
+    pub api: Option<String>,
 }
 
 /// Keys accepted in a config file (etcd's spelling), in [`RawConfig`]'s order.
-pub const CONFIG_KEYS: [&str; 13] = [
+pub const CONFIG_KEYS: [&str; 14] = [
     "name",
     "data-dir",
     "listen-client-urls",
@@ -163,10 +188,11 @@ pub const CONFIG_KEYS: [&str; 13] = [
     "heartbeat-interval",
     "election-timeout",
     "snapshot-bytes",
+    "api",
 ];
 
 impl RawConfig {
-    fn slots(&mut self) -> [&mut Option<String>; 13] {
+    fn slots(&mut self) -> [&mut Option<String>; 14] {
         [
             &mut self.name,
             &mut self.data_dir,
@@ -181,6 +207,7 @@ impl RawConfig {
             &mut self.heartbeat_interval,
             &mut self.election_timeout,
             &mut self.snapshot_bytes,
+            &mut self.api,
         ]
     }
 
@@ -244,6 +271,8 @@ pub struct ServeConfig {
     pub election_ticks: u32,
     /// Snapshot threshold in bytes of log.
     pub snapshot_bytes: usize,
+    /// What the client port speaks.
+    pub api: Api,
 }
 
 /// `http://host:port` -> `host:port`; `https://` is refused until TLS exists.
@@ -364,6 +393,11 @@ impl ServeConfig {
             )));
         }
         let snapshot_bytes = number("--snapshot-bytes", raw.snapshot_bytes.as_ref(), 64usize << 20)?;
+        let api = match raw.api.as_deref().unwrap_or("sixfive") {
+            "sixfive" => Api::Sixfive,
+            "etcd" => Api::Etcd,
+            s => return Err(ServeError::Config(format!("--api {s:?}: expected sixfive or etcd"))),
+        };
         Ok(ServeConfig {
             name,
             id,
@@ -378,6 +412,7 @@ impl ServeConfig {
             heartbeat_ticks,
             election_ticks,
             snapshot_bytes,
+            api,
         })
     }
 
@@ -414,7 +449,11 @@ pub fn lock_data_dir(dir: &Path) -> Result<DirLock, ServeError> {
 /// Checks the data directory was made for this member of this cluster (or marks it so).
 fn check_member_file(cfg: &ServeConfig) -> Result<(), ServeError> {
     let path = cfg.data_dir.join("member");
-    let want = format!("cluster-id={:016x}\nname={}\nid={}\n", cfg.cluster_id(), cfg.name, cfg.id);
+    let mut want = format!("cluster-id={:016x}\nname={}\nid={}\n", cfg.cluster_id(), cfg.name, cfg.id);
+    // The state machines differ: a data directory serves the API it was made with.
+    if cfg.api != Api::Sixfive {
+        want.push_str(&format!("api={}\n", cfg.api.name()));
+    }
     match std::fs::read_to_string(&path) {
         Ok(have) if have == want => Ok(()),
         Ok(have) => Err(ServeError::ForeignData {
@@ -457,7 +496,7 @@ fn role_name(r: Role) -> &'static str {
 }
 
 /// The member's status as `kv status` shows it.
-pub fn member_status(n: &KvNode, name: &str, raft_dir: &Path) -> MemberStatus {
+pub fn member_status<M: StateMachine>(n: &Member<M>, name: &str, raft_dir: &Path) -> MemberStatus {
     member_status_of(n.rsm().status(), name, raft_dir)
 }
 
@@ -478,21 +517,54 @@ pub(crate) fn member_status_of(st: sixfive_raft::Status, name: &str, raft_dir: &
     }
 }
 
-/// Client connections and the server's own pending requests.
+/// A state machine a server process can run, with what its client port speaks.
+pub(crate) trait Served: StateMachine + Sized + Send + 'static {
+    /// The empty state machine for this configuration.
+    fn create(cfg: &ServeConfig) -> Self;
+    /// A cheap read-only query for the health check (answered after a ReadIndex round).
+    fn health_query() -> Vec<u8>;
+    /// Serves the client listeners; returns their tasks (aborted to stop accepting).
+    fn serve_clients(sh: Arc<Shared<Self>>, listeners: Vec<TcpListener>) -> Vec<tokio::task::JoinHandle<()>>;
+}
+
+impl Served for KvSm {
+    fn create(_: &ServeConfig) -> Self {
+        KvSm::default()
+    }
+
+    fn health_query() -> Vec<u8> {
+        postcard::to_allocvec(&Op::Get { key: "\u{0}health".into() }).expect("encodes")
+    }
+
+    fn serve_clients(sh: Arc<Shared<Self>>, listeners: Vec<TcpListener>) -> Vec<tokio::task::JoinHandle<()>> {
+        listeners
+            .into_iter()
+            .map(|l| {
+                let sh = sh.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let Ok((s, addr)) = l.accept().await else { continue };
+                        tokio::spawn(serve_client(s, addr, sh.clone()));
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+/// Client connections.
 #[derive(Default)]
 struct Clients {
     conns: Mutex<BTreeMap<Endpoint, mpsc::Sender<ServerMsg>>>,
-    internal: Mutex<BTreeMap<CallId, oneshot::Sender<Vec<u8>>>>,
-    next_internal: AtomicU64,
 }
 
-struct KvRouter {
-    peers: PeerNet,
+struct NodeRouter {
+    peers: Arc<PeerNet>,
     clients: Arc<Clients>,
     metrics: Arc<Metrics>,
 }
 
-impl Router for KvRouter {
+impl Router for NodeRouter {
     fn send(&self, to: Endpoint, bytes: Vec<u8>) {
         self.peers.send(to, bytes);
     }
@@ -501,9 +573,11 @@ impl Router for KvRouter {
         // RsmReply::Done is variant 0.
         self.metrics.request(bytes.first() == Some(&0));
         if to == INTERNAL_ENDPOINT {
-            if let Some(tx) = self.clients.internal.lock().expect("clients").remove(&call) {
-                let _ = tx.send(bytes);
-            }
+            self.peers.calls.answer(call, bytes);
+            return;
+        }
+        if let Some(peer) = peer::forwarded_by(to) {
+            self.peers.reply(peer, call, bytes);
             return;
         }
         let tx = self.clients.conns.lock().expect("clients").get(&to).cloned();
@@ -513,28 +587,65 @@ impl Router for KvRouter {
     }
 }
 
-struct Shared {
-    me: NodeId,
-    name: String,
-    cluster_id: u64,
-    raft_dir: PathBuf,
-    input: mpsc::Sender<Input<KvNode>>,
+/// What the network tasks of one server share.
+pub(crate) struct Shared<M: StateMachine> {
+    pub(crate) me: NodeId,
+    pub(crate) name: String,
+    pub(crate) cluster_id: u64,
+    pub(crate) raft_dir: PathBuf,
+    /// Every member of the initial cluster.
+    pub(crate) members: BTreeMap<NodeId, Peer>,
+    /// The base election timeout.
+    pub(crate) election_timeout: Duration,
+    pub(crate) input: mpsc::Sender<Input<Member<M>>>,
+    pub(crate) peers: Arc<PeerNet>,
     clients: Arc<Clients>,
+    next_client: AtomicU64,
     metrics: Arc<Metrics>,
+    /// The node's Raft status after its latest batch.
+    status: Mutex<sixfive_raft::Status>,
+    /// The applied index after the latest batch.
+    pub(crate) applied: tokio::sync::watch::Sender<u64>,
 }
 
-impl Shared {
+impl<M: Served> Shared<M> {
     /// Runs `f` on the node and returns its result (None if the node is gone).
-    async fn with<T: Send + 'static>(
+    pub(crate) async fn with<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut KvNode, &mut dyn Ctx) -> T + Send + 'static,
+        f: impl FnOnce(&mut Member<M>, &mut dyn Ctx) -> T + Send + 'static,
     ) -> Option<T> {
         let (tx, rx) = oneshot::channel();
-        let job: driver::Job<KvNode> = Box::new(move |n, ctx| {
+        let job: driver::Job<Member<M>> = Box::new(move |n, ctx| {
             let _ = tx.send(f(n, ctx));
         });
         self.input.send(Input::With(job)).await.ok()?;
         rx.await.ok()
+    }
+
+    /// The node's Raft status after its latest batch of events.
+    pub(crate) fn status(&self) -> sixfive_raft::Status {
+        self.status.lock().expect("status").clone()
+    }
+
+    /// Called by the node's loop after every batch.
+    fn observe(&self, n: &Member<M>) {
+        let st = n.rsm().status();
+        self.metrics.observe(&st);
+        self.applied.send_if_modified(|a| std::mem::replace(a, st.applied) != st.applied);
+        *self.status.lock().expect("status") = st;
+    }
+
+    /// Sends an `RsmRequest` to this member's own node and waits for its reply (None if the
+    /// node is gone or no reply came within `timeout`).
+    pub(crate) async fn ask_local(&self, request: Vec<u8>, timeout: Duration) -> Option<Vec<u8>> {
+        let (call, rx) = self.peers.calls.open();
+        if self.input.send(Input::Request { from: INTERNAL_ENDPOINT, call, bytes: request }).await.is_err() {
+            self.peers.calls.forget(call);
+            return None;
+        }
+        let r = tokio::time::timeout(timeout, rx).await;
+        self.peers.calls.forget(call);
+        r.ok()?.ok()
     }
 
     /// Health: a leader answers a linearizable read (ReadIndex: a quorum confirms its
@@ -542,27 +653,19 @@ impl Shared {
     /// majority steps down, and followers that stop hearing from it lose it within an
     /// election timeout).
     async fn healthy(&self) -> bool {
-        let st = self.with(|n, _| n.rsm().status()).await;
-        match st {
-            Some(st) if st.role == Role::Leader => {}
-            Some(st) => return st.role == Role::Follower && st.leader.is_some(),
-            None => return false,
+        let st = self.status();
+        if st.role != Role::Leader {
+            return st.role == Role::Follower && st.leader.is_some();
         }
-        let call = self.clients.next_internal.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.clients.internal.lock().expect("clients").insert(call, tx);
-        let q = postcard::to_allocvec(&Op::Get { key: "\u{0}health".into() }).expect("encodes");
-        let bytes = postcard::to_allocvec(&RsmRequest::Query(q)).expect("encodes");
-        if self.input.send(Input::Request { from: INTERNAL_ENDPOINT, call, bytes }).await.is_err() {
-            return false;
-        }
-        let r = tokio::time::timeout(Duration::from_secs(1), rx).await;
-        self.clients.internal.lock().expect("clients").remove(&call);
-        matches!(r, Ok(Ok(b)) if matches!(postcard::from_bytes::<RsmReply>(&b), Ok(RsmReply::Done(_))))
+        let bytes = postcard::to_allocvec(&RsmRequest::Query(M::health_query())).expect("encodes");
+        let r = self.ask_local(bytes, Duration::from_secs(1)).await;
+        matches!(r, Some(b) if matches!(postcard::from_bytes::<RsmReply>(&b), Ok(RsmReply::Done(_))))
     }
 }
 
-async fn serve_client(stream: TcpStream, addr: std::net::SocketAddr, ep: Endpoint, sh: Arc<Shared>) {
+/// Serves one connection of the sixfive client protocol.
+pub(crate) async fn serve_client<M: Served>(stream: TcpStream, addr: std::net::SocketAddr, sh: Arc<Shared<M>>) {
+    let ep = sh.next_client.fetch_add(1, Ordering::Relaxed);
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<ServerMsg>(CLIENT_QUEUE);
@@ -594,7 +697,7 @@ async fn serve_client(stream: TcpStream, addr: std::net::SocketAddr, ep: Endpoin
             }
             Ok(ClientMsg::Status { call }) => {
                 let (name, dir, tx) = (sh.name.clone(), sh.raft_dir.clone(), tx.clone());
-                let job: driver::Job<KvNode> = Box::new(move |n, _| {
+                let job: driver::Job<Member<M>> = Box::new(move |n, _| {
                     let _ = tx.try_send(ServerMsg::Status { call, status: member_status(n, &name, &dir) });
                 });
                 if sh.input.send(Input::With(job)).await.is_err() {
@@ -616,7 +719,7 @@ async fn serve_client(stream: TcpStream, addr: std::net::SocketAddr, ep: Endpoin
     let _ = writer.await;
 }
 
-async fn serve_http(stream: TcpStream, sh: Arc<Shared>) {
+async fn serve_http<M: Served>(stream: TcpStream, sh: Arc<Shared<M>>) {
     let mut stream = stream;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
@@ -638,16 +741,8 @@ async fn serve_http(stream: TcpStream, sh: Arc<Shared>) {
     let path = line.split_whitespace().nth(1).unwrap_or("");
     let (status, ctype, body) = match path {
         "/metrics" => {
-            if let Some(st) = sh
-                .with({
-                    let (name, dir) = (sh.name.clone(), sh.raft_dir.clone());
-                    move |n, _| member_status(n, &name, &dir)
-                })
-                .await
-            {
-                sh.metrics.set_extra("log_bytes", st.log_bytes);
-                sh.metrics.set_extra("snapshot_bytes", st.snapshot_bytes);
-            }
+            sh.metrics.set_extra("log_bytes", file_len(&sh.raft_dir.join("raft.log")));
+            sh.metrics.set_extra("snapshot_bytes", file_len(&sh.raft_dir.join("raft.snapshot")));
             ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", sh.metrics.render())
         }
         "/health" => {
@@ -683,6 +778,13 @@ async fn bind(urls: &[String], what: &str) -> Result<Vec<TcpListener>, ServeErro
 /// Runs the server until SIGTERM or SIGINT (graceful stop: returns `Ok`) or until the node
 /// fails (returns the error; the caller exits non-zero).
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    match cfg.api {
+        Api::Sixfive => run::<KvSm>(cfg),
+        Api::Etcd => run::<sixfive_etcd::EtcdSm>(cfg),
+    }
+}
+
+fn run<M: Served>(cfg: ServeConfig) -> Result<(), ServeError> {
     let _lock = lock_data_dir(&cfg.data_dir)?;
     check_member_file(&cfg)?;
     let raft_dir = cfg.data_dir.join("raft");
@@ -692,10 +794,10 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     raft.heartbeat_ticks = cfg.heartbeat_ticks;
     raft.election_ticks = cfg.election_ticks;
     raft.seed = driver::now_micros() ^ cfg.id.rotate_left(32);
-    let rsm = Rsm::new(raft, MeteredStorage::new(storage, metrics.clone()), KvSm::default(), Some(cfg.snapshot_bytes))
+    let rsm = Rsm::new(raft, MeteredStorage::new(storage, metrics.clone()), M::create(&cfg), Some(cfg.snapshot_bytes))
         .map_err(|e| ServeError::Config(e.to_string()))?;
     let restored = rsm.status();
-    let node: KvNode = RsmNode::new(rsm).with_group_commit();
+    let node: Member<M> = RsmNode::new(rsm).with_group_commit();
     let cluster_id = cfg.cluster_id();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -711,39 +813,35 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             bind(&cfg.listen_metrics, "metrics").await?,
         ))
     })?;
-    let (input, rx) = driver::channel::<KvNode>();
+    let (input, rx) = driver::channel::<Member<M>>();
+    let me = peer::Me { id: cfg.id, cluster_id, client_urls: cfg.advertise_client.clone() };
     let (peers, mut tasks) = {
         let _g = rt.enter();
-        peer::start(cfg.id, cluster_id, &cfg.members, peer_l, input.clone(), metrics.clone())
+        peer::start(me, &cfg.members, peer_l, input.clone(), metrics.clone())
     };
+    let peers = Arc::new(peers);
     let clients = Arc::new(Clients::default());
-    let router = Arc::new(KvRouter { peers, clients: clients.clone(), metrics: metrics.clone() });
-    let m2 = metrics.clone();
-    let observer: driver::Observer<KvNode> = Box::new(move |n: &KvNode| m2.observe(&n.rsm().status()));
-    let handle = driver::spawn(cfg.id, node, router, Some(observer), (input.clone(), rx));
+    let router = Arc::new(NodeRouter { peers: peers.clone(), clients: clients.clone(), metrics: metrics.clone() });
     let sh = Arc::new(Shared {
         me: cfg.id,
         name: cfg.name.clone(),
         cluster_id,
         raft_dir: raft_dir.clone(),
-        input,
+        members: cfg.members.clone(),
+        election_timeout: Duration::from_micros(cfg.election_ticks as u64 * TICK_MICROS),
+        input: input.clone(),
+        peers,
         clients,
+        next_client: AtomicU64::new(CLIENT_ENDPOINTS),
         metrics,
+        status: Mutex::new(restored.clone()),
+        applied: tokio::sync::watch::channel(restored.applied).0,
     });
-    let mut client_tasks = Vec::new();
-    {
+    let sh2 = sh.clone();
+    let observer: driver::Observer<Member<M>> = Box::new(move |n: &Member<M>| sh2.observe(n));
+    let handle = driver::spawn(cfg.id, node, router, Some(observer), (input, rx));
+    let client_tasks = {
         let _g = rt.enter();
-        let next_ep = Arc::new(AtomicU64::new(CLIENT_ENDPOINTS));
-        for l in client_l {
-            let (sh, next_ep) = (sh.clone(), next_ep.clone());
-            client_tasks.push(tokio::spawn(async move {
-                loop {
-                    let Ok((s, addr)) = l.accept().await else { continue };
-                    let ep = next_ep.fetch_add(1, Ordering::Relaxed);
-                    tokio::spawn(serve_client(s, addr, ep, sh.clone()));
-                }
-            }));
-        }
         for l in metrics_l {
             let sh = sh.clone();
             tasks.push(tokio::spawn(async move {
@@ -753,10 +851,12 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
                 }
             }));
         }
-    }
+        M::serve_clients(sh.clone(), client_l)
+    };
     info!(
         name = %cfg.name,
         id = cfg.id,
+        api = cfg.api.name(),
         cluster_id = %format!("{cluster_id:016x}"),
         clients = %cfg.advertise_client.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>().join(","),
         peers = %cfg.listen_peer.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>().join(","),

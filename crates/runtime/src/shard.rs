@@ -349,7 +349,8 @@ impl Net {
             .map_err(|e| e.to_string())?;
         let _ = s.set_nodelay(true);
         let (r, mut w) = s.into_split();
-        let hello = PeerHello { magic: PEER_MAGIC, cluster_id: self.cluster_id, from: self.me, to };
+        let hello =
+            PeerHello { magic: PEER_MAGIC, cluster_id: self.cluster_id, from: self.me, to, client_urls: vec![] };
         frame::write_msg(&mut w, &hello).await.map_err(|e| e.to_string())?;
         let mut r = BufReader::new(r);
         let welcome: PeerWelcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_msg(&mut r, 1 << 16))
@@ -357,7 +358,7 @@ impl Net {
             .map_err(|_| "no answer to the handshake".to_string())?
             .map_err(|e| e.to_string())?;
         match welcome {
-            PeerWelcome::Accepted => {
+            PeerWelcome::Accepted { .. } => {
                 // Nothing more comes this way; the read half is kept open by the task below so
                 // that a close by the peer is noticed as a write error.
                 tokio::spawn(async move {
@@ -497,7 +498,7 @@ async fn serve_conn(stream: TcpStream, addr: std::net::SocketAddr, sh: Arc<Share
             let _ = frame::write_msg(&mut w, &PeerWelcome::Refused(reason)).await;
             return;
         }
-        if frame::write_msg(&mut w, &PeerWelcome::Accepted).await.is_err() {
+        if frame::write_msg(&mut w, &PeerWelcome::Accepted { client_urls: vec![] }).await.is_err() {
             return;
         }
         peer_reader(r, hello.from, sh).await;
