@@ -58,6 +58,9 @@
 //! ## Choices where etcd and sixfive differ
 //! - Lease keep-alives go through the log (etcd renews on the leader only), so that expiry,
 //!   decided by log time, is the same on every replica and survives a leader change.
+//! - A lease past its expiry can be renewed until its revocation is applied (etcd refuses it
+//!   at once): a new leader's lease promotion is a log entry that a client's first keep-alive
+//!   after a failover may precede, and refusing that keep-alive would end the lease early.
 //! - A chosen lease id is derived from the log index of the grant (etcd draws it on the leader
 //!   before proposing); ids are positive and never collide with a live lease.
 //! - Read-only txns go through the log (etcd serves them from the read path); results are the
@@ -66,15 +69,16 @@
 //! - HashKV hashes our history, not etcd's bolt pages: equal across sixfive replicas, not
 //!   comparable with etcd's value.
 //!
-//! ## What waits for the runtime (issue 9)
-//! The runtime implements [`Replica`] over its `RsmNode` event loop running an [`EtcdSm`]:
-//! `submit` proposes the encoded [`Command`] and resolves when applied (`WrongLeader` forwards
-//! to the leader or answers [`EtcdError::NoLeader`], `Abandoned` answers
-//! [`EtcdError::LeaderChanged`] as etcd does), `read` goes through ReadIndex or the local state,
-//! `applied` is bumped by the apply loop, and `now` is the clock that stamps entries. Then
-//! `sixfive kv serve` calls [`EtcdService::serve`] on its `--listen-client-urls` listener, so
-//! etcdctl pointed at a sixfive cluster's client URL works unchanged. Also waiting: membership
-//! changes, the auth service, watch response fragmentation, and the benchmarks against etcd.
+//! ## On the real cluster
+//! `sixfive kv serve --api etcd` (and `sixfive kv cluster --api etcd`) runs [`EtcdSm`] in the
+//! server process and serves these services on its client URLs; the runtime's
+//! `sixfive_runtime::etcd::NodeReplica` implements [`Replica`]: followers forward writes and
+//! linearizable reads to the leader over the peer connection, `applied` is bumped by the node's
+//! loop, and `now` is the clock that stamps entries. Real-process tests:
+//! `crates/cli/tests/etcd_cluster.rs` (Txn compare-and-set under `kill -9` of the leader,
+//! checked for linearizability; watches across leader changes and reconnects; etcdctl against
+//! every member). Not yet: membership changes through the Cluster service, the auth service,
+//! watch response fragmentation.
 #![deny(missing_docs)]
 
 pub mod error;

@@ -290,8 +290,12 @@ impl EtcdSm {
                 Ok(Output::LeaseRevoke(LeaseRevokeResponse { header: hdr(self.state.store.rev()) }))
             }
             Command::LeaseKeepAlive(id) => {
-                // etcd's Renew: an expired lease (waiting for its revocation) is not renewed.
-                let l = self.state.leases.get_mut(&id).filter(|l| l.expiry > now).ok_or(EtcdError::LeaseNotFound)?;
+                // Renewable until its revocation is applied (etcd refuses a lease past its
+                // expiry at once). Here expiry is an entry in the log, so a renewal ordered
+                // before it wins cleanly; and a new leader's promotion is an entry too, which a
+                // client's first keep-alive after a failover may precede: refusing that one
+                // would expire a lease early, which a leader change must never do.
+                let l = self.state.leases.get_mut(&id).ok_or(EtcdError::LeaseNotFound)?;
                 l.expiry = now.saturating_add(secs(l.ttl));
                 let ttl = l.ttl;
                 Ok(Output::LeaseKeepAlive(LeaseKeepAliveResponse { header: hdr(self.state.store.rev()), id, ttl }))

@@ -58,22 +58,34 @@ pub fn forwarded_by(ep: Endpoint) -> Option<NodeId> {
 #[derive(Default)]
 pub struct Calls {
     next: AtomicU64,
-    waiting: Mutex<BTreeMap<u64, oneshot::Sender<Vec<u8>>>>,
+    /// Call id -> (the member it was forwarded to, if any; where its reply goes).
+    waiting: Mutex<BTreeMap<u64, (Option<NodeId>, oneshot::Sender<Vec<u8>>)>>,
 }
 
 impl Calls {
     /// A new call id and where its reply will come.
     pub fn open(&self) -> (u64, oneshot::Receiver<Vec<u8>>) {
+        self.open_to(None)
+    }
+
+    fn open_to(&self, peer: Option<NodeId>) -> (u64, oneshot::Receiver<Vec<u8>>) {
         let call = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.waiting.lock().expect("calls").insert(call, tx);
+        self.waiting.lock().expect("calls").insert(call, (peer, tx));
         (call, rx)
     }
 
     /// Delivers the reply to `call` (false if nobody waits for it any more).
     pub fn answer(&self, call: u64, reply: Vec<u8>) -> bool {
         let tx = self.waiting.lock().expect("calls").remove(&call);
-        tx.is_some_and(|tx| tx.send(reply).is_ok())
+        tx.is_some_and(|(_, tx)| tx.send(reply).is_ok())
+    }
+
+    /// The connection to `peer` went down: every call forwarded to it fails at once (its
+    /// receiver sees the sender dropped), rather than waiting out its timeout for a reply that
+    /// can no longer come.
+    fn fail_forwarded_to(&self, peer: NodeId) {
+        self.waiting.lock().expect("calls").retain(|_, (p, _)| *p != Some(peer));
     }
 
     /// Stops waiting for `call` (it timed out).
@@ -98,6 +110,7 @@ pub struct PeerNet {
     /// Forwarded requests waiting for the peer's reply.
     pub calls: Arc<Calls>,
     client_urls: Arc<Mutex<BTreeMap<NodeId, Vec<String>>>>,
+    connected: Arc<Mutex<std::collections::BTreeSet<NodeId>>>,
 }
 
 impl PeerNet {
@@ -119,10 +132,14 @@ impl PeerNet {
         self.queue(to, PeerFrame::Raft(bytes));
     }
 
-    /// Forwards the request `body` to member `to`'s node; its reply arrives on the receiver.
-    /// None if it could not be queued (unknown member, or a full queue).
+    /// Forwards the request `body` to member `to`'s node; its reply arrives on the receiver,
+    /// which fails if the connection goes down first. None if it could not be queued (unknown
+    /// or unconnected member, or a full queue).
     pub fn call(&self, to: NodeId, body: Vec<u8>) -> Option<(u64, oneshot::Receiver<Vec<u8>>)> {
-        let (call, rx) = self.calls.open();
+        if !self.connected.lock().expect("connected").contains(&to) {
+            return None;
+        }
+        let (call, rx) = self.calls.open_to(Some(to));
         if self.queue(to, PeerFrame::Call(call, body)) {
             Some((call, rx))
         } else {
@@ -165,7 +182,13 @@ pub fn start<N: Send + 'static>(
 ) -> (PeerNet, Vec<tokio::task::JoinHandle<()>>) {
     let calls = Arc::new(Calls::default());
     let client_urls = Arc::new(Mutex::new(BTreeMap::from([(me.id, me.client_urls.clone())])));
-    let shared = Arc::new(LinkShared { me: me.clone(), calls: calls.clone(), client_urls: client_urls.clone() });
+    let connected = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+    let shared = Arc::new(LinkShared {
+        me: me.clone(),
+        calls: calls.clone(),
+        client_urls: client_urls.clone(),
+        connected: connected.clone(),
+    });
     let me = me.id;
     let mut queues = BTreeMap::new();
     let mut accepted = BTreeMap::new();
@@ -231,7 +254,7 @@ pub fn start<N: Send + 'static>(
             }
         }));
     }
-    (PeerNet { queues, metrics, calls, client_urls }, tasks)
+    (PeerNet { queues, metrics, calls, client_urls, connected }, tasks)
 }
 
 /// What every link of a member shares.
@@ -239,6 +262,7 @@ struct LinkShared {
     me: Me,
     calls: Arc<Calls>,
     client_urls: Arc<Mutex<BTreeMap<NodeId, Vec<String>>>>,
+    connected: Arc<Mutex<std::collections::BTreeSet<NodeId>>>,
 }
 
 impl LinkShared {
@@ -395,6 +419,7 @@ impl<N: Send + 'static> Link<N> {
                 }
             };
             let connected_at = std::time::Instant::now();
+            self.shared.connected.lock().expect("connected").insert(self.peer);
             let (r, w) = stream.into_split();
             let mut reader = tokio::spawn(read_loop(
                 r,
@@ -421,6 +446,8 @@ impl<N: Send + 'static> Link<N> {
                 }
             };
             reader.abort();
+            self.shared.connected.lock().expect("connected").remove(&self.peer);
+            self.shared.calls.fail_forwarded_to(self.peer);
             info!(peer = %self.name, "peer connection closed: {reason}");
             // A connection that closes at once (the peer is stopping) must not make us spin.
             if dialer && connected_at.elapsed() < Duration::from_secs(1) {
