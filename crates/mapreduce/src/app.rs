@@ -2,6 +2,8 @@
 //! name, or run as external commands ([`Streaming`]) so apps can be written in any language.
 
 use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -168,18 +170,148 @@ impl Registry {
     }
 }
 
-/// Words are maximal runs of letters.
-fn words(s: &str) -> impl Iterator<Item = &str> {
-    s.split(|c: char| !c.is_alphabetic()).filter(|w| !w.is_empty())
+/// ASCII letters; every other ASCII byte separates words.
+const ASCII_LETTER: [bool; 128] = {
+    let mut t = [false; 128];
+    let mut b = 0;
+    while b < 128 {
+        t[b] = (b as u8).is_ascii_alphabetic();
+        b += 1;
+    }
+    t
+};
+
+/// The words of `s`: its maximal runs of letters (`char::is_alphabetic`), in order.
+///
+/// The same words as `s.split(|c: char| !c.is_alphabetic()).filter(|w| !w.is_empty())`,
+/// several times faster: 64 bytes of ASCII are classified at a time (eight bytes per
+/// arithmetic step, no branch per byte), and each word costs two bit scans, so there is no
+/// branch misprediction per byte or per character class. A block holding any other character
+/// is decoded character by character.
+pub fn words(s: &str) -> Words<'_> {
+    Words { s, next: 0, slow_until: 0, base: 0, edges: 0, in_word: false, start: 0 }
 }
 
-/// Word count: "word count". Its combiner adds counts on the map side.
+/// Iterator returned by [`words`].
+pub struct Words<'a> {
+    s: &'a str,
+    /// Where the next block (or character) starts.
+    next: usize,
+    /// Characters before this are decoded one by one (their block was not all ASCII).
+    slow_until: usize,
+    /// Start of the block whose `edges` are pending.
+    base: usize,
+    /// Bit j: the letter/non-letter class changes at `base + j`.
+    edges: u64,
+    /// Whether the position just before `next` (or the pending edge) is inside a word.
+    in_word: bool,
+    /// Where the current word started.
+    start: usize,
+}
+
+const LOW7: u64 = 0x7F7F_7F7F_7F7F_7F7F;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// Bit j set for each ASCII letter among 64 bytes, or None if one of them is not ASCII.
+#[inline(always)]
+fn letter_mask(block: &[u8]) -> Option<u64> {
+    let mut mask = 0u64;
+    let mut high = 0u64;
+    for (w, eight) in block.chunks_exact(8).enumerate() {
+        let x = u64::from_le_bytes(eight.try_into().expect("8 bytes"));
+        high |= x;
+        // Every byte below 0x80 (checked below), so no sum carries into the next byte.
+        let y = (x | 0x2020_2020_2020_2020) & LOW7; // ASCII letters folded to lower case
+        let ge_a = y + 0x1F1F_1F1F_1F1F_1F1F; // high bit: y >= b'a'
+        let gt_z = y + 0x0505_0505_0505_0505; // high bit: y > b'z'
+        let letters = (ge_a & !gt_z & HIGH) >> 7; // bit 8k: byte k is a letter
+        // Gather bit 8k to bit 56 + k (the products land on distinct bits: no carries).
+        mask |= (letters.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * w);
+    }
+    (high & HIGH == 0).then_some(mask)
+}
+
+impl<'a> Words<'a> {
+    /// Whether the character at byte `i` (a character boundary) is a letter, and its length.
+    #[inline(always)]
+    fn class(&self, i: usize) -> (bool, usize) {
+        let b = self.s.as_bytes()[i];
+        if b < 0x80 {
+            (ASCII_LETTER[b as usize], 1)
+        } else {
+            let c = self.s[i..].chars().next().expect("a character starts here");
+            (c.is_alphabetic(), c.len_utf8())
+        }
+    }
+}
+
+impl<'a> Iterator for Words<'a> {
+    type Item = &'a str;
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a str> {
+        loop {
+            if self.edges != 0 {
+                let pos = self.base + self.edges.trailing_zeros() as usize;
+                self.edges &= self.edges - 1;
+                self.in_word = !self.in_word;
+                if self.in_word {
+                    self.start = pos;
+                    continue;
+                }
+                return Some(&self.s[self.start..pos]);
+            }
+            let pos = self.next;
+            let n = self.s.len();
+            if pos >= self.slow_until && pos + 64 <= n {
+                if let Some(mask) = letter_mask(&self.s.as_bytes()[pos..pos + 64]) {
+                    // Bit j of the shifted mask: is byte j - 1 a letter (bit 0: the state so far).
+                    self.edges = mask ^ ((mask << 1) | self.in_word as u64);
+                    self.base = pos;
+                    self.next = pos + 64;
+                    continue;
+                }
+                self.slow_until = pos + 64;
+            }
+            if pos >= n {
+                if self.in_word {
+                    self.in_word = false;
+                    return Some(&self.s[self.start..n]);
+                }
+                return None;
+            }
+            let (letter, len) = self.class(pos);
+            self.next = pos + len;
+            if letter != self.in_word {
+                self.in_word = letter;
+                if letter {
+                    self.start = pos;
+                } else {
+                    return Some(&self.s[self.start..pos]);
+                }
+            }
+        }
+    }
+}
+
+/// Word count: "word count". The map counts its chunk's words itself (in-mapper combining,
+/// with no allocation per word: the table's keys borrow the chunk) and emits each distinct
+/// word once with its count; its combiner adds counts too, so an app that emits "1"s per word
+/// gets the same on the map side.
 pub struct WordCount;
 
 impl App for WordCount {
     fn map(&self, _file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
+        let mut counts: FxHashMap<&str, u64> = FxHashMap::default();
         for w in words(contents) {
-            emit(w, "1");
+            *counts.entry(w).or_insert(0) += 1;
+        }
+        let mut buf = String::new();
+        for (w, n) in counts {
+            use std::fmt::Write as _;
+            buf.clear();
+            let _ = write!(buf, "{n}");
+            emit(w, &buf);
         }
         Ok(())
     }
@@ -467,6 +599,68 @@ impl App for Streaming {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_words_are_the_letter_runs() {
+        let reference = |s: &str| -> Vec<String> {
+            s.split(|c: char| !c.is_alphabetic()).filter(|w| !w.is_empty()).map(String::from).collect()
+        };
+        // Pieces that exercise the 64-byte blocks: ASCII edges (@ [ ` { are next to letters),
+        // multi-byte letters and non-letters, words across block boundaries.
+        let pieces = [
+            "a",
+            "Z",
+            "@",
+            "[",
+            "`",
+            "{",
+            " ",
+            "\n",
+            "0",
+            "9",
+            "é",
+            "ß",
+            "Ω",
+            "日本",
+            "’",
+            "—",
+            "\u{1F600}",
+            "ǅ",
+            "١",
+            "word",
+            "LongerWordThatSpansMuchOfABlock",
+            "x".repeat(70).leak(),
+        ];
+        let mut state = 0x1234_5678_9abc_def0u64;
+        for len in [0, 1, 5, 63, 64, 65, 127, 128, 200, 1000] {
+            for _ in 0..200 {
+                let mut s = String::new();
+                while s.len() < len {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    s.push_str(pieces[(state % pieces.len() as u64) as usize]);
+                }
+                let got: Vec<String> = words(&s).map(String::from).collect();
+                assert_eq!(got, reference(&s), "{s:?}");
+            }
+        }
+        let ascii = "The quick brown fox, 42 times; jumps over the lazy dog!\n".repeat(10);
+        assert_eq!(words(&ascii).map(String::from).collect::<Vec<_>>(), reference(&ascii));
+    }
+
+    #[test]
+    fn word_count_map_counts_each_word_once_per_chunk() {
+        let mut got = BTreeMap::new();
+        WordCount
+            .map("f", "a b a c\nb a", &mut |k, v| {
+                assert!(got.insert(k.to_string(), v.to_string()).is_none(), "{k} emitted twice");
+            })
+            .unwrap();
+        let want: BTreeMap<String, String> =
+            [("a", "3"), ("b", "2"), ("c", "1")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(got, want);
+    }
 
     #[test]
     fn decimal_addition_in_place() {
