@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -521,12 +521,34 @@ pub struct Streaming {
     pub reduce_cmd: String,
 }
 
+/// Input handed to a command per step.
+const FILTER_PIECE: usize = 64 << 10;
+
+fn would_block(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted
+}
+
+fn set_nonblocking(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on a file descriptor this process owns (a pipe end of its child).
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `cmd` (with `sh -c`), streaming: `feed(buf)` appends the next piece of its input to
+/// `buf` and returns false once there is no more; `line` gets each line of its output as it
+/// comes. One thread, `poll` on both pipes: input is pulled only as fast as the command takes
+/// it, so memory stays bounded by a piece and the pipes' buffers whatever the data's size.
 fn run_filter(
     cmd: &str,
     env: &[(&str, &str)],
-    input: Vec<u8>,
+    feed: &mut dyn FnMut(&mut Vec<u8>) -> Result<bool, String>,
     mut line: impl FnMut(&str) -> Result<(), String>,
 ) -> Result<(), String> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(cmd)
@@ -535,25 +557,87 @@ fn run_filter(
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-    let mut stdin = child.stdin.take().expect("piped");
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input); // a command that stops reading early is its own business
-    });
-    let stdout = child.stdout.take().expect("piped");
-    let mut failed = None;
-    for l in BufReader::new(stdout).split(b'\n') {
-        let r = l.map_err(|e| format!("reading from {cmd:?}: {e}")).and_then(|l| line(&String::from_utf8_lossy(&l)));
-        if let Err(e) = r {
-            failed = Some(e);
-            let _ = child.kill();
-            break;
+    let mut stdin = child.stdin.take();
+    let mut stdout = child.stdout.take().expect("piped");
+    let r = (|| -> Result<(), String> {
+        if let Some(i) = &stdin {
+            set_nonblocking(i.as_raw_fd()).map_err(|e| e.to_string())?;
         }
+        set_nonblocking(stdout.as_raw_fd()).map_err(|e| e.to_string())?;
+        let mut pending: Vec<u8> = Vec::with_capacity(FILTER_PIECE);
+        let mut sent = 0;
+        let mut more = true;
+        let mut partial: Vec<u8> = Vec::new();
+        let mut rbuf = vec![0u8; FILTER_PIECE];
+        loop {
+            if stdin.is_some() && sent == pending.len() {
+                pending.clear();
+                sent = 0;
+                while more && pending.len() < FILTER_PIECE {
+                    more = feed(&mut pending)?;
+                }
+                if pending.is_empty() && !more {
+                    stdin = None; // end of input: the command sees EOF
+                }
+            }
+            let mut fds = vec![libc::pollfd { fd: stdout.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+            if let Some(i) = &stdin {
+                fds.push(libc::pollfd { fd: i.as_raw_fd(), events: libc::POLLOUT, revents: 0 });
+            }
+            // SAFETY: `fds` is a valid array of pollfd of the length given.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if would_block(&e) {
+                    continue;
+                }
+                return Err(format!("waiting on {cmd:?}: {e}"));
+            }
+            if fds.len() > 1 && fds[1].revents != 0 {
+                let i = stdin.as_mut().expect("polled");
+                match i.write(&pending[sent..]) {
+                    Ok(k) => sent += k,
+                    Err(e) if would_block(&e) => {}
+                    // The command stopped reading (it exited or closed stdin): its business.
+                    Err(_) => stdin = None,
+                }
+            }
+            if fds[0].revents != 0 {
+                match stdout.read(&mut rbuf) {
+                    Ok(0) => {
+                        if !partial.is_empty() {
+                            line(&String::from_utf8_lossy(&partial))?;
+                        }
+                        return Ok(());
+                    }
+                    Ok(k) => {
+                        let mut start = 0;
+                        for (j, &b) in rbuf[..k].iter().enumerate() {
+                            if b == b'\n' {
+                                if partial.is_empty() {
+                                    line(&String::from_utf8_lossy(&rbuf[start..j]))?;
+                                } else {
+                                    partial.extend_from_slice(&rbuf[start..j]);
+                                    line(&String::from_utf8_lossy(&partial))?;
+                                    partial.clear();
+                                }
+                                start = j + 1;
+                            }
+                        }
+                        partial.extend_from_slice(&rbuf[start..k]);
+                    }
+                    Err(e) if would_block(&e) => {}
+                    Err(e) => return Err(format!("reading from {cmd:?}: {e}")),
+                }
+            }
+        }
+    })();
+    drop(stdin);
+    if r.is_err() {
+        let _ = child.kill();
     }
-    let _ = writer.join();
     let status = child.wait().map_err(|e| e.to_string())?;
-    if let Some(e) = failed {
-        return Err(e);
-    }
+    r?;
     if !status.success() {
         return Err(format!("command {cmd:?} failed: {status}"));
     }
@@ -563,7 +647,14 @@ fn run_filter(
 impl App for Streaming {
     fn map(&self, file: &str, contents: &str, emit: &mut dyn FnMut(&str, &str)) -> Result<(), String> {
         let cmd = &self.map_cmd;
-        run_filter(cmd, &[("MR_INPUT_FILE", file)], contents.as_bytes().to_vec(), |l| match l.split_once('\t') {
+        let mut rest = contents.as_bytes();
+        let mut feed = |buf: &mut Vec<u8>| {
+            let n = rest.len().min(FILTER_PIECE);
+            buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            Ok(!rest.is_empty())
+        };
+        run_filter(cmd, &[("MR_INPUT_FILE", file)], &mut feed, |l| match l.split_once('\t') {
             Some((k, v)) => {
                 emit(k, v);
                 Ok(())
@@ -583,16 +674,25 @@ impl App for Streaming {
         groups: &mut dyn Groups,
         out: &mut dyn FnMut(&str) -> std::io::Result<()>,
     ) -> Result<(), String> {
-        let mut input = Vec::new();
-        while let Some(k) = groups.next_key() {
-            while let Some(v) = groups.next_value() {
-                input.extend_from_slice(k.as_bytes());
-                input.push(b'\t');
-                input.extend_from_slice(v.as_bytes());
-                input.push(b'\n');
+        // The task's pairs, key group by key group, pulled from the merge as the command
+        // reads them: nothing is buffered beyond a piece.
+        let mut key = groups.next_key();
+        let mut feed = |buf: &mut Vec<u8>| {
+            while buf.len() < FILTER_PIECE {
+                let Some(k) = &key else { return Ok(false) };
+                match groups.next_value() {
+                    Some(v) => {
+                        buf.extend_from_slice(k.as_bytes());
+                        buf.push(b'\t');
+                        buf.extend_from_slice(v.as_bytes());
+                        buf.push(b'\n');
+                    }
+                    None => key = groups.next_key(),
+                }
             }
-        }
-        run_filter(&self.reduce_cmd, &[], input, |l| out(l).map_err(|e| e.to_string()))
+            Ok(key.is_some())
+        };
+        run_filter(&self.reduce_cmd, &[], &mut feed, |l| out(l).map_err(|e| e.to_string()))
     }
 }
 
@@ -660,6 +760,63 @@ mod tests {
         let want: BTreeMap<String, String> =
             [("a", "3"), ("b", "2"), ("c", "1")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         assert_eq!(got, want);
+    }
+
+    /// Pairs made on demand, counting the bytes handed out.
+    struct Endless {
+        keys: u64,
+        values_per_key: u64,
+        key: u64,
+        value: u64,
+        produced: std::rc::Rc<std::cell::Cell<u64>>,
+    }
+
+    impl Groups for Endless {
+        fn next_key(&mut self) -> Option<String> {
+            if self.key == self.keys {
+                return None;
+            }
+            self.key += 1;
+            self.value = 0;
+            Some(format!("key{:08}", self.key))
+        }
+        fn next_value(&mut self) -> Option<String> {
+            if self.value == self.values_per_key {
+                return None;
+            }
+            self.value += 1;
+            let v = format!("{:0100}", self.value);
+            self.produced.set(self.produced.get() + (8 + 3 + 1 + 1 + v.len()) as u64);
+            Some(v)
+        }
+    }
+
+    #[test]
+    fn streaming_reduce_streams_a_large_task() {
+        // 64 MiB of pairs through `cat`: the pairs are pulled only as the command's output
+        // comes back, so what is in flight (in our buffer, the pipes and cat's) stays small.
+        let produced = std::rc::Rc::new(std::cell::Cell::new(0u64));
+        let mut groups = Endless { keys: 5_000, values_per_key: 120, key: 0, value: 0, produced: produced.clone() };
+        let app = Streaming { map_cmd: "cat".into(), reduce_cmd: "cat".into() };
+        let (mut lines, mut consumed, mut most_ahead) = (0u64, 0u64, 0u64);
+        app.reduce_task(&mut groups, &mut |l: &str| {
+            lines += 1;
+            consumed += l.len() as u64 + 1;
+            most_ahead = most_ahead.max(produced.get() - consumed);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(lines, 5_000 * 120);
+        assert_eq!(consumed, produced.get());
+        assert!(produced.get() > 64 << 20);
+        assert!(most_ahead < 4 << 20, "{most_ahead} bytes were produced before the command gave them back");
+        // A failing command is still an error, and so is a map line without a tab.
+        let bad = Streaming { map_cmd: "echo no-tab".into(), reduce_cmd: "exit 3".into() };
+        let err =
+            bad.reduce_task(&mut VecGroups::new(vec![("k".into(), vec!["v".into()])]), &mut |_| Ok(())).unwrap_err();
+        assert!(err.contains("failed"), "{err}");
+        let err = bad.map("f", "x", &mut |_, _| {}).unwrap_err();
+        assert!(err.contains("without a tab"), "{err}");
     }
 
     #[test]
