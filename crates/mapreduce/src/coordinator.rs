@@ -668,6 +668,8 @@ fn straggler(tasks: &[TaskState], now: Duration) -> Option<usize> {
 /// Serves `coord` on `listener` until the job is done (or failed) and every worker still
 /// around has been told to exit (at least `linger`, at most 5 s more), so that workers asking
 /// for work learn to exit. Log lines go to stderr unless `quiet`. Returns the final status.
+/// A worker asking for work while there is none is held until there is, or the job is over,
+/// or half a second has passed (long poll), so no worker sleeps while a task waits.
 pub fn serve(listener: Listener, coord: Coordinator, linger: Duration) -> JobStatus {
     serve_with(listener, coord, linger, false, None)
 }
