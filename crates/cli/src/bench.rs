@@ -181,6 +181,22 @@ pub fn mapreduce(size_mib: u64, workers: usize, texts: Option<&std::path::Path>,
         counts.len()
     );
 
+    // How much of the difference is the app rather than the parallelism: wc's map alone, in
+    // this thread, over the same files (its tokenizer and per-chunk table; nothing merged).
+    let t = Instant::now();
+    let mut words = 0u64;
+    for f in &files {
+        use sixfive_mapreduce::app::App;
+        let bytes = std::fs::read(f).expect("corpus file");
+        let text = String::from_utf8_lossy(&bytes);
+        let _ = sixfive_mapreduce::app::WordCount.map(f, &text, &mut |_, n| words += n.parse::<u64>().unwrap_or(0));
+    }
+    let map_alone = t.elapsed().as_secs_f64();
+    println!(
+        "  for comparison, the wc app's map alone in one thread: {map_alone:.2} s ({:.1} MB/s, {words} words)",
+        mb / map_alone
+    );
+
     let out = dir.join("out");
     std::fs::create_dir_all(&out).expect("out dir");
     let app = sixfive_mapreduce::cli::AppArgs { app: "wc".into(), map_cmd: None, reduce_cmd: None };

@@ -106,6 +106,9 @@ pub enum MrCommand {
         /// Append a line "coordinator PID PEAK_RSS_KIB" to this file on exit.
         #[arg(long, hide = true)]
         stats_file: Option<PathBuf>,
+        /// Write the job's final status (postcard) to this file on exit (for `mr run`'s summary).
+        #[arg(long, hide = true)]
+        summary_file: Option<PathBuf>,
         /// Input files.
         #[arg(required = true)]
         inputs: Vec<String>,
@@ -304,7 +307,9 @@ fn run_coordinator(
         );
     }
     let coord = Coordinator::with_journal(coordinator_config(job, &resolved.out), resolved.chunks, journal, records);
-    let st = serve_with(listener, coord, Duration::from_millis(200), quiet, http);
+    // No linger: waiting workers are told to exit the moment the job is done (long poll), and
+    // the coordinator stays until every worker it heard from lately has been told.
+    let st = serve_with(listener, coord, Duration::ZERO, quiet, http);
     if st.failed.is_some() {
         let _ = std::fs::remove_file(journal_path); // a failed job is over; a new run starts afresh
     }
@@ -316,9 +321,14 @@ fn run_coordinator(
 /// that `run` can start it again as the coordinator and the workers.
 pub fn main(cmd: MrCommand, registry: &Registry, prefix: &[&str]) -> ExitCode {
     match cmd {
-        MrCommand::Coordinator { listen, job, http, quiet, stats_file, inputs } => {
+        MrCommand::Coordinator { listen, job, http, quiet, stats_file, summary_file, inputs } => {
             let r = run_coordinator(&listen, &job, http.as_deref(), quiet, &inputs);
             write_stats(&stats_file, "coordinator");
+            if let (Some(p), Ok(st)) = (&summary_file, &r)
+                && let Ok(bytes) = postcard::to_allocvec(st)
+            {
+                let _ = std::fs::write(p, bytes);
+            }
             match r {
                 Err(e) => fail(e),
                 Ok(JobStatus { failed: Some(why), .. }) => fail(format!("job failed: {why}")),
@@ -571,6 +581,7 @@ pub fn run_job_with(
         Err(e) => return fail(format!("{e} (set TMPDIR to a shorter directory)")),
     };
     let stats = dirs.job_dir.join("stats");
+    let summary = dirs.job_dir.join("summary");
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => return fail(e),
@@ -584,7 +595,9 @@ pub fn run_job_with(
         .arg("--out")
         .arg(&resolved.out)
         .arg("--stats-file")
-        .arg(&stats);
+        .arg(&stats)
+        .arg("--summary-file")
+        .arg(&summary);
     if job.backup_tasks {
         coord.arg("--backup-tasks");
     }
@@ -634,6 +647,7 @@ pub fn run_job_with(
     );
     let mut last = JobStatus::default();
     let mut restarts = 0;
+    let mut polls = 0u64;
     let mut generation = vec![0usize; workers];
     let cleanup_failed_output = || {
         let _ = std::fs::remove_file(resolved.out.join(JOURNAL_NAME));
@@ -653,7 +667,11 @@ pub fn run_job_with(
             eprintln!("interrupted: stopped the coordinator and the workers, removed the job's files");
             return ExitCode::from(130);
         }
-        if let Some(s) = status(&a) {
+        // Progress every 100 ms; exits are noticed within 5 ms (the job's own time is short).
+        polls += 1;
+        if polls % 20 == 1
+            && let Some(s) = status(&a)
+        {
             bar.set_position((s.maps_done + s.reduces_done) as u64);
             bar.set_message(format!(
                 "map {}/{} reduce {}/{}  {:.1} MB in",
@@ -699,19 +717,25 @@ pub fn run_job_with(
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(5));
     };
     bar.finish_and_clear();
-    // Workers exit when told; the coordinator told every live one before exiting.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Workers exit when told; the coordinator told every one it heard from before exiting. A
+    // worker still around after a moment never reached it (started too late to get any work:
+    // the job is over and its files are removed with the run's directory) and is stopped.
+    let deadline = Instant::now() + Duration::from_millis(500);
     for k in kids.iter_mut().flatten() {
         while Instant::now() < deadline && matches!(k.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(2));
         }
         let _ = k.kill();
         let _ = k.wait();
     }
     let wall = started.elapsed();
+    // The coordinator's last word (it may have exited between two polls).
+    if let Some(st) = std::fs::read(&summary).ok().and_then(|b| postcard::from_bytes::<JobStatus>(&b).ok()) {
+        last = st;
+    }
     let rss = std::fs::read_to_string(&stats).unwrap_or_default();
     drop(dirs);
     if !code.success() {

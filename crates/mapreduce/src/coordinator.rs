@@ -22,7 +22,8 @@
 //!   and the journal is removed.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::journal::{Journal, Record};
@@ -614,6 +615,31 @@ impl Coordinator {
     }
 }
 
+/// How long a worker asking for work is held when there is none yet: it gets a task (or the
+/// word to exit) the moment one is there, instead of polling.
+const LONG_POLL: Duration = Duration::from_millis(500);
+
+/// Handles `req`; a GetTask that would be told to wait is held until there is something to
+/// hand out or [`LONG_POLL`] has passed (rechecked every 50 ms, so silent attempts are
+/// noticed). Every other request wakes the held ones.
+fn handle_long_poll(state: &Mutex<Coordinator>, changed: &Condvar, req: Request, start: Instant) -> Reply {
+    let deadline = Instant::now() + LONG_POLL;
+    let mut c = state.lock().expect("coordinator state");
+    loop {
+        let reply = c.handle(req.clone(), start.elapsed());
+        let now = Instant::now();
+        if !matches!(reply, Reply::Task(Task::Wait)) || now >= deadline {
+            drop(c);
+            if !matches!(reply, Reply::Task(Task::Wait)) {
+                changed.notify_all();
+            }
+            return reply;
+        }
+        let wait = (deadline - now).min(Duration::from_millis(50));
+        c = changed.wait_timeout(c, wait).expect("coordinator state").0;
+    }
+}
+
 /// A random number per coordinator (so attempt ids differ between jobs and runs).
 fn job_nonce() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -642,6 +668,8 @@ fn straggler(tasks: &[TaskState], now: Duration) -> Option<usize> {
 /// Serves `coord` on `listener` until the job is done (or failed) and every worker still
 /// around has been told to exit (at least `linger`, at most 5 s more), so that workers asking
 /// for work learn to exit. Log lines go to stderr unless `quiet`. Returns the final status.
+/// A worker asking for work while there is none is held until there is, or the job is over,
+/// or half a second has passed (long poll), so no worker sleeps while a task waits.
 pub fn serve(listener: Listener, coord: Coordinator, linger: Duration) -> JobStatus {
     serve_with(listener, coord, linger, false, None)
 }
@@ -655,6 +683,11 @@ pub fn serve_with(
     http: Option<std::net::TcpListener>,
 ) -> JobStatus {
     let state = Arc::new(Mutex::new(coord));
+    // Notified whenever a request may have changed what a waiting worker could be given.
+    let changed = Arc::new(Condvar::new());
+    // Connections being handled: the process does not exit before their replies (an Exit
+    // among them) are sent.
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     if let Some(h) = http {
         let state = state.clone();
@@ -666,25 +699,34 @@ pub fn serve_with(
     };
     {
         let state = state.clone();
+        let changed = changed.clone();
+        let in_flight = in_flight.clone();
         std::thread::spawn(move || {
             loop {
                 let Ok(mut s) = listener.accept() else { continue };
                 let state = state.clone();
+                let changed = changed.clone();
+                let in_flight = in_flight.clone();
+                in_flight.fetch_add(1, Ordering::SeqCst);
                 std::thread::spawn(move || {
                     // A connection that sends garbage or hangs up is just dropped.
                     if let Ok(req) = recv::<Request>(&mut s) {
-                        let reply = state.lock().expect("coordinator state").handle(req, start.elapsed());
+                        let reply = handle_long_poll(&state, &changed, req, start);
                         let _ = send(&mut s, &reply);
                     }
+                    drop(s);
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    changed.notify_all();
                 });
             }
         });
     }
     let mut finished_at = None;
     loop {
-        std::thread::sleep(Duration::from_millis(20));
         let (st, events, released) = {
-            let mut c = state.lock().expect("coordinator state");
+            let c = state.lock().expect("coordinator state");
+            // Woken by any change (the job finishing, a worker told to exit), else every 20 ms.
+            let (mut c, _) = changed.wait_timeout(c, Duration::from_millis(20)).expect("coordinator state");
             (c.status(), c.take_events(), c.workers_released(start.elapsed()))
         };
         if !quiet {
@@ -694,7 +736,8 @@ pub fn serve_with(
         }
         if st.done || st.failed.is_some() {
             let t = *finished_at.get_or_insert_with(Instant::now);
-            if (t.elapsed() >= linger && released) || t.elapsed() >= linger + Duration::from_secs(5) {
+            let quiet_now = released && in_flight.load(Ordering::SeqCst) == 0;
+            if (t.elapsed() >= linger && quiet_now) || t.elapsed() >= linger + Duration::from_secs(5) {
                 if let Some(p) = unix_path {
                     let _ = std::fs::remove_file(p);
                 }

@@ -48,11 +48,12 @@ fn nonce() -> u64 {
     h.finish()
 }
 
-/// Calls the coordinator, retrying with backoff (20 ms doubling to 1 s) for up to `patience`.
+/// Calls the coordinator, retrying with backoff (2 ms doubling to 1 s) for up to `patience`.
 /// Says once on stderr that it is waiting.
 fn call_patiently(cfg: &WorkerConfig, req: &Request, what: &str) -> Result<Reply, String> {
     let started = Instant::now();
-    let mut delay = Duration::from_millis(20);
+    // Short at first: a worker started with its coordinator finds it listening a few ms later.
+    let mut delay = Duration::from_millis(2);
     let mut said = false;
     loop {
         match call::<_, Reply>(&cfg.coordinator, req) {
@@ -144,6 +145,7 @@ fn work(
 ) -> Result<WorkerReport, String> {
     let id: WorkerId = ((std::process::id() as u64) << 32) ^ (nonce() & 0xFFFF_FFFF);
     let mut report = WorkerReport::default();
+    let mut chunk_buf = Vec::new();
     loop {
         let ask = Request::GetTask { worker: id, addr: my_addr.to_string() };
         let task = match call_patiently(cfg, &ask, "asking for work")? {
@@ -158,7 +160,9 @@ fn work(
             Task::Map { id: task, attempt, file, offset, len, n_reduce, heartbeat_ms } => {
                 report.maps += 1;
                 let _beat = beat(true, task, heartbeat_ms);
-                let r = guarded(|| run_map(app.as_ref(), &cfg.work_dir, task, attempt, &file, offset, len, n_reduce));
+                let r = guarded(|| {
+                    run_map(app.as_ref(), &mut chunk_buf, &cfg.work_dir, task, attempt, &file, offset, len, n_reduce)
+                });
                 match r {
                     Ok((bytes_in, bytes_out, files)) => {
                         written.extend(files);
@@ -170,16 +174,15 @@ fn work(
             Task::Reduce { id: task, sources, out_dir, heartbeat_ms } => {
                 report.reduces += 1;
                 let _beat = beat(false, task, heartbeat_ms);
-                match guarded(|| run_reduce(app.as_ref(), &cfg.work_dir, task, &sources, Path::new(&out_dir))) {
+                match guarded(|| run_reduce(app.as_ref(), &cfg.work_dir, my_addr, task, &sources, Path::new(&out_dir)))
+                {
                     Ok(Ok(bytes_out)) => Request::ReduceDone { worker: id, task, bytes_out },
                     Ok(Err((map, addr))) => Request::FetchFailed { worker: id, reduce: task, map, addr },
                     Err(reason) => Request::TaskFailed { worker: id, map: false, task, reason },
                 }
             }
-            Task::Wait => {
-                std::thread::sleep(Duration::from_millis(25));
-                continue;
-            }
+            // The coordinator held the request until it had nothing to give for a while.
+            Task::Wait => continue,
             Task::Exit => return Ok(report),
         };
         // A result is delivered even across a coordinator restart: the new one accepts it.
@@ -249,6 +252,7 @@ fn read_record(r: &mut impl Read) -> io::Result<Option<(String, String)>> {
 #[allow(clippy::too_many_arguments)]
 fn run_map(
     app: &dyn App,
+    buf: &mut Vec<u8>,
     dir: &Path,
     task: usize,
     attempt: u64,
@@ -257,8 +261,8 @@ fn run_map(
     len: u64,
     n_reduce: usize,
 ) -> Result<(u64, u64, Vec<PathBuf>), String> {
-    let bytes = read_chunk(file, offset, len)?;
-    let contents = String::from_utf8_lossy(&bytes);
+    read_chunk_into(buf, file, offset, len)?;
+    let contents = text(buf);
     let mut buckets: Vec<Vec<(String, String)>> = vec![Vec::new(); n_reduce];
     let mut combined: FxHashMap<String, String> = FxHashMap::default();
     let mut combining = true;
@@ -299,12 +303,33 @@ fn run_map(
     Ok((len, out_bytes, files))
 }
 
+/// The chunk as text: checked by the fast UTF-8 validator, and only if that fails copied with
+/// replacement characters (`from_utf8_lossy` alone checks byte by byte, several times slower).
+fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
+}
+
 fn read_chunk(file: &str, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::new();
+    read_chunk_into(&mut bytes, file, offset, len)?;
+    Ok(bytes)
+}
+
+/// Reads `len` bytes of `file` from `offset` into `buf` (replacing its contents; a buffer
+/// reused across tasks is neither zeroed nor faulted in again).
+fn read_chunk_into(buf: &mut Vec<u8>, file: &str, offset: u64, len: u64) -> Result<(), String> {
     let mut f = File::open(file).map_err(|e| format!("input {file}: {e}"))?;
     std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
-    let mut bytes = vec![0u8; len as usize];
-    f.read_exact(&mut bytes).map_err(|e| format!("input {file}: {e}"))?;
-    Ok(bytes)
+    buf.clear();
+    buf.reserve_exact(len as usize);
+    f.take(len).read_to_end(buf).map_err(|e| format!("input {file}: {e}"))?;
+    if buf.len() as u64 != len {
+        return Err(format!("input {file}: {len} bytes expected at {offset}, found {} (did it shrink?)", buf.len()));
+    }
+    Ok(())
 }
 
 fn write_bucket(dir: &Path, name: &str, pairs: &[(String, String)]) -> Result<u64, String> {
@@ -318,42 +343,59 @@ fn write_bucket(dir: &Path, name: &str, pairs: &[(String, String)]) -> Result<u6
 }
 
 /// Fetches map outputs for bucket `task`, merges them by key, reduces, writes `mr-out-<task>`.
-/// A map output that cannot be fetched from its worker is read from this worker's own
-/// directory if it is there (workers sharing a directory, or a worker restarted in it): the
-/// name includes the winning attempt, so only that attempt's file is ever read.
-/// `Ok(Err((map, addr)))` if a map output is nowhere to be had.
+/// Map outputs this worker wrote itself (served at `my_addr`) are read where they are; the
+/// others are fetched from their workers, all at once. A map output that cannot be fetched
+/// is read from this worker's own directory if it is there (workers sharing a directory, or
+/// a worker restarted in it): the name includes the winning attempt, so only that attempt's
+/// file is ever read. `Ok(Err((map, addr)))` if a map output is nowhere to be had.
 #[allow(clippy::type_complexity)]
 fn run_reduce(
     app: &dyn App,
     dir: &Path,
+    my_addr: &str,
     task: usize,
     sources: &[(usize, String, u64)],
     out_dir: &Path,
 ) -> Result<Result<u64, (usize, String)>, String> {
-    let mut fetched = Vec::new();
-    let mut inputs = Vec::new();
     let cleanup = |files: &[PathBuf]| {
         for f in files {
             let _ = std::fs::remove_file(f);
         }
     };
-    for (m, addr, attempt) in sources {
-        let name = intermediate_name(*m, task, *attempt);
-        let local = dir.join(format!(".fetched-{task}-{m}-{}", nonce()));
-        if fetch(addr, &name, &local).is_ok() {
-            fetched.push(local.clone());
-            inputs.push(local);
-            continue;
-        }
-        let _ = std::fs::remove_file(&local);
-        let own = dir.join(&name);
-        if own.is_file() {
-            inputs.push(own);
-            continue;
-        }
+    // Per source: (the file to read, whether it is a fetched copy), or None if nowhere.
+    let found: Vec<Option<(PathBuf, bool)>> = std::thread::scope(|scope| {
+        let pending: Vec<_> = sources
+            .iter()
+            .map(|(m, addr, attempt)| {
+                let name = intermediate_name(*m, task, *attempt);
+                let own = dir.join(&name);
+                if addr == my_addr && own.is_file() {
+                    return Err(Some((own, false)));
+                }
+                Ok(scope.spawn(move || {
+                    let local = dir.join(format!(".fetched-{task}-{m}-{}", nonce()));
+                    if fetch(addr, &name, &local).is_ok() {
+                        return Some((local, true));
+                    }
+                    let _ = std::fs::remove_file(&local);
+                    own.is_file().then_some((own, false))
+                }))
+            })
+            .collect();
+        pending
+            .into_iter()
+            .map(|p| match p {
+                Ok(h) => h.join().expect("fetch thread"),
+                Err(own) => own,
+            })
+            .collect()
+    });
+    let fetched: Vec<PathBuf> = found.iter().flatten().filter(|(_, copy)| *copy).map(|(p, _)| p.clone()).collect();
+    if let Some(i) = found.iter().position(Option::is_none) {
         cleanup(&fetched);
-        return Ok(Err((*m, addr.clone())));
+        return Ok(Err((sources[i].0, sources[i].1.clone())));
     }
+    let inputs: Vec<PathBuf> = found.into_iter().flatten().map(|(p, _)| p).collect();
     let mut runs: Vec<Box<dyn Read>> = Vec::new();
     for f in &inputs {
         runs.push(Box::new(BufReader::with_capacity(256 << 10, File::open(f).map_err(|e| e.to_string())?)));
@@ -580,7 +622,7 @@ fn sequential_in(
         Spiller { groups: FxHashMap::default(), held: 0, limit: spill_bytes, dir: spill, runs: Vec::new(), err: None };
     for c in chunks {
         let bytes = read_chunk(&c.file, c.offset, c.len)?;
-        let contents = String::from_utf8_lossy(&bytes);
+        let contents = text(&bytes);
         app.map(&c.file, &contents, &mut |k, v| sp.add(k, v)).map_err(|e| format!("map of {}: {e}", c.file))?;
         if let Some(e) = sp.err.take() {
             return Err(e);
