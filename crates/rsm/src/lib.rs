@@ -4,7 +4,8 @@
 //! node persists to, and the application's [`StateMachine`]. Commands go through the log
 //! ([`Rsm::submit`]); read-only queries go through ReadIndex ([`Rsm::query`]) and never touch
 //! the log. Each call to [`Rsm::process`] runs the Ready loop (persist, then hand out the
-//! messages to send, then apply) and returns the submissions that finished:
+//! messages to send, then apply; [`Rsm::process_sending`] sends a leader's Appends before its
+//! own write) and returns the submissions that finished:
 //!
 //! - a command finishes when the entry at its index is applied: with its result if the entry
 //!   is the one submitted here, with [`SubmitError::WrongLeader`] (not applied) if another
@@ -294,14 +295,30 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     }
 
     /// Runs the Ready loop. Returns the messages to send (everything they depend on is
-    /// already persisted) and the submissions that finished.
+    /// already persisted) and the submissions that finished. [`Rsm::process_sending`] sends
+    /// instead, a leader's Appends before its own write.
     pub fn process(&mut self) -> Result<(Vec<Message>, Vec<Completion>), S::Error> {
         let mut msgs = Vec::new();
+        let done = self.process_sending(&mut |m| msgs.push(m))?;
+        Ok((msgs, done))
+    }
+
+    /// Runs the Ready loop, handing each message to `send` as soon as it may go: a leader's
+    /// replication messages before the write and sync of the entries they carry (so followers
+    /// write theirs meanwhile: thesis section 10.2.1), every other message after them. Returns
+    /// the submissions that finished. On a storage error, messages already handed out
+    /// acknowledge nothing (see [`sixfive_raft::Ready`]).
+    pub fn process_sending(&mut self, send: &mut dyn FnMut(Message)) -> Result<Vec<Completion>, S::Error> {
         let mut done = Vec::new();
         while self.raw.has_ready() {
-            let rd = self.raw.ready();
+            let mut rd = self.raw.ready();
+            for m in std::mem::take(&mut rd.messages) {
+                send(m);
+            }
             persist_ready(&mut self.storage, &rd)?;
-            msgs.extend(rd.messages.iter().cloned());
+            for m in std::mem::take(&mut rd.persisted_messages) {
+                send(m);
+            }
             if let Some(s) = &rd.snapshot {
                 self.sm.restore(s.app_data());
                 self.snapshots_installed += 1;
@@ -362,7 +379,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
         }
         self.fail_if_deposed(&mut done);
         self.maybe_snapshot()?;
-        Ok((msgs, done))
+        Ok(done)
     }
 
     /// Everything pending fails once this node stops leading or its term moves on.
@@ -541,7 +558,9 @@ impl<S: Storage, M: StateMachine> RsmNode<S, M> {
                 }
             }
         }
-        let (msgs, done) = match self.rsm.process() {
+        // A leader's Appends leave before its own write and sync, the rest after them.
+        let mut send = |m: Message| ctx.send(m.to, postcard::to_allocvec(&m).expect("encodes"));
+        let done = match self.rsm.process_sending(&mut send) {
             Ok(r) => r,
             Err(e) => {
                 self.failed = Some(format!("storage failed: {e:?}"));
@@ -549,9 +568,6 @@ impl<S: Storage, M: StateMachine> RsmNode<S, M> {
                 return self.answer(ctx, done);
             }
         };
-        for m in msgs {
-            ctx.send(m.to, postcard::to_allocvec(&m).expect("encodes"));
-        }
         self.answer(ctx, done)
     }
 

@@ -16,6 +16,8 @@ fn swarm_random_faults() {
     assert!(
         total.applied > 0
             && total.crashes > 0
+            && total.crashes_after_early_send > 0
+            && total.commits_before_own_sync > 0
             && total.leaders > 0
             && total.reads > 0
             && total.pauses > 0
