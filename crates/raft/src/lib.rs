@@ -44,6 +44,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod bytes;
 pub mod conf;
 mod config;
 mod log;

@@ -143,6 +143,7 @@ struct LogCommand {
     origin: NodeId,
     id: SubmitId,
     time: Micros,
+    #[serde(with = "sixfive_raft::bytes")]
     cmd: Vec<u8>,
 }
 
@@ -467,9 +468,9 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RsmRequest {
     /// Replicate and apply this command.
-    Command(Vec<u8>),
+    Command(#[serde(with = "sixfive_raft::bytes")] Vec<u8>),
     /// Answer this read-only query linearizably (ReadIndex).
-    Query(Vec<u8>),
+    Query(#[serde(with = "sixfive_raft::bytes")] Vec<u8>),
     /// Change the membership (see [`Rsm::change_membership`]); answered once applied.
     ChangeMembership(Vec<ConfChange>),
     /// Report the membership as the receiving node sees it, at once: a postcard-encoded
@@ -481,7 +482,7 @@ pub enum RsmRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RsmReply {
     /// The command's or query's result.
-    Done(Vec<u8>),
+    Done(#[serde(with = "sixfive_raft::bytes")] Vec<u8>),
     /// Refused or abandoned; see the error.
     Failed(SubmitError),
     /// The request could not be decoded.
