@@ -138,13 +138,14 @@ pub struct Completion {
 
 /// What a log entry carries: the command plus who proposed it, so the proposer can tell its
 /// own entry from another leader's at the same index.
+/// Decoding borrows the command from the entry (no copy before it is applied).
 #[derive(Serialize, Deserialize)]
-struct LogCommand {
+struct LogCommand<'a> {
     origin: NodeId,
     id: SubmitId,
     time: Micros,
-    #[serde(with = "sixfive_raft::bytes")]
-    cmd: Vec<u8>,
+    #[serde(borrow, serialize_with = "sixfive_raft::bytes::serialize")]
+    cmd: &'a [u8],
 }
 
 /// The replicated state machine of one node.
@@ -214,7 +215,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     /// Proposes a command stamped with `now`. It completes in a later [`Rsm::process`].
     pub fn submit(&mut self, cmd: Vec<u8>, now: Micros) -> Result<SubmitId, SubmitError> {
         let id = self.next_id;
-        let entry = postcard::to_allocvec(&LogCommand { origin: self.id, id, time: now, cmd }).expect("encodes");
+        let entry = postcard::to_allocvec(&LogCommand { origin: self.id, id, time: now, cmd: &cmd }).expect("encodes");
         match self.raw.propose(entry) {
             Ok((index, term)) => {
                 self.next_id += 1;
@@ -352,7 +353,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 }
                 let c: LogCommand = postcard::from_bytes(&e.data).expect("log entries are our own encoding");
                 self.clock = self.clock.max(c.time);
-                let result = self.sm.apply(&c.cmd, ApplyCtx { index: e.index, time: self.clock });
+                let result = self.sm.apply(c.cmd, ApplyCtx { index: e.index, time: self.clock });
                 if let Some((_, id)) = mine {
                     let ok = c.origin == self.id && c.id == id;
                     let result = if ok { Ok(result) } else { Err(SubmitError::WrongLeader { leader: None }) };
