@@ -31,7 +31,7 @@ pub fn raft_core(entries: u64, size: usize, batch: u64) -> ExitCode {
         for (i, n) in nodes.iter_mut().enumerate() {
             while n.has_ready() {
                 let rd = n.ready();
-                queue.extend(rd.messages.iter().cloned());
+                queue.extend(rd.all_messages().cloned());
                 applied[i] += rd.committed_entries.iter().filter(|e| e.kind == EntryKind::Normal).count() as u64;
                 n.advance(&rd);
             }

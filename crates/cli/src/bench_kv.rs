@@ -1,7 +1,8 @@
 //! `sixfive bench kv`: a fresh local three-member cluster of `kv serve` processes with data on
 //! disk (or the cluster at `--endpoints`), N concurrent clients, writes/s then linearizable
 //! reads/s with latency percentiles, fsyncs per write, group-commit batch sizes and each
-//! server's peak RSS.
+//! server's peak RSS. When `etcd` is on the PATH, a three-member etcd cluster gets the same
+//! load through the `etcd-client` crate, and the ratios are printed.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -113,6 +114,10 @@ struct Phase {
 }
 
 impl Phase {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+
     fn row(&self, what: &str) -> String {
         let q = |p: f64| self.hist.value_at_quantile(p) as f64 / 1000.0;
         format!(
@@ -254,21 +259,10 @@ fn on_path(name: &str) -> Option<PathBuf> {
 }
 
 /// The etcd row: a three-member etcd cluster started the same way (same disk, loopback), the
-/// same load driven through the `etcd-client` crate by `bench/etcd-load`.
+/// same load driven through the `etcd-client` crate ([`etcd_load`]).
 fn etcd_side_by_side(o: &Options, writes: &Phase, reads: &Phase) {
     let Some(etcd) = on_path("etcd") else {
         println!("(etcd not on the PATH: no side-by-side row; Debian: apt-get install etcd-server)");
-        return;
-    };
-    let driver = std::env::var_os("SIXFIVE_ETCD_LOAD")
-        .map(PathBuf::from)
-        .or_else(|| Some(PathBuf::from("bench/etcd-load/target/release/etcd-load")).filter(|p| p.is_file()))
-        .or_else(|| on_path("etcd-load"));
-    let Some(driver) = driver else {
-        println!(
-            "(etcd found but not its load driver: build it with \
-             `cargo build --release --manifest-path bench/etcd-load/Cargo.toml` (needs protoc), or set SIXFIVE_ETCD_LOAD)"
-        );
         return;
     };
     let dir = o.data_dir.join("etcd");
@@ -308,45 +302,96 @@ fn etcd_side_by_side(o: &Options, writes: &Phase, reads: &Phase) {
             }
         }
     }
-    let endpoints = ports.iter().map(|(c, _)| format!("http://127.0.0.1:{c}")).collect::<Vec<_>>().join(",");
-    let out = Command::new(&driver)
-        .args(["--endpoints", &endpoints, "--clients", &o.clients.to_string(), "--secs", &o.secs.to_string()])
-        .args(["--key-size", &o.key_size.to_string(), "--value-size", &o.value_size.to_string()])
-        .stderr(Stdio::inherit())
-        .output();
+    let endpoints: Vec<String> = ports.iter().map(|(c, _)| format!("http://127.0.0.1:{c}")).collect();
+    let result = etcd_load(&endpoints, o);
     let rss: Vec<String> = members.children.iter().map(|c| format!("{} MiB", peak_rss_kib(c.id()) / 1024)).collect();
     drop(members);
-    let text = match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).to_string(),
-        Ok(o) => {
-            println!("(etcd load driver failed: {})", o.status);
-            return;
-        }
+    let (etcd_writes, etcd_reads) = match result {
+        Ok(r) => r,
         Err(e) => {
-            println!("(etcd load driver: {e})");
+            println!("(etcd load failed: {e})");
             return;
         }
     };
-    let parse = |what: &str| -> Option<(f64, f64, f64, f64, f64)> {
-        let l = text.lines().find(|l| l.starts_with(what))?;
-        let v: Vec<f64> = l.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-        Some((v[0], v[1], v[2] / 1000.0, v[3] / 1000.0, v[4] / 1000.0))
-    };
-    for (what, ours, label) in [("writes", writes, "etcd writes (Put)"), ("reads", reads, "etcd reads (Get, lin.)")] {
-        let Some((ops, secs, p50, p99, p999)) = parse(what) else {
-            println!("(etcd load driver printed no {what} line)");
-            return;
-        };
-        let rate = ops / secs;
-        println!(
-            "{label:<22} {rate:>10.0} ops/s   p50 {p50:>7.2} ms   p99 {p99:>7.2} ms   p99.9 {p999:>7.2} ms   ({ops} ops in {secs:.1} s)"
-        );
-        let our_p99 = ours.hist.value_at_quantile(0.99) as f64 / 1000.0;
+    for (what, ours, theirs, label) in
+        [("writes", writes, &etcd_writes, "etcd writes (Put)"), ("reads", reads, &etcd_reads, "etcd reads (Get, lin.)")]
+    {
+        println!("{}", theirs.row(label));
+        let q99 = |p: &Phase| p.hist.value_at_quantile(0.99) as f64;
         println!(
             "  sixfive / etcd: {:.2}x the {what}/s, p99 {:.2}x etcd's",
-            ours.ops as f64 / ours.secs / rate.max(1e-9),
-            our_p99 / p99.max(1e-9)
+            ours.rate() / theirs.rate().max(1e-9),
+            q99(ours) / q99(theirs).max(1e-9)
         );
     }
     println!("  etcd peak RSS per member: {}", rss.join(", "));
+}
+
+/// The load of [`phase`] against etcd through the `etcd-client` crate: the same number of
+/// clients, each Putting its own 16 keys, then linearizable Gets of them (etcd's default).
+/// The clients share a few connections, as etcd's own benchmark tool does (`--conns`).
+fn etcd_load(endpoints: &[String], o: &Options) -> Result<(Phase, Phase), String> {
+    use etcd_client::Client;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut clients = Vec::new();
+        while clients.len() < 8 {
+            match Client::connect(endpoints, None).await {
+                // Ready once a write commits (a leader is elected and a quorum answers).
+                Ok(mut c) => {
+                    if c.put("warmup", "x", None).await.is_ok() {
+                        clients.push(c);
+                    }
+                }
+                Err(e) if Instant::now() > deadline => return Err(format!("etcd did not come up: {e}")),
+                Err(_) => {}
+            }
+            if Instant::now() > deadline {
+                return Err("etcd did not become ready within 60 s".into());
+            }
+            if clients.len() < 8 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let value = "v".repeat(o.value_size);
+        let mut out = Vec::new();
+        for write in [true, false] {
+            let stop = Instant::now() + Duration::from_secs_f64(o.secs);
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..o.clients {
+                let mut client = clients[c % clients.len()].clone();
+                let (value, key_size) = (value.clone(), o.key_size);
+                tasks.push(tokio::spawn(async move {
+                    let mut h = Histogram::<u64>::new(3).expect("histogram");
+                    let (mut ops, mut i) = (0u64, 0usize);
+                    while Instant::now() < stop {
+                        let key = format!("{:0>width$}", format!("{c}-{}", i % 16), width = key_size);
+                        let t = Instant::now();
+                        if write {
+                            client.put(key, value.clone(), None).await.map_err(|e| format!("put: {e}"))?;
+                        } else {
+                            client.get(key, None).await.map_err(|e| format!("get: {e}"))?;
+                        }
+                        h.record(t.elapsed().as_micros() as u64).expect("in range");
+                        ops += 1;
+                        i += 1;
+                    }
+                    Ok::<_, String>((ops, h))
+                }));
+            }
+            let mut hist = Histogram::<u64>::new(3).expect("histogram");
+            let mut ops = 0;
+            for t in tasks {
+                let (n, h) = t.await.map_err(|e| e.to_string())??;
+                ops += n;
+                hist.add(h).expect("same bounds");
+            }
+            out.push(Phase { ops, secs: started.elapsed().as_secs_f64(), hist });
+        }
+        let reads = out.pop().expect("two phases");
+        let writes = out.pop().expect("two phases");
+        Ok((writes, reads))
+    })
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sixfive_raft::{
     ConfChange, ConfChangeError, ConfState, Config, EntryKind, Index, Message, MessageBody, NodeId, RawNode, ReadState,
-    Role, Status, Storage, Term, persist_ready,
+    Ready, Role, Status, Storage, Term, persist_ready,
 };
 use sixfive_sim::{EventQueue, Fate, MS, Micros, NetConfig, Network, Rng, SEC};
 use sixfive_storage::fs::SimFsConfig;
@@ -42,6 +42,12 @@ pub struct ClusterConfig {
     /// Clocks run at different rates: each node's tick lasts `TICK * (1 + d)` with `d` drawn
     /// at each start from `[-clock_drift, clock_drift]`.
     pub clock_drift: f64,
+    /// Each `Ready` that must be synced is written at once and synced 0.05-3 ms later, while
+    /// the node goes on handling events (a driver that persists on another thread): the
+    /// followers' answers reach a leader whose own write is not durable yet, and a crash
+    /// meanwhile loses it. Otherwise a node persists each `Ready` before handling anything
+    /// else (as the production runtime does).
+    pub async_persist: bool,
 }
 
 impl ClusterConfig {
@@ -56,6 +62,7 @@ impl ClusterConfig {
             tweak: |_| {},
             file_storage: None,
             clock_drift: 0.0,
+            async_persist: false,
         }
     }
 
@@ -76,8 +83,21 @@ pub struct AppliedLog {
 }
 
 enum Event {
-    Tick { node: usize, incarnation: u64 },
-    Deliver { from: NodeId, to: NodeId, reply: bool, bytes: Vec<u8> },
+    Tick {
+        node: usize,
+        incarnation: u64,
+    },
+    /// The sync of a node's pending `Ready` completes (with `async_persist`).
+    Persisted {
+        node: usize,
+        incarnation: u64,
+    },
+    Deliver {
+        from: NodeId,
+        to: NodeId,
+        reply: bool,
+        bytes: Vec<u8>,
+    },
 }
 
 struct Slot {
@@ -97,6 +117,9 @@ struct Slot {
     paused_until: Micros,
     /// (term, highest commit index) checked for a quorum while this instance led in that term.
     checked_commit: (Term, Index),
+    /// A `Ready` written and waiting for its sync (with `async_persist`), and whether its
+    /// early messages went out.
+    pending: Option<(Ready, bool)>,
 }
 
 /// The simulated cluster.
@@ -113,6 +136,22 @@ pub struct Cluster {
     trace: u64,
     events: u64,
     storage_failures: u64,
+    crashes_after_early_send: u64,
+    commits_before_own_sync: u64,
+}
+
+/// Writes a `Ready`'s persistent parts in `persist_ready`'s order, without syncing.
+fn write_ready<S: Storage>(st: &mut S, rd: &Ready) -> Result<(), S::Error> {
+    if let Some(s) = &rd.snapshot {
+        st.save_snapshot(s)?;
+    }
+    if !rd.entries.is_empty() {
+        st.append(&rd.entries)?;
+    }
+    if let Some(hs) = &rd.hard_state {
+        st.save_hard_state(hs)?;
+    }
+    Ok(())
 }
 
 /// Encodes a test command from a number.
@@ -148,12 +187,15 @@ impl Cluster {
                     tick_micros: TICK,
                     paused_until: 0,
                     checked_commit: (0, 0),
+                    pending: None,
                 })
                 .collect(),
             checker: Checker::default(),
             trace: 0xcbf2_9ce4_8422_2325,
             events: 0,
             storage_failures: 0,
+            crashes_after_early_send: 0,
+            commits_before_own_sync: 0,
             cfg,
         };
         for id in c.ids() {
@@ -181,6 +223,7 @@ impl Cluster {
             tick_micros: TICK,
             paused_until: 0,
             checked_commit: (0, 0),
+            pending: None,
         });
         self.trace(10, &id.to_le_bytes());
         self.restart(id);
@@ -247,6 +290,7 @@ impl Cluster {
             self.events += 1;
             match ev {
                 Event::Tick { node, incarnation } => self.on_tick(node, incarnation),
+                Event::Persisted { node, incarnation } => self.on_persisted(node, incarnation),
                 Event::Deliver { from, to, reply, bytes } => self.on_deliver(from, to, reply, bytes),
             }
         }
@@ -347,31 +391,53 @@ impl Cluster {
     }
 
     /// Processes every `Ready` of node `id` the way a real driver would (see [`sixfive_raft::Ready`]).
+    ///
+    /// With [`ClusterConfig::async_persist`], a `Ready` that must be synced is written at once
+    /// and synced later (a `Persisted` event): meanwhile the node goes on handling messages,
+    /// ticks and proposals (it only takes no new `Ready`), so the followers' answers to its
+    /// early `Append`s can reach a leader whose own copy is not durable yet.
     fn drive(&mut self, id: NodeId) {
         let i = (id - 1) as usize;
         loop {
             let slot = &mut self.slots[i];
+            if slot.pending.is_some() {
+                break;
+            }
             let Some(raw) = slot.raw.as_mut() else { return };
             if !raw.has_ready() {
                 break;
             }
-            let rd = raw.ready();
-            // 1. Persist. Possibly crash between the writes and the sync.
+            let mut rd = raw.ready();
+            // 1. A leader's replication leaves at once, before its own write of the same
+            //    entries (thesis 10.2.1), so a crash below may come after the followers got
+            //    entries the leader then loses.
+            let sent_early = !rd.messages.is_empty();
+            for m in std::mem::take(&mut rd.messages) {
+                self.send(m, 0);
+            }
+            let slot = &mut self.slots[i];
+            if self.cfg.async_persist && rd.must_sync() {
+                // 2'. Write now, sync when the `Persisted` event fires.
+                if write_ready(&mut slot.storage, &rd).is_err() {
+                    self.storage_failures += 1;
+                    self.stop_after_storage_failure(id);
+                    return;
+                }
+                self.check_written(id, &rd);
+                let slot = &mut self.slots[i];
+                slot.pending = Some((rd, sent_early));
+                let (node, incarnation) = (i, slot.incarnation);
+                let after = self.rng.range(50, 3 * MS);
+                self.queue.push(self.now + after, Event::Persisted { node, incarnation });
+                break;
+            }
+            // 2. Persist. Possibly crash between the writes and the sync.
             if rd.must_sync() && self.cfg.crash_in_ready > 0.0 && self.rng.chance(self.cfg.crash_in_ready) {
-                let st = &mut slot.storage;
                 // Errors do not matter here: the node crashes anyway.
-                let _ = (|| {
-                    if let Some(s) = &rd.snapshot {
-                        st.save_snapshot(s)?;
-                    }
-                    st.append(&rd.entries)?;
-                    if let Some(hs) = &rd.hard_state {
-                        st.save_hard_state(hs)?;
-                    }
-                    Ok::<(), String>(())
-                })();
+                let _ = write_ready(&mut slot.storage, &rd);
                 self.trace(3, &id.to_le_bytes());
                 self.crash(id);
+                self.crashes_after_early_send += u64::from(sent_early);
                 return;
             }
             if persist_ready(&mut slot.storage, &rd).is_err() {
@@ -382,53 +448,108 @@ impl Cluster {
                 return;
             }
             let delay = slot.storage.fs().map_or(0, |fs| fs.take_latency());
-            if let Some(s) = &rd.snapshot {
-                self.checker.on_snapshot(id, s.meta.index, s.meta.term);
-            }
-            let raw = self.slots[i].raw.as_ref().expect("live");
-            self.checker.on_entries(id, &rd.entries, raw.log());
-            // 2. Send.
-            for m in rd.messages.iter().cloned() {
-                self.send(m, delay);
-            }
-            // 3. Apply.
-            let slot = &mut self.slots[i];
-            if let Some(s) = &rd.snapshot {
-                let sm: AppliedLog = postcard::from_bytes(s.app_data()).expect("snapshot decodes");
-                assert_eq!(sm.last_applied, s.meta.index, "snapshot contents do not match its index");
-                slot.sm = sm;
-                self.checker.on_install(id, s.conf_state().expect("the core's snapshots carry a configuration"));
-                slot.installed_snapshots += 1;
-            }
-            let mut take_snapshot = None;
-            let term = slot.raw.as_ref().expect("live").status().term;
-            for e in &rd.committed_entries {
-                assert_eq!(e.index, slot.sm.last_applied + 1, "node {id} applied index {} out of order", e.index);
-                slot.sm.last_applied = e.index;
-                if e.kind == EntryKind::Normal {
-                    slot.sm.cmds.insert(e.index, e.data.clone());
-                }
-                self.checker.on_apply(id, term, e);
-                if self.cfg.snapshot_every.is_some_and(|n| (e.index + 1) % n == 0) {
-                    take_snapshot = Some((e.index, postcard::to_allocvec(&slot.sm).expect("encodes")));
-                }
-            }
-            slot.reads.extend(rd.read_states.iter().cloned());
-            let raw = slot.raw.as_mut().expect("live");
-            raw.advance(&rd);
-            // The application snapshots and saves it, as the course's tester does.
-            if let Some((index, data)) = take_snapshot
-                && let Ok(snap) = raw.compact(index, data)
-            {
-                if slot.storage.save_snapshot(&snap).and_then(|()| slot.storage.sync()).is_err() {
-                    self.storage_failures += 1;
-                    self.stop_after_storage_failure(id);
-                    return;
-                }
-                self.checker.on_compact(id, index);
+            self.check_written(id, &rd);
+            if !self.finish_ready(id, rd, delay) {
+                return;
             }
         }
-        let raw = self.slots[i].raw.as_ref().expect("live");
+        self.check_leader(id);
+    }
+
+    /// The checker learns what node `id` wrote (Log Matching is checked on it).
+    fn check_written(&mut self, id: NodeId, rd: &Ready) {
+        if let Some(s) = &rd.snapshot {
+            self.checker.on_snapshot(id, s.meta.index, s.meta.term);
+        }
+        let raw = self.slots[(id - 1) as usize].raw.as_ref().expect("live");
+        self.checker.on_entries(id, &rd.entries, raw.log());
+    }
+
+    /// The sync of node `id`'s pending `Ready` completes (or the node crashes first).
+    fn on_persisted(&mut self, node: usize, incarnation: u64) {
+        let slot = &mut self.slots[node];
+        if slot.incarnation != incarnation || slot.pending.is_none() {
+            return;
+        }
+        if self.now < slot.paused_until {
+            let until = slot.paused_until;
+            self.queue.push(until, Event::Persisted { node, incarnation });
+            return;
+        }
+        let id = slot.id;
+        self.trace(12, &id.to_le_bytes());
+        let slot = &mut self.slots[node];
+        let (rd, sent_early) = slot.pending.take().expect("checked");
+        if self.cfg.crash_in_ready > 0.0 && self.rng.chance(self.cfg.crash_in_ready) {
+            self.trace(3, &id.to_le_bytes());
+            self.crash(id);
+            self.crashes_after_early_send += u64::from(sent_early);
+            return;
+        }
+        let slot = &mut self.slots[node];
+        if slot.storage.sync().is_err() {
+            self.storage_failures += 1;
+            self.stop_after_storage_failure(id);
+            return;
+        }
+        let delay = slot.storage.fs().map_or(0, |fs| fs.take_latency());
+        if self.finish_ready(id, rd, delay) {
+            self.drive(id);
+        }
+    }
+
+    /// Steps 3 and 4 of a `Ready` whose writes are durable: send what acknowledges them, apply,
+    /// advance, and snapshot as the course's tester does. False if the node stopped.
+    fn finish_ready(&mut self, id: NodeId, mut rd: Ready, delay: Micros) -> bool {
+        let i = (id - 1) as usize;
+        // 3. Send what may acknowledge the persist, once it is done.
+        for m in std::mem::take(&mut rd.persisted_messages) {
+            self.send(m, delay);
+        }
+        // 4. Apply.
+        let slot = &mut self.slots[i];
+        if let Some(s) = &rd.snapshot {
+            let sm: AppliedLog = postcard::from_bytes(s.app_data()).expect("snapshot decodes");
+            assert_eq!(sm.last_applied, s.meta.index, "snapshot contents do not match its index");
+            slot.sm = sm;
+            self.checker.on_install(id, s.conf_state().expect("the core's snapshots carry a configuration"));
+            slot.installed_snapshots += 1;
+        }
+        let mut take_snapshot = None;
+        let term = slot.raw.as_ref().expect("live").status().term;
+        for e in &rd.committed_entries {
+            assert_eq!(e.index, slot.sm.last_applied + 1, "node {id} applied index {} out of order", e.index);
+            slot.sm.last_applied = e.index;
+            if e.kind == EntryKind::Normal {
+                slot.sm.cmds.insert(e.index, e.data.clone());
+            }
+            self.checker.on_apply(id, term, e);
+            if self.cfg.snapshot_every.is_some_and(|n| (e.index + 1) % n == 0) {
+                take_snapshot = Some((e.index, postcard::to_allocvec(&slot.sm).expect("encodes")));
+            }
+        }
+        slot.reads.extend(rd.read_states.iter().cloned());
+        let raw = slot.raw.as_mut().expect("live");
+        raw.advance(&rd);
+        // The application snapshots and saves it, as the course's tester does.
+        if let Some((index, data)) = take_snapshot
+            && let Ok(snap) = raw.compact(index, data)
+        {
+            if slot.storage.save_snapshot(&snap).and_then(|()| slot.storage.sync()).is_err() {
+                self.storage_failures += 1;
+                self.stop_after_storage_failure(id);
+                return false;
+            }
+            self.checker.on_compact(id, index);
+        }
+        true
+    }
+
+    /// Checks after node `id` handled an event: a leader was elected by a quorum and holds
+    /// what was committed before (the checker), and what it commits is durable on a quorum.
+    fn check_leader(&mut self, id: NodeId) {
+        let i = (id - 1) as usize;
+        let Some(raw) = self.slots[i].raw.as_ref() else { return };
         let st = raw.status();
         if st.role == Role::Leader {
             self.checker.on_leader(id, st.term, raw.log(), &st.conf);
@@ -439,6 +560,7 @@ impl Cluster {
             } else if st.commit > slot.checked_commit.1 {
                 let term = raw.log().term(st.commit).expect("the leader holds what it committed");
                 self.slots[i].checked_commit.1 = st.commit;
+                self.commits_before_own_sync += u64::from(self.slots[i].pending.is_some());
                 self.check_commit_quorum(id, st.commit, term, &st.conf);
             }
         }
@@ -471,6 +593,7 @@ impl Cluster {
     pub fn crash(&mut self, id: NodeId) {
         let torn = self.cfg.torn_writes;
         let slot = &mut self.slots[(id - 1) as usize];
+        slot.pending = None;
         if slot.raw.take().is_some() {
             slot.storage.crash(&mut self.rng, torn);
             slot.incarnation += 1;
@@ -483,6 +606,7 @@ impl Cluster {
     fn stop_after_storage_failure(&mut self, id: NodeId) {
         let torn = self.cfg.torn_writes;
         let slot = &mut self.slots[(id - 1) as usize];
+        slot.pending = None;
         if slot.raw.take().is_some() {
             slot.storage.stop_process(&mut self.rng, torn);
             slot.incarnation += 1;
@@ -631,6 +755,18 @@ impl Cluster {
     /// Syncs node `id`'s storage made, over all its restarts.
     pub fn syncs(&self, id: NodeId) -> u64 {
         self.slots[(id - 1) as usize].storage.syncs()
+    }
+
+    /// Crashes in the middle of persisting a `Ready` whose early messages (a leader's
+    /// `Append`s, sent before its own write) had already gone out.
+    pub fn crashes_after_early_send(&self) -> u64 {
+        self.crashes_after_early_send
+    }
+
+    /// Times a leader advanced its commit index while its own write of the log was not yet
+    /// durable (with `async_persist`): the followers' copies made the quorum.
+    pub fn commits_before_own_sync(&self) -> u64 {
+        self.commits_before_own_sync
     }
 
     /// Storage failures (injected I/O errors) that stopped a node.

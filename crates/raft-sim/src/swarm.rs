@@ -47,6 +47,10 @@ pub struct SwarmReport {
     pub crashes: u64,
     /// Nodes stopped by an injected storage failure.
     pub storage_failures: u64,
+    /// Crashes of a leader after its `Append`s left and before its own write was durable.
+    pub crashes_after_early_send: u64,
+    /// Commits by a leader whose own write was not yet durable (followers made the quorum).
+    pub commits_before_own_sync: u64,
     /// Stop-the-world pauses injected.
     pub pauses: u64,
     /// Partitions and disconnections injected.
@@ -71,6 +75,8 @@ impl SwarmReport {
         self.leaders += r.leaders;
         self.crashes += r.crashes;
         self.storage_failures += r.storage_failures;
+        self.crashes_after_early_send += r.crashes_after_early_send;
+        self.commits_before_own_sync += r.commits_before_own_sync;
         self.pauses += r.pauses;
         self.partitions += r.partitions;
         self.reads += r.reads;
@@ -123,6 +129,7 @@ pub fn run_on(seed: u64, fault_micros: Micros, storage: SwarmStorage) -> SwarmRe
     }
     cfg.clock_drift = if pick.chance(0.5) { 0.1 } else { 0.0 };
     cfg.net.duplicate = pick.chance(0.3);
+    cfg.async_persist = pick.chance(0.5);
     let membership = pick.chance(0.5);
     let mut c = Cluster::new(cfg, seed);
     let mut rep = SwarmReport { seed, nodes, ..Default::default() };
@@ -266,6 +273,8 @@ pub fn run_on(seed: u64, fault_micros: Micros, storage: SwarmStorage) -> SwarmRe
     rep.nodes = ids.len();
     rep.applied = c.checker().applied().len() as u64;
     rep.storage_failures = c.storage_failures();
+    rep.crashes_after_early_send = c.crashes_after_early_send();
+    rep.commits_before_own_sync = c.commits_before_own_sync();
     rep.leaders = c.checker().leaders().len() as u64;
     rep.events = c.events();
     rep.virtual_micros = c.now();

@@ -9,6 +9,9 @@
 //! Inputs: [`RawNode::tick`], [`RawNode::step`], [`RawNode::propose`], [`RawNode::read_index`],
 //! [`RawNode::transfer_leader`], [`RawNode::compact`]. Output: [`Ready`], whose documentation
 //! says what the driver must do and in which order, acknowledged with [`RawNode::advance`].
+//! A leader's replication messages may leave before its own write of the same entries
+//! (thesis section 10.2.1); it counts its own copy only once the write is reported done. The
+//! safety argument is on [`Ready`].
 //!
 //! Features: elections with randomised timeouts, pre-vote, check-quorum with leader lease;
 //! replication with fast backtracking, batching (every proposal made between two `Ready`s goes
@@ -30,12 +33,18 @@
 //! node.campaign(); // a single-voter cluster elects itself
 //! let (index, _term) = node.propose(b"x".to_vec()).unwrap();
 //! let ready = node.ready();
-//! // persist ready.entries / ready.hard_state, send ready.messages, then apply:
+//! // send ready.messages (a leader's Appends) at once; persist ready.entries and
+//! // ready.hard_state; then send ready.persisted_messages and apply ready.committed_entries.
+//! assert_eq!(ready.entries.last().unwrap().index, index);
+//! node.advance(&ready);
+//! // The leader counts its own copy once persisted: alone, that commits the entry.
+//! let ready = node.ready();
 //! assert_eq!(ready.committed_entries.last().unwrap().index, index);
 //! node.advance(&ready);
 //! ```
 #![deny(missing_docs)]
 
+pub mod bytes;
 pub mod conf;
 mod config;
 mod log;

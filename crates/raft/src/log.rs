@@ -24,10 +24,14 @@ pub struct RaftLog {
     pub(crate) committed: Index,
     /// Highest index handed to the application (advanced by `advance`).
     pub(crate) applied: Index,
-    /// Highest index handed out for persistence (advanced by `advance`).
+    /// Highest index the driver reported persisted (advanced by `advance`; entries restored
+    /// at start-up are persisted). A leader counts its own copy only this far.
     pub(crate) persisted: Index,
     /// A snapshot received from the leader that has not been handed out in a `Ready` yet.
     pub(crate) snapshot_pending: bool,
+    /// Lowest index whose entry was dropped (truncated, or replaced by a snapshot) since the
+    /// node last looked (`take_truncated`): acknowledgements queued before that no longer hold.
+    pub(crate) truncated_from: Option<Index>,
 }
 
 impl RaftLog {
@@ -44,6 +48,7 @@ impl RaftLog {
             snapshot,
             entries,
             snapshot_pending: false,
+            truncated_from: None,
         }
     }
 
@@ -135,6 +140,9 @@ impl RaftLog {
         assert!(first.index > self.committed, "truncating committed entry {} <= {}", first.index, self.committed);
         assert!(first.index <= self.last_index() + 1, "hole in the log before {}", first.index);
         let keep = (first.index - self.snapshot.meta.index - 1) as usize;
+        if keep < self.entries.len() {
+            self.truncated_from = Some(self.truncated_from.map_or(first.index, |t| t.min(first.index)));
+        }
         self.entries.truncate(keep);
         self.persisted = self.persisted.min(first.index - 1);
         self.entries.extend(entries.iter().cloned());
@@ -196,6 +204,9 @@ impl RaftLog {
     /// Replaces the log by a snapshot from the leader (section 7: discard the entire log).
     pub(crate) fn restore(&mut self, snapshot: Snapshot) {
         assert!(snapshot.meta.index > self.committed, "restoring a snapshot behind the commit index");
+        // Entries through the commit index are the snapshot's own; later ones may not be.
+        let dropped = self.committed + 1;
+        self.truncated_from = Some(self.truncated_from.map_or(dropped, |t| t.min(dropped)));
         self.entries.clear();
         self.committed = snapshot.meta.index;
         self.applied = snapshot.meta.index;
@@ -213,6 +224,11 @@ impl RaftLog {
         let snapshot = Snapshot::with_conf(SnapshotMeta { index, term }, conf, data);
         self.snapshot = Arc::new(snapshot.clone());
         snapshot
+    }
+
+    /// The lowest index dropped since the last call, if any.
+    pub(crate) fn take_truncated(&mut self) -> Option<Index> {
+        self.truncated_from.take()
     }
 
     /// Entries not yet handed out for persistence.

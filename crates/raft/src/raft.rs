@@ -296,6 +296,7 @@ impl Raft {
         self.conf = next;
         self.conf_at = (index, self.term);
         self.sync_progress();
+        // Committed by followers' answers or by our own persist, like any entry.
         self.maybe_commit();
         index
     }
@@ -363,6 +364,9 @@ impl Raft {
             assert!(term > self.term, "term goes back from {} to {term}", self.term);
             self.term = term;
             self.vote = None;
+            // A vote granted in the old term and still queued would go out after a persist
+            // that holds the new term and no such vote: drop it (it is as if lost).
+            self.msgs.retain(|m| !matches!(m.body, MessageBody::VoteResponse { pre: false, granted: true }));
         }
         self.leader = None;
         self.election_elapsed = 0;
@@ -525,9 +529,9 @@ impl Raft {
     fn append_entry(&mut self, kind: EntryKind, data: Vec<u8>) -> Index {
         let index = self.log.last_index() + 1;
         self.log.append(&[Entry { term: self.term, index, kind, data }]);
-        // The leader counts itself once the entry is persisted; the Ready contract persists
-        // entries before any message goes out, so no follower can ack before we hold it.
-        self.maybe_commit();
+        // The leader counts itself only once the entry is persisted (`on_persisted`): its
+        // Appends may go out before its own write (see `Ready`), so followers alone may
+        // commit it meanwhile, as `maybe_commit` after their answers does.
         index
     }
 
@@ -642,9 +646,10 @@ impl Raft {
         if self.role != Role::Leader {
             return false;
         }
-        let (me, last) = (self.id, self.log.last_index());
+        // The leader's own copy counts only as far as it is durable (see `Ready`).
+        let (me, persisted) = (self.id, self.log.persisted);
         let progress = &self.progress;
-        let matched = |id| if id == me { last } else { progress.get(&id).map_or(0, |p| p.match_index) };
+        let matched = |id| if id == me { persisted } else { progress.get(&id).map_or(0, |p| p.match_index) };
         let candidate = self.conf.committed_index(&matched);
         if candidate > self.log.committed && self.log.term(candidate) == Some(self.term) {
             let had_committed_in_term = self.committed_in_term();
@@ -664,6 +669,13 @@ impl Raft {
             return true;
         }
         false
+    }
+
+    /// The driver persisted the log through `index` (whose entry has `term`): a leader counts
+    /// its own copy from now on, which may commit entries.
+    pub(crate) fn on_persisted(&mut self, index: Index, term: Term) {
+        self.log.persisted_to(index, term);
+        self.maybe_commit();
     }
 
     fn committed_in_term(&self) -> bool {
@@ -872,12 +884,25 @@ impl Raft {
         }
         match self.log.maybe_append(prev_index, prev_term, commit, &entries) {
             Some(last_new) => {
+                self.drop_stale_acks();
                 self.send(from, MessageBody::AppendResponse { index: last_new, success: true, hint: None })
             }
             None => {
                 let hint = self.log.reject_hint(prev_index);
                 self.send(from, MessageBody::AppendResponse { index: prev_index, success: false, hint: Some(hint) });
             }
+        }
+    }
+
+    /// Entries were dropped from our log (a new leader's conflicting entries, or a snapshot).
+    /// An acknowledgement still queued for them (made in an earlier step, not yet sent since
+    /// it waits for the next `Ready`'s persist) would vouch for entries that that persist no
+    /// longer holds: drop it (it is as if lost; the leader asks again).
+    fn drop_stale_acks(&mut self) {
+        if let Some(from) = self.log.take_truncated() {
+            self.msgs.retain(
+                |m| !matches!(m.body, MessageBody::AppendResponse { success: true, index, .. } if index >= from),
+            );
         }
     }
 
@@ -987,6 +1012,7 @@ impl Raft {
                 self.snap_conf = c;
             }
             self.log.restore(snapshot);
+            self.drop_stale_acks();
             self.refresh_conf();
         }
         self.send(from, MessageBody::SnapshotResponse { index, stream, next_offset, done: true });

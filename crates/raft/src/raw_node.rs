@@ -9,14 +9,61 @@ use crate::types::*;
 
 /// What the driver must do next. Process it in this order, then call [`RawNode::advance`]:
 ///
-/// 1. Persist `snapshot`, `entries` and `hard_state` and make them durable
-///    ([`crate::persist_ready`] does exactly this).
-/// 2. Only then send `messages`: they may acknowledge what step 1 persisted.
-/// 3. If `snapshot` is set, restore the state machine from it; then apply `committed_entries`
+/// 1. Send `messages` at once, if the driver wants to: they acknowledge nothing, so they may go
+///    out before (or while) step 2 writes (thesis section 10.2.1: the leader writes its own log
+///    in parallel with replicating it). A driver may also send them after step 2.
+/// 2. Persist `snapshot`, `entries` and `hard_state` and make them durable if
+///    [`Ready::must_sync`] ([`crate::persist_ready`] does exactly this).
+/// 3. Only then send `persisted_messages`: they may acknowledge what step 2 persisted.
+/// 4. If `snapshot` is set, restore the state machine from it; then apply `committed_entries`
 ///    in order (skipping [`EntryKind::Noop`]; an [`EntryKind::ConfChange`] entry carries a
 ///    configuration that is already in effect in the core). A snapshot's own bytes are
 ///    [`Snapshot::app_data`]: its `data` also carries the configuration.
-/// 4. Serve each of `read_states` once the state machine has applied its `index`.
+/// 5. Serve each of `read_states` once the state machine has applied its `index`.
+///
+/// Between `ready` and `advance` the driver may go on calling `step`, `tick`, `propose` and
+/// the rest while it persists (on another thread, say), but not `ready`: the rules below hold
+/// either way. The production runtime persists before handling anything else; the simulator
+/// does both (`ClusterConfig::async_persist`).
+///
+/// # Which messages may go out before the persist, and why that is safe
+///
+/// `messages` holds only what a leader sends to replicate, `Append`, `Heartbeat`,
+/// `Snapshot` chunks and `TimeoutNow`, and only when this `Ready` changes neither the term nor
+/// the vote (otherwise every message is in `persisted_messages`). Everything else (vote
+/// requests and answers, append, heartbeat and snapshot answers) waits for the persist.
+///
+/// - *The term is durable before any message of that term leaves.* A node leads term `T` only
+///   after a `Ready` that persisted term `T` with its own vote (the election's vote requests
+///   wait for it), or, for a cluster whose quorum is the leader alone, in a `Ready` that still
+///   carries the new term, which therefore sends nothing early. So a leader's early messages
+///   are of a durable term, and a crash cannot make a node forget the term it replicated in
+///   and lead that term a second time with another log (which would break Log Matching:
+///   one index and term, two different entries).
+/// - *Votes and acknowledgements are durable before they are sent.* A granted vote, and an
+///   `AppendResponse` or `SnapshotResponse` saying "I hold these entries", always wait for the
+///   persist: a voter that crashed after answering still holds its vote (Election Safety) and
+///   an acknowledged entry is on that follower's disk (the commit rule counts durable copies).
+///   A candidate's vote requests wait too, since it counts its own vote at once.
+/// - *The leader's own copy counts only once durable.* Entries the leader appends are
+///   replicated at once, but the leader counts itself toward an entry's quorum only when
+///   [`RawNode::advance`] reports the `Ready` carrying it persisted (its match index is the
+///   persisted index, not the last index). A leader that crashes between sending its
+///   `Append`s and persisting never counted itself: if the entry was committed, a majority of
+///   *followers* acknowledged it from their durable logs, which is the commit rule (section
+///   5.3) unchanged. After the restart the entry may be missing from the old leader's log; that
+///   is the case of any follower that had not received it yet, and the old leader (its term
+///   and vote for itself durable) can never lead that term again, so no other entry takes
+///   that index and term.
+/// - *An acknowledgement never outlives what it acknowledges.* Messages made between two
+///   `Ready`s wait for the next one; if a later input drops the entries an `AppendResponse`
+///   acknowledged (a new leader's conflicting entries, a snapshot) or ends the term of a vote
+///   granted, that message is dropped before the `Ready` is built, since the persist it would
+///   follow no longer holds what it vouches for (as if lost; Raft retries). This matters to
+///   any driver that steps several messages per `Ready` (group commit) or while it persists.
+/// - An `Append` carries entries the leader may not hold durably yet; the receiver treats
+///   them like any other (it acknowledges only what it persisted). Its `commit` field is the
+///   leader's commit index, which counted only durable copies.
 #[derive(Debug, Default)]
 pub struct Ready {
     /// Term, vote or commit changed: persist this.
@@ -26,8 +73,11 @@ pub struct Ready {
     pub snapshot: Option<Snapshot>,
     /// Entries to persist. Storage first drops any entry at or after `entries[0].index`.
     pub entries: Vec<Entry>,
-    /// Messages to send after the persistence above.
+    /// Messages that may be sent before the persistence above (a leader's replication; see
+    /// the type's documentation).
     pub messages: Vec<Message>,
+    /// Messages to send only after the persistence above.
+    pub persisted_messages: Vec<Message>,
     /// Committed entries to apply, in index order.
     pub committed_entries: Vec<Entry>,
     /// Reads that became safe (ReadIndex).
@@ -37,14 +87,32 @@ pub struct Ready {
 }
 
 impl Ready {
-    /// Whether anything must be made durable (`fsync`) before the messages go out: a new term
-    /// or vote, entries, or a snapshot. A change of the commit index alone need not be (as
-    /// etcd's `MustSync`): a commit index lost in a crash is learned again from the leader, and
-    /// it never points past synced entries (those in this `Ready` make it sync). Write
+    /// Whether anything must be made durable (`fsync`) before `persisted_messages` go out: a
+    /// new term or vote, entries, or a snapshot. A change of the commit index alone need not be
+    /// (as etcd's `MustSync`): a commit index lost in a crash is learned again from the leader,
+    /// and it never points past synced entries (those in this `Ready` make it sync). Write
     /// `hard_state` all the same; a later sync makes it durable.
     pub fn must_sync(&self) -> bool {
         self.must_sync
     }
+
+    /// Every message, in an order valid for a driver that persists first and sends after:
+    /// `messages`, then `persisted_messages`.
+    pub fn all_messages(&self) -> impl Iterator<Item = &Message> {
+        self.messages.iter().chain(self.persisted_messages.iter())
+    }
+}
+
+/// Whether a message may leave before the `Ready` carrying it is persisted (see [`Ready`]):
+/// a leader's replication, which acknowledges nothing.
+fn may_precede_persist(m: &Message) -> bool {
+    matches!(
+        m.body,
+        MessageBody::Append { .. }
+            | MessageBody::Heartbeat { .. }
+            | MessageBody::Snapshot { .. }
+            | MessageBody::TimeoutNow { .. }
+    )
 }
 
 /// A summary of a node's state.
@@ -270,19 +338,26 @@ impl RawNode {
         let prev = self.prev_hard_state;
         let snapshot = if r.log.snapshot_pending { Some(r.log.snapshot().clone()) } else { None };
         let entries = r.log.unpersisted();
-        let must_sync = hs.term != prev.term || hs.vote != prev.vote || !entries.is_empty() || snapshot.is_some();
+        let new_term_or_vote = hs.term != prev.term || hs.vote != prev.vote;
+        let must_sync = new_term_or_vote || !entries.is_empty() || snapshot.is_some();
+        let all = std::mem::take(&mut r.msgs);
+        let (messages, persisted_messages) =
+            if new_term_or_vote { (Vec::new(), all) } else { all.into_iter().partition(may_precede_persist) };
         Ready {
             hard_state: (hs != prev).then_some(hs),
             snapshot,
             entries,
-            messages: std::mem::take(&mut r.msgs),
+            messages,
+            persisted_messages,
             committed_entries: r.log.to_apply(r.cfg.max_committed_bytes_per_ready),
             read_states: std::mem::take(&mut r.read_states),
             must_sync,
         }
     }
 
-    /// Tells the node that `ready` was processed: persisted, sent and applied.
+    /// Tells the node that `ready` was processed: persisted, sent and applied. A leader now
+    /// counts its own copy of the entries persisted, which may commit them (the next `Ready`
+    /// then carries them in `committed_entries`).
     pub fn advance(&mut self, ready: &Ready) {
         assert!(self.ready_pending, "advance() without ready()");
         self.ready_pending = false;
@@ -290,14 +365,15 @@ impl RawNode {
         if let Some(hs) = ready.hard_state {
             self.prev_hard_state = hs;
         }
-        if ready.snapshot.is_some() {
+        if ready.snapshot.as_ref().is_some_and(|s| s.meta == log.snapshot.meta) {
+            // (Unless another snapshot arrived meanwhile: that one is still to hand out.)
             log.snapshot_pending = false;
-        }
-        if let Some(e) = ready.entries.last() {
-            log.persisted_to(e.index, e.term);
         }
         if let Some(e) = ready.committed_entries.last() {
             log.applied_to(e.index);
+        }
+        if let Some(e) = ready.entries.last() {
+            self.raft.on_persisted(e.index, e.term);
         }
         self.check();
     }

@@ -44,7 +44,8 @@ pub trait Storage {
 /// snapshot, then entries, then hard state (so a durable commit index never points past durable
 /// entries), then `sync` if [`crate::Ready::must_sync`] (a change of the commit index alone is
 /// written but not synced: one committed write costs one sync per node). Only after this
-/// returns may the `Ready`'s messages be sent.
+/// returns may the `Ready`'s `persisted_messages` be sent; its `messages` may go out before
+/// (see [`crate::Ready`]).
 pub fn persist_ready<S: Storage>(storage: &mut S, ready: &crate::Ready) -> Result<(), S::Error> {
     if let Some(s) = &ready.snapshot {
         storage.save_snapshot(s)?;

@@ -32,6 +32,7 @@ pub struct Entry {
     /// Normal command or leader no-op.
     pub kind: EntryKind,
     /// The command; empty for a no-op.
+    #[serde(with = "crate::bytes")]
     pub data: Vec<u8>,
 }
 
@@ -68,6 +69,7 @@ pub struct Snapshot {
     /// Position of the snapshot.
     pub meta: SnapshotMeta,
     /// The application's serialized state; opaque to Raft.
+    #[serde(with = "crate::bytes")]
     pub data: Vec<u8>,
 }
 
@@ -162,6 +164,7 @@ pub enum MessageBody {
         /// Byte offset of `data` in the snapshot.
         offset: u64,
         /// The chunk.
+        #[serde(with = "crate::bytes")]
         data: Vec<u8>,
         /// Last chunk.
         done: bool,

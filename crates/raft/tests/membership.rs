@@ -65,7 +65,7 @@ impl Net {
             }
             let rd = n.ready();
             n.advance(&rd);
-            self.queue.extend(rd.messages.iter().cloned());
+            self.queue.extend(rd.all_messages().cloned());
             if let Some(s) = rd.snapshot.clone() {
                 self.snapshots.entry(id).or_default().push(s);
             }

@@ -4,7 +4,8 @@
 //! node persists to, and the application's [`StateMachine`]. Commands go through the log
 //! ([`Rsm::submit`]); read-only queries go through ReadIndex ([`Rsm::query`]) and never touch
 //! the log. Each call to [`Rsm::process`] runs the Ready loop (persist, then hand out the
-//! messages to send, then apply) and returns the submissions that finished:
+//! messages to send, then apply; [`Rsm::process_sending`] sends a leader's Appends before its
+//! own write) and returns the submissions that finished:
 //!
 //! - a command finishes when the entry at its index is applied: with its result if the entry
 //!   is the one submitted here, with [`SubmitError::WrongLeader`] (not applied) if another
@@ -137,12 +138,14 @@ pub struct Completion {
 
 /// What a log entry carries: the command plus who proposed it, so the proposer can tell its
 /// own entry from another leader's at the same index.
+/// Decoding borrows the command from the entry (no copy before it is applied).
 #[derive(Serialize, Deserialize)]
-struct LogCommand {
+struct LogCommand<'a> {
     origin: NodeId,
     id: SubmitId,
     time: Micros,
-    cmd: Vec<u8>,
+    #[serde(borrow, serialize_with = "sixfive_raft::bytes::serialize")]
+    cmd: &'a [u8],
 }
 
 /// The replicated state machine of one node.
@@ -212,7 +215,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     /// Proposes a command stamped with `now`. It completes in a later [`Rsm::process`].
     pub fn submit(&mut self, cmd: Vec<u8>, now: Micros) -> Result<SubmitId, SubmitError> {
         let id = self.next_id;
-        let entry = postcard::to_allocvec(&LogCommand { origin: self.id, id, time: now, cmd }).expect("encodes");
+        let entry = postcard::to_allocvec(&LogCommand { origin: self.id, id, time: now, cmd: &cmd }).expect("encodes");
         match self.raw.propose(entry) {
             Ok((index, term)) => {
                 self.next_id += 1;
@@ -294,14 +297,30 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     }
 
     /// Runs the Ready loop. Returns the messages to send (everything they depend on is
-    /// already persisted) and the submissions that finished.
+    /// already persisted) and the submissions that finished. [`Rsm::process_sending`] sends
+    /// instead, a leader's Appends before its own write.
     pub fn process(&mut self) -> Result<(Vec<Message>, Vec<Completion>), S::Error> {
         let mut msgs = Vec::new();
+        let done = self.process_sending(&mut |m| msgs.push(m))?;
+        Ok((msgs, done))
+    }
+
+    /// Runs the Ready loop, handing each message to `send` as soon as it may go: a leader's
+    /// replication messages before the write and sync of the entries they carry (so followers
+    /// write theirs meanwhile: thesis section 10.2.1), every other message after them. Returns
+    /// the submissions that finished. On a storage error, messages already handed out
+    /// acknowledge nothing (see [`sixfive_raft::Ready`]).
+    pub fn process_sending(&mut self, send: &mut dyn FnMut(Message)) -> Result<Vec<Completion>, S::Error> {
         let mut done = Vec::new();
         while self.raw.has_ready() {
-            let rd = self.raw.ready();
+            let mut rd = self.raw.ready();
+            for m in std::mem::take(&mut rd.messages) {
+                send(m);
+            }
             persist_ready(&mut self.storage, &rd)?;
-            msgs.extend(rd.messages.iter().cloned());
+            for m in std::mem::take(&mut rd.persisted_messages) {
+                send(m);
+            }
             if let Some(s) = &rd.snapshot {
                 self.sm.restore(s.app_data());
                 self.snapshots_installed += 1;
@@ -334,7 +353,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 }
                 let c: LogCommand = postcard::from_bytes(&e.data).expect("log entries are our own encoding");
                 self.clock = self.clock.max(c.time);
-                let result = self.sm.apply(&c.cmd, ApplyCtx { index: e.index, time: self.clock });
+                let result = self.sm.apply(c.cmd, ApplyCtx { index: e.index, time: self.clock });
                 if let Some((_, id)) = mine {
                     let ok = c.origin == self.id && c.id == id;
                     let result = if ok { Ok(result) } else { Err(SubmitError::WrongLeader { leader: None }) };
@@ -362,7 +381,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
         }
         self.fail_if_deposed(&mut done);
         self.maybe_snapshot()?;
-        Ok((msgs, done))
+        Ok(done)
     }
 
     /// Everything pending fails once this node stops leading or its term moves on.
@@ -450,9 +469,9 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RsmRequest {
     /// Replicate and apply this command.
-    Command(Vec<u8>),
+    Command(#[serde(with = "sixfive_raft::bytes")] Vec<u8>),
     /// Answer this read-only query linearizably (ReadIndex).
-    Query(Vec<u8>),
+    Query(#[serde(with = "sixfive_raft::bytes")] Vec<u8>),
     /// Change the membership (see [`Rsm::change_membership`]); answered once applied.
     ChangeMembership(Vec<ConfChange>),
     /// Report the membership as the receiving node sees it, at once: a postcard-encoded
@@ -464,7 +483,7 @@ pub enum RsmRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RsmReply {
     /// The command's or query's result.
-    Done(Vec<u8>),
+    Done(#[serde(with = "sixfive_raft::bytes")] Vec<u8>),
     /// Refused or abandoned; see the error.
     Failed(SubmitError),
     /// The request could not be decoded.
@@ -541,7 +560,9 @@ impl<S: Storage, M: StateMachine> RsmNode<S, M> {
                 }
             }
         }
-        let (msgs, done) = match self.rsm.process() {
+        // A leader's Appends leave before its own write and sync, the rest after them.
+        let mut send = |m: Message| ctx.send(m.to, postcard::to_allocvec(&m).expect("encodes"));
+        let done = match self.rsm.process_sending(&mut send) {
             Ok(r) => r,
             Err(e) => {
                 self.failed = Some(format!("storage failed: {e:?}"));
@@ -549,9 +570,6 @@ impl<S: Storage, M: StateMachine> RsmNode<S, M> {
                 return self.answer(ctx, done);
             }
         };
-        for m in msgs {
-            ctx.send(m.to, postcard::to_allocvec(&m).expect("encodes"));
-        }
         self.answer(ctx, done)
     }
 

@@ -101,6 +101,7 @@ pub enum ClientMsg {
         /// Request id, echoed in the reply.
         call: u64,
         /// The request.
+        #[serde(with = "sixfive_raft::bytes")]
         body: Vec<u8>,
     },
     /// This member's state.
@@ -129,6 +130,7 @@ pub enum ServerMsg {
         /// Request id.
         call: u64,
         /// The node's reply.
+        #[serde(with = "sixfive_raft::bytes")]
         body: Vec<u8>,
     },
     /// Answer to [`ClientMsg::Status`].

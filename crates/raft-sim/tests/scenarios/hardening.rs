@@ -23,7 +23,7 @@ impl Trio {
         while raw.has_ready() {
             let rd = raw.ready();
             persist_ready(st, &rd).unwrap();
-            self.queue.extend(rd.messages.iter().cloned());
+            self.queue.extend(rd.all_messages().cloned());
             raw.advance(&rd);
         }
     }

@@ -12,14 +12,20 @@ fn swarm_random_faults() {
         total.merge(&r);
     });
     eprintln!("swarm_random_faults totals: {total:?}");
-    // The swarm must actually exercise the system, not idle through its faults.
+    // The swarm must actually exercise the system, not idle through its faults (one replayed
+    // seed need not show every one of them). Among them: leaders crashed after their Appends
+    // left and before their own write was durable, and commits made by followers' copies
+    // while the leader's own write was pending (`async_persist`).
     assert!(
-        total.applied > 0
-            && total.crashes > 0
-            && total.leaders > 0
-            && total.reads > 0
-            && total.pauses > 0
-            && total.conf_changes > 0,
+        std::env::var("SEED").is_ok()
+            || total.applied > 0
+                && total.crashes > 0
+                && total.crashes_after_early_send > 0
+                && total.commits_before_own_sync > 0
+                && total.leaders > 0
+                && total.reads > 0
+                && total.pauses > 0
+                && total.conf_changes > 0,
         "{total:?}"
     );
 }
