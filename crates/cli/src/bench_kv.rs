@@ -1,8 +1,9 @@
 //! `sixfive bench kv`: a fresh local three-member cluster of `kv serve` processes with data on
 //! disk (or the cluster at `--endpoints`), N concurrent clients, writes/s then linearizable
 //! reads/s with latency percentiles, fsyncs per write, group-commit batch sizes and each
-//! server's peak RSS. When `etcd` is on the PATH, a three-member etcd cluster gets the same
-//! load through the `etcd-client` crate, and the ratios are printed.
+//! server's peak RSS. Then the same cluster serving etcd's API (`--api etcd`) gets the load
+//! through the `etcd-client` crate; and when `etcd` is on the PATH, a three-member etcd cluster
+//! gets that same load through the same client, and the ratios are printed.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -51,7 +52,7 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
-fn start_servers(dir: &std::path::Path, keep: bool) -> Result<(Servers, Vec<String>), String> {
+fn start_servers(dir: &std::path::Path, keep: bool, api: &str) -> Result<(Servers, Vec<String>), String> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -74,7 +75,8 @@ fn start_servers(dir: &std::path::Path, keep: bool) -> Result<(Servers, Vec<Stri
             .arg(format!("--listen-metrics-urls=http://127.0.0.1:{m}"))
             .arg(format!("--initial-cluster={initial}"))
             .arg("--initial-cluster-token=bench")
-            .env("RUST_LOG", "warn")
+            .arg(format!("--api={api}"))
+            .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .spawn()
             .map_err(|e| e.to_string())?;
@@ -184,7 +186,7 @@ pub fn run(o: Options) -> ExitCode {
     }
     let (servers, urls) = match &o.endpoints {
         Some(e) => (None, e.split(',').map(str::to_string).collect::<Vec<_>>()),
-        None => match start_servers(&o.data_dir, o.keep) {
+        None => match start_servers(&o.data_dir, o.keep, "sixfive") {
             Ok((s, u)) => (Some(s), u),
             Err(e) => {
                 eprintln!("error: cannot start the servers: {e}");
@@ -245,8 +247,9 @@ pub fn run(o: Options) -> ExitCode {
         );
     }
     drop(servers);
+    let via_etcd_api = if o.endpoints.is_none() { etcd_api_rows(&o) } else { None };
     if o.endpoints.is_none() && !o.no_etcd {
-        etcd_side_by_side(&o, &writes, &reads);
+        etcd_side_by_side(&o, &writes, &reads, via_etcd_api.as_ref());
     }
     if o.endpoints.is_none() && !o.keep {
         let _ = std::fs::remove_dir_all(&o.data_dir);
@@ -258,9 +261,37 @@ fn on_path(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| PathBuf::from(d).join(name)).find(|p| p.is_file())
 }
 
+/// The same sixfive cluster serving etcd's API (`--api etcd`), driven by the etcd load
+/// ([`etcd_load`]): the same client library and requests as the etcd row.
+fn etcd_api_rows(o: &Options) -> Option<(Phase, Phase)> {
+    let (servers, urls) = match start_servers(&o.data_dir.join("etcd-api"), o.keep, "etcd") {
+        Ok(s) => s,
+        Err(e) => {
+            println!("(sixfive with --api etcd: cannot start the servers: {e})");
+            return None;
+        }
+    };
+    let result = etcd_load(&urls, o);
+    let rss: Vec<String> = servers.children.iter().map(|c| format!("{} MiB", peak_rss_kib(c.id()) / 1024)).collect();
+    drop(servers);
+    match result {
+        Ok((w, r)) => {
+            println!("{}", w.row("sixfive --api etcd writes (Put)"));
+            println!("{}", r.row("sixfive --api etcd reads (Get, lin.)"));
+            println!("  peak RSS per server: {}", rss.join(", "));
+            Some((w, r))
+        }
+        Err(e) => {
+            println!("(sixfive with --api etcd: the load failed: {e})");
+            None
+        }
+    }
+}
+
 /// The etcd row: a three-member etcd cluster started the same way (same disk, loopback), the
-/// same load driven through the `etcd-client` crate ([`etcd_load`]).
-fn etcd_side_by_side(o: &Options, writes: &Phase, reads: &Phase) {
+/// same load driven through the `etcd-client` crate ([`etcd_load`]); ratios against sixfive's
+/// own protocol and, when measured, against sixfive through etcd's API.
+fn etcd_side_by_side(o: &Options, writes: &Phase, reads: &Phase, via_api: Option<&(Phase, Phase)>) {
     let Some(etcd) = on_path("etcd") else {
         println!("(etcd not on the PATH: no side-by-side row; Debian: apt-get install etcd-server)");
         return;
@@ -313,9 +344,11 @@ fn etcd_side_by_side(o: &Options, writes: &Phase, reads: &Phase) {
             return;
         }
     };
-    for (what, ours, theirs, label) in
-        [("writes", writes, &etcd_writes, "etcd writes (Put)"), ("reads", reads, &etcd_reads, "etcd reads (Get, lin.)")]
-    {
+    let rows = [
+        ("writes", writes, via_api.map(|v| &v.0), &etcd_writes, "etcd writes (Put)"),
+        ("reads", reads, via_api.map(|v| &v.1), &etcd_reads, "etcd reads (Get, lin.)"),
+    ];
+    for (what, ours, api, theirs, label) in rows {
         println!("{}", theirs.row(label));
         let q99 = |p: &Phase| p.hist.value_at_quantile(0.99) as f64;
         println!(
@@ -323,6 +356,13 @@ fn etcd_side_by_side(o: &Options, writes: &Phase, reads: &Phase) {
             ours.rate() / theirs.rate().max(1e-9),
             q99(ours) / q99(theirs).max(1e-9)
         );
+        if let Some(api) = api {
+            println!(
+                "  sixfive --api etcd / etcd (same client): {:.2}x the {what}/s, p99 {:.2}x etcd's",
+                api.rate() / theirs.rate().max(1e-9),
+                q99(api) / q99(theirs).max(1e-9)
+            );
+        }
     }
     println!("  etcd peak RSS per member: {}", rss.join(", "));
 }

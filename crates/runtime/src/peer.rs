@@ -58,9 +58,11 @@ pub fn forwarded_by(ep: Endpoint) -> Option<NodeId> {
 #[derive(Default)]
 pub struct Calls {
     next: AtomicU64,
-    /// Call id -> (the member it was forwarded to, if any; where its reply goes).
-    waiting: Mutex<BTreeMap<u64, (Option<NodeId>, oneshot::Sender<Vec<u8>>)>>,
+    waiting: Mutex<BTreeMap<u64, Waiting>>,
 }
+
+/// A call waiting: the member it was forwarded to (if any), and where its reply goes.
+type Waiting = (Option<NodeId>, oneshot::Sender<Vec<u8>>);
 
 impl Calls {
     /// A new call id and where its reply will come.
