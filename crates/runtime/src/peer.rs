@@ -17,7 +17,7 @@
 //!   logged; Raft messages that do not decode are dropped by the node.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,8 +34,60 @@ use crate::frame::{self, FrameError, MAX_PEER_FRAME};
 use crate::metrics::Metrics;
 use crate::proto::{PEER_MAGIC, PeerFrame, PeerHello, PeerWelcome};
 
-/// Messages queued for one peer before new ones are dropped.
+/// Frames queued for one peer before new Raft messages are dropped.
 pub const PEER_QUEUE: usize = 4096;
+/// Frames queued for one peer before forwarded requests and their replies are dropped too:
+/// those are bounded by the clients' requests in flight, and losing one stalls its client until
+/// its timeout, where a lost Raft message is simply sent again.
+pub const CALL_QUEUE: usize = 65_536;
+
+/// The sending side of one peer's queue, with its length.
+struct QueueTx {
+    tx: mpsc::UnboundedSender<PeerFrame>,
+    len: Arc<AtomicUsize>,
+}
+
+/// The receiving side of one peer's queue.
+struct QueueRx {
+    rx: mpsc::UnboundedReceiver<PeerFrame>,
+    len: Arc<AtomicUsize>,
+}
+
+fn peer_queue() -> (QueueTx, QueueRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let len = Arc::new(AtomicUsize::new(0));
+    (QueueTx { tx, len: len.clone() }, QueueRx { rx, len })
+}
+
+impl QueueTx {
+    /// Queues `f` unless the queue holds its kind's limit already.
+    fn push(&self, f: PeerFrame) -> bool {
+        let limit = if matches!(f, PeerFrame::Raft(_)) { PEER_QUEUE } else { CALL_QUEUE };
+        if self.len.load(Ordering::Relaxed) >= limit {
+            return false;
+        }
+        self.len.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(f).is_ok()
+    }
+}
+
+impl QueueRx {
+    async fn recv(&mut self) -> Option<PeerFrame> {
+        let f = self.rx.recv().await;
+        if f.is_some() {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+        }
+        f
+    }
+
+    fn try_recv(&mut self) -> Option<PeerFrame> {
+        let f = self.rx.try_recv().ok();
+        if f.is_some() {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+        }
+        f
+    }
+}
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -107,7 +159,7 @@ pub struct Peer {
 
 /// The outgoing side of the peer transport.
 pub struct PeerNet {
-    queues: BTreeMap<NodeId, (String, mpsc::Sender<PeerFrame>)>,
+    queues: BTreeMap<NodeId, (String, QueueTx)>,
     metrics: Arc<Metrics>,
     /// Forwarded requests waiting for the peer's reply.
     pub calls: Arc<Calls>,
@@ -119,7 +171,7 @@ impl PeerNet {
     fn queue(&self, to: NodeId, f: PeerFrame) -> bool {
         match self.queues.get(&to) {
             Some((name, q)) => {
-                let ok = q.try_send(f).is_ok();
+                let ok = q.push(f);
                 if !ok {
                     self.metrics.dropped(name);
                 }
@@ -202,7 +254,7 @@ pub fn start<N: Send + 'static>(
         .and_then(|p| p.addr.rsplit_once(':'))
         .and_then(|(h, _)| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok());
     for (&id, peer) in members.iter().filter(|(id, _)| **id != me) {
-        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        let (tx, rx) = peer_queue();
         queues.insert(id, (peer.name.clone(), tx));
         let link = Link {
             shared: shared.clone(),
@@ -373,7 +425,7 @@ impl<N: Send + 'static> Link<N> {
         }
     }
 
-    async fn run(self, mut out: mpsc::Receiver<PeerFrame>, mut from_them: Option<mpsc::Receiver<TcpStream>>) {
+    async fn run(self, mut out: QueueRx, mut from_them: Option<mpsc::Receiver<TcpStream>>) {
         let dialer = from_them.is_none();
         let mut backoff = BACKOFF_MIN;
         let mut next: Option<TcpStream> = None;
@@ -382,7 +434,7 @@ impl<N: Send + 'static> Link<N> {
             let stream = match next.take() {
                 Some(s) => s,
                 None if dialer => {
-                    while out.try_recv().is_ok() {} // stale while disconnected
+                    while out.try_recv().is_some() {} // stale while disconnected
                     match self.dial().await {
                         Ok(s) => {
                             info!(peer = %self.name, addr = %self.addr, "connected to peer");
@@ -465,12 +517,12 @@ impl<N: Send + 'static> Link<N> {
         &self,
         w: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
         first: PeerFrame,
-        out: &mut mpsc::Receiver<PeerFrame>,
+        out: &mut QueueRx,
     ) -> std::io::Result<()> {
         let mut bytes = 0;
         let mut next = Some(first);
         for _ in 0..256 {
-            let Some(m) = next.take().or_else(|| out.try_recv().ok()) else { break };
+            let Some(m) = next.take().or_else(|| out.try_recv()) else { break };
             let (head, n) = m.head();
             bytes += n + m.body().len() + frame::HEADER_BYTES;
             frame::write_parts(w, &head[..n], m.body()).await?;
