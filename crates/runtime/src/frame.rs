@@ -68,10 +68,10 @@ pub async fn write_parts<W: AsyncWrite + Unpin>(w: &mut W, head: &[u8], body: &[
     w.write_all(body).await
 }
 
-/// Reads one non-empty frame as its first payload byte and the rest (so a tagged payload needs
-/// no copy), with [`read`]'s checks.
-pub async fn read_tagged<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<(u8, Vec<u8>), FrameError> {
+/// Reads a frame header: the payload's length (checked against `max`) and checksum.
+async fn read_header<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<(usize, u32), FrameError> {
     let mut header = [0u8; HEADER_BYTES];
+    // A clean end of stream is only clean before the first header byte.
     let n = r.read(&mut header).await?;
     if n == 0 {
         return Err(FrameError::Closed);
@@ -82,6 +82,13 @@ pub async fn read_tagged<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<
     if len > max {
         return Err(FrameError::Oversized { len, max });
     }
+    Ok((len, crc))
+}
+
+/// Reads one non-empty frame as its first payload byte and the rest (so a tagged payload needs
+/// no copy), with [`read`]'s checks.
+pub async fn read_tagged<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<(u8, Vec<u8>), FrameError> {
+    let (len, crc) = read_header(r, max).await?;
     if len == 0 {
         return Err(FrameError::Decode("empty frame".into()));
     }
@@ -97,18 +104,7 @@ pub async fn read_tagged<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<
 
 /// Reads one frame's payload, refusing frames above `max` bytes or with a bad checksum.
 pub async fn read<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Vec<u8>, FrameError> {
-    let mut header = [0u8; HEADER_BYTES];
-    // A clean end of stream is only clean before the first header byte.
-    let n = r.read(&mut header).await?;
-    if n == 0 {
-        return Err(FrameError::Closed);
-    }
-    r.read_exact(&mut header[n..]).await?;
-    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-    if len > max {
-        return Err(FrameError::Oversized { len, max });
-    }
+    let (len, crc) = read_header(r, max).await?;
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload).await?;
     if crc32c::crc32c(&payload) != crc {
