@@ -15,9 +15,12 @@
 //!   term changes, so callers never wait on a deposed leader;
 //! - [`Rsm::shutdown`] fails everything still pending with [`SubmitError::Shutdown`].
 //!
-//! When the persisted Raft state reaches `max_raft_state` bytes, the state machine is
-//! snapshotted at the applied index and the log compacted; a restarted node restores the
-//! snapshot and replays the log after it.
+//! When the persisted Raft state reaches `max_raft_state` bytes, or the size of the last
+//! snapshot if that is larger, the state machine is snapshotted at the applied index and the log
+//! compacted; a restarted node restores the snapshot and replays the log after it. (The second
+//! bound keeps the cost amortised: a state machine whose state outgrew `max_raft_state`, such as
+//! an MVCC history, would otherwise be serialised whole every `max_raft_state` bytes of log,
+//! more bytes written for the snapshots than for the log, and a loop stalled each time.)
 //!
 //! Membership changes online: [`Rsm::change_membership`] (or [`RsmRequest::ChangeMembership`])
 //! proposes one (learners join, learners are promoted, members leave; the core's rules are on
@@ -155,6 +158,8 @@ pub struct Rsm<S, M> {
     sm: M,
     id: NodeId,
     max_raft_state: Option<usize>,
+    /// Bytes of the latest snapshot's state machine data (taken or restored).
+    last_snapshot_bytes: usize,
     next_id: SubmitId,
     /// Largest command time applied (the state machine's clock never goes back).
     clock: Micros,
@@ -177,6 +182,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     /// persisted Raft state reaches that many bytes; `None`: never.
     pub fn new(cfg: Config, storage: S, mut sm: M, max_raft_state: Option<usize>) -> Result<Self, ConfigError> {
         let state = storage.initial_state().map_err(|e| ConfigError(format!("cannot read storage: {e:?}")))?;
+        let last_snapshot_bytes = state.snapshot.as_ref().map_or(0, |s| s.app_data().len());
         if let Some(s) = &state.snapshot {
             sm.restore(s.app_data());
         }
@@ -188,6 +194,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             sm,
             id,
             max_raft_state,
+            last_snapshot_bytes,
             next_id: 1,
             clock: 0,
             pending: BTreeMap::new(),
@@ -323,6 +330,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             }
             if let Some(s) = &rd.snapshot {
                 self.sm.restore(s.app_data());
+                self.last_snapshot_bytes = s.app_data().len();
                 self.snapshots_installed += 1;
                 // Commands at or below the snapshot were applied or overwritten by others and
                 // cannot be told apart any more: outcome unknown (clients retry, sessions dedup).
@@ -412,11 +420,13 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
 
     fn maybe_snapshot(&mut self) -> Result<(), S::Error> {
         let Some(max) = self.max_raft_state else { return Ok(()) };
-        if self.storage.raft_state_bytes() < max {
+        if self.storage.raft_state_bytes() < max.max(self.last_snapshot_bytes) {
             return Ok(());
         }
         let applied = self.raw.status().applied;
-        if let Ok(snap) = self.raw.compact(applied, self.sm.snapshot()) {
+        let data = self.sm.snapshot();
+        self.last_snapshot_bytes = data.len();
+        if let Ok(snap) = self.raw.compact(applied, data) {
             self.storage.save_snapshot(&snap)?;
             self.storage.sync()?;
         }
