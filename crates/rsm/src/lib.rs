@@ -699,6 +699,48 @@ mod tests {
         }
     }
 
+    /// A state machine whose snapshot is large: 20 KB.
+    #[derive(Default)]
+    struct Big(u64);
+    impl StateMachine for Big {
+        fn apply(&mut self, _cmd: &[u8], _ctx: ApplyCtx) -> Vec<u8> {
+            self.0 += 1;
+            Vec::new()
+        }
+        fn query(&self, _q: &[u8]) -> Vec<u8> {
+            Vec::new()
+        }
+        fn snapshot(&self) -> Vec<u8> {
+            let mut s = self.0.to_le_bytes().to_vec();
+            s.resize(20_000, 0);
+            s
+        }
+        fn restore(&mut self, s: &[u8]) {
+            self.0 = u64::from_le_bytes(s[..8].try_into().unwrap());
+        }
+    }
+
+    #[test]
+    fn a_state_larger_than_the_threshold_is_snapshotted_once_per_its_size_of_log() {
+        let mut rsm = Rsm::new(Config::new(1, vec![1]), SharedStorage::default(), Big(0), Some(2_000)).unwrap();
+        for _ in 0..100 {
+            rsm.tick();
+            rsm.process().unwrap();
+        }
+        assert_eq!(rsm.status().role, Role::Leader);
+        let mut snapshots = std::collections::BTreeSet::new();
+        for _ in 0..600 {
+            rsm.submit(vec![7; 100], 0).unwrap();
+            rsm.process().unwrap();
+            snapshots.insert(rsm.status().snapshot_index);
+        }
+        snapshots.remove(&0);
+        // 60 KB of log: the first snapshot at 2 KB, then one per 20 KB (the snapshot's size),
+        // not one per 2 KB (about 30).
+        assert!((2..=5).contains(&snapshots.len()), "{} snapshots: {snapshots:?}", snapshots.len());
+        assert!(rsm.storage().raft_state_bytes() <= 25_000, "the log is still compacted");
+    }
+
     #[test]
     fn a_batch_of_queries_shares_one_read_index_round_and_each_is_answered() {
         let mut follower = Rsm::new(Config::new(1, vec![1, 2, 3]), SharedStorage::default(), Count(0), None).unwrap();
