@@ -104,6 +104,12 @@ pub trait Replica: Send + Sync + 'static {
     fn applied(&self) -> watch::Receiver<u64>;
     /// The replica's view of the cluster.
     fn status(&self) -> ReplicaStatus;
+    /// What every response header carries: cluster id, member id, term. An implementation
+    /// whose [`Replica::status`] is costly (it reads file sizes) answers this cheaply.
+    fn header_ids(&self) -> (u64, u64, u64) {
+        let st = self.status();
+        (st.cluster_id, st.member_id, st.term)
+    }
     /// The clock the leader stamps entries with, in microseconds (used for lease expiry).
     fn now(&self) -> Micros;
 }

@@ -112,9 +112,9 @@ impl<R: Replica> EtcdService<R> {
     }
 
     fn header(&self, h: Option<ResponseHeader>) -> Option<ResponseHeader> {
-        let st = self.replica.status();
+        let (cluster_id, member_id, raft_term) = self.replica.header_ids();
         let revision = h.map_or(0, |h| h.revision);
-        Some(ResponseHeader { cluster_id: st.cluster_id, member_id: st.member_id, revision, raft_term: st.term })
+        Some(ResponseHeader { cluster_id, member_id, revision, raft_term })
     }
 
     fn check_size(&self, m: &impl Message) -> Result<(), Status> {

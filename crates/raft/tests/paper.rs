@@ -1,6 +1,7 @@
 //! Tests of the pure core, one claim of the paper (or thesis) each, driven message by message.
 //! "section N" = Raft paper, "thesis N" = Ongaro's dissertation.
 
+mod common;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use sixfive_raft::*;
@@ -670,34 +671,7 @@ fn invalid_input_refused() {
 /// Restart: a node rebuilt from what it persisted has the same term, vote, log and commit.
 #[test]
 fn restart_restores_persisted_state() {
-    #[derive(Default)]
-    struct Mem(RestoredState);
-    impl Storage for Mem {
-        type Error = ();
-        fn initial_state(&self) -> Result<RestoredState, ()> {
-            Ok(self.0.clone())
-        }
-        fn save_hard_state(&mut self, hs: &HardState) -> Result<(), ()> {
-            self.0.hard_state = *hs;
-            Ok(())
-        }
-        fn append(&mut self, es: &[Entry]) -> Result<(), ()> {
-            self.0.entries.retain(|e| e.index < es[0].index);
-            self.0.entries.extend_from_slice(es);
-            Ok(())
-        }
-        fn save_snapshot(&mut self, s: &Snapshot) -> Result<(), ()> {
-            self.0.entries.retain(|e| e.index > s.meta.index);
-            self.0.snapshot = Some(s.clone());
-            Ok(())
-        }
-        fn sync(&mut self) -> Result<(), ()> {
-            Ok(())
-        }
-        fn raft_state_bytes(&self) -> usize {
-            self.0.entries.iter().map(|e| e.data.len() + 24).sum()
-        }
-    }
+    use common::Mem;
     let mut store = Mem::default();
     let mut n = RawNode::new(Config::new(1, vec![1])).unwrap();
     n.campaign();

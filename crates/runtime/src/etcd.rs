@@ -228,6 +228,10 @@ impl Replica for NodeReplica {
         }
     }
 
+    fn header_ids(&self) -> (u64, u64, u64) {
+        (self.sh.cluster_id, self.sh.me, self.sh.status().term)
+    }
+
     fn now(&self) -> Micros {
         driver::now_micros()
     }
