@@ -226,6 +226,16 @@ impl RaftLog {
         snapshot
     }
 
+    /// [`RaftLog::compact`] with a snapshot built elsewhere (at an applied index, for the log's
+    /// term there): shared, not copied.
+    pub(crate) fn compact_to(&mut self, snapshot: Arc<Snapshot>) {
+        let index = snapshot.meta.index;
+        debug_assert_eq!(self.term(index), Some(snapshot.meta.term), "a snapshot of another log");
+        let drop = (index - self.snapshot.meta.index) as usize;
+        self.entries.drain(..drop);
+        self.snapshot = snapshot;
+    }
+
     /// The lowest index dropped since the last call, if any.
     pub(crate) fn take_truncated(&mut self) -> Option<Index> {
         self.truncated_from.take()

@@ -1058,6 +1058,13 @@ impl Raft {
         snapshot
     }
 
+    /// [`Raft::compact`] with a snapshot the application built (see `RawNode::compact_to`).
+    pub(crate) fn compact_to(&mut self, snapshot: std::sync::Arc<Snapshot>, conf: ConfState) {
+        self.log.compact_to(snapshot);
+        self.snap_conf = conf;
+        self.refresh_conf();
+    }
+
     // ---------------------------------------------------------------- invariants
 
     /// Panics if an invariant does not hold. Run after every input in debug builds.

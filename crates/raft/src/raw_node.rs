@@ -186,6 +186,8 @@ pub enum CompactError {
     AlreadyCompacted,
     /// The index has not been applied yet.
     NotApplied,
+    /// The snapshot's term or configuration is not the log's at its index.
+    Mismatch,
 }
 
 impl std::fmt::Display for CompactError {
@@ -193,6 +195,7 @@ impl std::fmt::Display for CompactError {
         match self {
             CompactError::AlreadyCompacted => write!(f, "the log is already compacted past that index"),
             CompactError::NotApplied => write!(f, "cannot snapshot an index that has not been applied"),
+            CompactError::Mismatch => write!(f, "the snapshot does not match the log at its index"),
         }
     }
 }
@@ -313,6 +316,36 @@ impl RawNode {
         let s = self.raft.compact(index, data);
         self.check();
         Ok(s)
+    }
+
+    /// Where a snapshot of the application's state at `index` (which it has applied) would
+    /// sit, and the configuration it must carry: for an application that builds the snapshot
+    /// itself, away from the node ([`Snapshot::with_conf`]), and then hands it to
+    /// [`RawNode::compact_to`]. Nothing changes.
+    pub fn snapshot_position(&self, index: Index) -> Result<(SnapshotMeta, ConfState), CompactError> {
+        if index <= self.raft.log.snapshot().meta.index {
+            return Err(CompactError::AlreadyCompacted);
+        }
+        if index > self.raft.log.applied() {
+            return Err(CompactError::NotApplied);
+        }
+        let term = self.raft.log.term(index).expect("an applied index above the snapshot is in the log");
+        Ok((SnapshotMeta { index, term }, self.raft.conf_at_index(index)))
+    }
+
+    /// Compacts the log up to `snapshot`, built by the application as
+    /// [`RawNode::snapshot_position`] said and already saved durably: the node keeps it (to send
+    /// to followers) without copying its data. Refused, changing nothing, if the log was
+    /// compacted past it meanwhile (a snapshot from the leader was installed) or if it does not
+    /// match the log at its index (another term or configuration).
+    pub fn compact_to(&mut self, snapshot: std::sync::Arc<Snapshot>) -> Result<(), CompactError> {
+        let (meta, conf) = self.snapshot_position(snapshot.meta.index)?;
+        if meta != snapshot.meta || snapshot.conf_state().as_ref() != Some(&conf) {
+            return Err(CompactError::Mismatch);
+        }
+        self.raft.compact_to(snapshot, conf);
+        self.check();
+        Ok(())
     }
 
     /// Whether `ready()` has anything to hand out.

@@ -4,7 +4,13 @@
 //! writes it through a [`Storage`] with [`persist_ready`], and at start-up rebuilds the node
 //! from [`Storage::initial_state`] with [`crate::RawNode::restart`].
 
+use std::sync::Arc;
+
 use crate::types::{Entry, HardState, Snapshot};
+
+/// Writes a snapshot's file and makes it durable, on a thread other than the node's, without
+/// putting it in effect: see [`Storage::snapshot_writer`].
+pub type SnapshotWriter<E> = Box<dyn FnOnce(&Snapshot) -> Result<(), E> + Send>;
 
 /// Everything a node persisted, as read back after a restart.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -38,6 +44,25 @@ pub trait Storage {
     /// Bytes of Raft state held (hard state and entries, not the snapshot): what an application
     /// compares with its limit to decide when to take a snapshot.
     fn raft_state_bytes(&self) -> usize;
+
+    /// Background snapshots, step 1: a function that writes a snapshot the application took
+    /// into a file of its own and syncs it, meant to run on another thread while the node goes
+    /// on (the snapshot of a large state takes seconds to write). Nothing is in effect until
+    /// [`Storage::install_written_snapshot`]; a crash before leaves the storage as it was. At
+    /// most one written snapshot may wait to be installed. `None` (the default): this storage
+    /// writes snapshots only in [`Storage::save_snapshot`].
+    fn snapshot_writer(&self) -> Option<SnapshotWriter<Self::Error>> {
+        None
+    }
+
+    /// Background snapshots, step 2: puts in effect `snapshot`, which the function from
+    /// [`Storage::snapshot_writer`] wrote, as [`Storage::save_snapshot`] followed by
+    /// [`Storage::sync`] would (every earlier write is made durable first), without writing it
+    /// again. The default, for storages without a writer, is exactly that.
+    fn install_written_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Result<(), Self::Error> {
+        self.save_snapshot(&snapshot)?;
+        self.sync()
+    }
 }
 
 /// Writes a `Ready`'s persistent parts in the order that keeps a crash at any point recoverable:

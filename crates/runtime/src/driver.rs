@@ -23,6 +23,9 @@ use tokio::sync::mpsc;
 pub const MAX_BATCH: usize = 4096;
 /// Capacity of a node's input queue; network readers wait when it is full.
 pub const INPUT_QUEUE: usize = 16_384;
+/// A batch's end (timers, the node's flush: write, sync, apply) taking this long is logged:
+/// the loop serves nothing meanwhile.
+const SLOW_FLUSH: Duration = Duration::from_millis(200);
 
 /// Microseconds on a clock shared by everything in this process: wall-clock time read once at
 /// the first call, advanced by the monotonic clock (so it never goes back while the process
@@ -227,8 +230,17 @@ impl<N: Driven> Loop<N> {
             if !running {
                 return Ok(());
             }
+            let handled = Instant::now();
             self.fire_due_timers();
             self.dispatch(|n, ctx| n.end_of_batch(ctx));
+            let flushed = handled.elapsed();
+            if flushed >= SLOW_FLUSH {
+                tracing::warn!(
+                    "node {}: the end of a batch of {taken} events took {} ms (the loop answered nothing meanwhile)",
+                    self.me,
+                    flushed.as_millis()
+                );
+            }
             if let Some(why) = self.node.failure() {
                 return Err(why);
             }

@@ -30,6 +30,9 @@ pub trait FsFile {
     fn set_len(&mut self, len: u64) -> io::Result<()>;
 }
 
+/// Creates (or truncates) a file, writes it whole and syncs it; usable from any thread.
+pub type FileWriter = Box<dyn Fn(&Path, &[u8]) -> io::Result<()> + Send>;
+
 /// What [`crate::FileStorage`] needs of a file system.
 pub trait Fs {
     /// An open file.
@@ -55,6 +58,11 @@ pub trait Fs {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Makes the directory's entries (creations, renames) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// For writing files on another thread (snapshots in the background): `None` (the
+    /// default) if this file system is used from one thread only.
+    fn file_writer(&self) -> Option<FileWriter> {
+        None
+    }
 }
 
 /// The operating system's file system.
@@ -118,6 +126,13 @@ impl Fs for OsFs {
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         std::fs::File::open(dir)?.sync_all()
+    }
+    fn file_writer(&self) -> Option<FileWriter> {
+        Some(Box::new(|path: &Path, bytes: &[u8]| {
+            let mut f = std::fs::File::create(path)?;
+            io::Write::write_all(&mut f, bytes)?;
+            f.sync_data()
+        }))
     }
 }
 

@@ -14,6 +14,10 @@
 //!   makes it durable (`fdatasync`).
 //! - `raft.snapshot`: the latest snapshot, `[u32 crc32c][payload]`, written to a temporary
 //!   file, synced, renamed into place, and the directory synced.
+//! - `raft.snapshot.next`: a snapshot the application took, written and synced on another
+//!   thread ([`Storage::snapshot_writer`], with [`fs::OsFs`]) while the node goes on; it means
+//!   nothing until [`Storage::install_written_snapshot`] renames it into place as above (a
+//!   leftover from a crash before that is ignored, and overwritten by the next one).
 //!
 //! ## Crashes: torn tails against corruption
 //! A crash may persist any subset of the pages written since the last sync: a later frame's
@@ -56,12 +60,16 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sixfive_raft::{Entry, HardState, Index, RestoredState, Snapshot, SnapshotMeta, Storage, Term};
+use std::sync::Arc;
+
+use sixfive_raft::{Entry, HardState, Index, RestoredState, Snapshot, SnapshotMeta, SnapshotWriter, Storage, Term};
 
 use fs::{Fs, FsFile, OsFs};
 
 const LOG: &str = "raft.log";
 const SNAPSHOT: &str = "raft.snapshot";
+/// A snapshot written off the node's thread, waiting to be installed.
+const SNAPSHOT_NEXT: &str = "raft.snapshot.next";
 /// Largest record accepted when reading (a larger length is a torn or corrupt header).
 const MAX_RECORD_BYTES: usize = 1 << 30;
 /// The log format this code writes and reads.
@@ -166,8 +174,9 @@ struct State {
     hard_state: HardState,
     /// The snapshot the log continues from (as of the records replayed so far).
     snap: SnapshotMeta,
-    /// The snapshot file's content.
-    snapshot: Option<Snapshot>,
+    /// The snapshot file's content (shared with the Raft core when installed from a written
+    /// snapshot, so that a large one is held once).
+    snapshot: Option<Arc<Snapshot>>,
     entries: VecDeque<Entry>,
     entry_bytes: usize,
 }
@@ -348,7 +357,7 @@ impl<F: Fs> FileStorage<F> {
             }
             let snap: Snapshot = postcard::from_bytes(&bytes[4..]).map_err(|e| corrupt(&e.to_string()))?;
             snapshot_file_bytes = bytes.len() as u64;
-            state.snapshot = Some(snap);
+            state.snapshot = Some(Arc::new(snap));
         }
         let log_path = dir.join(LOG);
         let mut log = fs.open_append(&log_path).map_err(io_err("opening", &log_path))?;
@@ -492,6 +501,38 @@ impl<F: Fs> FileStorage<F> {
         Ok(f)
     }
 
+    /// Refuses a snapshot that is not newer than the one held, or that contradicts the log
+    /// below the commit index.
+    fn check_snapshot(&self, meta: SnapshotMeta) -> Result<(), StorageError> {
+        self.check_usable()?;
+        if meta.index < self.state.snap.index || (meta.index == self.state.snap.index && meta.index > 0) {
+            return Err(StorageError::Invalid(format!(
+                "a snapshot at index {} is not newer than the one held (index {})",
+                meta.index, self.state.snap.index
+            )));
+        }
+        let keeps_log = self.state.term_at(meta.index) == Some(meta.term);
+        if !keeps_log && meta.index < self.state.hard_state.commit {
+            return Err(StorageError::Invalid(format!(
+                "a snapshot at index {} (term {}) disagrees with the log below the commit index {}",
+                meta.index, meta.term, self.state.hard_state.commit
+            )));
+        }
+        Ok(())
+    }
+
+    /// The snapshot file now holds `snapshot`: logs its mark, drops the entries it covers and
+    /// rewrites the log if most of it is dead.
+    fn snapshot_in_effect(&mut self, snapshot: Arc<Snapshot>) -> Result<(), StorageError> {
+        self.write(&RecordRef::Snapshot(&snapshot.meta))?;
+        self.state.drop_covered(snapshot.meta);
+        self.state.snapshot = Some(snapshot);
+        if self.log_bytes > self.raft_state_bytes() as u64 + self.rewrite_slack_bytes {
+            self.rewrite()?;
+        }
+        Ok(())
+    }
+
     /// Replaces the log by a compact one holding only the live state, atomically.
     fn rewrite(&mut self) -> Result<(), StorageError> {
         let mut out = Vec::new();
@@ -526,6 +567,30 @@ impl<F: Fs> FileStorage<F> {
         let at = self.log_bytes;
         self.write(&RecordRef::Synced { at, nonce, check: sync_check(nonce, at) })
     }
+}
+
+/// The snapshot file's content: `[u32 crc32c][payload]`.
+fn snapshot_file(snapshot: &Snapshot) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(snapshot.data.len() + 32);
+    bytes.extend_from_slice(&[0u8; 4]);
+    let mut bytes = postcard::to_extend(snapshot, bytes).expect("snapshots encode");
+    let crc = crc32c::crc32c(&bytes[4..]);
+    bytes[..4].copy_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+/// The length of [`snapshot_file`]'s result, without encoding the data.
+fn snapshot_file_len(snapshot: &Snapshot) -> u64 {
+    let varint = |mut v: u64| {
+        let mut n = 1;
+        while v >= 0x80 {
+            v >>= 7;
+            n += 1;
+        }
+        n
+    };
+    let meta = varint(snapshot.meta.index) + varint(snapshot.meta.term);
+    (4 + meta + varint(snapshot.data.len() as u64) + snapshot.data.len()) as u64
 }
 
 /// Replays `bytes` into `state`; returns how many bytes are valid, the checksum of the last
@@ -611,7 +676,7 @@ impl<F: Fs> Storage for FileStorage<F> {
         self.check_usable()?;
         Ok(RestoredState {
             hard_state: self.state.hard_state,
-            snapshot: self.state.snapshot.clone(),
+            snapshot: self.state.snapshot.as_deref().cloned(),
             entries: self.state.entries.iter().cloned().collect(),
         })
     }
@@ -642,37 +707,40 @@ impl<F: Fs> Storage for FileStorage<F> {
     }
 
     fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageError> {
-        self.check_usable()?;
-        let meta = snapshot.meta;
-        if meta.index < self.state.snap.index || (meta.index == self.state.snap.index && meta.index > 0) {
-            return Err(StorageError::Invalid(format!(
-                "a snapshot at index {} is not newer than the one held (index {})",
-                meta.index, self.state.snap.index
-            )));
-        }
-        let keeps_log = self.state.term_at(meta.index) == Some(meta.term);
-        if !keeps_log && meta.index < self.state.hard_state.commit {
-            return Err(StorageError::Invalid(format!(
-                "a snapshot at index {} (term {}) disagrees with the log below the commit index {}",
-                meta.index, meta.term, self.state.hard_state.commit
-            )));
-        }
+        self.check_snapshot(snapshot.meta)?;
         // The snapshot file is durable as soon as it is renamed into place; writes made before
         // it must not be lost while it survives (writes reach the disk in order). Free when
         // nothing is pending, as in `persist_ready`, where the snapshot comes first.
         self.sync()?;
-        let payload = postcard::to_allocvec(snapshot).expect("snapshots encode");
-        let mut bytes = crc32c::crc32c(&payload).to_le_bytes().to_vec();
-        bytes.extend_from_slice(&payload);
+        let bytes = snapshot_file(snapshot);
         self.replace_file(SNAPSHOT, &bytes)?;
         self.snapshot_file_bytes = bytes.len() as u64;
-        self.write(&RecordRef::Snapshot(&snapshot.meta))?;
-        self.state.drop_covered(snapshot.meta);
-        self.state.snapshot = Some(snapshot.clone());
-        if self.log_bytes > self.raft_state_bytes() as u64 + self.rewrite_slack_bytes {
-            self.rewrite()?;
+        self.snapshot_in_effect(Arc::new(snapshot.clone()))
+    }
+
+    fn snapshot_writer(&self) -> Option<SnapshotWriter<StorageError>> {
+        let write = self.fs.file_writer()?;
+        let path = self.dir.join(SNAPSHOT_NEXT);
+        Some(Box::new(move |snapshot: &Snapshot| write(&path, &snapshot_file(snapshot)).map_err(io_err("writing", &path))))
+    }
+
+    fn install_written_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Result<(), StorageError> {
+        if self.fs.file_writer().is_none() {
+            // Nothing was written elsewhere: save it here.
+            self.save_snapshot(&snapshot)?;
+            return self.sync();
         }
-        Ok(())
+        self.check_snapshot(snapshot.meta)?;
+        // As in `save_snapshot`: what was written before must be durable before the snapshot
+        // that replaces it is.
+        self.sync()?;
+        let (next, path) = (self.dir.join(SNAPSHOT_NEXT), self.dir.join(SNAPSHOT));
+        let res = self.fs.rename(&next, &path).map_err(io_err("renaming", &next));
+        self.poison(res)?;
+        self.sync_dir()?;
+        self.snapshot_file_bytes = snapshot_file_len(&snapshot);
+        self.snapshot_in_effect(snapshot)?;
+        self.sync()
     }
 
     fn sync(&mut self) -> Result<(), StorageError> {

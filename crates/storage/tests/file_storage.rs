@@ -185,6 +185,50 @@ fn a_hole_is_refused_and_changes_nothing() {
 }
 
 #[test]
+fn a_snapshot_written_on_another_thread_is_in_effect_only_once_installed() {
+    let d = dir("written");
+    let mut s = FileStorage::open(&d).unwrap();
+    s.append(&entries(1, 8, 1)).unwrap();
+    s.save_hard_state(&HardState { term: 1, vote: Some(1), commit: 6 }).unwrap();
+    s.sync().unwrap();
+    let snap = std::sync::Arc::new(Snapshot { meta: SnapshotMeta { index: 5, term: 1 }, data: vec![7; 300] });
+    let write = s.snapshot_writer().expect("the OS file system writes on other threads");
+    let written = snap.clone();
+    std::thread::spawn(move || write(&written)).join().unwrap().unwrap();
+    // The log goes on meanwhile.
+    s.append(&entries(9, 9, 1)).unwrap();
+    let before = s.initial_state().unwrap();
+    assert!(before.snapshot.is_none(), "nothing in effect before the install");
+    // A crash now: the written file means nothing.
+    drop(s);
+    let reopened = FileStorage::open(&d).unwrap();
+    assert_eq!(reopened.initial_state().unwrap(), before, "a crash before the install loses nothing");
+    drop(reopened);
+
+    let mut s = FileStorage::open(&d).unwrap();
+    let write = s.snapshot_writer().unwrap();
+    write(&snap).unwrap();
+    s.install_written_snapshot(snap.clone()).unwrap();
+    let st = s.initial_state().unwrap();
+    assert_eq!(st.snapshot.as_ref(), Some(&*snap));
+    assert_eq!(st.entries.iter().map(|e| e.index).collect::<Vec<_>>(), (6..=9).collect::<Vec<_>>());
+    assert_eq!(s.snapshot_file_bytes(), std::fs::metadata(d.join("raft.snapshot")).unwrap().len());
+    assert!(!d.join("raft.snapshot.next").exists(), "renamed into place");
+    drop(s);
+    // Installed means durable, the entries after it too.
+    assert_eq!(FileStorage::open(&d).unwrap().initial_state().unwrap(), st);
+
+    // One at or below the snapshot held is refused and changes nothing.
+    let mut s = FileStorage::open(&d).unwrap();
+    let write = s.snapshot_writer().unwrap();
+    let old = std::sync::Arc::new(Snapshot { meta: SnapshotMeta { index: 5, term: 1 }, data: vec![1; 10] });
+    write(&old).unwrap();
+    assert!(matches!(s.install_written_snapshot(old), Err(StorageError::Invalid(_))));
+    assert_eq!(s.initial_state().unwrap(), st);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
 fn snapshot_renamed_before_its_mark_is_logged() {
     // Crash between the snapshot file's rename and the log record marking it.
     let d = dir("snapwindow");
