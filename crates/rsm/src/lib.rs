@@ -24,6 +24,15 @@
 //! for the log. (The course's tests bound the Raft state by `max_raft_state` itself, so the
 //! default keeps that bound.)
 //!
+//! With [`Rsm::with_background_snapshots`] (also the server processes' choice) a snapshot no
+//! longer stalls the node: [`Rsm::take_snapshot_job`] hands out a [`SnapshotJob`] holding a copy
+//! of the state ([`StateMachine::snapshot_later`]); the driver runs it on another thread
+//! (serialise, write, sync: seconds for an MVCC history of hundreds of MB) while the node goes
+//! on, and hands the outcome back to [`Rsm::finish_snapshot`], which puts the snapshot in effect
+//! (the storage renames its file into place; the log is compacted) only then, once durable,
+//! and drops it if a snapshot from the leader superseded it meanwhile. A crash at any point
+//! loses nothing: until the install, the log still holds every entry the snapshot covers.
+//!
 //! Membership changes online: [`Rsm::change_membership`] (or [`RsmRequest::ChangeMembership`])
 //! proposes one (learners join, learners are promoted, members leave; the core's rules are on
 //! [`sixfive_raft::ConfState`]); it completes with the new configuration once its entry is
@@ -36,11 +45,12 @@
 #![deny(missing_docs)]
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sixfive_raft::{
-    ConfChange, ConfChangeError, ConfState, Config, ConfigError, EntryKind, Index, Message, NodeId, ProposeError,
-    RawNode, Role, Status, Storage, Term, persist_ready,
+    CompactError, ConfChange, ConfChangeError, ConfState, Config, ConfigError, EntryKind, Index, Message, NodeId,
+    ProposeError, RawNode, Role, Snapshot, SnapshotMeta, SnapshotWriter, Status, Storage, Term, persist_ready,
 };
 use sixfive_rpc::{CallId, Ctx, Endpoint, Micros, Node};
 
@@ -68,6 +78,50 @@ pub trait StateMachine {
     fn snapshot(&self) -> Vec<u8>;
     /// Replaces the state with a snapshot's.
     fn restore(&mut self, snapshot: &[u8]);
+    /// The current state, to be serialised later on another thread (background snapshots,
+    /// [`Rsm::with_background_snapshots`]): the function must return what [`StateMachine::snapshot`]
+    /// returns now. Override it with a copy cheaper than serialising; the default serialises now.
+    fn snapshot_later(&self) -> Box<dyn FnOnce() -> Vec<u8> + Send> {
+        let data = self.snapshot();
+        Box::new(move || data)
+    }
+}
+
+/// A snapshot to take away from the node's loop ([`Rsm::with_background_snapshots`]): run it
+/// on another thread, then hand the outcome to [`Rsm::finish_snapshot`].
+pub struct SnapshotJob<E> {
+    meta: SnapshotMeta,
+    conf: ConfState,
+    state: Box<dyn FnOnce() -> Vec<u8> + Send>,
+    writer: Option<SnapshotWriter<E>>,
+}
+
+impl<E> SnapshotJob<E> {
+    /// The applied index the snapshot is taken at.
+    pub fn index(&self) -> Index {
+        self.meta.index
+    }
+
+    /// The slow part: serialises the state, builds the snapshot and, if the storage writes
+    /// snapshots in the background ([`Storage::snapshot_writer`]), writes and syncs its file.
+    pub fn run(self) -> TakenSnapshot<E> {
+        let data = (self.state)();
+        let app_bytes = data.len();
+        let snapshot = Arc::new(Snapshot::with_conf(self.meta, &self.conf, &data));
+        drop(data);
+        let written = match self.writer {
+            Some(write) => write(&snapshot),
+            None => Ok(()),
+        };
+        TakenSnapshot { snapshot, app_bytes, written }
+    }
+}
+
+/// What a [`SnapshotJob`] produced, for [`Rsm::finish_snapshot`].
+pub struct TakenSnapshot<E> {
+    snapshot: Arc<Snapshot>,
+    app_bytes: usize,
+    written: Result<(), E>,
 }
 
 /// Why a submission did not complete.
@@ -164,6 +218,10 @@ pub struct Rsm<S, M> {
     last_snapshot_bytes: usize,
     /// Let the log grow to the last snapshot's size before the next one.
     amortize_snapshots: bool,
+    /// Snapshots are taken by [`SnapshotJob`]s off the loop, not in `process`.
+    background_snapshots: bool,
+    /// The index of the [`SnapshotJob`] handed out and not finished yet.
+    snapshot_in_flight: Option<Index>,
     next_id: SubmitId,
     /// Largest command time applied (the state machine's clock never goes back).
     clock: Micros,
@@ -200,6 +258,8 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             max_raft_state,
             last_snapshot_bytes,
             amortize_snapshots: false,
+            background_snapshots: false,
+            snapshot_in_flight: None,
             next_id: 1,
             clock: 0,
             pending: BTreeMap::new(),
@@ -228,6 +288,14 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     /// documentation): at most one byte serialised per byte logged, whatever the state's size.
     pub fn with_amortized_snapshots(mut self) -> Self {
         self.amortize_snapshots = true;
+        self
+    }
+
+    /// Snapshots are taken off the node's loop (see the crate's documentation): `process` no
+    /// longer takes them; the driver asks [`Rsm::take_snapshot_job`] after processing, runs the
+    /// job on another thread and hands its outcome to [`Rsm::finish_snapshot`].
+    pub fn with_background_snapshots(mut self) -> Self {
+        self.background_snapshots = true;
         self
     }
 
@@ -400,7 +468,9 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             done.push(Completion { id, result: Ok(self.sm.query(&q)) });
         }
         self.fail_if_deposed(&mut done);
-        self.maybe_snapshot()?;
+        if !self.background_snapshots {
+            self.maybe_snapshot()?;
+        }
         Ok(done)
     }
 
@@ -430,10 +500,15 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
         }
     }
 
-    fn maybe_snapshot(&mut self) -> Result<(), S::Error> {
-        let Some(max) = self.max_raft_state else { return Ok(()) };
+    /// Whether the Raft state has grown enough for a snapshot.
+    fn snapshot_due(&self) -> bool {
+        let Some(max) = self.max_raft_state else { return false };
         let threshold = if self.amortize_snapshots { max.max(self.last_snapshot_bytes) } else { max };
-        if self.storage.raft_state_bytes() < threshold {
+        self.storage.raft_state_bytes() >= threshold
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<(), S::Error> {
+        if !self.snapshot_due() {
             return Ok(());
         }
         let applied = self.raw.status().applied;
@@ -444,6 +519,44 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             self.storage.sync()?;
         }
         Ok(())
+    }
+
+    /// Background snapshots: the snapshot due now at the applied index, if one is and none is
+    /// under way. Cheap: the state is copied ([`StateMachine::snapshot_later`]), not serialised.
+    pub fn take_snapshot_job(&mut self) -> Option<SnapshotJob<S::Error>> {
+        if !self.background_snapshots || self.snapshot_in_flight.is_some() || !self.snapshot_due() {
+            return None;
+        }
+        let (meta, conf) = self.raw.snapshot_position(self.raw.status().applied).ok()?;
+        self.snapshot_in_flight = Some(meta.index);
+        Some(SnapshotJob { meta, conf, state: self.sm.snapshot_later(), writer: self.storage.snapshot_writer() })
+    }
+
+    /// Background snapshots: puts a finished job's snapshot in effect (the storage installs it
+    /// durably, then the log is compacted); `Ok(false)` if a snapshot from the leader
+    /// superseded it meanwhile (it is dropped). An error is the storage's (writing the file or
+    /// installing it): the node must stop, as after any storage error.
+    pub fn finish_snapshot(&mut self, taken: TakenSnapshot<S::Error>) -> Result<bool, S::Error> {
+        let TakenSnapshot { snapshot, app_bytes, written } = taken;
+        debug_assert_eq!(self.snapshot_in_flight, Some(snapshot.meta.index), "the job handed out");
+        self.snapshot_in_flight = None;
+        written?;
+        match self.raw.snapshot_position(snapshot.meta.index) {
+            Err(CompactError::AlreadyCompacted) => return Ok(false),
+            Err(e) => unreachable!("a snapshot at an applied index: {e}"),
+            Ok((meta, conf)) => {
+                assert!(meta == snapshot.meta && snapshot.conf_state() == Some(conf), "the log changed below applied");
+            }
+        }
+        self.storage.install_written_snapshot(snapshot.clone())?;
+        self.raw.compact_to(snapshot).expect("checked above");
+        self.last_snapshot_bytes = app_bytes;
+        Ok(true)
+    }
+
+    /// Whether a [`SnapshotJob`] was handed out and is not finished.
+    pub fn snapshot_in_flight(&self) -> bool {
+        self.snapshot_in_flight.is_some()
     }
 
     /// Fails every pending submission: the server is going away.
@@ -594,6 +707,27 @@ impl<S: Storage, M: StateMachine> RsmNode<S, M> {
             }
         };
         self.answer(ctx, done)
+    }
+
+    /// Background snapshots: the snapshot job due now, if any (see [`Rsm::take_snapshot_job`]).
+    pub fn take_snapshot_job(&mut self) -> Option<SnapshotJob<S::Error>> {
+        if self.failed.is_some() {
+            return None;
+        }
+        self.rsm.take_snapshot_job()
+    }
+
+    /// Background snapshots: a job's outcome (see [`Rsm::finish_snapshot`]). A storage error
+    /// stops the node, as in [`RsmNode::flush`].
+    pub fn finish_snapshot(&mut self, ctx: &mut dyn Ctx, taken: TakenSnapshot<S::Error>) {
+        if self.failed.is_some() {
+            return;
+        }
+        if let Err(e) = self.rsm.finish_snapshot(taken) {
+            self.failed = Some(format!("storage failed: {e:?}"));
+            let done = self.rsm.shutdown();
+            self.answer(ctx, done);
+        }
     }
 
     fn answer(&mut self, ctx: &mut dyn Ctx, done: Vec<Completion>) -> Vec<Completion> {
@@ -754,6 +888,143 @@ mod tests {
         // not one per 2 KB (about 30).
         assert!((2..=5).contains(&snapshots.len()), "{} snapshots: {snapshots:?}", snapshots.len());
         assert!(rsm.storage().raft_state_bytes() <= 25_000, "the log is still compacted");
+    }
+
+    /// A single-node leader over `storage`, taking snapshots in the background past 2 KB.
+    fn background_leader(storage: SharedStorage) -> Rsm<SharedStorage, Count> {
+        let mut rsm = Rsm::new(Config::new(1, vec![1]), storage, Count(0), Some(2_000))
+            .unwrap()
+            .with_amortized_snapshots()
+            .with_background_snapshots();
+        for _ in 0..100 {
+            rsm.tick();
+            rsm.process().unwrap();
+        }
+        assert_eq!(rsm.status().role, Role::Leader);
+        rsm
+    }
+
+    #[test]
+    fn a_background_snapshot_takes_effect_only_once_finished_and_the_node_goes_on_meanwhile() {
+        let storage = SharedStorage::default();
+        let mut rsm = background_leader(storage.clone());
+        let mut job = None;
+        for _ in 0..100 {
+            rsm.submit(vec![7; 100], 0).unwrap();
+            rsm.process().unwrap();
+            job = rsm.take_snapshot_job();
+            if job.is_some() {
+                break;
+            }
+        }
+        let job = job.expect("a snapshot is due past 2 KB of log");
+        assert_eq!(job.index(), rsm.status().applied);
+        assert_eq!(rsm.status().snapshot_index, 0, "process takes no snapshot itself");
+        // The node goes on while the job runs; no second job meanwhile.
+        let running = std::thread::spawn(move || job.run());
+        for _ in 0..30 {
+            rsm.submit(vec![8; 100], 0).unwrap();
+            rsm.process().unwrap();
+            assert!(rsm.take_snapshot_job().is_none(), "one snapshot at a time");
+        }
+        assert_eq!(rsm.status().snapshot_index, 0, "nothing in effect before it finishes");
+        let taken = running.join().unwrap();
+        let applied = rsm.status().applied;
+        let snap_at = taken.snapshot.meta.index;
+        assert!(rsm.finish_snapshot(taken).unwrap());
+        assert!(!rsm.snapshot_in_flight());
+        assert_eq!(rsm.status().snapshot_index, snap_at);
+        assert!(snap_at < applied, "the commands applied meanwhile stay in the log");
+        let count = rsm.state_machine().0;
+        // A restart restores the snapshot and replays the log after it: nothing lost.
+        drop(rsm);
+        let restarted = Rsm::new(Config::new(1, vec![1]), storage, Count(0), Some(2_000)).unwrap();
+        let st = storage_state(&restarted);
+        assert_eq!(st.0, snap_at, "the snapshot is in the storage");
+        assert_eq!(st.1, applied - snap_at, "and the entries after it");
+        let mut restarted = restarted;
+        for _ in 0..100 {
+            restarted.tick();
+            restarted.process().unwrap();
+        }
+        assert_eq!(restarted.state_machine().0, count);
+    }
+
+    fn storage_state<M: StateMachine>(rsm: &Rsm<SharedStorage, M>) -> (Index, u64) {
+        let st = rsm.storage().initial_state().unwrap();
+        (st.snapshot.map_or(0, |s| s.meta.index), st.entries.iter().filter(|e| e.kind == EntryKind::Normal).count() as u64)
+    }
+
+    #[test]
+    fn a_snapshot_from_the_leader_supersedes_one_under_way() {
+        // Three nodes; node 3 is cut off with a snapshot job under way while the others go
+        // on and compact their logs; reconnected, it installs the leader's snapshot, and its
+        // own, older one is dropped when it finishes.
+        let mut nodes: Vec<Rsm<SharedStorage, Count>> = (1..=3)
+            .map(|id| {
+                let rsm = Rsm::new(Config::new(id, vec![1, 2, 3]), SharedStorage::default(), Count(0), Some(2_000))
+                    .unwrap()
+                    .with_background_snapshots();
+                if id == 3 { rsm } else { rsm.with_amortized_snapshots() }
+            })
+            .collect();
+        // Delivers messages until quiet; `cut` drops everything to and from node 3.
+        let run = |nodes: &mut Vec<Rsm<SharedStorage, Count>>, cut: bool, ticks: usize| {
+            for t in 0..ticks {
+                if t % 10 == 0 {
+                    for n in nodes.iter_mut() {
+                        n.tick();
+                    }
+                }
+                let mut msgs = Vec::new();
+                for n in nodes.iter_mut() {
+                    msgs.extend(n.process().unwrap().0);
+                }
+                for m in msgs {
+                    if !(cut && (m.to == 3 || m.from == 3)) {
+                        let _ = nodes[m.to as usize - 1].step(m);
+                    }
+                }
+            }
+        };
+        nodes[0].raw().campaign();
+        run(&mut nodes, false, 50);
+        assert_eq!(nodes[0].status().role, Role::Leader);
+        for _ in 0..25 {
+            nodes[0].submit(vec![1; 100], 0).unwrap();
+        }
+        run(&mut nodes, false, 50);
+        let job = nodes[2].take_snapshot_job().expect("node 3 is past 2 KB");
+        let under_way = std::thread::spawn(move || job.run());
+        for _ in 0..200 {
+            nodes[0].submit(vec![2; 100], 0).unwrap();
+            run(&mut nodes, true, 3);
+            for i in 0..2 {
+                if let Some(job) = nodes[i].take_snapshot_job() {
+                    let taken = job.run();
+                    assert!(nodes[i].finish_snapshot(taken).unwrap());
+                }
+            }
+        }
+        let leader_snap = nodes[0].status().snapshot_index;
+        assert!(leader_snap > nodes[2].status().applied, "the leader compacted past node 3");
+        run(&mut nodes, false, 200);
+        assert_eq!(nodes[2].snapshots_installed(), 1, "node 3 caught up by the leader's snapshot");
+        let installed = nodes[2].status().snapshot_index;
+        assert!(!nodes[2].finish_snapshot(under_way.join().unwrap()).unwrap(), "the older one is dropped");
+        assert_eq!(nodes[2].status().snapshot_index, installed);
+        assert_eq!(nodes[2].storage().initial_state().unwrap().snapshot.unwrap().meta.index, installed);
+        assert_eq!(nodes[2].state_machine().0, nodes[0].state_machine().0);
+        assert_eq!(nodes[0].state_machine().0, 225);
+        // It snapshots on its own again afterwards.
+        for _ in 0..30 {
+            nodes[0].submit(vec![3; 100], 0).unwrap();
+            run(&mut nodes, false, 3);
+        }
+        run(&mut nodes, false, 30);
+        let job = nodes[2].take_snapshot_job().expect("past 2 KB again");
+        assert!(nodes[2].finish_snapshot(job.run()).unwrap());
+        assert_eq!(nodes[2].state_machine().0, 255);
     }
 
     #[test]
