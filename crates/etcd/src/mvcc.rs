@@ -12,6 +12,7 @@
 //! not been compacted.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
@@ -76,8 +77,9 @@ pub struct Kv {
     pub mod_revision: i64,
     /// Number of puts since the key was created (1 for the first).
     pub version: i64,
-    /// The value.
-    pub value: Vec<u8>,
+    /// The value; shared, so that a copy of the store (for a snapshot taken off the node's
+    /// loop) does not copy the values. Encoded as a `Vec<u8>` is.
+    pub value: Arc<[u8]>,
     /// Lease attached to the key (0: none).
     pub lease: i64,
 }
@@ -90,7 +92,7 @@ impl Kv {
             create_revision: self.create_revision,
             mod_revision: self.mod_revision,
             version: self.version,
-            value: self.value.clone(),
+            value: self.value.to_vec(),
             lease: self.lease,
         }
     }
@@ -255,7 +257,7 @@ impl Store {
 
     /// Appends a put of `key` at revision `rev` (main revision `rev.0 > self.rev` while a
     /// transaction is open). Returns the new key-value and the previous live one.
-    pub(crate) fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64, rev: Rev) -> (Kv, Option<Kv>) {
+    pub(crate) fn put(&mut self, key: &[u8], value: Arc<[u8]>, lease: i64, rev: Rev) -> (Kv, Option<Kv>) {
         let hist = self.keys.entry(key.to_vec()).or_default();
         debug_assert!(hist.last().is_none_or(|e| e.rev < rev), "history goes forward");
         let prev = hist.last().and_then(|e| e.kv.clone());

@@ -523,7 +523,7 @@ impl<'a> Tx<'a> {
         if (p.ignore_value || p.ignore_lease) && cur.is_none() {
             return Err(EtcdError::KeyNotFound);
         }
-        let value = if p.ignore_value { cur.as_ref().expect("checked").value.clone() } else { p.value.clone() };
+        let value = if p.ignore_value { cur.as_ref().expect("checked").value.clone() } else { p.value.as_slice().into() };
         let lease = if p.ignore_lease { cur.as_ref().expect("checked").lease } else { p.lease };
         if lease != 0 && !self.st.leases.contains_key(&lease) {
             return Err(EtcdError::LeaseNotFound);
@@ -1078,6 +1078,13 @@ impl StateMachine for EtcdSm {
 
     fn snapshot(&self) -> Vec<u8> {
         to_bytes(&self.state)
+    }
+
+    /// A clone of the state, serialised later on another thread: the clone costs a fraction
+    /// of the serialisation and nothing of the write.
+    fn snapshot_later(&self) -> Box<dyn FnOnce() -> Vec<u8> + Send> {
+        let state = self.state.clone();
+        Box::new(move || to_bytes(&state))
     }
 
     fn restore(&mut self, snapshot: &[u8]) {

@@ -8,6 +8,10 @@
 //! commit) writes and syncs one Ready for the whole batch; what arrives during that sync
 //! makes the next batch.
 //!
+//! Work too slow for the loop (a snapshot of a large state: serialise, write, sync) runs on a
+//! thread of its own ([`Driven::background_work`]); its outcome comes back through the input
+//! queue, as a closure run on the node.
+//!
 //! If the node fails (a storage failure it cannot continue from) or a handler panics, the loop
 //! stops and [`DriverHandle::join`] returns the reason: the server stops serving and exits
 //! non-zero, rather than answering from a state it could not persist.
@@ -23,9 +27,9 @@ use tokio::sync::mpsc;
 pub const MAX_BATCH: usize = 4096;
 /// Capacity of a node's input queue; network readers wait when it is full.
 pub const INPUT_QUEUE: usize = 16_384;
-/// A batch's end (timers, the node's flush: write, sync, apply) taking this long is logged:
-/// the loop serves nothing meanwhile.
-const SLOW_FLUSH: Duration = Duration::from_millis(200);
+/// A batch (its events, timers, the node's flush: write, sync, apply) taking this long is
+/// logged: the loop serves nothing meanwhile.
+const SLOW_BATCH: Duration = Duration::from_millis(200);
 
 /// Microseconds on a clock shared by everything in this process: wall-clock time read once at
 /// the first call, advanced by the monotonic clock (so it never goes back while the process
@@ -48,11 +52,20 @@ pub trait Driven: Node + Send + 'static {
     fn failure(&self) -> Option<String> {
         None
     }
+    /// Work to run on another thread, asked after every batch: its result, a closure, is then
+    /// run on the node like any input.
+    fn background_work(&mut self) -> Option<BackgroundWork<Self>> {
+        None
+    }
 }
+
+/// Work for another thread whose result is run on the node.
+pub type BackgroundWork<N> = Box<dyn FnOnce() -> Job<N> + Send>;
 
 impl<S, M> Driven for sixfive_rsm::RsmNode<S, M>
 where
     S: sixfive_raft::Storage + Send + 'static,
+    S::Error: Send + 'static,
     M: sixfive_rsm::StateMachine + Send + 'static,
 {
     fn end_of_batch(&mut self, ctx: &mut dyn Ctx) {
@@ -60,6 +73,28 @@ where
     }
     fn failure(&self) -> Option<String> {
         self.failed().map(str::to_owned)
+    }
+    /// A snapshot job (with background snapshots): taken off the loop, finished on it.
+    fn background_work(&mut self) -> Option<BackgroundWork<Self>> {
+        let started = Instant::now();
+        let job = self.take_snapshot_job()?;
+        let copied = started.elapsed();
+        Some(Box::new(move || {
+            let started = Instant::now();
+            let index = job.index();
+            let taken = job.run();
+            let ran = started.elapsed();
+            Box::new(move |n: &mut Self, ctx: &mut dyn Ctx| {
+                let started = Instant::now();
+                n.finish_snapshot(ctx, taken);
+                tracing::info!(
+                    "snapshot at index {index}: state copied in {} ms on the loop, written in {} ms off it, installed in {} ms",
+                    copied.as_millis(),
+                    ran.as_millis(),
+                    started.elapsed().as_millis()
+                );
+            })
+        }))
     }
 }
 
@@ -155,6 +190,9 @@ impl Ctx for RtCtx<'_> {
 
 struct Loop<N> {
     me: Endpoint,
+    /// The input queue, for background work to answer through (weak: the loop still ends
+    /// once every other sender is gone).
+    input: mpsc::WeakSender<Input<N>>,
     node: N,
     router: Arc<dyn Router>,
     timers: BTreeMap<(Micros, u64), u64>,
@@ -190,6 +228,21 @@ impl<N: Driven> Loop<N> {
         true
     }
 
+    fn start_background(&mut self, work: BackgroundWork<N>) {
+        let input = self.input.clone();
+        let spawned = std::thread::Builder::new().name(format!("node-{}-bg", self.me)).spawn(move || {
+            let job = work();
+            if let Some(tx) = input.upgrade() {
+                // Dropped if the loop has ended meanwhile.
+                let _ = tx.blocking_send(Input::With(job));
+            }
+        });
+        if let Err(e) = spawned {
+            // Cannot happen short of resource exhaustion; the node then stops, as on a failure.
+            panic!("cannot start a background thread: {e}");
+        }
+    }
+
     fn fire_due_timers(&mut self) {
         let now = now_micros();
         while let Some((&(at, seq), _)) = self.timers.first_key_value() {
@@ -216,6 +269,7 @@ impl<N: Driven> Loop<N> {
                 }
                 None => Some(rx.recv().await),
             };
+            let started = Instant::now();
             let mut running = match first {
                 Some(Some(input)) => self.handle(input),
                 Some(None) => self.handle(Input::Shutdown), // every sender is gone
@@ -230,19 +284,21 @@ impl<N: Driven> Loop<N> {
             if !running {
                 return Ok(());
             }
-            let handled = Instant::now();
             self.fire_due_timers();
             self.dispatch(|n, ctx| n.end_of_batch(ctx));
-            let flushed = handled.elapsed();
-            if flushed >= SLOW_FLUSH {
-                tracing::warn!(
-                    "node {}: the end of a batch of {taken} events took {} ms (the loop answered nothing meanwhile)",
-                    self.me,
-                    flushed.as_millis()
-                );
-            }
             if let Some(why) = self.node.failure() {
                 return Err(why);
+            }
+            if let Some(work) = self.node.background_work() {
+                self.start_background(work);
+            }
+            let took = started.elapsed();
+            if took >= SLOW_BATCH {
+                tracing::warn!(
+                    "node {}: a batch of {taken} events took {} ms (the loop answered nothing meanwhile)",
+                    self.me,
+                    took.as_millis()
+                );
             }
             if let Some(o) = observer.as_mut() {
                 o(&self.node);
@@ -267,11 +323,12 @@ pub fn spawn<N: Driven>(
     observer: Option<Observer<N>>,
     (input, rx): (mpsc::Sender<Input<N>>, mpsc::Receiver<Input<N>>),
 ) -> DriverHandle<N> {
+    let weak = input.downgrade();
     let thread = std::thread::Builder::new()
         .name(format!("node-{me}"))
         .spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(|e| e.to_string())?;
-            let lp = Loop { me, node, router, timers: BTreeMap::new(), timer_seq: 0 };
+            let lp = Loop { me, input: weak, node, router, timers: BTreeMap::new(), timer_seq: 0 };
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(lp.run(rx, observer))))
                 .map_err(|e| panic_message(e.as_ref()))?
         })
@@ -330,6 +387,49 @@ mod tests {
                 ctx.reply(to, call, r);
             }
         }
+    }
+
+    /// Answers each request from a background thread: the work names the thread it ran on.
+    #[derive(Default)]
+    struct Slow {
+        asked: Vec<(Endpoint, CallId)>,
+    }
+    impl Node for Slow {
+        fn on_start(&mut self, _ctx: &mut dyn Ctx) {}
+        fn on_timer(&mut self, _ctx: &mut dyn Ctx, _id: u64) {}
+        fn on_message(&mut self, _ctx: &mut dyn Ctx, _from: Endpoint, _message: Vec<u8>) {}
+        fn on_request(&mut self, _ctx: &mut dyn Ctx, from: Endpoint, call: CallId, _request: Vec<u8>) {
+            self.asked.push((from, call));
+        }
+        fn on_shutdown(&mut self, _ctx: &mut dyn Ctx) {}
+    }
+    impl Driven for Slow {
+        fn background_work(&mut self) -> Option<BackgroundWork<Self>> {
+            let (to, call) = self.asked.pop()?;
+            Some(Box::new(move || {
+                let ran_on = std::thread::current().name().unwrap_or("?").to_string();
+                Box::new(move |_n: &mut Slow, ctx: &mut dyn Ctx| {
+                    let on = std::thread::current().name().unwrap_or("?").to_string();
+                    ctx.reply(to, call, format!("worked on {ran_on}, answered on {on}").into_bytes());
+                })
+            }))
+        }
+    }
+
+    #[test]
+    fn background_work_runs_off_the_loop_and_its_result_on_it() {
+        let log = Arc::new(Log::default());
+        let h = spawn(1, Slow::default(), log.clone(), None, channel());
+        h.input.blocking_send(Input::Request { from: 9, call: 3, bytes: Vec::new() }).unwrap();
+        for _ in 0..500 {
+            if !log.0.lock().unwrap().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        h.input.blocking_send(Input::Shutdown).unwrap();
+        assert_eq!(h.join(), Ok(()));
+        assert_eq!(log.0.lock().unwrap().clone(), vec!["reply 9/3 worked on node-1-bg, answered on node-1"]);
     }
 
     #[test]

@@ -796,7 +796,8 @@ fn run<M: Served>(cfg: ServeConfig) -> Result<(), ServeError> {
     raft.seed = driver::now_micros() ^ cfg.id.rotate_left(32);
     let rsm = Rsm::new(raft, MeteredStorage::new(storage, metrics.clone()), M::create(&cfg), Some(cfg.snapshot_bytes))
         .map_err(|e| ServeError::Config(e.to_string()))?
-        .with_amortized_snapshots();
+        .with_amortized_snapshots()
+        .with_background_snapshots();
     let restored = rsm.status();
     let node: Member<M> = RsmNode::new(rsm).with_group_commit();
     let cluster_id = cfg.cluster_id();
