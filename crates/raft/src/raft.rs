@@ -259,7 +259,11 @@ impl Raft {
         self.conf_at.0 > self.log.committed || self.conf.is_joint()
     }
 
-    pub(crate) fn propose_conf_change(&mut self, changes: &[ConfChange]) -> Result<(Index, Term), ConfChangeError> {
+    pub(crate) fn propose_conf_change(
+        &mut self,
+        changes: &[ConfChange],
+        context: Option<Vec<u8>>,
+    ) -> Result<(Index, Term), ConfChangeError> {
         if self.role != Role::Leader {
             return Err(ConfChangeError::NotLeader { leader: self.leader });
         }
@@ -269,7 +273,10 @@ impl Raft {
         if self.change_pending() || !self.committed_in_term() {
             return Err(ConfChangeError::ChangeInProgress);
         }
-        let next = self.conf.apply(changes)?;
+        let mut next = self.conf.apply(changes)?;
+        if let Some(c) = context {
+            next.context = c;
+        }
         // A node becomes a voter only once it holds everything the leader has committed and
         // streams in order: it then cannot stall the new quorum (thesis section 4.2.1).
         let needed = self.log.committed;
