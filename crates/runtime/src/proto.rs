@@ -37,6 +37,38 @@ pub enum PeerWelcome {
     Refused(String),
 }
 
+/// Marks the first frame of a connection from a server that asks to join the cluster
+/// (`--initial-cluster-state existing`): a [`JoinRequest`].
+pub const JOIN_MAGIC: [u8; 4] = *b"S5J1";
+
+/// First frame of a joining server, sent to a member's peer port: "I was added as `name` at
+/// `peer_addr`; who am I, and who are the others?"
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// [`JOIN_MAGIC`].
+    pub magic: [u8; 4],
+    /// The joining server's name.
+    pub name: String,
+    /// Its peer address (`host:port`).
+    pub peer_addr: String,
+}
+
+/// The answer to a [`JoinRequest`] (the connection then closes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinAnswer {
+    /// The member was added: its id, the cluster's id, and every member's name and peer address.
+    Accepted {
+        /// The cluster's id.
+        cluster_id: u64,
+        /// The joining member's id.
+        id: u64,
+        /// Every member (the joining one too).
+        members: Vec<(u64, String, String)>,
+    },
+    /// Not added (or another name or address), with the reason.
+    Refused(String),
+}
+
 /// What one peer frame carries, tagged by its first byte (so a Raft message is written as it
 /// is, without being copied into an envelope).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,6 +141,18 @@ pub enum ClientMsg {
         /// Request id.
         call: u64,
     },
+    /// The cluster's members as this member knows them.
+    Members {
+        /// Request id.
+        call: u64,
+    },
+    /// Change the membership (the member asked makes the change at the leader).
+    ChangeMembers {
+        /// Request id.
+        call: u64,
+        /// The change.
+        op: crate::members::MemberOp,
+    },
 }
 
 /// A server's frame.
@@ -139,6 +183,21 @@ pub enum ServerMsg {
         call: u64,
         /// The member's state.
         status: MemberStatus,
+    },
+    /// Answer to [`ClientMsg::Members`].
+    Members {
+        /// Request id.
+        call: u64,
+        /// The members.
+        members: crate::members::MembersView,
+    },
+    /// Answer to [`ClientMsg::ChangeMembers`]: the id of the member concerned and the
+    /// membership the change was planned from, or why it was refused or failed.
+    MembersChanged {
+        /// Request id.
+        call: u64,
+        /// The outcome.
+        result: Result<(u64, crate::members::MembersView), crate::members::ChangeError>,
     },
 }
 

@@ -31,7 +31,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -586,6 +586,10 @@ async fn serve_client(
                 });
                 sh.input.send(Input::With(job)).await.is_ok()
             }
+            Ok(ClientMsg::Members { .. } | ClientMsg::ChangeMembers { .. }) => {
+                warn!("closing client connection from {addr}: membership requests are not served here");
+                break;
+            }
             Err(FrameError::Closed) => break,
             Err(e) => {
                 if !matches!(e, FrameError::Io(_)) {
@@ -735,7 +739,7 @@ pub fn serve(cfg: ShardServeConfig) -> Result<(), ServeError> {
         "serving"
     );
 
-    let (signal, handle) = crate::server::wait_for_stop(&rt, handle)?;
+    let (signal, handle) = crate::server::wait_for_stop(&rt, handle, &AtomicBool::new(false))?;
     info!("{signal}: stopping (answering what waits)");
     for t in &accept_tasks {
         t.abort();
