@@ -590,3 +590,21 @@ fn context_follows_the_configuration() {
     let old = postcard::to_allocvec(&V1 { voters: vec![1, 2], voters_outgoing: vec![], learners: vec![3] }).unwrap();
     assert_eq!(ConfState::decode(&old), Some(conf(&[1, 2], &[], &[3])));
 }
+
+/// A removed follower learns that the configuration removing it is committed (so its server
+/// may stop for good), and the leader then stops tracking it.
+#[test]
+fn removed_follower_learns_its_removal_is_final() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, b"a");
+    net.change(1, &[ConfChange::Remove(3)]);
+    net.tick_all(5);
+    let l = net.status(1);
+    assert_eq!(l.conf, conf(&[1, 2], &[], &[]));
+    assert!(l.commit >= l.conf_index);
+    let st = net.status(3);
+    assert!(st.removed, "{st:?}");
+    assert!(st.commit >= l.conf_index, "node 3 knows its removal is committed: {st:?}");
+    assert!(!net.nodes[&1].progress().contains_key(&3), "the leader stopped tracking it");
+}

@@ -517,6 +517,11 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     pub fn raw(&mut self) -> &mut RawNode {
         &mut self.raw
     }
+
+    /// The Raft node, to look at (e.g. the leader's progress of each member).
+    pub fn raw_node(&self) -> &RawNode {
+        &self.raw
+    }
 }
 
 /// A client's request to an [`RsmNode`].

@@ -237,6 +237,11 @@ impl PeerNet {
         self.shared.client_urls.lock().expect("client urls").clone()
     }
 
+    /// The name each member told when it last connected.
+    pub fn names(&self) -> BTreeMap<NodeId, String> {
+        self.shared.names.lock().expect("names").clone()
+    }
+
     /// Makes the links follow the membership: `members` are the members this one exchanges
     /// messages with (itself may be listed: it is skipped); links to others close, new ones
     /// open, a member whose address changed is reached at the new one. `directory` is the whole
@@ -279,6 +284,8 @@ pub struct Me {
     pub cluster_id: u64,
     /// Client URLs (`host:port`) told to the peers.
     pub client_urls: Vec<String>,
+    /// Name told to the peers.
+    pub name: String,
 }
 
 /// Starts the peer transport of member `me` on the current tokio runtime: accepts on
@@ -303,6 +310,7 @@ pub fn start<N: Send + 'static>(
         me: me.clone(),
         calls: calls.clone(),
         client_urls: Mutex::new(BTreeMap::from([(me.id, me.client_urls.clone())])),
+        names: Mutex::new(BTreeMap::from([(me.id, me.name.clone())])),
         connected: Mutex::new(std::collections::BTreeSet::new()),
         directory: RwLock::new(members.clone()),
     });
@@ -387,14 +395,16 @@ struct LinkShared {
     me: Me,
     calls: Arc<Calls>,
     client_urls: Mutex<BTreeMap<NodeId, Vec<String>>>,
+    names: Mutex<BTreeMap<NodeId, String>>,
     connected: Mutex<std::collections::BTreeSet<NodeId>>,
     /// The whole member directory, for servers that join.
     directory: RwLock<BTreeMap<NodeId, Peer>>,
 }
 
 impl LinkShared {
-    fn learned(&self, peer: NodeId, urls: Vec<String>) {
+    fn learned(&self, peer: NodeId, name: String, urls: Vec<String>) {
         self.client_urls.lock().expect("client urls").insert(peer, urls);
+        self.names.lock().expect("names").insert(peer, name);
     }
 }
 
@@ -452,9 +462,9 @@ async fn handshake(
         let _ = frame::write_msg(&mut stream, &PeerWelcome::Refused(reason.clone())).await;
         return Err(HandshakeError::Refused(reason));
     }
-    let welcome = PeerWelcome::Accepted { client_urls: shared.me.client_urls.clone() };
+    let welcome = PeerWelcome::Accepted { client_urls: shared.me.client_urls.clone(), name: shared.me.name.clone() };
     frame::write_msg(&mut stream, &welcome).await.map_err(|e| HandshakeError::Frame(e.into()))?;
-    shared.learned(hello.from, hello.client_urls);
+    shared.learned(hello.from, hello.name, hello.client_urls);
     let _ = stream.set_nodelay(true);
     Ok(Some((hello.from, stream)))
 }
@@ -526,6 +536,7 @@ impl<N: Send + 'static> Link<N> {
             from: me.id,
             to: self.peer,
             client_urls: me.client_urls.clone(),
+            name: me.name.clone(),
         };
         frame::write_msg(&mut s, &hello).await.map_err(|e| e.to_string())?;
         let welcome: PeerWelcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_msg(&mut s, 1 << 16))
@@ -533,8 +544,8 @@ impl<N: Send + 'static> Link<N> {
             .map_err(|_| "no answer to the handshake".to_string())?
             .map_err(|e| e.to_string())?;
         match welcome {
-            PeerWelcome::Accepted { client_urls } => {
-                self.shared.learned(self.peer, client_urls);
+            PeerWelcome::Accepted { client_urls, name } => {
+                self.shared.learned(self.peer, name, client_urls);
                 Ok(s)
             }
             PeerWelcome::Refused(why) => Err(format!("refused by the peer: {why}")),

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Marks the first frame of a peer connection (and the protocol version).
-pub const PEER_MAGIC: [u8; 4] = *b"S5P2";
+pub const PEER_MAGIC: [u8; 4] = *b"S5P3";
 
 /// First frame a dialing peer sends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +23,8 @@ pub struct PeerHello {
     pub to: u64,
     /// The dialer's client URLs (`host:port`), for the member list.
     pub client_urls: Vec<String>,
+    /// The dialer's name (a member added without one, by etcd's MemberAdd, is listed by it).
+    pub name: String,
 }
 
 /// The answer to a [`PeerHello`].
@@ -32,6 +34,8 @@ pub enum PeerWelcome {
     Accepted {
         /// `host:port` of each.
         client_urls: Vec<String>,
+        /// The answering member's name.
+        name: String,
     },
     /// Refused, with the reason (the connection closes).
     Refused(String),

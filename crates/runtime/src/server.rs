@@ -679,6 +679,7 @@ struct Linked {
     key: Option<(u64, bool, Option<NodeId>)>,
     conf: sixfive_raft::ConfState,
     peers: BTreeMap<NodeId, Peer>,
+    tracked: Vec<NodeId>,
 }
 
 struct NodeRouter {
@@ -761,18 +762,21 @@ impl<M: Served> Shared<M> {
         let st = n.rsm().status();
         self.metrics.observe(&st);
         self.applied.send_if_modified(|a| std::mem::replace(a, st.applied) != st.applied);
-        self.follow_membership(&st);
+        // A leader keeps replicating to the members it still tracks (one removed learns of it).
+        let tracked: Vec<NodeId> = n.rsm().raw_node().progress().keys().copied().collect();
+        self.follow_membership(&st, tracked);
         *self.status.lock().expect("status") = st;
     }
 
     /// Makes the peer links and the membership view follow the configuration in effect: links
-    /// to every member of it (and, until it is committed, to the members of the one before, so
-    /// a removed member learns of its removal); a committed removal of this member stops it.
-    fn follow_membership(&self, st: &sixfive_raft::Status) {
+    /// to every member of it, and to the members of the one before while it is uncommitted or
+    /// the leader still replicates to them (so a removed member learns of its removal); a
+    /// committed removal of this member stops it.
+    fn follow_membership(&self, st: &sixfive_raft::Status, tracked: Vec<NodeId>) {
         let committed = st.commit >= st.conf_index;
         let mut linked = self.links.lock().expect("links");
         let key = (st.conf_index, committed, st.leader);
-        if linked.key == Some(key) && linked.conf == st.conf {
+        if linked.key == Some(key) && linked.conf == st.conf && linked.tracked == tracked {
             return;
         }
         let dir = Directory::in_effect(&st.conf, &self.base);
@@ -782,8 +786,8 @@ impl<M: Served> Shared<M> {
             dir.members.iter().filter(|(id, _)| st.conf.is_member(**id)).map(|(i, p)| (*i, p.clone())).collect()
         };
         let mut peers = members.clone();
-        if !committed {
-            for (id, p) in &linked.peers {
+        for (id, p) in &linked.peers {
+            if !committed || tracked.contains(id) {
                 peers.entry(*id).or_insert_with(|| p.clone());
             }
         }
@@ -805,7 +809,7 @@ impl<M: Served> Shared<M> {
             conf_index: st.conf_index,
             settled: committed && !st.conf.is_joint(),
         };
-        *linked = Linked { key: Some(key), conf: st.conf.clone(), peers };
+        *linked = Linked { key: Some(key), conf: st.conf.clone(), peers, tracked };
         if st.removed && committed && !self.removed.swap(true, Ordering::Relaxed) {
             warn!(conf_index = st.conf_index, "this member was removed from the cluster: it stops serving");
         }
@@ -814,9 +818,13 @@ impl<M: Served> Shared<M> {
     /// The membership as this member sees it, with the client URLs its peers told.
     pub(crate) fn members_view(&self) -> MembersView {
         let mut v = self.view.lock().expect("view").clone();
-        let urls = self.peers.client_urls();
+        let (urls, names) = (self.peers.client_urls(), self.peers.names());
         for m in &mut v.members {
             m.client_urls = urls.get(&m.id).cloned().unwrap_or_default();
+            if m.name.is_empty() {
+                // Added without a name (etcd's MemberAdd): the one it told when it connected.
+                m.name = names.get(&m.id).cloned().unwrap_or_default();
+            }
         }
         v
     }
@@ -1119,7 +1127,7 @@ fn run<M: Served>(cfg: ServeConfig) -> Result<(), ServeError> {
         ))
     })?;
     let (input, rx) = driver::channel::<Member<M>>();
-    let me = peer::Me { id: who.id, cluster_id, client_urls: cfg.advertise_client.clone() };
+    let me = peer::Me { id: who.id, cluster_id, client_urls: cfg.advertise_client.clone(), name: cfg.name.clone() };
     let (peers, mut tasks) = {
         let _g = rt.enter();
         peer::start(me, &who.base.members, peer_l, input.clone(), metrics.clone())

@@ -349,8 +349,14 @@ impl Net {
             .map_err(|e| e.to_string())?;
         let _ = s.set_nodelay(true);
         let (r, mut w) = s.into_split();
-        let hello =
-            PeerHello { magic: PEER_MAGIC, cluster_id: self.cluster_id, from: self.me, to, client_urls: vec![] };
+        let hello = PeerHello {
+            magic: PEER_MAGIC,
+            cluster_id: self.cluster_id,
+            from: self.me,
+            to,
+            client_urls: vec![],
+            name: String::new(),
+        };
         frame::write_msg(&mut w, &hello).await.map_err(|e| e.to_string())?;
         let mut r = BufReader::new(r);
         let welcome: PeerWelcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_msg(&mut r, 1 << 16))
@@ -498,7 +504,8 @@ async fn serve_conn(stream: TcpStream, addr: std::net::SocketAddr, sh: Arc<Share
             let _ = frame::write_msg(&mut w, &PeerWelcome::Refused(reason)).await;
             return;
         }
-        if frame::write_msg(&mut w, &PeerWelcome::Accepted { client_urls: vec![] }).await.is_err() {
+        if frame::write_msg(&mut w, &PeerWelcome::Accepted { client_urls: vec![], name: String::new() }).await.is_err()
+        {
             return;
         }
         peer_reader(r, hello.from, sh).await;
