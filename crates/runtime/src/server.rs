@@ -5,7 +5,12 @@
 //! Configuration follows etcd's flags (see [`RawConfig`]). The data directory holds `LOCK`
 //! (held with `flock` while the server runs: a second server on it is refused), `member`
 //! (the cluster id, name and member id it was created for: a server started with another
-//! cluster's data is refused) and `raft/` (the write-ahead log and snapshot).
+//! cluster's data is refused; a member that joined a running cluster also records the member
+//! directory it was told when it joined) and `raft/` (the write-ahead log and snapshot).
+//!
+//! Membership follows the Raft configuration (see [`crate::members`]): the peer links, the
+//! member list, joining servers' questions and the leader's promotion of caught-up learners
+//! all follow the configuration in effect; a member whose removal is committed stops.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -78,9 +83,9 @@ pub enum ServeError {
     Join(String),
 }
 
-/// Waits for SIGTERM or SIGINT (its name is returned, with the node's handle, for a graceful
-/// stop) or for the node's loop to end on its own: a node failure, returned as the error the
-/// server stops with.
+/// Waits for SIGTERM or SIGINT, or for `removed` to be set (the member was removed from the
+/// cluster): the reason is returned, with the node's handle, for a graceful stop. Or for the
+/// node's loop to end on its own: a node failure, returned as the error the server stops with.
 pub(crate) fn wait_for_stop<N>(
     rt: &tokio::runtime::Runtime,
     handle: driver::DriverHandle<N>,
