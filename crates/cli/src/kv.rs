@@ -9,6 +9,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 use sixfive_kv::{KvClient, KvError};
 use sixfive_runtime::client::{Cluster, random_u64};
+use sixfive_runtime::members::{ChangeError, MemberEntry, MemberOp};
 use sixfive_runtime::server::{RawConfig, ServeConfig, serve};
 
 /// The client endpoints of the cluster that `sixfive kv cluster` starts with its defaults.
@@ -99,6 +100,48 @@ pub enum KvCommand {
     /// Every member's role, term, indexes and disk use; exits 0 only when the cluster has a
     /// leader and answers a linearizable read.
     Status {
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Lists, adds, promotes and removes members (see the README's operations section).
+    #[command(subcommand)]
+    Member(MemberCommand),
+}
+
+/// `kv member ...`.
+#[derive(Subcommand)]
+pub enum MemberCommand {
+    /// Every member: id, name, voter or learner, peer and client URLs, and the leader.
+    List {
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Adds member NAME, reached by its peers at --peer-urls; it joins as a learner and the
+    /// leader promotes it to voter once it has caught up (with --learner: once promoted by
+    /// hand). Prints the settings to start it with (`--initial-cluster-state existing`).
+    Add {
+        /// The new member's name (its --name).
+        name: String,
+        /// Its peer URL (its --initial-advertise-peer-urls).
+        #[arg(long)]
+        peer_urls: String,
+        /// Leave it a learner until `kv member promote`.
+        #[arg(long)]
+        learner: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Promotes learner MEMBER (a name or an id) to voter; refused while it lags the leader.
+    Promote {
+        /// Name or id.
+        member: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Removes MEMBER (a name or an id) from the cluster; a removed server stops.
+    Remove {
+        /// Name or id.
+        member: String,
         #[command(flatten)]
         c: ClientArgs,
     },
@@ -526,7 +569,13 @@ fn client_main(cmd: KvCommand) -> ExitCode {
         | KvCommand::Scan { c, .. }
         | KvCommand::Append { c, .. }
         | KvCommand::Cas { c, .. }
-        | KvCommand::Status { c } => c.clone(),
+        | KvCommand::Status { c }
+        | KvCommand::Member(
+            MemberCommand::List { c }
+            | MemberCommand::Add { c, .. }
+            | MemberCommand::Promote { c, .. }
+            | MemberCommand::Remove { c, .. },
+        ) => c.clone(),
         _ => unreachable!("server commands are handled elsewhere"),
     };
     let urls: Vec<String> = c.endpoints.split(',').filter(|s| !s.trim().is_empty()).map(str::to_string).collect();
@@ -535,6 +584,9 @@ fn client_main(cmd: KvCommand) -> ExitCode {
     let out = rt.block_on(async move {
         if let KvCommand::Status { .. } = cmd {
             return status(&urls, timeout).await;
+        }
+        if let KvCommand::Member(m) = cmd {
+            return member(&urls, m, timeout).await;
         }
         let cluster = match Cluster::connect(&urls, 1_000_000.min(timeout.as_micros() as u64)).await {
             Ok(cl) => cl,
@@ -653,4 +705,120 @@ async fn status(urls: &[String], timeout: Duration) -> Outcome {
     });
     let json = json!({ "members": rows, "healthy": healthy, "leader": leaders.keys().last() });
     Outcome { code: if healthy { 0 } else { exit::UNAVAILABLE }, simple: table.join("\n"), json }
+}
+
+fn member_json(m: &MemberEntry, leader: Option<u64>) -> serde_json::Value {
+    json!({
+        "id": m.id, "name": m.name, "peer_url": format!("http://{}", m.peer_addr),
+        "client_urls": m.client_urls.iter().map(|u| format!("http://{u}")).collect::<Vec<_>>(),
+        "learner": m.learner, "promote_when_caught_up": m.promote, "leader": leader == Some(m.id),
+    })
+}
+
+/// `kv member ...`: asks the first member that answers (which makes a change at the leader).
+async fn member(urls: &[String], cmd: MemberCommand, timeout: Duration) -> Outcome {
+    let per = 1_000_000.min(timeout.as_micros() as u64);
+    let cluster = match Cluster::connect(urls, per).await {
+        Ok(c) => c,
+        Err(e) => return failed(exit::UNAVAILABLE, e.to_string()),
+    };
+    let mut answered = None;
+    for e in &cluster.endpoints {
+        if let Ok(v) = cluster.transport.members(*e, per).await {
+            answered = Some((*e, v));
+            break;
+        }
+    }
+    let Some((endpoint, view)) = answered else {
+        return failed(exit::UNAVAILABLE, "no member answered".into());
+    };
+    let op = match cmd {
+        MemberCommand::List { .. } => {
+            let mut table = vec![format!(
+                "{:>4}  {:<10} {:<8} {:<28} {:<28} {}",
+                "ID", "NAME", "ROLE", "PEER URL", "CLIENT URLS", ""
+            )];
+            for m in &view.members {
+                let role = if m.learner { "learner" } else { "voter" };
+                let clients = m.client_urls.iter().map(|u| format!("http://{u}")).collect::<Vec<_>>().join(",");
+                let note = match (view.leader == Some(m.id), m.learner && m.promote) {
+                    (true, _) => "leader",
+                    (_, true) => "(promoted once caught up)",
+                    _ => "",
+                };
+                table.push(format!(
+                    "{:>4}  {:<10} {:<8} {:<28} {:<28} {note}",
+                    m.id,
+                    m.name,
+                    role,
+                    format!("http://{}", m.peer_addr),
+                    clients
+                ));
+            }
+            let rows: Vec<_> = view.members.iter().map(|m| member_json(m, view.leader)).collect();
+            let json = json!({ "members": rows, "leader": view.leader, "settled": view.settled, "cluster_id": format!("{:016x}", cluster.cluster_id) });
+            return ok(table.join("\n"), json);
+        }
+        MemberCommand::Add { name, peer_urls, learner, .. } => {
+            let peer_addr = match sixfive_runtime::server::parse_url(&peer_urls) {
+                Ok(a) => a,
+                Err(e) => return failed(2, e.to_string()),
+            };
+            if name.is_empty() {
+                return failed(2, "the new member needs a name".into());
+            }
+            MemberOp::Add { name, peer_addr, learner }
+        }
+        MemberCommand::Promote { member, .. } | MemberCommand::Remove { member, .. }
+            if view.find(&member).is_none() =>
+        {
+            return failed(exit::NOT_FOUND, format!("no member named or numbered {member}"));
+        }
+        MemberCommand::Promote { member, .. } => MemberOp::Promote(view.find(&member).expect("found").id),
+        MemberCommand::Remove { member, .. } => MemberOp::Remove(view.find(&member).expect("found").id),
+    };
+    // The member tries for up to 10 s (a learner catching up, a change in progress).
+    let wait = timeout.as_micros() as u64 + 15_000_000;
+    let result = match cluster.transport.change_members(endpoint, op.clone(), wait).await {
+        Ok(r) => r,
+        Err(e) => {
+            return failed(
+                exit::UNAVAILABLE,
+                format!("no answer ({e}): the change may or may not be made; run kv member list"),
+            );
+        }
+    };
+    let (id, before) = match result {
+        Ok(r) => r,
+        Err(e @ ChangeError::NotFound(_)) => return failed(exit::NOT_FOUND, e.to_string()),
+        Err(e @ ChangeError::Unavailable(_)) => return failed(exit::UNAVAILABLE, e.to_string()),
+        Err(e) => return failed(1, e.to_string()),
+    };
+    let cid = format!("{:016x}", cluster.cluster_id);
+    match op {
+        MemberOp::Add { name, peer_addr, learner } => {
+            let mut initial: Vec<String> =
+                before.members.iter().map(|m| format!("{}=http://{}", m.name, m.peer_addr)).collect();
+            initial.push(format!("{name}=http://{peer_addr}"));
+            let how = if learner { "as a learner" } else { "as a learner, promoted to voter once caught up" };
+            let simple = format!(
+                "Member {id} added to cluster {cid} {how}\n\n\
+                 SIXFIVE_NAME=\"{name}\"\n\
+                 SIXFIVE_INITIAL_CLUSTER=\"{}\"\n\
+                 SIXFIVE_INITIAL_ADVERTISE_PEER_URLS=\"http://{peer_addr}\"\n\
+                 SIXFIVE_INITIAL_CLUSTER_STATE=\"existing\"",
+                initial.join(",")
+            );
+            ok(
+                simple,
+                json!({ "added": id, "name": name, "learner": learner, "initial_cluster": initial.join(","), "cluster_id": cid }),
+            )
+        }
+        MemberOp::Promote(_) => {
+            ok(format!("Member {id} promoted in cluster {cid}"), json!({ "promoted": id, "cluster_id": cid }))
+        }
+        MemberOp::Remove(_) => {
+            ok(format!("Member {id} removed from cluster {cid}"), json!({ "removed": id, "cluster_id": cid }))
+        }
+    }
 }

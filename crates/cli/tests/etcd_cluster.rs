@@ -14,7 +14,7 @@ use sixfive_linearizability::models::{VersionedInput as In, VersionedKv, Version
 use sixfive_linearizability::{Op, Verdict, check};
 
 mod common;
-use common::{BIN, TestCluster, run_local};
+use common::{BIN, TestCluster, free_port, run_local};
 
 const ETCD: &[&str] = &["--api=etcd"];
 
@@ -461,5 +461,98 @@ fn a_data_directory_keeps_the_api_it_was_made_with() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("api=etcd") && err.contains("refusing to start"), "{err}");
+    tc.ok = true;
+}
+
+/// etcdctl's membership commands against a sixfive cluster: a learner added with `member add
+/// --learner` is started with the settings etcdctl prints, catches up, is promoted with
+/// `member promote`; `member remove` of a running member stops that server (exit 0), and the
+/// cluster keeps serving through the new member. Unknown ids and bad URLs get etcd's errors.
+#[test]
+fn etcdctl_member_add_promote_remove() {
+    if !etcdctl_installed() {
+        eprintln!("skipped: etcdctl is not installed (Debian: apt-get install etcd-client)");
+        return;
+    }
+    let mut tc = TestCluster::new("etcd-members", 3, ETCD);
+    run_local(async {
+        tc.leader().await;
+    });
+    let urls = tc.urls();
+    let all = urls.join(",");
+    ok(&all, &["put", "before", "1"]);
+    let (p4, c4) = (free_port(), free_port());
+    let out = ok(&urls[1], &["member", "add", "n4", "--learner", &format!("--peer-urls=http://127.0.0.1:{p4}")]);
+    let field = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=\"")))
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("{k} not in {out}"))
+            .to_string()
+    };
+    assert_eq!(field("ETCD_INITIAL_CLUSTER_STATE"), "existing");
+    let id = out.split_whitespace().nth(1).unwrap().to_string();
+    let n4_log = tc.root.join("n4.log");
+    let mut n4 = Command::new(BIN)
+        .args(["kv", "serve", "--name", "n4", "--api", "etcd"])
+        .arg(format!("--data-dir={}", tc.root.join("n4").display()))
+        .arg(format!("--listen-client-urls=http://127.0.0.1:{c4}"))
+        .arg(format!("--listen-peer-urls={}", field("ETCD_INITIAL_ADVERTISE_PEER_URLS")))
+        .arg(format!("--initial-cluster={}", field("ETCD_INITIAL_CLUSTER")))
+        .args(["--initial-cluster-state", "existing", "--initial-cluster-token", &tc.token])
+        .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&n4_log).unwrap())
+        .spawn()
+        .unwrap();
+    let members = |at: &str| -> Vec<(String, bool)> {
+        let list: serde_json::Value = serde_json::from_str(&ok(at, &["member", "list", "-w", "json"])).unwrap();
+        let mut v: Vec<(String, bool)> = list["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["name"].as_str().unwrap_or("").to_string(), m["isLearner"].as_bool().unwrap_or(false)))
+            .collect();
+        v.sort();
+        v
+    };
+    // Listed as a learner under the name it started with; promoted once it has caught up.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !members(&urls[0]).contains(&("n4".into(), true)) {
+        assert!(Instant::now() < deadline, "{:?}", members(&urls[0]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (promoted, out, err) = etcdctl(&urls[2], &["member", "promote", &id, "--command-timeout=15s"]);
+        if promoted {
+            assert!(out.contains("promoted"), "{out}");
+            break;
+        }
+        assert!(err.contains("in sync with leader"), "{err}");
+        assert!(Instant::now() < deadline, "never promoted: {err}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let n4_url = format!("http://127.0.0.1:{c4}");
+    assert_eq!(ok(&n4_url, &["get", "before", "--print-value-only"]).trim(), "1");
+    // Removing a running member stops it; the others serve on with n4.
+    let (ok3, _, err) = etcdctl(&urls[0], &["member", "remove", "3"]);
+    assert!(ok3, "{err}");
+    let status = tc.servers[2].child.borrow_mut().take().unwrap().wait().unwrap();
+    assert!(status.success(), "a removed member exits cleanly: {status:?}");
+    assert!(tc.log_of(2).contains("removed from the cluster"));
+    assert_eq!(members(&urls[0]), vec![("n1".into(), false), ("n2".into(), false), ("n4".into(), false)]);
+    ok(&n4_url, &["put", "after", "2"]);
+    assert_eq!(ok(&urls[0], &["get", "after", "--print-value-only"]).trim(), "2");
+    // Errors as etcd gives them.
+    let (done, _, err) = etcdctl(&urls[0], &["member", "remove", "99"]);
+    assert!(!done && err.contains("member not found"), "{err}");
+    let (done, _, err) = etcdctl(&urls[0], &["member", "promote", "1"]);
+    assert!(!done && err.contains("can only promote a learner member"), "{err}");
+    let (done, _, err) = etcdctl(&urls[0], &["member", "add", "x", &format!("--peer-urls=http://127.0.0.1:{p4}")]);
+    assert!(!done && err.contains("Peer URLs already exists"), "{err}");
+    let _ = n4.kill();
+    let _ = n4.wait();
     tc.ok = true;
 }

@@ -45,8 +45,14 @@ fn keys(n: usize) -> Vec<String> {
 }
 
 /// Runs `clients` workers while `faults` runs; then checks that the history is linearizable
-/// and that every client's acknowledged appends are present exactly once, in order.
-async fn workload<F: std::future::Future<Output = ()>>(tc: &TestCluster, clients: u64, nkeys: usize, faults: F) {
+/// and that every client's acknowledged appends are present exactly once, in order. Returns the
+/// keys' final values.
+async fn workload<F: std::future::Future<Output = ()>>(
+    tc: &TestCluster,
+    clients: u64,
+    nkeys: usize,
+    faults: F,
+) -> Vec<String> {
     let cluster = tc.connect().await;
     let history = History::default();
     let stop = Rc::new(Cell::new(false));
@@ -72,6 +78,7 @@ async fn workload<F: std::future::Future<Output = ()>>(tc: &TestCluster, clients
     let records = history.records();
     check_appends(&records);
     eprintln!("{} operations checked, appends per client {counts:?}", records.len());
+    values
 }
 
 #[test]
@@ -727,5 +734,100 @@ fn metrics_and_health_answer_on_running_members() {
         assert!(Instant::now() < deadline, "health still {code} without a quorum");
         std::thread::sleep(Duration::from_millis(200));
     }
+    tc.ok = true;
+}
+
+/// The membership as `kv member list -w json` prints it: (name, learner) of each member.
+fn member_list(endpoints: &str) -> Vec<(String, bool)> {
+    let (code, out, err) = cli(endpoints, &["member", "list", "-w", "json"]);
+    assert_eq!(code, 0, "member list: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap().to_string(), m["learner"].as_bool().unwrap()))
+        .collect()
+}
+
+/// A server is lost for good (killed, its data directory deleted) while clients run; a fresh
+/// server on another port replaces it: `kv member add`, started with `--initial-cluster-state
+/// existing`, catches up by snapshot, is promoted by the leader, and the lost one is removed.
+/// The history stays linearizable, nothing acknowledged is lost, and the new member then
+/// carries the majority.
+/// Kills the child when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_lost_server_is_replaced_under_load() {
+    let mut tc = TestCluster::new("replace", 3, &["--snapshot-bytes", "20000"]);
+    let (p4, c4) = (free_port(), free_port());
+    let n4_log = tc.root.join("n4.log");
+    let old = tc.urls().join(",");
+    let n4 = std::cell::RefCell::new(None);
+    run_local(async {
+        let faults = async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            tc.kill9(2);
+            std::fs::remove_dir_all(&tc.servers[2].dir).unwrap();
+            let (code, out, err) =
+                cli(&old, &["member", "add", "n4", "--peer-urls", &format!("http://127.0.0.1:{p4}")]);
+            assert_eq!(code, 0, "member add: {out} {err}");
+            assert!(out.contains("SIXFIVE_INITIAL_CLUSTER_STATE=\"existing\""), "{out}");
+            let child = Command::new(BIN)
+                .args(["kv", "serve", "--name", "n4"])
+                .arg(format!("--data-dir={}", tc.root.join("n4").display()))
+                .arg(format!("--listen-client-urls=http://127.0.0.1:{c4}"))
+                .arg(format!("--listen-peer-urls=http://127.0.0.1:{p4}"))
+                .arg(format!("--initial-cluster={},n4=http://127.0.0.1:{p4}", tc.initial))
+                .args(["--initial-cluster-state", "existing", "--initial-cluster-token", &tc.token])
+                .args(["--heartbeat-interval", "50", "--election-timeout", "500", "--snapshot-bytes", "20000"])
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&n4_log).unwrap())
+                .spawn()
+                .unwrap();
+            *n4.borrow_mut() = Some(KillOnDrop(child));
+            // The leader promotes it once it has caught up.
+            let deadline = Instant::now() + Duration::from_secs(40);
+            while !member_list(&old).contains(&("n4".into(), false)) {
+                let log = std::fs::read_to_string(&n4_log).unwrap_or_default();
+                assert!(Instant::now() < deadline, "n4 was not promoted: {:?}\n{log}", member_list(&old));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let (code, _, err) = cli(&old, &["member", "remove", "n3"]);
+            assert_eq!(code, 0, "member remove: {err}");
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        };
+        let values = workload(&tc, 4, 3, faults).await;
+        let members = member_list(&old);
+        assert_eq!(members, vec![("n1".into(), false), ("n2".into(), false), ("n4".into(), false)]);
+        let new = format!("http://127.0.0.1:{c4}");
+        let cluster = Cluster::connect(std::slice::from_ref(&new), 1_000_000).await.unwrap();
+        let st = cluster.transport.status(cluster.endpoints[0], 1_000_000).await.unwrap();
+        assert!(st.snapshot_index > 0, "n4 caught up by snapshot: {st:?}");
+        let log = std::fs::read_to_string(&n4_log).unwrap();
+        assert!(log.contains("joined the cluster as a learner"), "{log}");
+        // n4 now carries the majority with n2.
+        tc.kill9(0);
+        let cluster = Cluster::connect(&[tc.urls()[1].clone(), new], 1_000_000).await.unwrap();
+        let mut clerk = cluster.clerk(random_u64());
+        assert!(values.iter().any(|v| !v.is_empty()));
+        for (i, want) in values.iter().enumerate() {
+            let got = match clerk.get(&format!("k{i}")).await {
+                Err(sixfive_kv::KvError::NoKey) => String::new(),
+                r => r.unwrap().0,
+            };
+            assert_eq!(&got, want, "key k{i}");
+        }
+    });
+    drop(n4);
     tc.ok = true;
 }

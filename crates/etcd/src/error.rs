@@ -68,6 +68,21 @@ pub enum EtcdError {
     /// A command or query that does not decode (never sent by this crate's service).
     #[error("etcdserver: malformed request")]
     Malformed,
+    /// No member with that id.
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
+    /// A member has these peer URLs already.
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExist,
+    /// Promoting a member that is not a learner.
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    /// Promoting a learner that has not caught up.
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    /// Peer URLs that are not `http://host:port` (one per member here).
+    #[error("etcdserver: given member URLs are invalid")]
+    MemberBadUrls,
 }
 
 /// gRPC status codes (the subset etcd uses), numbered as gRPC numbers them.
@@ -95,10 +110,12 @@ impl EtcdError {
         use EtcdError::*;
         match self {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey | InvalidSortOption
-            | RequestTooLarge | Malformed => Code::InvalidArgument,
+            | RequestTooLarge | Malformed | MemberBadUrls => Code::InvalidArgument,
             Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
-            LeaseNotFound => Code::NotFound,
-            LeaseExist | NotCapable | DuplicateWatchId => Code::FailedPrecondition,
+            LeaseNotFound | MemberNotFound => Code::NotFound,
+            LeaseExist | NotCapable | DuplicateWatchId | PeerUrlExist | MemberNotLearner | LearnerNotReady => {
+                Code::FailedPrecondition
+            }
             NoLeader | LeaderChanged | Stopped | Timeout => Code::Unavailable,
         }
     }

@@ -89,6 +89,6 @@ pub mod service;
 pub mod sm;
 
 pub use error::EtcdError;
-pub use replica::{LocalReplica, Replica, ReplicaError, ReplicaStatus};
+pub use replica::{LocalReplica, MemberChange, Replica, ReplicaError, ReplicaStatus};
 pub use service::{AutoCompaction, EtcdService, ServiceConfig};
 pub use sm::{Command, Config, EtcdSm, Output, Query, QueryOutput};

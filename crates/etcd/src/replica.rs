@@ -62,6 +62,24 @@ pub struct MemberInfo {
     pub peer_urls: Vec<String>,
     /// Client URLs.
     pub client_urls: Vec<String>,
+    /// A learner (receives the log, does not vote).
+    pub is_learner: bool,
+}
+
+/// A membership change asked through etcd's Cluster service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    /// MemberAdd: a new member reached at `peer_urls`; a learner if `learner`.
+    Add {
+        /// Its peer URLs as given.
+        peer_urls: Vec<String>,
+        /// MemberAddAsLearner.
+        learner: bool,
+    },
+    /// MemberPromote.
+    Promote(u64),
+    /// MemberRemove.
+    Remove(u64),
 }
 
 /// What this replica knows of the cluster.
@@ -112,6 +130,11 @@ pub trait Replica: Send + Sync + 'static {
     }
     /// The clock the leader stamps entries with, in microseconds (used for lease expiry).
     fn now(&self) -> Micros;
+    /// Makes a membership change: the id of the member concerned and the members after it.
+    /// A replica without membership changes says it is not capable.
+    async fn change_members(&self, _change: MemberChange) -> Result<(u64, Vec<MemberInfo>), EtcdError> {
+        Err(EtcdError::NotCapable)
+    }
 }
 
 /// A clock in microseconds.
@@ -174,7 +197,13 @@ impl LocalReplica {
             inner: Mutex::new(Local { sm: EtcdSm::new(cfg), index: 0, time: 0 }),
             applied: watch::channel(0).0,
             clock,
-            member: MemberInfo { id: 1, name: "default".into(), peer_urls: vec![], client_urls: vec![] },
+            member: MemberInfo {
+                id: 1,
+                name: "default".into(),
+                peer_urls: vec![],
+                client_urls: vec![],
+                is_learner: false,
+            },
         }
     }
 

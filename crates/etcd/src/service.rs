@@ -26,12 +26,14 @@ use crate::proto::etcdserverpb::{
     self as pb, AlarmRequest, AlarmResponse, CompactionRequest, CompactionResponse, DeleteRangeRequest,
     DeleteRangeResponse, HashKvRequest, HashKvResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
     LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse,
-    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, Member, MemberListRequest, MemberListResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, ResponseHeader, StatusRequest, StatusResponse, TxnRequest, TxnResponse,
-    WatchRequest, WatchResponse, cluster_server, kv_server, lease_server, maintenance_server, watch_server,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, Member, MemberAddRequest, MemberAddResponse, MemberListRequest,
+    MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse,
+    PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader, StatusRequest, StatusResponse, TxnRequest,
+    TxnResponse, WatchRequest, WatchResponse, cluster_server, kv_server, lease_server, maintenance_server,
+    watch_server,
 };
 use crate::proto::mvccpb;
-use crate::replica::Replica;
+use crate::replica::{MemberChange, MemberInfo, Replica};
 use crate::sm::{self, Command, Output, Query, QueryOutput};
 
 /// The etcd API version this server speaks (what Status reports).
@@ -452,19 +454,49 @@ impl<R: Replica> lease_server::Lease for EtcdService<R> {
 #[tonic::async_trait]
 impl<R: Replica> cluster_server::Cluster for EtcdService<R> {
     async fn member_list(&self, _req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
-        let st = self.replica.status();
-        let members = st
-            .members
-            .iter()
-            .map(|m| Member {
-                id: m.id,
-                name: m.name.clone(),
-                peer_ur_ls: m.peer_urls.clone(),
-                client_ur_ls: m.client_urls.clone(),
-                is_learner: false,
-            })
-            .collect();
+        let members = self.replica.status().members.iter().map(to_member).collect();
         Ok(Response::new(MemberListResponse { header: self.header(None), members }))
+    }
+
+    async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        let req = req.into_inner();
+        let change = MemberChange::Add { peer_urls: req.peer_ur_ls.clone(), learner: req.is_learner };
+        let (id, members) = self.replica.change_members(change).await?;
+        let member = Member { id, peer_ur_ls: req.peer_ur_ls, is_learner: req.is_learner, ..Default::default() };
+        Ok(Response::new(MemberAddResponse {
+            header: self.header(None),
+            member: Some(member),
+            members: members.iter().map(to_member).collect(),
+        }))
+    }
+
+    async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+        let (_, members) = self.replica.change_members(MemberChange::Remove(req.into_inner().id)).await?;
+        Ok(Response::new(MemberRemoveResponse {
+            header: self.header(None),
+            members: members.iter().map(to_member).collect(),
+        }))
+    }
+
+    async fn member_promote(
+        &self,
+        req: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
+        let (_, members) = self.replica.change_members(MemberChange::Promote(req.into_inner().id)).await?;
+        Ok(Response::new(MemberPromoteResponse {
+            header: self.header(None),
+            members: members.iter().map(to_member).collect(),
+        }))
+    }
+}
+
+fn to_member(m: &MemberInfo) -> Member {
+    Member {
+        id: m.id,
+        name: m.name.clone(),
+        peer_ur_ls: m.peer_urls.clone(),
+        client_ur_ls: m.client_urls.clone(),
+        is_learner: m.is_learner,
     }
 }
 

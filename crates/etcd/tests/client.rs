@@ -436,7 +436,13 @@ impl Replica for Leaderless {
             commit_index: 0,
             applied_index: 0,
             db_size: 0,
-            members: vec![MemberInfo { id: 2, name: "n2".into(), peer_urls: vec![], client_urls: vec![] }],
+            members: vec![MemberInfo {
+                id: 2,
+                name: "n2".into(),
+                peer_urls: vec![],
+                client_urls: vec![],
+                is_learner: false,
+            }],
         }
     }
     fn now(&self) -> u64 {

@@ -57,6 +57,22 @@ pub struct ConfState {
     pub voters_outgoing: Vec<NodeId>,
     /// Members that receive the log but never vote or count.
     pub learners: Vec<NodeId>,
+    /// The application's bytes that travel with the configuration and follow its rules (in
+    /// effect on append, rolled back with it, kept in snapshots, recovered on restart): what
+    /// etcd puts in a `ConfChangeV2`'s context. The servers keep their member directory here
+    /// (each member's name and peer address), so that every node knows how to reach every
+    /// member of the configuration it uses. Opaque to the core; a change keeps it unless its
+    /// proposer gives a new one ([`crate::RawNode::propose_conf_change_with_context`]).
+    #[serde(with = "crate::bytes")]
+    pub context: Vec<u8>,
+}
+
+/// The layout of configurations written before they carried a context (still read back).
+#[derive(Deserialize)]
+struct ConfStateV1 {
+    voters: Vec<NodeId>,
+    voters_outgoing: Vec<NodeId>,
+    learners: Vec<NodeId>,
 }
 
 /// One step of a configuration change, proposed with [`crate::RawNode::propose_conf_change`].
@@ -149,7 +165,7 @@ impl ConfState {
     pub fn with_voters(mut voters: Vec<NodeId>) -> ConfState {
         voters.sort_unstable();
         voters.dedup();
-        ConfState { voters, voters_outgoing: Vec::new(), learners: Vec::new() }
+        ConfState { voters, voters_outgoing: Vec::new(), learners: Vec::new(), context: Vec::new() }
     }
 
     /// Whether this is the joint configuration `C_old,new`.
@@ -266,12 +282,17 @@ impl ConfState {
         if learners.iter().any(|l| outgoing.contains(l)) {
             return invalid("a voter cannot become a learner in one change (remove it, then add it)".into());
         }
-        Ok(ConfState { voters, voters_outgoing: outgoing, learners })
+        Ok(ConfState { voters, voters_outgoing: outgoing, learners, context: self.context.clone() })
     }
 
     /// The configuration that leaves the joint state: the incoming voters alone.
     pub fn leave_joint(&self) -> ConfState {
-        ConfState { voters: self.voters.clone(), voters_outgoing: Vec::new(), learners: self.learners.clone() }
+        ConfState {
+            voters: self.voters.clone(),
+            voters_outgoing: Vec::new(),
+            learners: self.learners.clone(),
+            context: self.context.clone(),
+        }
     }
 
     /// Encodes this configuration as the data of an [`EntryKind::ConfChange`] entry.
@@ -279,9 +300,18 @@ impl ConfState {
         postcard::to_allocvec(self).expect("configurations encode")
     }
 
-    /// Decodes the data of an [`EntryKind::ConfChange`] entry.
+    /// Decodes the data of an [`EntryKind::ConfChange`] entry (also one written before
+    /// configurations carried a context: its context is empty).
     pub fn decode(data: &[u8]) -> Option<ConfState> {
-        postcard::from_bytes(data).ok()
+        postcard::from_bytes(data).ok().or_else(|| {
+            let v1: ConfStateV1 = postcard::from_bytes(data).ok()?;
+            Some(ConfState {
+                voters: v1.voters,
+                voters_outgoing: v1.voters_outgoing,
+                learners: v1.learners,
+                context: Vec::new(),
+            })
+        })
     }
 
     /// Panics unless the lists are sorted, distinct and learners are not voters.

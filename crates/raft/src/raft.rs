@@ -249,9 +249,30 @@ impl Raft {
             }
         }
         if self.log.committed >= self.conf_at.0 {
-            let conf = &self.conf;
-            self.progress.retain(|id, _| conf.is_member(*id));
+            // A member the configuration removed stays tracked (and gets heartbeats carrying
+            // the commit index) until it holds the entry that removed it; it is dropped with a
+            // last heartbeat that tells it the entry is committed, so it knows its removal is
+            // final (rule 6) and its server can stop. (One that never answers is dropped at the
+            // next change.)
+            let (conf, at, committed, seq) = (&self.conf, self.conf_at.0, self.log.committed, self.read_only.seq);
+            let mut told = Vec::new();
+            self.progress.retain(|id, p| {
+                if conf.is_member(*id) || p.match_index < at {
+                    return true;
+                }
+                told.push((*id, p.match_index.min(committed)));
+                false
+            });
+            for (to, commit) in told {
+                self.send(to, MessageBody::Heartbeat { commit, read_seq: seq });
+            }
         }
+    }
+
+    /// Leader, before a new change: stops tracking members that left and never acknowledged it.
+    fn forget_departed(&mut self) {
+        let conf = &self.conf;
+        self.progress.retain(|id, _| conf.is_member(*id));
     }
 
     /// Whether a change is under way: the latest configuration is uncommitted or joint.
@@ -259,7 +280,11 @@ impl Raft {
         self.conf_at.0 > self.log.committed || self.conf.is_joint()
     }
 
-    pub(crate) fn propose_conf_change(&mut self, changes: &[ConfChange]) -> Result<(Index, Term), ConfChangeError> {
+    pub(crate) fn propose_conf_change(
+        &mut self,
+        changes: &[ConfChange],
+        context: Option<Vec<u8>>,
+    ) -> Result<(Index, Term), ConfChangeError> {
         if self.role != Role::Leader {
             return Err(ConfChangeError::NotLeader { leader: self.leader });
         }
@@ -269,7 +294,11 @@ impl Raft {
         if self.change_pending() || !self.committed_in_term() {
             return Err(ConfChangeError::ChangeInProgress);
         }
-        let next = self.conf.apply(changes)?;
+        let mut next = self.conf.apply(changes)?;
+        self.forget_departed();
+        if let Some(c) = context {
+            next.context = c;
+        }
         // A node becomes a voter only once it holds everything the leader has committed and
         // streams in order: it then cannot stall the new quorum (thesis section 4.2.1).
         let needed = self.log.committed;
@@ -925,6 +954,11 @@ impl Raft {
             pr.become_replicate();
         }
         self.maybe_commit();
+        if !self.conf.is_member(from) {
+            // A departed member caught up with its removal: tell it, and stop tracking it.
+            self.sync_progress();
+            return;
+        }
         if self.lead_transferee == Some(from) && self.progress[&from].match_index == self.log.last_index() {
             self.send_timeout_now(from);
         }

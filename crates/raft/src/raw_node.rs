@@ -292,7 +292,21 @@ impl RawNode {
     /// (a change of voters passes through a joint configuration that the leader leaves on its
     /// own).
     pub fn propose_conf_change(&mut self, changes: &[ConfChange]) -> Result<(Index, Term), ConfChangeError> {
-        let r = self.raft.propose_conf_change(changes);
+        let r = self.raft.propose_conf_change(changes, None);
+        self.check();
+        r
+    }
+
+    /// [`RawNode::propose_conf_change`] that also replaces the configuration's
+    /// [`ConfState::context`] (the application's bytes that travel with it, e.g. where each
+    /// member listens). The context follows the configuration's rules: in effect once
+    /// appended, rolled back if the entry is truncated, kept in snapshots.
+    pub fn propose_conf_change_with_context(
+        &mut self,
+        changes: &[ConfChange],
+        context: Vec<u8>,
+    ) -> Result<(Index, Term), ConfChangeError> {
+        let r = self.raft.propose_conf_change(changes, Some(context));
         self.check();
         r
     }

@@ -136,7 +136,12 @@ impl Net {
 }
 
 fn conf(voters: &[NodeId], outgoing: &[NodeId], learners: &[NodeId]) -> ConfState {
-    ConfState { voters: voters.to_vec(), voters_outgoing: outgoing.to_vec(), learners: learners.to_vec() }
+    ConfState {
+        voters: voters.to_vec(),
+        voters_outgoing: outgoing.to_vec(),
+        learners: learners.to_vec(),
+        context: Vec::new(),
+    }
 }
 
 /// A cluster of 1, 2, 3 led by 1 with learner 4 caught up.
@@ -532,4 +537,74 @@ fn transfer_to_promoted_learner() {
     assert_eq!(net.status(4).role, Role::Leader);
     let i = net.propose(4, b"from 4");
     assert_eq!(net.status(4).commit, i, "the new leader commits");
+}
+
+/// The context travels with the configuration: in effect on append on every node, kept by
+/// changes that give none (leaving the joint state too), rolled back with a truncated change,
+/// carried by snapshots and recovered on restart.
+#[test]
+fn context_follows_the_configuration() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.add_node(4);
+    net.node(1).propose_conf_change_with_context(&[ConfChange::AddLearner(4)], b"dir:1234".to_vec()).unwrap();
+    net.stabilize();
+    net.tick_all(30);
+    for id in 1..=4 {
+        assert_eq!(net.status(id).conf.context, b"dir:1234", "node {id}");
+    }
+    // A change without a context keeps it, through the joint phase and out of it.
+    net.change(1, &[ConfChange::Promote(4)]);
+    net.tick_all(5);
+    assert!(!net.status(1).conf.is_joint());
+    assert_eq!(net.status(1).conf.voters, vec![1, 2, 3, 4]);
+    for id in 1..=4 {
+        assert_eq!(net.status(id).conf.context, b"dir:1234", "node {id} after promotion");
+    }
+    // A change whose entry a new leader truncates takes its context with it.
+    net.isolate(1);
+    net.node(1).propose_conf_change_with_context(&[ConfChange::Remove(4)], b"dir:123".to_vec()).unwrap();
+    net.stabilize();
+    assert_eq!(net.status(1).conf.context, b"dir:123", "in effect on append");
+    net.elect(2);
+    net.propose(2, b"x");
+    net.heal();
+    net.tick_all(30);
+    assert_eq!(net.status(1).leader, Some(2));
+    assert_eq!(net.status(1).conf.context, b"dir:1234", "rolled back with its entry");
+    // Snapshots carry it; a restart recovers it from the snapshot alone.
+    let applied = net.status(2).applied;
+    let snap = net.node(2).compact(applied, b"image".to_vec()).unwrap();
+    assert_eq!(snap.conf_state().map(|c| c.context), Some(b"dir:1234".to_vec()));
+    assert_eq!(snap.app_data(), b"image");
+    let state = RestoredState { hard_state: HardState::default(), snapshot: Some(snap), entries: vec![] };
+    let again = RawNode::restart(Config::new(2, vec![1, 2, 3]), state).unwrap();
+    assert_eq!(again.status().conf.context, b"dir:1234");
+    // A configuration written before contexts existed still decodes, with none.
+    #[derive(serde::Serialize)]
+    struct V1 {
+        voters: Vec<NodeId>,
+        voters_outgoing: Vec<NodeId>,
+        learners: Vec<NodeId>,
+    }
+    let old = postcard::to_allocvec(&V1 { voters: vec![1, 2], voters_outgoing: vec![], learners: vec![3] }).unwrap();
+    assert_eq!(ConfState::decode(&old), Some(conf(&[1, 2], &[], &[3])));
+}
+
+/// A removed follower learns that the configuration removing it is committed (so its server
+/// may stop for good), and the leader then stops tracking it.
+#[test]
+fn removed_follower_learns_its_removal_is_final() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, b"a");
+    net.change(1, &[ConfChange::Remove(3)]);
+    net.tick_all(5);
+    let l = net.status(1);
+    assert_eq!(l.conf, conf(&[1, 2], &[], &[]));
+    assert!(l.commit >= l.conf_index);
+    let st = net.status(3);
+    assert!(st.removed, "{st:?}");
+    assert!(st.commit >= l.conf_index, "node 3 knows its removal is committed: {st:?}");
+    assert!(!net.nodes[&1].progress().contains_key(&3), "the leader stopped tracking it");
 }

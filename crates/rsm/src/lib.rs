@@ -175,6 +175,9 @@ impl From<ConfChangeError> for SubmitError {
 pub struct Membership {
     /// The configuration in effect on this node (the latest in its log).
     pub conf: ConfState,
+    /// The index of the entry that carries it (that of the snapshot, or 0 for the bootstrap
+    /// configuration, when the log holds none).
+    pub conf_index: Index,
     /// Whether it is committed (a change under way is not, or is still joint).
     pub settled: bool,
     /// Who this node believes leads.
@@ -326,10 +329,38 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
         Ok(id)
     }
 
+    /// [`Rsm::change_membership`] that also replaces the configuration's context (see
+    /// [`ConfState::context`]: the servers keep their member directory there), only if the
+    /// configuration in effect is still the one at `conf_index` ([`Membership::conf_index`]):
+    /// the caller computed the new context from that one, and must not overwrite a context
+    /// another change wrote since. Refused (retryable) otherwise.
+    pub fn change_membership_with(
+        &mut self,
+        changes: &[ConfChange],
+        context: Vec<u8>,
+        conf_index: Index,
+    ) -> Result<SubmitId, SubmitError> {
+        let now = self.raw.status().conf_index;
+        if now != conf_index {
+            return Err(SubmitError::MembershipRefused {
+                retryable: true,
+                reason: format!(
+                    "the configuration changed (now the one at index {now}, not {conf_index}); read it again"
+                ),
+            });
+        }
+        let id = self.next_id;
+        let (index, term) = self.raw.propose_conf_change_with_context(changes, context)?;
+        self.next_id += 1;
+        self.pending.insert(index, (term, id));
+        Ok(id)
+    }
+
     /// The membership as this node sees it.
     pub fn membership(&self) -> Membership {
         let st = self.raw.status();
         Membership {
+            conf_index: st.conf_index,
             settled: !st.conf.is_joint() && st.commit >= st.conf_index,
             conf: st.conf,
             leader: st.leader,
@@ -599,6 +630,11 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     pub fn raw(&mut self) -> &mut RawNode {
         &mut self.raw
     }
+
+    /// The Raft node, to look at (e.g. the leader's progress of each member).
+    pub fn raw_node(&self) -> &RawNode {
+        &self.raw
+    }
 }
 
 /// A client's request to an [`RsmNode`].
@@ -610,6 +646,17 @@ pub enum RsmRequest {
     Query(#[serde(with = "sixfive_raft::bytes")] Vec<u8>),
     /// Change the membership (see [`Rsm::change_membership`]); answered once applied.
     ChangeMembership(Vec<ConfChange>),
+    /// Change the membership and the configuration's context, if the configuration is still
+    /// the one at `conf_index` (see [`Rsm::change_membership_with`]); answered once applied.
+    ChangeMembershipWith {
+        /// The steps.
+        changes: Vec<ConfChange>,
+        /// The new context.
+        #[serde(with = "sixfive_raft::bytes")]
+        context: Vec<u8>,
+        /// The configuration the context was computed from.
+        conf_index: Index,
+    },
     /// Report the membership as the receiving node sees it, at once: a postcard-encoded
     /// [`Membership`] (not linearizable; ask the leader for the latest).
     Membership,
@@ -788,6 +835,9 @@ impl<S: Storage, M: StateMachine> Node for RsmNode<S, M> {
             }
             Ok(RsmRequest::Query(q)) => self.rsm.query(q),
             Ok(RsmRequest::ChangeMembership(changes)) => self.rsm.change_membership(&changes),
+            Ok(RsmRequest::ChangeMembershipWith { changes, context, conf_index }) => {
+                self.rsm.change_membership_with(&changes, context, conf_index)
+            }
             Ok(RsmRequest::Membership) => {
                 let m = postcard::to_allocvec(&self.rsm.membership()).expect("encodes");
                 ctx.reply(from, call, postcard::to_allocvec(&RsmReply::Done(m)).expect("encodes"));

@@ -139,3 +139,35 @@ fn membership_requests_refused_cleanly() {
         });
     });
 }
+
+/// A change with a context is made only against the configuration it was computed from: a
+/// stale one is refused (retryable) and changes nothing; the context reaches every member.
+#[test]
+fn change_with_context_is_conditional() {
+    run_seeds("change_with_context_is_conditional", 1, |seed| {
+        let cl = Rc::new(RsmCluster::new(seed, 3, NetConfig::default(), None, Inc::default));
+        let (cl2, c) = (cl.clone(), cl.world.client(999));
+        cl.world.block_on(async move {
+            let l = cl2.wait_leader(&c).await;
+            c.sleep(SEC).await;
+            let base = cl2.membership(l).unwrap().conf_index;
+            let new = cl2.add_server();
+            let change = |context: &[u8], conf_index| RsmRequest::ChangeMembershipWith {
+                changes: vec![ConfChange::AddLearner(new)],
+                context: context.to_vec(),
+                conf_index,
+            };
+            let r = request(&c, l, &change(b"stale", base + 1), SEC).await.unwrap();
+            assert!(matches!(r, RsmReply::Failed(SubmitError::MembershipRefused { retryable: true, .. })), "{r:?}");
+            assert_eq!(cl2.membership(l).unwrap().conf_index, base, "a refused change changes nothing");
+            let r = request(&c, l, &change(b"dir", base), SEC).await.unwrap();
+            assert!(matches!(r, RsmReply::Done(_)), "{r:?}");
+            c.sleep(2 * SEC).await;
+            for id in [1, 2, 3, new] {
+                let m = cl2.membership(id).unwrap();
+                assert_eq!((m.conf.context.as_slice(), m.conf.learners.as_slice()), (&b"dir"[..], &[new][..]), "{id}");
+                assert!(m.conf_index > base);
+            }
+        });
+    });
+}

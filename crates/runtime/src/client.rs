@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::driver::now_micros;
 use crate::frame::{self, MAX_CLIENT_FRAME};
+use crate::members::{ChangeError, MemberOp, MembersView};
 use crate::proto::{ClientMsg, MemberStatus, ServerMsg};
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerMsg>>>>;
@@ -103,9 +104,11 @@ impl TcpTransport {
             let mut r = BufReader::with_capacity(1 << 16, r);
             while let Ok(m) = frame::read_msg::<_, ServerMsg>(&mut r, MAX_CLIENT_FRAME).await {
                 let call = match &m {
-                    ServerMsg::Hello { call, .. } | ServerMsg::Reply { call, .. } | ServerMsg::Status { call, .. } => {
-                        *call
-                    }
+                    ServerMsg::Hello { call, .. }
+                    | ServerMsg::Reply { call, .. }
+                    | ServerMsg::Status { call, .. }
+                    | ServerMsg::Members { call, .. }
+                    | ServerMsg::MembersChanged { call, .. } => *call,
                 };
                 if let Some(tx) = pending.lock().expect("pending").remove(&call) {
                     let _ = tx.send(m);
@@ -151,6 +154,29 @@ impl TcpTransport {
     pub async fn hello(&self, to: Endpoint, timeout: Micros) -> Result<(u64, u64, String), RpcError> {
         match self.request(to, |call| ClientMsg::Hello { call }, timeout).await? {
             ServerMsg::Hello { cluster_id, id, name, .. } => Ok((cluster_id, id, name)),
+            _ => Err(RpcError::Failed),
+        }
+    }
+
+    /// The membership as server `to` sees it.
+    pub async fn members(&self, to: Endpoint, timeout: Micros) -> Result<MembersView, RpcError> {
+        match self.request(to, |call| ClientMsg::Members { call }, timeout).await? {
+            ServerMsg::Members { members, .. } => Ok(members),
+            _ => Err(RpcError::Failed),
+        }
+    }
+
+    /// Asks server `to` to make membership change `op` at the leader: the id of the member
+    /// concerned and the membership the change was planned from, or why it failed (the
+    /// server tries for up to 10 s; give a longer timeout).
+    pub async fn change_members(
+        &self,
+        to: Endpoint,
+        op: MemberOp,
+        timeout: Micros,
+    ) -> Result<Result<(u64, MembersView), ChangeError>, RpcError> {
+        match self.request(to, |call| ClientMsg::ChangeMembers { call, op }, timeout).await? {
+            ServerMsg::MembersChanged { result, .. } => Ok(result),
             _ => Err(RpcError::Failed),
         }
     }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sixfive_etcd::replica::MemberInfo;
-use sixfive_etcd::{EtcdService, EtcdSm, Replica, ReplicaError, ReplicaStatus, ServiceConfig};
+use sixfive_etcd::{EtcdError, EtcdService, EtcdSm, MemberChange, Replica, ReplicaError, ReplicaStatus, ServiceConfig};
 use sixfive_rpc::Micros;
 use sixfive_rsm::{RsmReply, RsmRequest, SubmitError};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,6 +34,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{error, warn};
 
 use crate::driver;
+use crate::members::{ChangeError, MemberEntry, MemberOp};
 use crate::server::{ServeConfig, Served, Shared, serve_client};
 
 /// How long a request may wait for a leader and its answer (etcd: 5 s plus two election
@@ -203,13 +204,15 @@ impl Replica for NodeReplica {
         let http = |v: &[String]| v.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>();
         let members = self
             .sh
+            .members_view()
             .members
             .iter()
-            .map(|(id, p)| MemberInfo {
-                id: *id,
-                name: p.name.clone(),
-                peer_urls: http(std::slice::from_ref(&p.addr)),
-                client_urls: client_urls.get(id).map(|u| http(u)).unwrap_or_default(),
+            .map(|m| MemberInfo {
+                id: m.id,
+                name: m.name.clone(),
+                peer_urls: http(std::slice::from_ref(&m.peer_addr)),
+                client_urls: client_urls.get(&m.id).map(|u| http(u)).unwrap_or_default(),
+                is_learner: m.learner,
             })
             .collect();
         let db = ["raft.log", "raft.snapshot"]
@@ -234,5 +237,56 @@ impl Replica for NodeReplica {
 
     fn now(&self) -> Micros {
         driver::now_micros()
+    }
+
+    async fn change_members(&self, change: MemberChange) -> Result<(u64, Vec<MemberInfo>), EtcdError> {
+        let op = match change {
+            MemberChange::Add { peer_urls, learner } => {
+                let [url] = peer_urls.as_slice() else { return Err(EtcdError::MemberBadUrls) };
+                let peer_addr = crate::server::parse_url(url).map_err(|_| EtcdError::MemberBadUrls)?;
+                // etcd's MemberAdd names no member: the name is the one it starts with.
+                MemberOp::Add { name: String::new(), peer_addr, learner }
+            }
+            MemberChange::Promote(id) => MemberOp::Promote(id),
+            MemberChange::Remove(id) => MemberOp::Remove(id),
+        };
+        let (id, mut view) = self.sh.change_members(&op).await.map_err(|e| match e {
+            ChangeError::NotFound(_) => EtcdError::MemberNotFound,
+            ChangeError::Exists(_) => EtcdError::PeerUrlExist,
+            ChangeError::NotLearner(_) => EtcdError::MemberNotLearner,
+            ChangeError::LearnerBehind(_) => EtcdError::LearnerNotReady,
+            ChangeError::Invalid(why) => {
+                warn!("membership change refused: {why}");
+                EtcdError::MemberBadUrls
+            }
+            ChangeError::Unavailable(_) => EtcdError::Timeout,
+        })?;
+        // The members after the change, from the leader's view before it.
+        match op {
+            MemberOp::Add { name, peer_addr, learner } => view.members.push(MemberEntry {
+                id,
+                name,
+                peer_addr,
+                client_urls: vec![],
+                learner: true,
+                promote: !learner,
+            }),
+            MemberOp::Promote(id) => view.members.iter_mut().filter(|m| m.id == id).for_each(|m| m.learner = false),
+            MemberOp::Remove(id) => view.members.retain(|m| m.id != id),
+        }
+        let urls = self.sh.peers.client_urls();
+        let http = |v: &[String]| v.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>();
+        let members = view
+            .members
+            .iter()
+            .map(|m| MemberInfo {
+                id: m.id,
+                name: m.name.clone(),
+                peer_urls: http(std::slice::from_ref(&m.peer_addr)),
+                client_urls: urls.get(&m.id).map(|u| http(u)).unwrap_or_default(),
+                is_learner: m.learner,
+            })
+            .collect();
+        Ok((id, members))
     }
 }

@@ -23,6 +23,7 @@ pub mod client;
 pub mod driver;
 pub mod etcd;
 pub mod frame;
+pub mod members;
 pub mod metrics;
 pub mod peer;
 pub mod proto;

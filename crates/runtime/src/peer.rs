@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use sixfive_raft::NodeId;
@@ -32,7 +32,7 @@ use tracing::{debug, error, info, warn};
 use crate::driver::Input;
 use crate::frame::{self, FrameError, MAX_PEER_FRAME};
 use crate::metrics::Metrics;
-use crate::proto::{PEER_MAGIC, PeerFrame, PeerHello, PeerWelcome};
+use crate::proto::{JOIN_MAGIC, JoinAnswer, JoinRequest, PEER_MAGIC, PeerFrame, PeerHello, PeerWelcome};
 
 /// Frames queued for one peer before new Raft messages are dropped.
 pub const PEER_QUEUE: usize = 4096;
@@ -149,7 +149,7 @@ impl Calls {
 }
 
 /// A member of the cluster, as its peers reach it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {
     /// Name.
     pub name: String,
@@ -157,23 +157,47 @@ pub struct Peer {
     pub addr: String,
 }
 
-/// The outgoing side of the peer transport.
+/// One link: the queue of frames to send, the connections accepted from the peer (when it
+/// dials), and the task that runs it (dropping the entry ends the task).
+struct LinkEntry {
+    peer: Peer,
+    queue: QueueTx,
+    accepted: Option<mpsc::Sender<TcpStream>>,
+    _task: AbortOnDrop,
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop<T = ()>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts the task of a link to a peer, given its queue's receiver and, for a peer that dials
+/// us, where its accepted connections arrive.
+type SpawnLink = Box<dyn Fn(NodeId, &Peer, QueueRx, Option<mpsc::Receiver<TcpStream>>) -> AbortOnDrop + Send + Sync>;
+
+/// The outgoing side of the peer transport. The set of peers follows the membership
+/// ([`PeerNet::set_members`]).
 pub struct PeerNet {
-    queues: BTreeMap<NodeId, (String, QueueTx)>,
+    links: Arc<RwLock<BTreeMap<NodeId, LinkEntry>>>,
+    spawn_link: SpawnLink,
+    shared: Arc<LinkShared>,
     metrics: Arc<Metrics>,
     /// Forwarded requests waiting for the peer's reply.
     pub calls: Arc<Calls>,
-    client_urls: Arc<Mutex<BTreeMap<NodeId, Vec<String>>>>,
-    connected: Arc<Mutex<std::collections::BTreeSet<NodeId>>>,
 }
 
 impl PeerNet {
     fn queue(&self, to: NodeId, f: PeerFrame) -> bool {
-        match self.queues.get(&to) {
-            Some((name, q)) => {
-                let ok = q.push(f);
+        let links = self.links.read().expect("links");
+        match links.get(&to) {
+            Some(l) => {
+                let ok = l.queue.push(f);
                 if !ok {
-                    self.metrics.dropped(name);
+                    self.metrics.dropped(&l.peer.name);
                 }
                 ok
             }
@@ -190,7 +214,7 @@ impl PeerNet {
     /// which fails if the connection goes down first. None if it could not be queued (unknown
     /// or unconnected member, or a full queue).
     pub fn call(&self, to: NodeId, body: Vec<u8>) -> Option<(u64, oneshot::Receiver<Vec<u8>>)> {
-        if !self.connected.lock().expect("connected").contains(&to) {
+        if !self.shared.connected.lock().expect("connected").contains(&to) {
             return None;
         }
         let (call, rx) = self.calls.open_to(Some(to));
@@ -210,7 +234,44 @@ impl PeerNet {
 
     /// The client URLs each member told when it last connected.
     pub fn client_urls(&self) -> BTreeMap<NodeId, Vec<String>> {
-        self.client_urls.lock().expect("client urls").clone()
+        self.shared.client_urls.lock().expect("client urls").clone()
+    }
+
+    /// The name each member told when it last connected.
+    pub fn names(&self) -> BTreeMap<NodeId, String> {
+        self.shared.names.lock().expect("names").clone()
+    }
+
+    /// Makes the links follow the membership: `members` are the members this one exchanges
+    /// messages with (itself may be listed: it is skipped); links to others close, new ones
+    /// open, a member whose address changed is reached at the new one. `directory` is the whole
+    /// directory, for answering servers that join.
+    pub fn set_members(&self, members: &BTreeMap<NodeId, Peer>, directory: &BTreeMap<NodeId, Peer>) {
+        *self.shared.directory.write().expect("directory") = directory.clone();
+        let me = self.shared.me.id;
+        let mut links = self.links.write().expect("links");
+        let gone: Vec<NodeId> =
+            links.iter().filter(|(id, l)| members.get(id) != Some(&l.peer)).map(|(id, _)| *id).collect();
+        for id in gone {
+            let l = links.remove(&id).expect("listed");
+            info!(peer = %l.peer.name, id, "no longer a peer: link closed");
+            self.shared.connected.lock().expect("connected").remove(&id);
+            self.calls.fail_forwarded_to(id);
+        }
+        for (&id, peer) in members.iter().filter(|(id, _)| **id != me) {
+            if links.contains_key(&id) {
+                continue;
+            }
+            let (tx, rx) = peer_queue();
+            let (accepted, from_them) = if id < me {
+                let (atx, arx) = mpsc::channel(4);
+                (Some(atx), Some(arx))
+            } else {
+                (None, None)
+            };
+            let task = (self.spawn_link)(id, peer, rx, from_them);
+            links.insert(id, LinkEntry { peer: peer.clone(), queue: tx, accepted, _task: task });
+        }
     }
 }
 
@@ -223,10 +284,14 @@ pub struct Me {
     pub cluster_id: u64,
     /// Client URLs (`host:port`) told to the peers.
     pub client_urls: Vec<String>,
+    /// Name told to the peers.
+    pub name: String,
 }
 
 /// Starts the peer transport of member `me` on the current tokio runtime: accepts on
-/// `listeners`, dials the members with higher ids, and delivers what arrives to `input`.
+/// `listeners`, links to `members` (see [`PeerNet::set_members`]; the member with the lower id
+/// of a pair dials), delivers what arrives to `input`, and answers servers asking to join from
+/// the directory last given.
 pub fn start<N: Send + 'static>(
     me: Me,
     members: &BTreeMap<NodeId, Peer>,
@@ -235,66 +300,53 @@ pub fn start<N: Send + 'static>(
     metrics: Arc<Metrics>,
 ) -> (PeerNet, Vec<tokio::task::JoinHandle<()>>) {
     let calls = Arc::new(Calls::default());
-    let client_urls = Arc::new(Mutex::new(BTreeMap::from([(me.id, me.client_urls.clone())])));
-    let connected = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
-    let shared = Arc::new(LinkShared {
-        me: me.clone(),
-        calls: calls.clone(),
-        client_urls: client_urls.clone(),
-        connected: connected.clone(),
-    });
-    let me = me.id;
-    let mut queues = BTreeMap::new();
-    let mut accepted = BTreeMap::new();
-    let mut tasks = Vec::new();
     // Dial from our own advertised address, so that traffic between members is told apart by
     // address (each member on its own loopback address can be partitioned by firewall rules).
     let local = members
-        .get(&me)
+        .get(&me.id)
         .and_then(|p| p.addr.rsplit_once(':'))
         .and_then(|(h, _)| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok());
-    for (&id, peer) in members.iter().filter(|(id, _)| **id != me) {
-        let (tx, rx) = peer_queue();
-        queues.insert(id, (peer.name.clone(), tx));
-        let link = Link {
-            shared: shared.clone(),
-            local,
-            peer: id,
-            name: peer.name.clone(),
-            addr: peer.addr.clone(),
-            input: input.clone(),
-            metrics: metrics.clone(),
-        };
-        let from_them = if id < me {
-            let (atx, arx) = mpsc::channel(4);
-            accepted.insert(id, atx);
-            Some(arx)
-        } else {
-            None
-        };
-        tasks.push(tokio::spawn(link.run(rx, from_them)));
-    }
-    let accepted = Arc::new(accepted);
-    let names: Arc<BTreeMap<NodeId, String>> = Arc::new(members.iter().map(|(i, p)| (*i, p.name.clone())).collect());
+    let shared = Arc::new(LinkShared {
+        me: me.clone(),
+        calls: calls.clone(),
+        client_urls: Mutex::new(BTreeMap::from([(me.id, me.client_urls.clone())])),
+        names: Mutex::new(BTreeMap::from([(me.id, me.name.clone())])),
+        connected: Mutex::new(std::collections::BTreeSet::new()),
+        directory: RwLock::new(members.clone()),
+    });
+    let links: Arc<RwLock<BTreeMap<NodeId, LinkEntry>>> = Arc::default();
+    let rt = tokio::runtime::Handle::current();
+    let spawn_link: SpawnLink = {
+        let (shared, metrics) = (shared.clone(), metrics.clone());
+        Box::new(move |id, peer: &Peer, rx, from_them| {
+            let link = Link {
+                shared: shared.clone(),
+                local,
+                peer: id,
+                name: peer.name.clone(),
+                addr: peer.addr.clone(),
+                input: input.clone(),
+                metrics: metrics.clone(),
+            };
+            AbortOnDrop(rt.spawn(link.run(rx, from_them)))
+        })
+    };
+    let mut tasks = Vec::new();
     for l in listeners {
-        let accepted = accepted.clone();
-        let names = names.clone();
-        let metrics = metrics.clone();
-        let shared = shared.clone();
+        let (links, metrics, shared) = (links.clone(), metrics.clone(), shared.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let Ok((stream, addr)) = l.accept().await else { continue };
-                let accepted = accepted.clone();
-                let names = names.clone();
-                let metrics = metrics.clone();
-                let shared = shared.clone();
+                let (links, metrics, shared) = (links.clone(), metrics.clone(), shared.clone());
                 tokio::spawn(async move {
-                    match handshake(stream, &shared, &names).await {
-                        Ok((from, stream)) => {
-                            if let Some(tx) = accepted.get(&from) {
+                    match handshake(stream, &shared, &links).await {
+                        Ok(Some((from, stream))) => {
+                            let tx = links.read().expect("links").get(&from).and_then(|l| l.accepted.clone());
+                            if let Some(tx) = tx {
                                 let _ = tx.send(stream).await;
                             }
                         }
+                        Ok(None) => {}
                         Err(HandshakeError::Refused(reason)) => {
                             metrics.bad_connection("peer");
                             error!("refusing peer connection from {addr}: {reason}");
@@ -308,20 +360,51 @@ pub fn start<N: Send + 'static>(
             }
         }));
     }
-    (PeerNet { queues, metrics, calls, client_urls, connected }, tasks)
+    let net = PeerNet { links, spawn_link, shared, metrics, calls };
+    net.set_members(members, members);
+    (net, tasks)
+}
+
+/// Asks the members at `contacts` (peer addresses), one after the other, to let server `name`
+/// at `peer_addr` join: the first that answers decides. An error names every contact's failure.
+pub async fn join(contacts: &[String], name: &str, peer_addr: &str) -> Result<JoinAnswer, String> {
+    let mut failures = Vec::new();
+    for c in contacts {
+        let ask = async {
+            let mut s = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(c))
+                .await
+                .map_err(|_| "connect timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+            let req = JoinRequest { magic: JOIN_MAGIC, name: name.to_string(), peer_addr: peer_addr.to_string() };
+            frame::write_msg(&mut s, &req).await.map_err(|e| e.to_string())?;
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_msg::<_, JoinAnswer>(&mut s, 1 << 20))
+                .await
+                .map_err(|_| "no answer".to_string())?
+                .map_err(|e| e.to_string())
+        };
+        match ask.await {
+            Ok(a) => return Ok(a),
+            Err(e) => failures.push(format!("http://{c}: {e}")),
+        }
+    }
+    Err(failures.join("; "))
 }
 
 /// What every link of a member shares.
 struct LinkShared {
     me: Me,
     calls: Arc<Calls>,
-    client_urls: Arc<Mutex<BTreeMap<NodeId, Vec<String>>>>,
-    connected: Arc<Mutex<std::collections::BTreeSet<NodeId>>>,
+    client_urls: Mutex<BTreeMap<NodeId, Vec<String>>>,
+    names: Mutex<BTreeMap<NodeId, String>>,
+    connected: Mutex<std::collections::BTreeSet<NodeId>>,
+    /// The whole member directory, for servers that join.
+    directory: RwLock<BTreeMap<NodeId, Peer>>,
 }
 
 impl LinkShared {
-    fn learned(&self, peer: NodeId, urls: Vec<String>) {
+    fn learned(&self, peer: NodeId, name: String, urls: Vec<String>) {
         self.client_urls.lock().expect("client urls").insert(peer, urls);
+        self.names.lock().expect("names").insert(peer, name);
     }
 }
 
@@ -330,16 +413,34 @@ enum HandshakeError {
     Frame(FrameError),
 }
 
+/// Answers a connection's first frame: a peer's hello (Some: the connection is the peer's) or a
+/// joining server's request (answered, then closed: None).
 async fn handshake(
     mut stream: TcpStream,
     shared: &LinkShared,
-    names: &BTreeMap<NodeId, String>,
-) -> Result<(NodeId, TcpStream), HandshakeError> {
+    links: &RwLock<BTreeMap<NodeId, LinkEntry>>,
+) -> Result<Option<(NodeId, TcpStream)>, HandshakeError> {
     let (me, cluster_id) = (shared.me.id, shared.me.cluster_id);
-    let hello: PeerHello = tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_msg(&mut stream, 1 << 16))
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read(&mut stream, 1 << 16))
         .await
         .map_err(|_| HandshakeError::Frame(FrameError::Io(std::io::ErrorKind::TimedOut.into())))?
         .map_err(HandshakeError::Frame)?;
+    if first.starts_with(&JOIN_MAGIC) {
+        let req: JoinRequest =
+            postcard::from_bytes(&first).map_err(|e| HandshakeError::Frame(FrameError::Decode(e.to_string())))?;
+        let answer = join_answer(&req, cluster_id, &shared.directory.read().expect("directory"));
+        let _ = frame::write_msg(&mut stream, &answer).await;
+        return match answer {
+            JoinAnswer::Accepted { id, .. } => {
+                info!(name = %req.name, id, "told a joining member who it is");
+                Ok(None)
+            }
+            JoinAnswer::Refused(why) => Err(HandshakeError::Refused(why)),
+        };
+    }
+    let hello: PeerHello =
+        postcard::from_bytes(&first).map_err(|e| HandshakeError::Frame(FrameError::Decode(e.to_string())))?;
+    let known = links.read().expect("links").contains_key(&hello.from);
     let refusal = if hello.magic != PEER_MAGIC {
         Some("not a sixfive peer (bad magic)".to_string())
     } else if hello.cluster_id != cluster_id {
@@ -350,8 +451,8 @@ async fn handshake(
         ))
     } else if hello.to != me {
         Some(format!("the peer means to reach member {}, this is member {me}", hello.to))
-    } else if !names.contains_key(&hello.from) || hello.from == me {
-        Some(format!("unknown member id {}", hello.from))
+    } else if !known || hello.from == me {
+        Some(format!("unknown member id {} (not a member of this member's configuration)", hello.from))
     } else if hello.from > me {
         Some(format!("member {} has the higher id: this member dials it, not the other way", hello.from))
     } else {
@@ -361,11 +462,36 @@ async fn handshake(
         let _ = frame::write_msg(&mut stream, &PeerWelcome::Refused(reason.clone())).await;
         return Err(HandshakeError::Refused(reason));
     }
-    let welcome = PeerWelcome::Accepted { client_urls: shared.me.client_urls.clone() };
+    let welcome = PeerWelcome::Accepted { client_urls: shared.me.client_urls.clone(), name: shared.me.name.clone() };
     frame::write_msg(&mut stream, &welcome).await.map_err(|e| HandshakeError::Frame(e.into()))?;
-    shared.learned(hello.from, hello.client_urls);
+    shared.learned(hello.from, hello.name, hello.client_urls);
     let _ = stream.set_nodelay(true);
-    Ok((hello.from, stream))
+    Ok(Some((hello.from, stream)))
+}
+
+/// Who a joining server is, if the directory lists it under that name and address.
+fn join_answer(req: &JoinRequest, cluster_id: u64, directory: &BTreeMap<NodeId, Peer>) -> JoinAnswer {
+    // Found by name, or by address for a member added without one (etcd's MemberAdd).
+    let found = directory
+        .iter()
+        .find(|(_, p)| p.name == req.name)
+        .or_else(|| directory.iter().find(|(_, p)| p.name.is_empty() && p.addr == req.peer_addr));
+    match found {
+        Some((&id, p)) if p.addr == req.peer_addr => JoinAnswer::Accepted {
+            cluster_id,
+            id,
+            members: directory.iter().map(|(i, p)| (*i, p.name.clone(), p.addr.clone())).collect(),
+        },
+        Some((_, p)) => JoinAnswer::Refused(format!(
+            "member {} was added with the peer URL http://{}, not http://{}",
+            req.name, p.addr, req.peer_addr
+        )),
+        None => JoinAnswer::Refused(format!(
+            "no member named {} in this cluster: add it first (sixfive kv member add {} --peer-urls http://{}, \
+             or etcdctl member add)",
+            req.name, req.name, req.peer_addr
+        )),
+    }
 }
 
 struct Link<N> {
@@ -410,6 +536,7 @@ impl<N: Send + 'static> Link<N> {
             from: me.id,
             to: self.peer,
             client_urls: me.client_urls.clone(),
+            name: me.name.clone(),
         };
         frame::write_msg(&mut s, &hello).await.map_err(|e| e.to_string())?;
         let welcome: PeerWelcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_msg(&mut s, 1 << 16))
@@ -417,8 +544,8 @@ impl<N: Send + 'static> Link<N> {
             .map_err(|_| "no answer to the handshake".to_string())?
             .map_err(|e| e.to_string())?;
         match welcome {
-            PeerWelcome::Accepted { client_urls } => {
-                self.shared.learned(self.peer, client_urls);
+            PeerWelcome::Accepted { client_urls, name } => {
+                self.shared.learned(self.peer, name, client_urls);
                 Ok(s)
             }
             PeerWelcome::Refused(why) => Err(format!("refused by the peer: {why}")),
@@ -475,20 +602,21 @@ impl<N: Send + 'static> Link<N> {
             let connected_at = std::time::Instant::now();
             self.shared.connected.lock().expect("connected").insert(self.peer);
             let (r, w) = stream.into_split();
-            let mut reader = tokio::spawn(read_loop(
+            // Aborted with this task, also when the link is closed for a departed member.
+            let mut reader = AbortOnDrop(tokio::spawn(read_loop(
                 r,
                 self.peer,
                 self.name.clone(),
                 self.input.clone(),
                 self.metrics.clone(),
                 self.shared.calls.clone(),
-            ));
+            )));
             let mut w = BufWriter::with_capacity(1 << 16, w);
             let reason: String = loop {
                 tokio::select! {
-                    res = &mut reader => break res.unwrap_or_else(|e| e.to_string()),
+                    res = &mut reader.0 => break res.unwrap_or_else(|e| e.to_string()),
                     m = out.recv() => {
-                        let Some(m) = m else { reader.abort(); return };
+                        let Some(m) = m else { return };
                         if let Err(e) = self.write_batch(&mut w, m, &mut out).await {
                             break format!("write failed: {e}");
                         }
@@ -499,7 +627,7 @@ impl<N: Send + 'static> Link<N> {
                     }
                 }
             };
-            reader.abort();
+            drop(reader);
             self.shared.connected.lock().expect("connected").remove(&self.peer);
             self.shared.calls.fail_forwarded_to(self.peer);
             info!(peer = %self.name, "peer connection closed: {reason}");

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Marks the first frame of a peer connection (and the protocol version).
-pub const PEER_MAGIC: [u8; 4] = *b"S5P2";
+pub const PEER_MAGIC: [u8; 4] = *b"S5P3";
 
 /// First frame a dialing peer sends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +23,8 @@ pub struct PeerHello {
     pub to: u64,
     /// The dialer's client URLs (`host:port`), for the member list.
     pub client_urls: Vec<String>,
+    /// The dialer's name (a member added without one, by etcd's MemberAdd, is listed by it).
+    pub name: String,
 }
 
 /// The answer to a [`PeerHello`].
@@ -32,8 +34,42 @@ pub enum PeerWelcome {
     Accepted {
         /// `host:port` of each.
         client_urls: Vec<String>,
+        /// The answering member's name.
+        name: String,
     },
     /// Refused, with the reason (the connection closes).
+    Refused(String),
+}
+
+/// Marks the first frame of a connection from a server that asks to join the cluster
+/// (`--initial-cluster-state existing`): a [`JoinRequest`].
+pub const JOIN_MAGIC: [u8; 4] = *b"S5J1";
+
+/// First frame of a joining server, sent to a member's peer port: "I was added as `name` at
+/// `peer_addr`; who am I, and who are the others?"
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// [`JOIN_MAGIC`].
+    pub magic: [u8; 4],
+    /// The joining server's name.
+    pub name: String,
+    /// Its peer address (`host:port`).
+    pub peer_addr: String,
+}
+
+/// The answer to a [`JoinRequest`] (the connection then closes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinAnswer {
+    /// The member was added: its id, the cluster's id, and every member's name and peer address.
+    Accepted {
+        /// The cluster's id.
+        cluster_id: u64,
+        /// The joining member's id.
+        id: u64,
+        /// Every member (the joining one too).
+        members: Vec<(u64, String, String)>,
+    },
+    /// Not added (or another name or address), with the reason.
     Refused(String),
 }
 
@@ -109,6 +145,18 @@ pub enum ClientMsg {
         /// Request id.
         call: u64,
     },
+    /// The cluster's members as this member knows them.
+    Members {
+        /// Request id.
+        call: u64,
+    },
+    /// Change the membership (the member asked makes the change at the leader).
+    ChangeMembers {
+        /// Request id.
+        call: u64,
+        /// The change.
+        op: crate::members::MemberOp,
+    },
 }
 
 /// A server's frame.
@@ -139,6 +187,21 @@ pub enum ServerMsg {
         call: u64,
         /// The member's state.
         status: MemberStatus,
+    },
+    /// Answer to [`ClientMsg::Members`].
+    Members {
+        /// Request id.
+        call: u64,
+        /// The members.
+        members: crate::members::MembersView,
+    },
+    /// Answer to [`ClientMsg::ChangeMembers`]: the id of the member concerned and the
+    /// membership the change was planned from, or why it was refused or failed.
+    MembersChanged {
+        /// Request id.
+        call: u64,
+        /// The outcome.
+        result: Result<(u64, crate::members::MembersView), crate::members::ChangeError>,
     },
 }
 

@@ -5,11 +5,16 @@
 //! Configuration follows etcd's flags (see [`RawConfig`]). The data directory holds `LOCK`
 //! (held with `flock` while the server runs: a second server on it is refused), `member`
 //! (the cluster id, name and member id it was created for: a server started with another
-//! cluster's data is refused) and `raft/` (the write-ahead log and snapshot).
+//! cluster's data is refused; a member that joined a running cluster also records the member
+//! directory it was told when it joined) and `raft/` (the write-ahead log and snapshot).
+//!
+//! Membership follows the Raft configuration (see [`crate::members`]): the peer links, the
+//! member list, joining servers' questions and the leader's promotion of caught-up learners
+//! all follow the configuration in effect; a member whose removal is committed stops.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,9 +30,10 @@ use tracing::{error, info, warn};
 
 use crate::driver::{self, Input, Router};
 use crate::frame::{self, FrameError, MAX_CLIENT_FRAME};
+use crate::members::{ChangeError, Directory, MemberEntry, MemberOp, MembersView};
 use crate::metrics::{MeteredStorage, Metrics};
 use crate::peer::{self, Peer, PeerNet};
-use crate::proto::{ClientMsg, MemberStatus, ServerMsg};
+use crate::proto::{ClientMsg, JoinAnswer, MemberStatus, ServerMsg};
 
 /// The node a server process runs: a replicated state machine on metered file storage.
 pub type Member<M> = RsmNode<MeteredStorage<FileStorage>, M>;
@@ -72,14 +78,18 @@ pub enum ServeError {
     /// The node stopped on an error it cannot continue from (a storage failure).
     #[error("the node failed and stopped serving: {0}")]
     NodeFailed(String),
+    /// `--initial-cluster-state existing`: no member let this server join.
+    #[error("cannot join the cluster: {0}")]
+    Join(String),
 }
 
-/// Waits for SIGTERM or SIGINT (its name is returned, with the node's handle, for a graceful
-/// stop) or for the node's loop to end on its own: a node failure, returned as the error the
-/// server stops with.
+/// Waits for SIGTERM or SIGINT, or for `removed` to be set (the member was removed from the
+/// cluster): the reason is returned, with the node's handle, for a graceful stop. Or for the
+/// node's loop to end on its own: a node failure, returned as the error the server stops with.
 pub(crate) fn wait_for_stop<N>(
     rt: &tokio::runtime::Runtime,
     handle: driver::DriverHandle<N>,
+    removed: &AtomicBool,
 ) -> Result<(&'static str, driver::DriverHandle<N>), ServeError> {
     let stop = rt.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
@@ -90,7 +100,14 @@ pub(crate) fn wait_for_stop<N>(
             tokio::select! {
                 _ = term.recv() => return Ok(Some("SIGTERM")),
                 _ = int.recv() => return Ok(Some("SIGINT")),
-                _ = poll.tick() => if handle.is_finished() { return Ok::<_, ServeError>(None) },
+                _ = poll.tick() => {
+                    if removed.load(Ordering::Relaxed) {
+                        return Ok(Some("removed from the cluster"));
+                    }
+                    if handle.is_finished() {
+                        return Ok::<_, ServeError>(None);
+                    }
+                }
             }
         }
     })?;
@@ -446,6 +463,122 @@ pub fn lock_data_dir(dir: &Path) -> Result<DirLock, ServeError> {
     Ok(DirLock { _file: file })
 }
 
+/// Who a server is: its member id, its cluster's id, the member directory it starts with (until
+/// its log shows one), and the voters of the cluster's birth (none for a member that joined).
+#[derive(Clone, Debug)]
+pub(crate) struct Identity {
+    pub(crate) id: NodeId,
+    pub(crate) cluster_id: u64,
+    pub(crate) base: Directory,
+    pub(crate) voters: Vec<NodeId>,
+}
+
+/// Finds out who this server is from its data directory's `member` file; a new member of a new
+/// cluster writes it; a new member of a running cluster (`--initial-cluster-state existing`)
+/// first asks the members listed in `--initial-cluster` to let it join (it must have been
+/// added), then writes what they told it.
+fn identity(cfg: &ServeConfig, rt: &tokio::runtime::Runtime) -> Result<Identity, ServeError> {
+    let path = cfg.data_dir.join("member");
+    match std::fs::read_to_string(&path) {
+        Ok(have) if have.lines().any(|l| l == "joined=1") => joined_identity(cfg, &have),
+        Ok(_) => {
+            check_member_file(cfg)?;
+            Ok(born_identity(cfg))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if cfg.data_dir.join("raft").exists() {
+                return Err(ServeError::ForeignData {
+                    dir: cfg.data_dir.clone(),
+                    reason: "it holds Raft data but no member file".into(),
+                });
+            }
+            if cfg.state == ClusterState::New {
+                check_member_file(cfg)?;
+                return Ok(born_identity(cfg));
+            }
+            let me = &cfg.members[&cfg.id];
+            let contacts: Vec<String> =
+                cfg.members.values().filter(|p| p.name != cfg.name).map(|p| p.addr.clone()).collect();
+            if contacts.is_empty() {
+                return Err(ServeError::Join("--initial-cluster names no other member to ask".into()));
+            }
+            // The member may be added a moment after this server starts: ask for a while.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let (cluster_id, id, members) = loop {
+                let answer = rt.block_on(peer::join(&contacts, &cfg.name, &me.addr));
+                match answer {
+                    Ok(JoinAnswer::Accepted { cluster_id, id, members }) => break (cluster_id, id, members),
+                    Ok(JoinAnswer::Refused(why)) | Err(why) => {
+                        if std::time::Instant::now() >= deadline {
+                            return Err(ServeError::Join(why));
+                        }
+                        warn!("cannot join yet (retrying): {why}");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            };
+            let mut text = format!("cluster-id={cluster_id:016x}\nname={}\nid={id}\n", cfg.name);
+            if cfg.api != Api::Sixfive {
+                text.push_str(&format!("api={}\n", cfg.api.name()));
+            }
+            text.push_str("joined=1\n");
+            for (i, n, a) in &members {
+                text.push_str(&format!("member={i}={n}={a}\n"));
+            }
+            write_member_file(&cfg.data_dir, &text)?;
+            info!(id, cluster_id = %format!("{cluster_id:016x}"), "joined the cluster as a learner");
+            joined_identity(cfg, &text)
+        }
+        Err(e) => Err(io(format!("reading {}", path.display()))(e)),
+    }
+}
+
+/// The identity of a member of the cluster's initial configuration.
+fn born_identity(cfg: &ServeConfig) -> Identity {
+    Identity {
+        id: cfg.id,
+        cluster_id: cfg.cluster_id(),
+        base: Directory::of(cfg.members.clone()),
+        voters: cfg.members.keys().copied().collect(),
+    }
+}
+
+/// The identity a joined member's `member` file records (its name and API must match).
+fn joined_identity(cfg: &ServeConfig, text: &str) -> Result<Identity, ServeError> {
+    let bad = |reason: String| ServeError::ForeignData { dir: cfg.data_dir.clone(), reason };
+    let field = |k: &str| text.lines().find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix('=')));
+    let name = field("name").unwrap_or("");
+    if name != cfg.name {
+        return Err(bad(format!("it holds the data of member {name:?}, but this server is {:?}", cfg.name)));
+    }
+    let api = field("api").unwrap_or("sixfive");
+    if api != cfg.api.name() {
+        return Err(bad(format!("it holds data of the {api} API, but this server serves {}", cfg.api.name())));
+    }
+    let cluster_id = field("cluster-id")
+        .and_then(|c| u64::from_str_radix(c, 16).ok())
+        .ok_or_else(|| bad("its member file has no cluster id".into()))?;
+    let id = field("id").and_then(|c| c.parse().ok()).ok_or_else(|| bad("its member file has no id".into()))?;
+    let mut members = BTreeMap::new();
+    for l in text.lines().filter_map(|l| l.strip_prefix("member=")) {
+        let mut it = l.splitn(3, '=');
+        let (Some(i), Some(n), Some(a)) = (it.next(), it.next(), it.next()) else {
+            return Err(bad(format!("its member file has a malformed line member={l}")));
+        };
+        let i = i.parse().map_err(|_| bad(format!("its member file has a malformed line member={l}")))?;
+        members.insert(i, Peer { name: n.into(), addr: a.into() });
+    }
+    Ok(Identity { id, cluster_id, base: Directory::of(members), voters: Vec::new() })
+}
+
+fn write_member_file(dir: &Path, text: &str) -> Result<(), ServeError> {
+    let (tmp, path) = (dir.join("member.tmp"), dir.join("member"));
+    std::fs::write(&tmp, text).map_err(io(format!("writing {}", tmp.display())))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io("syncing the member file"))?;
+    std::fs::rename(&tmp, &path).map_err(io(format!("renaming {}", path.display())))?;
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io("syncing the data directory"))
+}
+
 /// Checks the data directory was made for this member of this cluster (or marks it so).
 fn check_member_file(cfg: &ServeConfig) -> Result<(), ServeError> {
     let path = cfg.data_dir.join("member");
@@ -464,20 +597,7 @@ fn check_member_file(cfg: &ServeConfig) -> Result<(), ServeError> {
                 want.trim().replace('\n', " ")
             ),
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if cfg.data_dir.join("raft").exists() {
-                return Err(ServeError::ForeignData {
-                    dir: cfg.data_dir.clone(),
-                    reason: "it holds Raft data but no member file".into(),
-                });
-            }
-            let tmp = cfg.data_dir.join("member.tmp");
-            std::fs::write(&tmp, &want).map_err(io(format!("writing {}", tmp.display())))?;
-            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io("syncing the member file"))?;
-            std::fs::rename(&tmp, &path).map_err(io(format!("renaming {}", path.display())))?;
-            std::fs::File::open(&cfg.data_dir).and_then(|f| f.sync_all()).map_err(io("syncing the data directory"))?;
-            Ok(())
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_member_file(&cfg.data_dir, &want),
         Err(e) => Err(io(format!("reading {}", path.display()))(e)),
     }
 }
@@ -558,6 +678,15 @@ struct Clients {
     conns: Mutex<BTreeMap<Endpoint, mpsc::Sender<ServerMsg>>>,
 }
 
+/// What the peer links follow (see [`Shared::follow_membership`]).
+#[derive(Default)]
+struct Linked {
+    key: Option<(u64, bool, Option<NodeId>)>,
+    conf: sixfive_raft::ConfState,
+    peers: BTreeMap<NodeId, Peer>,
+    tracked: Vec<NodeId>,
+}
+
 struct NodeRouter {
     peers: Arc<PeerNet>,
     clients: Arc<Clients>,
@@ -593,8 +722,14 @@ pub(crate) struct Shared<M: StateMachine> {
     pub(crate) name: String,
     pub(crate) cluster_id: u64,
     pub(crate) raft_dir: PathBuf,
-    /// Every member of the initial cluster.
-    pub(crate) members: BTreeMap<NodeId, Peer>,
+    /// The member directory while the configuration carries none (see [`crate::members`]).
+    base: Directory,
+    /// The membership after the latest batch (client URLs aside).
+    view: Mutex<MembersView>,
+    /// What the peer links were last set to follow.
+    links: Mutex<Linked>,
+    /// This member was removed from the cluster, and the removal is committed: it stops.
+    pub(crate) removed: AtomicBool,
     /// The base election timeout.
     pub(crate) election_timeout: Duration,
     pub(crate) input: mpsc::Sender<Input<Member<M>>>,
@@ -632,7 +767,180 @@ impl<M: Served> Shared<M> {
         let st = n.rsm().status();
         self.metrics.observe(&st);
         self.applied.send_if_modified(|a| std::mem::replace(a, st.applied) != st.applied);
+        // A leader keeps replicating to the members it still tracks (one removed learns of it).
+        let tracked: Vec<NodeId> = n.rsm().raw_node().progress().keys().copied().collect();
+        self.follow_membership(&st, tracked);
         *self.status.lock().expect("status") = st;
+    }
+
+    /// Makes the peer links and the membership view follow the configuration in effect: links
+    /// to every member of it, and to the members of the one before while it is uncommitted or
+    /// the leader still replicates to them (so a removed member learns of its removal); a
+    /// committed removal of this member stops it.
+    fn follow_membership(&self, st: &sixfive_raft::Status, tracked: Vec<NodeId>) {
+        let committed = st.commit >= st.conf_index;
+        let mut linked = self.links.lock().expect("links");
+        let key = (st.conf_index, committed, st.leader);
+        if linked.key == Some(key) && linked.conf == st.conf && linked.tracked == tracked {
+            return;
+        }
+        let dir = Directory::in_effect(&st.conf, &self.base);
+        let members: BTreeMap<NodeId, Peer> = if st.conf.context.is_empty() {
+            dir.members.clone()
+        } else {
+            dir.members.iter().filter(|(id, _)| st.conf.is_member(**id)).map(|(i, p)| (*i, p.clone())).collect()
+        };
+        let mut peers = members.clone();
+        for (id, p) in &linked.peers {
+            if !committed || tracked.contains(id) {
+                peers.entry(*id).or_insert_with(|| p.clone());
+            }
+        }
+        self.peers.set_members(&peers, &dir.members);
+        *self.view.lock().expect("view") = MembersView {
+            answered_by: self.me,
+            leader: st.leader,
+            members: members
+                .iter()
+                .map(|(&id, p)| MemberEntry {
+                    id,
+                    name: p.name.clone(),
+                    peer_addr: p.addr.clone(),
+                    client_urls: Vec::new(),
+                    learner: st.conf.learners.contains(&id),
+                    promote: dir.promote.contains(&id),
+                })
+                .collect(),
+            conf_index: st.conf_index,
+            settled: committed && !st.conf.is_joint(),
+        };
+        *linked = Linked { key: Some(key), conf: st.conf.clone(), peers, tracked };
+        if st.removed && committed && !self.removed.swap(true, Ordering::Relaxed) {
+            warn!(conf_index = st.conf_index, "this member was removed from the cluster: it stops serving");
+        }
+    }
+
+    /// The membership as this member sees it, with the client URLs its peers told.
+    pub(crate) fn members_view(&self) -> MembersView {
+        let mut v = self.view.lock().expect("view").clone();
+        let (urls, names) = (self.peers.client_urls(), self.peers.names());
+        for m in &mut v.members {
+            m.client_urls = urls.get(&m.id).cloned().unwrap_or_default();
+            if m.name.is_empty() {
+                // Added without a name (etcd's MemberAdd): the one it told when it connected.
+                m.name = names.get(&m.id).cloned().unwrap_or_default();
+            }
+        }
+        v
+    }
+
+    /// Sends `request` to the leader's node (this member's, or forwarded over the peer link)
+    /// and returns its reply; None if no leader answered within `timeout`.
+    async fn ask_leader(&self, request: &RsmRequest, timeout: Duration) -> Option<RsmReply> {
+        let bytes = postcard::to_allocvec(request).expect("encodes");
+        let reply = match self.status().leader {
+            Some(l) if l != self.me => {
+                let (call, rx) = self.peers.call(l, bytes)?;
+                let r = tokio::time::timeout(timeout, rx).await;
+                self.peers.calls.forget(call);
+                r.ok()?.ok()?
+            }
+            _ => self.ask_local(bytes, timeout).await?,
+        };
+        postcard::from_bytes(&reply).ok()
+    }
+
+    /// Makes membership change `op` at the leader: reads the leader's membership, plans the
+    /// change against it, and proposes it there, again while the leader is busy with another
+    /// change, is unknown or changes, or a learner to promote is still catching up (up to 10 s).
+    /// Returns the id of the member concerned and the membership the change was planned from.
+    pub(crate) async fn change_members(&self, op: &MemberOp) -> Result<(NodeId, MembersView), ChangeError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut last = ChangeError::Unavailable("no leader answered".into());
+        while std::time::Instant::now() < deadline {
+            let pause = || tokio::time::sleep(Duration::from_millis(100));
+            let Some(RsmReply::Done(b)) = self.ask_leader(&RsmRequest::Membership, Duration::from_secs(2)).await else {
+                pause().await;
+                continue;
+            };
+            let Ok(m) = postcard::from_bytes::<sixfive_rsm::Membership>(&b) else {
+                return Err(ChangeError::Unavailable("undecodable membership".into()));
+            };
+            if m.leader.is_none() || !m.settled {
+                last = ChangeError::Unavailable("a membership change is in progress".into());
+                pause().await;
+                continue;
+            }
+            let view = self.view_of(&m);
+            let (request, id) = crate::members::plan(op, &view)?;
+            match self.ask_leader(&request, Duration::from_secs(5)).await {
+                Some(RsmReply::Done(_)) => return Ok((id, view)),
+                Some(RsmReply::Failed(sixfive_rsm::SubmitError::MembershipRefused { retryable: false, reason })) => {
+                    return Err(ChangeError::Invalid(reason));
+                }
+                Some(RsmReply::Failed(sixfive_rsm::SubmitError::Abandoned { .. })) | None => {
+                    return Err(ChangeError::Unavailable(
+                        "the leader changed or did not answer: the change may or may not be made; list the members"
+                            .into(),
+                    ));
+                }
+                Some(RsmReply::Failed(sixfive_rsm::SubmitError::MembershipRefused { reason, .. }))
+                    if matches!(op, MemberOp::Promote(_)) && reason.contains("catches up") =>
+                {
+                    last = ChangeError::LearnerBehind(reason)
+                }
+                Some(RsmReply::Failed(e)) => last = ChangeError::Unavailable(e.to_string()),
+                Some(RsmReply::Malformed(e)) => return Err(ChangeError::Invalid(e)),
+            }
+            pause().await;
+        }
+        Err(last)
+    }
+
+    /// The membership a node reports, with its directory (this member's base when the
+    /// configuration carries none).
+    fn view_of(&self, m: &sixfive_rsm::Membership) -> MembersView {
+        let dir = Directory::in_effect(&m.conf, &self.base);
+        MembersView {
+            answered_by: m.leader.unwrap_or(0),
+            leader: m.leader,
+            members: dir
+                .members
+                .iter()
+                .filter(|(id, _)| m.conf.is_member(**id) || m.conf.context.is_empty())
+                .map(|(&id, p)| MemberEntry {
+                    id,
+                    name: p.name.clone(),
+                    peer_addr: p.addr.clone(),
+                    client_urls: Vec::new(),
+                    learner: m.conf.learners.contains(&id),
+                    promote: dir.promote.contains(&id),
+                })
+                .collect(),
+            conf_index: m.conf_index,
+            settled: m.settled,
+        }
+    }
+
+    /// The leader promotes the learners added as voters once they have caught up (retried
+    /// every 200 ms while they lag).
+    async fn promote_caught_up(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            let view = self.members_view();
+            if view.leader != Some(self.me) || !view.settled {
+                continue;
+            }
+            let Some(m) = view.members.iter().find(|m| m.learner && m.promote) else { continue };
+            let (request, id) = match crate::members::plan(&MemberOp::Promote(m.id), &view) {
+                Ok(p) => p,
+                Err(_) => continue,
+            };
+            if let Some(RsmReply::Done(_)) = self.ask_leader(&request, Duration::from_secs(2)).await {
+                info!(id, "promoted learner {} to voter: it has caught up", m.name);
+            }
+        }
     }
 
     /// Sends an `RsmRequest` to this member's own node and waits for its reply (None if the
@@ -703,6 +1011,16 @@ pub(crate) async fn serve_client<M: Served>(stream: TcpStream, addr: std::net::S
                 if sh.input.send(Input::With(job)).await.is_err() {
                     break;
                 }
+            }
+            Ok(ClientMsg::Members { call }) => {
+                let _ = tx.send(ServerMsg::Members { call, members: sh.members_view() }).await;
+            }
+            Ok(ClientMsg::ChangeMembers { call, op }) => {
+                let (sh, tx) = (sh.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let result = sh.change_members(&op).await;
+                    let _ = tx.send(ServerMsg::MembersChanged { call, result }).await;
+                });
             }
             Err(FrameError::Closed) => break,
             Err(e) => {
@@ -786,28 +1104,27 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 
 fn run<M: Served>(cfg: ServeConfig) -> Result<(), ServeError> {
     let _lock = lock_data_dir(&cfg.data_dir)?;
-    check_member_file(&cfg)?;
-    let raft_dir = cfg.data_dir.join("raft");
-    let storage = FileStorage::open(&raft_dir)?;
-    let metrics = Arc::new(Metrics::new());
-    let mut raft = Config::new(cfg.id, cfg.members.keys().copied().collect());
-    raft.heartbeat_ticks = cfg.heartbeat_ticks;
-    raft.election_ticks = cfg.election_ticks;
-    raft.seed = driver::now_micros() ^ cfg.id.rotate_left(32);
-    let rsm = Rsm::new(raft, MeteredStorage::new(storage, metrics.clone()), M::create(&cfg), Some(cfg.snapshot_bytes))
-        .map_err(|e| ServeError::Config(e.to_string()))?
-        .with_amortized_snapshots()
-        .with_background_snapshots();
-    let restored = rsm.status();
-    let node: Member<M> = RsmNode::new(rsm).with_group_commit();
-    let cluster_id = cfg.cluster_id();
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("sixfive-io")
         .build()
         .map_err(io("starting the runtime"))?;
+    let who = identity(&cfg, &rt)?;
+    let raft_dir = cfg.data_dir.join("raft");
+    let storage = FileStorage::open(&raft_dir)?;
+    let metrics = Arc::new(Metrics::new());
+    let mut raft = Config::new(who.id, who.voters.clone());
+    raft.heartbeat_ticks = cfg.heartbeat_ticks;
+    raft.election_ticks = cfg.election_ticks;
+    raft.seed = driver::now_micros() ^ who.id.rotate_left(32);
+    let rsm = Rsm::new(raft, MeteredStorage::new(storage, metrics.clone()), M::create(&cfg), Some(cfg.snapshot_bytes))
+        .map_err(|e| ServeError::Config(e.to_string()))?
+        .with_amortized_snapshots()
+        .with_background_snapshots();
+    let restored = rsm.status();
+    let node: Member<M> = RsmNode::new(rsm).with_group_commit();
+    let cluster_id = who.cluster_id;
     let (peer_l, client_l, metrics_l) = rt.block_on(async {
         Ok::<_, ServeError>((
             bind(&cfg.listen_peer, "peers").await?,
@@ -816,20 +1133,23 @@ fn run<M: Served>(cfg: ServeConfig) -> Result<(), ServeError> {
         ))
     })?;
     let (input, rx) = driver::channel::<Member<M>>();
-    let me = peer::Me { id: cfg.id, cluster_id, client_urls: cfg.advertise_client.clone() };
+    let me = peer::Me { id: who.id, cluster_id, client_urls: cfg.advertise_client.clone(), name: cfg.name.clone() };
     let (peers, mut tasks) = {
         let _g = rt.enter();
-        peer::start(me, &cfg.members, peer_l, input.clone(), metrics.clone())
+        peer::start(me, &who.base.members, peer_l, input.clone(), metrics.clone())
     };
     let peers = Arc::new(peers);
     let clients = Arc::new(Clients::default());
     let router = Arc::new(NodeRouter { peers: peers.clone(), clients: clients.clone(), metrics: metrics.clone() });
     let sh = Arc::new(Shared {
-        me: cfg.id,
+        me: who.id,
         name: cfg.name.clone(),
         cluster_id,
         raft_dir: raft_dir.clone(),
-        members: cfg.members.clone(),
+        base: who.base.clone(),
+        view: Mutex::new(MembersView::default()),
+        links: Mutex::new(Linked::default()),
+        removed: AtomicBool::new(false),
         election_timeout: Duration::from_micros(cfg.election_ticks as u64 * TICK_MICROS),
         input: input.clone(),
         peers,
@@ -841,7 +1161,7 @@ fn run<M: Served>(cfg: ServeConfig) -> Result<(), ServeError> {
     });
     let sh2 = sh.clone();
     let observer: driver::Observer<Member<M>> = Box::new(move |n: &Member<M>| sh2.observe(n));
-    let handle = driver::spawn(cfg.id, node, router, Some(observer), (input, rx));
+    let handle = driver::spawn(who.id, node, router, Some(observer), (input, rx));
     let client_tasks = {
         let _g = rt.enter();
         for l in metrics_l {
@@ -853,11 +1173,12 @@ fn run<M: Served>(cfg: ServeConfig) -> Result<(), ServeError> {
                 }
             }));
         }
+        tasks.push(tokio::spawn(sh.clone().promote_caught_up()));
         M::serve_clients(sh.clone(), client_l)
     };
     info!(
         name = %cfg.name,
-        id = cfg.id,
+        id = who.id,
         api = cfg.api.name(),
         cluster_id = %format!("{cluster_id:016x}"),
         clients = %cfg.advertise_client.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>().join(","),
@@ -869,13 +1190,13 @@ fn run<M: Served>(cfg: ServeConfig) -> Result<(), ServeError> {
         "serving"
     );
 
-    let (signal, handle) = wait_for_stop(&rt, handle)?;
+    let (signal, handle) = wait_for_stop(&rt, handle, &sh.removed)?;
     info!("{signal}: stopping (no new clients; handing off leadership; answering what waits)");
     for t in &client_tasks {
         t.abort();
     }
     rt.block_on(async {
-        let me = cfg.id;
+        let me = who.id;
         let moved = sh
             .with(move |n, _ctx| {
                 let raw = n.rsm_mut().raw();

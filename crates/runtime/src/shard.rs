@@ -31,7 +31,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -349,8 +349,14 @@ impl Net {
             .map_err(|e| e.to_string())?;
         let _ = s.set_nodelay(true);
         let (r, mut w) = s.into_split();
-        let hello =
-            PeerHello { magic: PEER_MAGIC, cluster_id: self.cluster_id, from: self.me, to, client_urls: vec![] };
+        let hello = PeerHello {
+            magic: PEER_MAGIC,
+            cluster_id: self.cluster_id,
+            from: self.me,
+            to,
+            client_urls: vec![],
+            name: String::new(),
+        };
         frame::write_msg(&mut w, &hello).await.map_err(|e| e.to_string())?;
         let mut r = BufReader::new(r);
         let welcome: PeerWelcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read_msg(&mut r, 1 << 16))
@@ -498,7 +504,8 @@ async fn serve_conn(stream: TcpStream, addr: std::net::SocketAddr, sh: Arc<Share
             let _ = frame::write_msg(&mut w, &PeerWelcome::Refused(reason)).await;
             return;
         }
-        if frame::write_msg(&mut w, &PeerWelcome::Accepted { client_urls: vec![] }).await.is_err() {
+        if frame::write_msg(&mut w, &PeerWelcome::Accepted { client_urls: vec![], name: String::new() }).await.is_err()
+        {
             return;
         }
         peer_reader(r, hello.from, sh).await;
@@ -585,6 +592,10 @@ async fn serve_client(
                     let _ = tx.try_send(ServerMsg::Status { call, status: member_status(n, &name, &dir) });
                 });
                 sh.input.send(Input::With(job)).await.is_ok()
+            }
+            Ok(ClientMsg::Members { .. } | ClientMsg::ChangeMembers { .. }) => {
+                warn!("closing client connection from {addr}: membership requests are not served here");
+                break;
             }
             Err(FrameError::Closed) => break,
             Err(e) => {
@@ -735,7 +746,7 @@ pub fn serve(cfg: ShardServeConfig) -> Result<(), ServeError> {
         "serving"
     );
 
-    let (signal, handle) = crate::server::wait_for_stop(&rt, handle)?;
+    let (signal, handle) = crate::server::wait_for_stop(&rt, handle, &AtomicBool::new(false))?;
     info!("{signal}: stopping (answering what waits)");
     for t in &accept_tasks {
         t.abort();
