@@ -12,8 +12,8 @@
 //! not been compacted.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::ops::Bound;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 

@@ -523,7 +523,8 @@ impl<'a> Tx<'a> {
         if (p.ignore_value || p.ignore_lease) && cur.is_none() {
             return Err(EtcdError::KeyNotFound);
         }
-        let value = if p.ignore_value { cur.as_ref().expect("checked").value.clone() } else { p.value.as_slice().into() };
+        let value =
+            if p.ignore_value { cur.as_ref().expect("checked").value.clone() } else { p.value.as_slice().into() };
         let lease = if p.ignore_lease { cur.as_ref().expect("checked").lease } else { p.lease };
         if lease != 0 && !self.st.leases.contains_key(&lease) {
             return Err(EtcdError::LeaseNotFound);

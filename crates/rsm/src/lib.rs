@@ -1002,7 +1002,10 @@ mod tests {
 
     fn storage_state<M: StateMachine>(rsm: &Rsm<SharedStorage, M>) -> (Index, u64) {
         let st = rsm.storage().initial_state().unwrap();
-        (st.snapshot.map_or(0, |s| s.meta.index), st.entries.iter().filter(|e| e.kind == EntryKind::Normal).count() as u64)
+        (
+            st.snapshot.map_or(0, |s| s.meta.index),
+            st.entries.iter().filter(|e| e.kind == EntryKind::Normal).count() as u64,
+        )
     }
 
     #[test]
@@ -1049,10 +1052,10 @@ mod tests {
         for _ in 0..200 {
             nodes[0].submit(vec![2; 100], 0).unwrap();
             run(&mut nodes, true, 3);
-            for i in 0..2 {
-                if let Some(job) = nodes[i].take_snapshot_job() {
+            for node in nodes.iter_mut().take(2) {
+                if let Some(job) = node.take_snapshot_job() {
                     let taken = job.run();
-                    assert!(nodes[i].finish_snapshot(taken).unwrap());
+                    assert!(node.finish_snapshot(taken).unwrap());
                 }
             }
         }

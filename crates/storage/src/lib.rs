@@ -721,7 +721,9 @@ impl<F: Fs> Storage for FileStorage<F> {
     fn snapshot_writer(&self) -> Option<SnapshotWriter<StorageError>> {
         let write = self.fs.file_writer()?;
         let path = self.dir.join(SNAPSHOT_NEXT);
-        Some(Box::new(move |snapshot: &Snapshot| write(&path, &snapshot_file(snapshot)).map_err(io_err("writing", &path))))
+        Some(Box::new(move |snapshot: &Snapshot| {
+            write(&path, &snapshot_file(snapshot)).map_err(io_err("writing", &path))
+        }))
     }
 
     fn install_written_snapshot(&mut self, snapshot: Arc<Snapshot>) -> Result<(), StorageError> {
