@@ -410,6 +410,23 @@ impl Store {
         h
     }
 
+    /// A copy without the revision index (the histories hold everything it says): half the
+    /// allocations of a clone. [`Store::rebuild_index`] makes it whole again.
+    pub(crate) fn clone_without_index(&self) -> Store {
+        Store {
+            keys: self.keys.clone(),
+            by_rev: BTreeMap::new(),
+            rev: self.rev,
+            compact_rev: self.compact_rev,
+            size: self.size,
+        }
+    }
+
+    /// Rebuilds the revision index from the histories (after [`Store::clone_without_index`]).
+    pub(crate) fn rebuild_index(&mut self) {
+        self.by_rev = self.keys.iter().flat_map(|(k, hist)| hist.iter().map(move |e| (e.rev, k.clone()))).collect();
+    }
+
     /// Checks the invariants written on [`Store`]; panics on a broken one.
     pub fn check(&self) {
         assert!(self.compact_rev <= self.rev, "compaction revision beyond the store's");
