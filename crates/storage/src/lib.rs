@@ -58,10 +58,9 @@ pub mod fs;
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
-
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use sixfive_raft::{Entry, HardState, Index, RestoredState, Snapshot, SnapshotMeta, SnapshotWriter, Storage, Term};
 
 use fs::{Fs, FsFile, OsFs};
