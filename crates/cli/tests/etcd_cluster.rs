@@ -539,7 +539,16 @@ fn etcdctl_member_add_promote_remove() {
     // Removing a running member stops it; the others serve on with n4.
     let (ok3, _, err) = etcdctl(&urls[0], &["member", "remove", "3"]);
     assert!(ok3, "{err}");
-    let status = tc.servers[2].child.borrow_mut().take().unwrap().wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let exited = tc.servers[2].child.borrow_mut().as_mut().unwrap().try_wait().unwrap();
+        if let Some(st) = exited {
+            tc.servers[2].child.borrow_mut().take();
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the removed member did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(status.success(), "a removed member exits cleanly: {status:?}");
     assert!(tc.log_of(2).contains("removed from the cluster"));
     assert_eq!(members(&urls[0]), vec![("n1".into(), false), ("n2".into(), false), ("n4".into(), false)]);

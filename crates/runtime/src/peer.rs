@@ -175,6 +175,10 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// How long a closed link may still send what was queued for it: a departed member's last
+/// message tells it that its removal is committed.
+const CLOSING_GRACE: Duration = Duration::from_secs(2);
+
 /// Starts the task of a link to a peer, given its queue's receiver and, for a peer that dials
 /// us, where its accepted connections arrive.
 type SpawnLink = Box<dyn Fn(NodeId, &Peer, QueueRx, Option<mpsc::Receiver<TcpStream>>) -> AbortOnDrop + Send + Sync>;
@@ -184,6 +188,7 @@ type SpawnLink = Box<dyn Fn(NodeId, &Peer, QueueRx, Option<mpsc::Receiver<TcpStr
 pub struct PeerNet {
     links: Arc<RwLock<BTreeMap<NodeId, LinkEntry>>>,
     spawn_link: SpawnLink,
+    rt: tokio::runtime::Handle,
     shared: Arc<LinkShared>,
     metrics: Arc<Metrics>,
     /// Forwarded requests waiting for the peer's reply.
@@ -253,8 +258,15 @@ impl PeerNet {
         let gone: Vec<NodeId> =
             links.iter().filter(|(id, l)| members.get(id) != Some(&l.peer)).map(|(id, _)| *id).collect();
         for id in gone {
-            let l = links.remove(&id).expect("listed");
-            info!(peer = %l.peer.name, id, "no longer a peer: link closed");
+            let LinkEntry { peer, queue, accepted, _task: task } = links.remove(&id).expect("listed");
+            // The queue's end: the link sends what is queued, then ends; or is stopped after a
+            // grace period (a peer that cannot be reached).
+            drop((queue, accepted));
+            self.rt.spawn(async move {
+                tokio::time::sleep(CLOSING_GRACE).await;
+                drop(task);
+            });
+            info!(peer = %peer.name, id, "no longer a peer: link closed");
             self.shared.connected.lock().expect("connected").remove(&id);
             self.calls.fail_forwarded_to(id);
         }
@@ -316,6 +328,7 @@ pub fn start<N: Send + 'static>(
     });
     let links: Arc<RwLock<BTreeMap<NodeId, LinkEntry>>> = Arc::default();
     let rt = tokio::runtime::Handle::current();
+    let link_rt = rt.clone();
     let spawn_link: SpawnLink = {
         let (shared, metrics) = (shared.clone(), metrics.clone());
         Box::new(move |id, peer: &Peer, rx, from_them| {
@@ -328,7 +341,7 @@ pub fn start<N: Send + 'static>(
                 input: input.clone(),
                 metrics: metrics.clone(),
             };
-            AbortOnDrop(rt.spawn(link.run(rx, from_them)))
+            AbortOnDrop(link_rt.spawn(link.run(rx, from_them)))
         })
     };
     let mut tasks = Vec::new();
@@ -360,7 +373,7 @@ pub fn start<N: Send + 'static>(
             }
         }));
     }
-    let net = PeerNet { links, spawn_link, shared, metrics, calls };
+    let net = PeerNet { links, spawn_link, rt, shared, metrics, calls };
     net.set_members(members, members);
     (net, tasks)
 }
