@@ -392,11 +392,25 @@ fn log_of(dir: &std::path::Path, i: usize) -> std::path::PathBuf {
     dir.join(format!("m{i}.log"))
 }
 
-/// Starts the oracle cluster; returns it and each member's client URL.
+/// Starts the oracle cluster; returns it and each member's client URL. A member that exits at
+/// once (a port chosen free was taken meanwhile by a test running in parallel) makes it start
+/// again on other ports.
 fn start_etcd() -> Option<(Etcd, Vec<String>)> {
     if Proc::new("etcd").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
         return None;
     }
+    for _ in 0..4 {
+        let (mut etcd, urls) = start_etcd_once();
+        std::thread::sleep(Duration::from_millis(700));
+        if etcd.children.iter_mut().all(|c| matches!(c.try_wait(), Ok(None))) {
+            return Some((etcd, urls));
+        }
+        eprintln!("an etcd member exited at once (port taken?); starting the oracle again");
+    }
+    Some(start_etcd_once())
+}
+
+fn start_etcd_once() -> (Etcd, Vec<String>) {
     let n = members();
     let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
     let base = if std::path::Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
@@ -423,7 +437,7 @@ fn start_etcd() -> Option<(Etcd, Vec<String>)> {
         etcd.children.push(child);
         urls.push(client);
     }
-    Some((etcd, urls))
+    (etcd, urls)
 }
 
 async fn wait_ready(url: &str, etcd: &Etcd) -> Target {
