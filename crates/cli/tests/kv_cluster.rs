@@ -750,11 +750,6 @@ fn member_list(endpoints: &str) -> Vec<(String, bool)> {
         .collect()
 }
 
-/// A server is lost for good (killed, its data directory deleted) while clients run; a fresh
-/// server on another port replaces it: `kv member add`, started with `--initial-cluster-state
-/// existing`, catches up by snapshot, is promoted by the leader, and the lost one is removed.
-/// The history stays linearizable, nothing acknowledged is lost, and the new member then
-/// carries the majority.
 /// Kills the child when dropped.
 struct KillOnDrop(std::process::Child);
 
@@ -765,6 +760,13 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A server is lost for good (killed, its data directory deleted) while clients run; a fresh
+/// server on another port replaces it: `kv member add`, started with `--initial-cluster-state
+/// existing`, catches up by snapshot, is promoted by the leader, and the lost one is removed.
+/// The history stays linearizable, nothing acknowledged is lost, and the new member then
+/// carries the majority.
+/// (The new server is started before it is added: it is refused with the reason, and joins
+/// once added.)
 #[test]
 fn a_lost_server_is_replaced_under_load() {
     let mut tc = TestCluster::new("replace", 3, &["--snapshot-bytes", "20000"]);
@@ -777,10 +779,6 @@ fn a_lost_server_is_replaced_under_load() {
             tokio::time::sleep(Duration::from_millis(1500)).await;
             tc.kill9(2);
             std::fs::remove_dir_all(&tc.servers[2].dir).unwrap();
-            let (code, out, err) =
-                cli(&old, &["member", "add", "n4", "--peer-urls", &format!("http://127.0.0.1:{p4}")]);
-            assert_eq!(code, 0, "member add: {out} {err}");
-            assert!(out.contains("SIXFIVE_INITIAL_CLUSTER_STATE=\"existing\""), "{out}");
             let child = Command::new(BIN)
                 .args(["kv", "serve", "--name", "n4"])
                 .arg(format!("--data-dir={}", tc.root.join("n4").display()))
@@ -795,6 +793,18 @@ fn a_lost_server_is_replaced_under_load() {
                 .spawn()
                 .unwrap();
             *n4.borrow_mut() = Some(KillOnDrop(child));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !std::fs::read_to_string(&n4_log).unwrap_or_default().contains("no member named n4") {
+                assert!(Instant::now() < deadline, "n4 was not refused before it was added");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let (code, out, err) =
+                cli(&old, &["member", "add", "n4", "--peer-urls", &format!("http://127.0.0.1:{p4}")]);
+            assert_eq!(code, 0, "member add: {out} {err}");
+            assert!(out.contains("SIXFIVE_INITIAL_CLUSTER_STATE=\"existing\""), "{out}");
+            // Refused with the reason: a second member under the same name or address.
+            let (code, _, err) = cli(&old, &["member", "add", "n4", "--peer-urls", "http://127.0.0.1:1"]);
+            assert!(code == 1 && err.contains("exists already"), "{code} {err}");
             // The leader promotes it once it has caught up.
             let deadline = Instant::now() + Duration::from_secs(40);
             while !member_list(&old).contains(&("n4".into(), false)) {
@@ -807,6 +817,8 @@ fn a_lost_server_is_replaced_under_load() {
             tokio::time::sleep(Duration::from_millis(1500)).await;
         };
         let values = workload(&tc, 4, 3, faults).await;
+        let (code, _, err) = cli(&old, &["member", "remove", "n3"]);
+        assert!(code == 3 && err.contains("no member"), "removing an unknown member: {code} {err}");
         let members = member_list(&old);
         assert_eq!(members, vec![("n1".into(), false), ("n2".into(), false), ("n4".into(), false)]);
         let new = format!("http://127.0.0.1:{c4}");
