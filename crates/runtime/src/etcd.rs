@@ -200,21 +200,7 @@ impl Replica for NodeReplica {
 
     fn status(&self) -> ReplicaStatus {
         let st = self.sh.status();
-        let client_urls = self.sh.peers.client_urls();
-        let http = |v: &[String]| v.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>();
-        let members = self
-            .sh
-            .members_view()
-            .members
-            .iter()
-            .map(|m| MemberInfo {
-                id: m.id,
-                name: m.name.clone(),
-                peer_urls: http(std::slice::from_ref(&m.peer_addr)),
-                client_urls: client_urls.get(&m.id).map(|u| http(u)).unwrap_or_default(),
-                is_learner: m.learner,
-            })
-            .collect();
+        let members = self.sh.members_view().members.iter().map(member_info).collect();
         let db = ["raft.log", "raft.snapshot"]
             .iter()
             .map(|f| std::fs::metadata(self.sh.raft_dir.join(f)).map(|m| m.len()).unwrap_or(0))
@@ -275,18 +261,21 @@ impl Replica for NodeReplica {
             MemberOp::Remove(id) => view.members.retain(|m| m.id != id),
         }
         let urls = self.sh.peers.client_urls();
-        let http = |v: &[String]| v.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>();
-        let members = view
-            .members
-            .iter()
-            .map(|m| MemberInfo {
-                id: m.id,
-                name: m.name.clone(),
-                peer_urls: http(std::slice::from_ref(&m.peer_addr)),
-                client_urls: urls.get(&m.id).map(|u| http(u)).unwrap_or_default(),
-                is_learner: m.learner,
-            })
-            .collect();
-        Ok((id, members))
+        for m in &mut view.members {
+            m.client_urls = urls.get(&m.id).cloned().unwrap_or_default();
+        }
+        Ok((id, view.members.iter().map(member_info).collect()))
+    }
+}
+
+/// A member as etcd's Cluster service shows it.
+fn member_info(m: &MemberEntry) -> MemberInfo {
+    let http = |v: &[String]| v.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>();
+    MemberInfo {
+        id: m.id,
+        name: m.name.clone(),
+        peer_urls: http(std::slice::from_ref(&m.peer_addr)),
+        client_urls: http(&m.client_urls),
+        is_learner: m.learner,
     }
 }

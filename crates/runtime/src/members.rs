@@ -69,6 +69,31 @@ impl Directory {
         })
     }
 
+    /// The members of `conf` this directory lists (all it lists when the configuration carries
+    /// no directory of its own: the base is the cluster's).
+    pub fn members_of(&self, conf: &ConfState) -> BTreeMap<NodeId, Peer> {
+        self.members
+            .iter()
+            .filter(|(id, _)| conf.context.is_empty() || conf.is_member(**id))
+            .map(|(i, p)| (*i, p.clone()))
+            .collect()
+    }
+
+    /// The members of `conf`, as `member list` shows them (client URLs not filled in).
+    pub fn entries(&self, conf: &ConfState) -> Vec<MemberEntry> {
+        self.members_of(conf)
+            .into_iter()
+            .map(|(id, p)| MemberEntry {
+                id,
+                name: p.name,
+                peer_addr: p.addr,
+                client_urls: Vec::new(),
+                learner: conf.learners.contains(&id),
+                promote: self.promote.contains(&id),
+            })
+            .collect()
+    }
+
     /// The directory in effect with configuration `conf`: its context's, or `base` when the
     /// configuration carries none.
     pub fn in_effect(conf: &ConfState, base: &Directory) -> Directory {

@@ -30,7 +30,7 @@ use tracing::{error, info, warn};
 
 use crate::driver::{self, Input, Router};
 use crate::frame::{self, FrameError, MAX_CLIENT_FRAME};
-use crate::members::{ChangeError, Directory, MemberEntry, MemberOp, MembersView};
+use crate::members::{ChangeError, Directory, MemberOp, MembersView};
 use crate::metrics::{MeteredStorage, Metrics};
 use crate::peer::{self, Peer, PeerNet};
 use crate::proto::{ClientMsg, JoinAnswer, MemberStatus, ServerMsg};
@@ -785,11 +785,7 @@ impl<M: Served> Shared<M> {
             return;
         }
         let dir = Directory::in_effect(&st.conf, &self.base);
-        let members: BTreeMap<NodeId, Peer> = if st.conf.context.is_empty() {
-            dir.members.clone()
-        } else {
-            dir.members.iter().filter(|(id, _)| st.conf.is_member(**id)).map(|(i, p)| (*i, p.clone())).collect()
-        };
+        let members = dir.members_of(&st.conf);
         let mut peers = members.clone();
         for (id, p) in &linked.peers {
             if !committed || tracked.contains(id) {
@@ -800,17 +796,7 @@ impl<M: Served> Shared<M> {
         *self.view.lock().expect("view") = MembersView {
             answered_by: self.me,
             leader: st.leader,
-            members: members
-                .iter()
-                .map(|(&id, p)| MemberEntry {
-                    id,
-                    name: p.name.clone(),
-                    peer_addr: p.addr.clone(),
-                    client_urls: Vec::new(),
-                    learner: st.conf.learners.contains(&id),
-                    promote: dir.promote.contains(&id),
-                })
-                .collect(),
+            members: dir.entries(&st.conf),
             conf_index: st.conf_index,
             settled: committed && !st.conf.is_joint(),
         };
@@ -904,19 +890,7 @@ impl<M: Served> Shared<M> {
         MembersView {
             answered_by: m.leader.unwrap_or(0),
             leader: m.leader,
-            members: dir
-                .members
-                .iter()
-                .filter(|(id, _)| m.conf.is_member(**id) || m.conf.context.is_empty())
-                .map(|(&id, p)| MemberEntry {
-                    id,
-                    name: p.name.clone(),
-                    peer_addr: p.addr.clone(),
-                    client_urls: Vec::new(),
-                    learner: m.conf.learners.contains(&id),
-                    promote: dir.promote.contains(&id),
-                })
-                .collect(),
+            members: dir.entries(&m.conf),
             conf_index: m.conf_index,
             settled: m.settled,
         }
