@@ -827,6 +827,10 @@ fn a_lost_server_is_replaced_under_load() {
         assert!(st.snapshot_index > 0, "n4 caught up by snapshot: {st:?}");
         let log = std::fs::read_to_string(&n4_log).unwrap();
         assert!(log.contains("joined the cluster as a learner"), "{log}");
+        // A client given one member's URL learns the others' (n4's too).
+        let from_one = Cluster::connect(&tc.urls()[..1], 1_000_000).await.unwrap();
+        assert_eq!(from_one.endpoints, vec![1, 2, 4], "{:?}", from_one.urls);
+        assert!(from_one.urls.contains(&(4, format!("127.0.0.1:{c4}"))), "{:?}", from_one.urls);
         // n4 now carries the majority with n2.
         tc.kill9(0);
         let cluster = Cluster::connect(&[tc.urls()[1].clone(), new], 1_000_000).await.unwrap();

@@ -234,7 +234,8 @@ pub fn random_u64() -> u64 {
 
 impl Cluster {
     /// Connects to the cluster behind `urls` (`http://host:port` or `host:port`): asks each who
-    /// it is, so that leader hints (member ids) map to URLs. Fails if none answers in `timeout`.
+    /// it is, so that leader hints (member ids) map to URLs, and one of them who the other
+    /// members are (they are added after the URLs given). Fails if none answers in `timeout`.
     pub async fn connect(urls: &[String], timeout: Micros) -> Result<Cluster, ClientError> {
         let mut addrs = Vec::new();
         for u in urls {
@@ -271,6 +272,19 @@ impl Cluster {
         }
         if clusters.len() > 1 {
             return Err(ClientError::MixedClusters(addrs.join(",")));
+        }
+        // Members beyond the URLs given (added since, or not listed): learned from one that
+        // answered, so leader hints naming them can be followed.
+        if let Some(&known) = endpoints.iter().find(|e| **e < UNKNOWN_ENDPOINTS) {
+            let ask = TcpTransport::new(BTreeMap::from([(known, map[&known].clone())]));
+            if let Ok(view) = ask.members(known, timeout).await {
+                for m in view.members {
+                    if let (false, Some(url)) = (map.contains_key(&m.id), m.client_urls.first()) {
+                        map.insert(m.id, url.clone());
+                        endpoints.push(m.id);
+                    }
+                }
+            }
         }
         let urls = endpoints.iter().map(|e| (*e, map[e].clone())).collect();
         Ok(Cluster { transport: TcpTransport::new(map), endpoints, urls, cluster_id: *clusters.first().expect("one") })
