@@ -561,6 +561,23 @@ fn etcdctl_member_add_promote_remove() {
     assert!(!done && err.contains("can only promote a learner member"), "{err}");
     let (done, _, err) = etcdctl(&urls[0], &["member", "add", "x", &format!("--peer-urls=http://127.0.0.1:{p4}")]);
     assert!(!done && err.contains("Peer URLs already exists"), "{err}");
+    // The member with the lowest id (the others accept its connections rather than dial it),
+    // leader or not, also learns its removal and stops.
+    let (ok1, _, err) = etcdctl(&n4_url, &["member", "remove", "1"]);
+    assert!(ok1, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let exited = tc.servers[0].child.borrow_mut().as_mut().unwrap().try_wait().unwrap();
+        if let Some(st) = exited {
+            tc.servers[0].child.borrow_mut().take();
+            break st;
+        }
+        assert!(Instant::now() < deadline, "removed member n1 did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+    ok(&format!("{},{n4_url}", urls[1]), &["put", "two-left", "3"]);
+    assert_eq!(members(&n4_url), vec![("n2".into(), false), ("n4".into(), false)]);
     let _ = n4.kill();
     let _ = n4.wait();
     tc.ok = true;

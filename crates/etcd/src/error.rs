@@ -83,6 +83,9 @@ pub enum EtcdError {
     /// Peer URLs that are not `http://host:port` (one per member here).
     #[error("etcdserver: given member URLs are invalid")]
     MemberBadUrls,
+    /// A membership change the configuration does not allow (e.g. one that leaves no voter).
+    #[error("etcdserver: invalid membership change for the current configuration")]
+    BadMembershipChange,
 }
 
 /// gRPC status codes (the subset etcd uses), numbered as gRPC numbers them.
@@ -113,9 +116,8 @@ impl EtcdError {
             | RequestTooLarge | Malformed | MemberBadUrls => Code::InvalidArgument,
             Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
             LeaseNotFound | MemberNotFound => Code::NotFound,
-            LeaseExist | NotCapable | DuplicateWatchId | PeerUrlExist | MemberNotLearner | LearnerNotReady => {
-                Code::FailedPrecondition
-            }
+            LeaseExist | NotCapable | DuplicateWatchId | PeerUrlExist | MemberNotLearner | LearnerNotReady
+            | BadMembershipChange => Code::FailedPrecondition,
             NoLeader | LeaderChanged | Stopped | Timeout => Code::Unavailable,
         }
     }

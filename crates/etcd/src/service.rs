@@ -462,7 +462,9 @@ impl<R: Replica> cluster_server::Cluster for EtcdService<R> {
         let req = req.into_inner();
         let change = MemberChange::Add { peer_urls: req.peer_ur_ls.clone(), learner: req.is_learner };
         let (id, members) = self.replica.change_members(change).await?;
-        let member = Member { id, peer_ur_ls: req.peer_ur_ls, is_learner: req.is_learner, ..Default::default() };
+        // Every new member is a learner first; one added as a voter is promoted by the leader
+        // once it has caught up (so `member list` shows it a learner until then).
+        let member = Member { id, peer_ur_ls: req.peer_ur_ls, is_learner: true, ..Default::default() };
         Ok(Response::new(MemberAddResponse {
             header: self.header(None),
             member: Some(member),

@@ -236,14 +236,15 @@ impl Replica for NodeReplica {
             MemberChange::Promote(id) => MemberOp::Promote(id),
             MemberChange::Remove(id) => MemberOp::Remove(id),
         };
-        let (id, mut view) = self.sh.change_members(&op).await.map_err(|e| match e {
+        // Well within etcdctl's default command timeout (5 s).
+        let (id, mut view) = self.sh.change_members(&op, Duration::from_secs(3)).await.map_err(|e| match e {
             ChangeError::NotFound(_) => EtcdError::MemberNotFound,
             ChangeError::Exists(_) => EtcdError::PeerUrlExist,
             ChangeError::NotLearner(_) => EtcdError::MemberNotLearner,
             ChangeError::LearnerBehind(_) => EtcdError::LearnerNotReady,
             ChangeError::Invalid(why) => {
                 warn!("membership change refused: {why}");
-                EtcdError::MemberBadUrls
+                EtcdError::BadMembershipChange
             }
             ChangeError::Unavailable(_) => EtcdError::Timeout,
         })?;

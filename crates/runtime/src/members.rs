@@ -32,6 +32,9 @@ pub struct Directory {
     pub members: BTreeMap<NodeId, Peer>,
     /// Learners added as voters: promoted by the leader once caught up.
     pub promote: BTreeSet<NodeId>,
+    /// The id the next member gets: ids are never given twice, so a server removed while it
+    /// was down can never pass for a newer member (0: one above the highest listed).
+    pub next_id: NodeId,
 }
 
 const MAGIC: &[u8; 4] = b"6fd1";
@@ -40,12 +43,18 @@ const MAGIC: &[u8; 4] = b"6fd1";
 struct Encoded {
     members: Vec<(NodeId, String, String)>,
     promote: Vec<NodeId>,
+    next_id: NodeId,
 }
 
 impl Directory {
     /// A directory of `members`, nobody to promote.
     pub fn of(members: BTreeMap<NodeId, Peer>) -> Directory {
-        Directory { members, promote: BTreeSet::new() }
+        Directory { members, promote: BTreeSet::new(), next_id: 0 }
+    }
+
+    /// The id the next member gets.
+    pub fn next_id(&self) -> NodeId {
+        self.next_id.max(self.members.keys().max().map_or(1, |m| m + 1))
     }
 
     /// As a configuration's context.
@@ -53,6 +62,7 @@ impl Directory {
         let e = Encoded {
             members: self.members.iter().map(|(id, p)| (*id, p.name.clone(), p.addr.clone())).collect(),
             promote: self.promote.iter().copied().collect(),
+            next_id: self.next_id,
         };
         let mut out = MAGIC.to_vec();
         out.extend(postcard::to_allocvec(&e).expect("encodes"));
@@ -66,6 +76,7 @@ impl Directory {
         Some(Directory {
             members: e.members.into_iter().map(|(id, name, addr)| (id, Peer { name, addr })).collect(),
             promote: e.promote.into_iter().collect(),
+            next_id: e.next_id,
         })
     }
 
@@ -134,6 +145,8 @@ pub struct MembersView {
     pub conf_index: Index,
     /// The configuration is committed and not joint: a change may start.
     pub settled: bool,
+    /// The id the next member gets (see [`Directory::next_id`]).
+    pub next_id: NodeId,
 }
 
 impl MembersView {
@@ -154,6 +167,7 @@ impl MembersView {
                 .map(|m| (m.id, Peer { name: m.name.clone(), addr: m.peer_addr.clone() }))
                 .collect(),
             promote: self.members.iter().filter(|m| m.promote && m.learner).map(|m| m.id).collect(),
+            next_id: self.next_id,
         }
     }
 }
@@ -217,10 +231,10 @@ pub fn plan(op: &MemberOp, view: &MembersView) -> Result<(RsmRequest, NodeId), C
             if let Some(m) = view.members.iter().find(|m| &m.peer_addr == peer_addr) {
                 return Err(ChangeError::Exists(format!("peer URL http://{peer_addr} is member {}'s already", m.name)));
             }
-            // Ids stay below 2^32 (the runtime's endpoint numbering) and are never reused
-            // while the directory remembers the highest.
-            let id = view.members.iter().map(|m| m.id).max().unwrap_or(0) + 1;
+            // Ids stay below 2^32 (the runtime's endpoint numbering) and are never reused.
+            let id = dir.next_id();
             dir.members.insert(id, Peer { name: name.clone(), addr: peer_addr.clone() });
+            dir.next_id = id + 1;
             if !learner {
                 dir.promote.insert(id);
             }
@@ -242,6 +256,7 @@ pub fn plan(op: &MemberOp, view: &MembersView) -> Result<(RsmRequest, NodeId), C
             if !view.members.iter().any(|m| m.id == *id) {
                 return Err(ChangeError::NotFound(format!("no member with id {id:x}")));
             }
+            dir.next_id = dir.next_id();
             dir.members.remove(id);
             dir.promote.remove(id);
             (vec![ConfChange::Remove(*id)], *id)
@@ -269,6 +284,7 @@ mod tests {
             members: vec![m(1, false), m(2, false), m(4, true)],
             conf_index: 7,
             settled: true,
+            next_id: 0,
         }
     }
 
@@ -295,9 +311,12 @@ mod tests {
         let add_learner = MemberOp::Add { name: "n5".into(), peer_addr: "127.0.0.1:9999".into(), learner: true };
         assert!(planned(plan(&add_learner, &v).unwrap().0).1.promote.is_empty());
 
-        let (changes, dir, _) = planned(plan(&MemberOp::Remove(2), &v).unwrap().0);
-        assert_eq!(changes, vec![ConfChange::Remove(2)]);
-        assert!(!dir.members.contains_key(&2));
+        let (changes, dir, _) = planned(plan(&MemberOp::Remove(4), &v).unwrap().0);
+        assert_eq!(changes, vec![ConfChange::Remove(4)]);
+        assert!(!dir.members.contains_key(&4));
+        // The highest id removed is never given again.
+        let after = MembersView { members: v.members[..2].to_vec(), next_id: dir.next_id, ..v.clone() };
+        assert_eq!(plan(&add_learner, &after).unwrap().1, 5);
         let (changes, _, _) = planned(plan(&MemberOp::Promote(4), &v).unwrap().0);
         assert_eq!(changes, vec![ConfChange::Promote(4)]);
     }

@@ -251,8 +251,16 @@ impl PeerNet {
     /// messages with (itself may be listed: it is skipped); links to others close, new ones
     /// open, a member whose address changed is reached at the new one. `directory` is the whole
     /// directory, for answering servers that join.
-    pub fn set_members(&self, members: &BTreeMap<NodeId, Peer>, directory: &BTreeMap<NodeId, Peer>) {
+    ///
+    /// `joinable`: the members that may still join (see [`join_answer`]).
+    pub fn set_members(
+        &self,
+        members: &BTreeMap<NodeId, Peer>,
+        directory: &BTreeMap<NodeId, Peer>,
+        joinable: &std::collections::BTreeSet<NodeId>,
+    ) {
         *self.shared.directory.write().expect("directory") = directory.clone();
+        *self.shared.joinable.write().expect("joinable") = joinable.clone();
         let me = self.shared.me.id;
         let mut links = self.links.write().expect("links");
         let gone: Vec<NodeId> =
@@ -261,13 +269,16 @@ impl PeerNet {
             let LinkEntry { peer, queue, accepted, _task: task } = links.remove(&id).expect("listed");
             // The queue's end: the link sends what is queued, then ends; or is stopped after a
             // grace period (a peer that cannot be reached).
-            drop((queue, accepted));
+            // (The accepted side stays open meanwhile: a link that sees it closed stops at once.)
+            drop(queue);
             self.rt.spawn(async move {
                 tokio::time::sleep(CLOSING_GRACE).await;
-                drop(task);
+                drop((task, accepted));
             });
             info!(peer = %peer.name, id, "no longer a peer: link closed");
             self.shared.connected.lock().expect("connected").remove(&id);
+            self.shared.client_urls.lock().expect("client urls").remove(&id);
+            self.shared.names.lock().expect("names").remove(&id);
             self.calls.fail_forwarded_to(id);
         }
         for (&id, peer) in members.iter().filter(|(id, _)| **id != me) {
@@ -325,6 +336,8 @@ pub fn start<N: Send + 'static>(
         names: Mutex::new(BTreeMap::from([(me.id, me.name.clone())])),
         connected: Mutex::new(std::collections::BTreeSet::new()),
         directory: RwLock::new(members.clone()),
+        joinable: RwLock::default(),
+        seen: Mutex::default(),
     });
     let links: Arc<RwLock<BTreeMap<NodeId, LinkEntry>>> = Arc::default();
     let rt = tokio::runtime::Handle::current();
@@ -374,7 +387,7 @@ pub fn start<N: Send + 'static>(
         }));
     }
     let net = PeerNet { links, spawn_link, rt, shared, metrics, calls };
-    net.set_members(members, members);
+    net.set_members(members, members, &Default::default());
     (net, tasks)
 }
 
@@ -412,12 +425,17 @@ struct LinkShared {
     connected: Mutex<std::collections::BTreeSet<NodeId>>,
     /// The whole member directory, for servers that join.
     directory: RwLock<BTreeMap<NodeId, Peer>>,
+    /// The members that may join (see [`join_answer`]).
+    joinable: RwLock<std::collections::BTreeSet<NodeId>>,
+    /// Members this one has ever exchanged a handshake with (in this process).
+    seen: Mutex<std::collections::BTreeSet<NodeId>>,
 }
 
 impl LinkShared {
     fn learned(&self, peer: NodeId, name: String, urls: Vec<String>) {
         self.client_urls.lock().expect("client urls").insert(peer, urls);
         self.names.lock().expect("names").insert(peer, name);
+        self.seen.lock().expect("seen").insert(peer);
     }
 }
 
@@ -441,7 +459,12 @@ async fn handshake(
     if first.starts_with(&JOIN_MAGIC) {
         let req: JoinRequest =
             postcard::from_bytes(&first).map_err(|e| HandshakeError::Frame(FrameError::Decode(e.to_string())))?;
-        let answer = join_answer(&req, cluster_id, &shared.directory.read().expect("directory"));
+        let answer = {
+            let joinable = shared.joinable.read().expect("joinable");
+            let seen = shared.seen.lock().expect("seen");
+            let may_join = |id: NodeId| joinable.contains(&id) && !seen.contains(&id);
+            join_answer(&req, cluster_id, &shared.directory.read().expect("directory"), &may_join)
+        };
         let _ = frame::write_msg(&mut stream, &answer).await;
         return match answer {
             JoinAnswer::Accepted { id, .. } => {
@@ -482,14 +505,28 @@ async fn handshake(
     Ok(Some((hello.from, stream)))
 }
 
-/// Who a joining server is, if the directory lists it under that name and address.
-fn join_answer(req: &JoinRequest, cluster_id: u64, directory: &BTreeMap<NodeId, Peer>) -> JoinAnswer {
+/// Who a joining server is, if the directory lists it under that name and address and it
+/// `may_join`: a learner of the committed configuration that never connected yet. A server that
+/// already ran under that id and lost its data must not come back under it with an empty log
+/// (as a voter it could vote twice in a term; as a learner its stale progress could make a
+/// commit count it): it is removed and added again (etcd: "already bootstrapped").
+fn join_answer(
+    req: &JoinRequest,
+    cluster_id: u64,
+    directory: &BTreeMap<NodeId, Peer>,
+    may_join: &dyn Fn(NodeId) -> bool,
+) -> JoinAnswer {
     // Found by name, or by address for a member added without one (etcd's MemberAdd).
     let found = directory
         .iter()
         .find(|(_, p)| p.name == req.name)
         .or_else(|| directory.iter().find(|(_, p)| p.name.is_empty() && p.addr == req.peer_addr));
     match found {
+        Some((&id, p)) if p.addr == req.peer_addr && !may_join(id) => JoinAnswer::Refused(format!(
+            "member {} (id {id}) is not a new learner of the committed configuration: it ran already, or \
+             its addition is not committed yet; if its data was lost, remove it and add it again",
+            req.name
+        )),
         Some((&id, p)) if p.addr == req.peer_addr => JoinAnswer::Accepted {
             cluster_id,
             id,
@@ -712,5 +749,38 @@ async fn read_loop<N: Send + 'static>(
             }
             Err(e) => return e.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(name: &str, addr: &str) -> JoinRequest {
+        JoinRequest { magic: JOIN_MAGIC, name: name.into(), peer_addr: addr.into() }
+    }
+
+    #[test]
+    fn only_new_learners_join_and_only_as_added() {
+        let p = |n: &str, a: &str| Peer { name: n.into(), addr: a.into() };
+        let dir = BTreeMap::from([(1, p("n1", "h:1")), (2, p("n2", "h:2")), (4, p("", "h:4"))]);
+        let learners = |id: NodeId| id == 4;
+        // A learner added by etcd's MemberAdd (no name) is found by its address.
+        match join_answer(&req("n4", "h:4"), 9, &dir, &learners) {
+            JoinAnswer::Accepted { cluster_id, id, members } => {
+                assert_eq!((cluster_id, id, members.len()), (9, 4, 3));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A voter that lost its data cannot come back under its id with an empty log.
+        let r = join_answer(&req("n2", "h:2"), 9, &dir, &learners);
+        assert!(matches!(&r, JoinAnswer::Refused(why) if why.contains("remove it and add it again")), "{r:?}");
+        // Nor a learner that already ran (`may_join` false), nor another address, nor a stranger.
+        let r = join_answer(&req("n4", "h:4"), 9, &dir, &|_| false);
+        assert!(matches!(r, JoinAnswer::Refused(_)), "{r:?}");
+        let r = join_answer(&req("n1", "h:9"), 9, &dir, &|_| true);
+        assert!(matches!(&r, JoinAnswer::Refused(why) if why.contains("was added with the peer URL")), "{r:?}");
+        let r = join_answer(&req("zz", "h:7"), 9, &dir, &|_| true);
+        assert!(matches!(&r, JoinAnswer::Refused(why) if why.contains("add it first")), "{r:?}");
     }
 }

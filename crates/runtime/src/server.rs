@@ -40,6 +40,9 @@ pub type Member<M> = RsmNode<MeteredStorage<FileStorage>, M>;
 /// The node a KV server runs.
 pub type KvNode = Member<KvSm>;
 
+/// How long a membership change asked by `kv member` is retried (a learner catching up, a
+/// change in progress, no leader).
+const MEMBER_CHANGE_RETRIES: Duration = Duration::from_secs(10);
 /// Client connections get endpoints from here up (member ids are below).
 const CLIENT_ENDPOINTS: Endpoint = 1 << 40;
 /// The server's own requests (health checks).
@@ -685,6 +688,7 @@ struct Linked {
     conf: sixfive_raft::ConfState,
     peers: BTreeMap<NodeId, Peer>,
     tracked: Vec<NodeId>,
+    joinable: std::collections::BTreeSet<NodeId>,
 }
 
 struct NodeRouter {
@@ -792,15 +796,19 @@ impl<M: Served> Shared<M> {
                 peers.entry(*id).or_insert_with(|| p.clone());
             }
         }
-        self.peers.set_members(&peers, &dir.members);
+        // Servers may join as the learners of the committed configuration.
+        let joinable: std::collections::BTreeSet<NodeId> =
+            st.conf.learners.iter().copied().filter(|id| committed || linked.joinable.contains(id)).collect();
+        self.peers.set_members(&peers, &dir.members, &joinable);
         *self.view.lock().expect("view") = MembersView {
             answered_by: self.me,
             leader: st.leader,
             members: dir.entries(&st.conf),
             conf_index: st.conf_index,
             settled: committed && !st.conf.is_joint(),
+            next_id: dir.next_id(),
         };
-        *linked = Linked { key: Some(key), conf: st.conf.clone(), peers, tracked };
+        *linked = Linked { key: Some(key), conf: st.conf.clone(), peers, tracked, joinable };
         if st.removed && committed && !self.removed.swap(true, Ordering::Relaxed) {
             warn!(conf_index = st.conf_index, "this member was removed from the cluster: it stops serving");
         }
@@ -838,10 +846,14 @@ impl<M: Served> Shared<M> {
 
     /// Makes membership change `op` at the leader: reads the leader's membership, plans the
     /// change against it, and proposes it there, again while the leader is busy with another
-    /// change, is unknown or changes, or a learner to promote is still catching up (up to 10 s).
+    /// change, is unknown or changes, or a learner to promote is still catching up (`within`).
     /// Returns the id of the member concerned and the membership the change was planned from.
-    pub(crate) async fn change_members(&self, op: &MemberOp) -> Result<(NodeId, MembersView), ChangeError> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    pub(crate) async fn change_members(
+        &self,
+        op: &MemberOp,
+        within: Duration,
+    ) -> Result<(NodeId, MembersView), ChangeError> {
+        let deadline = std::time::Instant::now() + within;
         let mut last = ChangeError::Unavailable("no leader answered".into());
         while std::time::Instant::now() < deadline {
             let pause = || tokio::time::sleep(Duration::from_millis(100));
@@ -893,6 +905,7 @@ impl<M: Served> Shared<M> {
             members: dir.entries(&m.conf),
             conf_index: m.conf_index,
             settled: m.settled,
+            next_id: dir.next_id(),
         }
     }
 
@@ -906,13 +919,13 @@ impl<M: Served> Shared<M> {
             if view.leader != Some(self.me) || !view.settled {
                 continue;
             }
-            let Some(m) = view.members.iter().find(|m| m.learner && m.promote) else { continue };
-            let (request, id) = match crate::members::plan(&MemberOp::Promote(m.id), &view) {
-                Ok(p) => p,
-                Err(_) => continue,
-            };
-            if let Some(RsmReply::Done(_)) = self.ask_leader(&request, Duration::from_secs(2)).await {
-                info!(id, "promoted learner {} to voter: it has caught up", m.name);
+            // Each candidate in turn: one that never starts must not hold up the others.
+            for m in view.members.iter().filter(|m| m.learner && m.promote) {
+                let Ok((request, id)) = crate::members::plan(&MemberOp::Promote(m.id), &view) else { continue };
+                if let Some(RsmReply::Done(_)) = self.ask_leader(&request, Duration::from_secs(2)).await {
+                    info!(id, "promoted learner {} to voter: it has caught up", m.name);
+                    break;
+                }
             }
         }
     }
@@ -992,7 +1005,7 @@ pub(crate) async fn serve_client<M: Served>(stream: TcpStream, addr: std::net::S
             Ok(ClientMsg::ChangeMembers { call, op }) => {
                 let (sh, tx) = (sh.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let result = sh.change_members(&op).await;
+                    let result = sh.change_members(&op, MEMBER_CHANGE_RETRIES).await;
                     let _ = tx.send(ServerMsg::MembersChanged { call, result }).await;
                 });
             }
