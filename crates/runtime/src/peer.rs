@@ -252,7 +252,7 @@ impl PeerNet {
     /// open, a member whose address changed is reached at the new one. `directory` is the whole
     /// directory, for answering servers that join.
     ///
-    /// `joinable`: the members that may still join (see [`join_answer`]).
+    /// `joinable`: the members that may still join: the new learners of the committed configuration.
     pub fn set_members(
         &self,
         members: &BTreeMap<NodeId, Peer>,
