@@ -539,16 +539,7 @@ fn etcdctl_member_add_promote_remove() {
     // Removing a running member stops it; the others serve on with n4.
     let (ok3, _, err) = etcdctl(&urls[0], &["member", "remove", "3"]);
     assert!(ok3, "{err}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        let exited = tc.servers[2].child.borrow_mut().as_mut().unwrap().try_wait().unwrap();
-        if let Some(st) = exited {
-            tc.servers[2].child.borrow_mut().take();
-            break st;
-        }
-        assert!(Instant::now() < deadline, "the removed member did not stop");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = tc.wait_exit(2, Duration::from_secs(20));
     assert!(status.success(), "a removed member exits cleanly: {status:?}");
     assert!(tc.log_of(2).contains("removed from the cluster"));
     assert_eq!(members(&urls[0]), vec![("n1".into(), false), ("n2".into(), false), ("n4".into(), false)]);
@@ -565,16 +556,7 @@ fn etcdctl_member_add_promote_remove() {
     // leader or not, also learns its removal and stops.
     let (ok1, _, err) = etcdctl(&n4_url, &["member", "remove", "1"]);
     assert!(ok1, "{err}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        let exited = tc.servers[0].child.borrow_mut().as_mut().unwrap().try_wait().unwrap();
-        if let Some(st) = exited {
-            tc.servers[0].child.borrow_mut().take();
-            break st;
-        }
-        assert!(Instant::now() < deadline, "removed member n1 did not stop");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = tc.wait_exit(0, Duration::from_secs(20));
     assert!(status.success(), "{status:?}");
     ok(&format!("{},{n4_url}", urls[1]), &["put", "two-left", "3"]);
     assert_eq!(members(&n4_url), vec![("n2".into(), false), ("n4".into(), false)]);

@@ -125,6 +125,20 @@ impl TestCluster {
         self.servers[i].child.borrow_mut().take().unwrap().wait().unwrap()
     }
 
+    /// Waits for server `i` to exit on its own (panics after `within`).
+    pub fn wait_exit(&self, i: usize, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            let exited = self.servers[i].child.borrow_mut().as_mut().expect("running").try_wait().unwrap();
+            if let Some(st) = exited {
+                self.servers[i].child.borrow_mut().take();
+                return st;
+            }
+            assert!(Instant::now() < deadline, "{} did not stop within {within:?}", self.servers[i].name);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn urls(&self) -> Vec<String> {
         self.servers.iter().map(|s| format!("http://{}:{}", s.host, s.client_port)).collect()
     }
