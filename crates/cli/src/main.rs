@@ -98,6 +98,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1000)]
         writes: u64,
     },
+    /// One snapshot of a large etcd-API state (`check perf`'s shape), phase by phase: the
+    /// copy on the node's loop, the serialisation and write off it, the install, a restart.
+    Snapshot {
+        /// Distinct keys, each written once.
+        #[arg(long, default_value_t = 300_000)]
+        keys: u64,
+        /// Key size in bytes (at least 8).
+        #[arg(long, default_value_t = 256)]
+        key_bytes: usize,
+        /// Value size in bytes.
+        #[arg(long, default_value_t = 1024)]
+        value_bytes: usize,
+        /// Where the node keeps its log and snapshot (must not exist; removed afterwards).
+        #[arg(long, default_value = "sixfive-bench-snapshot")]
+        dir: std::path::PathBuf,
+    },
     /// Word count on a generated corpus: a plain single-threaded Rust count vs MapReduce.
     Mr {
         /// Corpus size in MiB.
@@ -180,6 +196,9 @@ fn main() -> ExitCode {
             bench::raft_core(entries, size, batch)
         }
         Command::Bench { what: BenchCommand::Fsyncs { writes } } => bench::fsyncs(writes),
+        Command::Bench { what: BenchCommand::Snapshot { keys, key_bytes, value_bytes, dir } } => {
+            bench::snapshot(keys, key_bytes, value_bytes, &dir)
+        }
         Command::Bench {
             what: BenchCommand::Kv { clients, secs, key_size, value_size, endpoints, data_dir, keep, no_etcd },
         } => {

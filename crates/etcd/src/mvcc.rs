@@ -11,11 +11,13 @@
 //! in revision order from a start revision, so a watcher can resume from any revision that has
 //! not been compacted.
 
-use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use imbl::OrdMap;
+use serde::de::{MapAccess, Visitor};
+use serde::ser::SerializeStruct;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::proto::mvccpb;
 
@@ -58,14 +60,14 @@ impl KeyRange {
         match self {
             KeyRange::Single(k) => Some((Bound::Included(k), Bound::Included(k))),
             KeyRange::From(k) => Some((Bound::Included(k), Bound::Unbounded)),
-            // An empty or inverted interval holds nothing (BTreeMap::range would panic on it).
+            // An empty or inverted interval holds nothing (a map's `range` would panic on it).
             KeyRange::Between(k, e) if k >= e => None,
             KeyRange::Between(k, e) => Some((Bound::Included(k), Bound::Excluded(e))),
         }
     }
 }
 
-/// Bounds of a key range, as `BTreeMap::range` takes them.
+/// Bounds of a key range, as a map's `range` takes them.
 type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
 
 /// A live value of a key at some revision (etcd's `mvccpb.KeyValue`).
@@ -77,8 +79,9 @@ pub struct Kv {
     pub mod_revision: i64,
     /// Number of puts since the key was created (1 for the first).
     pub version: i64,
-    /// The value; shared, so that a copy of the store (for a snapshot taken off the node's
-    /// loop) does not copy the values. Encoded as a `Vec<u8>` is.
+    /// The value; shared, so that copies of a history (the store's copy on write after a
+    /// snapshot) do not copy the values. Encoded as a `Vec<u8>` is, as one byte string.
+    #[serde(with = "sixfive_raft::bytes")]
     pub value: Arc<[u8]>,
     /// Lease attached to the key (0: none).
     pub lease: i64,
@@ -158,6 +161,9 @@ pub struct RangeResult {
     pub count: i64,
 }
 
+/// A key as the store holds it: one allocation shared by its history and the revision index.
+type Key = Arc<[u8]>;
+
 /// The MVCC store.
 ///
 /// Invariants (checked by [`Store::check`]):
@@ -166,10 +172,19 @@ pub struct RangeResult {
 /// - `by_rev` holds exactly one `(rev, key)` for every entry of every history;
 /// - every revision in the store is at most `(rev, _)`, and `compact_rev <= rev`;
 /// - `size` is the sum of the entries' sizes.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+///
+/// Both maps are persistent B-trees: a clone shares every node and costs O(1), and a write
+/// after it copies only the nodes on its path (each node once, however many writes follow).
+/// So a snapshot's copy of a store of any size takes no time on the node's loop (etcd gets
+/// the same from bolt's copy-on-write pages), and the writes meanwhile pay for what they
+/// touch.
+///
+/// Serialised, a store is its histories and counters; the revision index is rebuilt from the
+/// histories when read back (it says nothing they do not).
+#[derive(Clone, Debug, Default)]
 pub struct Store {
-    keys: BTreeMap<Vec<u8>, Vec<Entry>>,
-    by_rev: BTreeMap<Rev, Vec<u8>>,
+    keys: OrdMap<Key, Vec<Entry>>,
+    by_rev: OrdMap<Rev, Key>,
     /// The store revision: that of the last write transaction that changed something; 1 for a
     /// new store, as in etcd.
     rev: i64,
@@ -187,7 +202,7 @@ fn entry_size(key: &[u8], kv: Option<&Kv>) -> u64 {
 impl Store {
     /// An empty store at revision 1.
     pub fn new() -> Self {
-        Store { keys: BTreeMap::new(), by_rev: BTreeMap::new(), rev: 1, compact_rev: -1, size: 0 }
+        Store { keys: OrdMap::new(), by_rev: OrdMap::new(), rev: 1, compact_rev: -1, size: 0 }
     }
 
     /// The current revision.
@@ -239,7 +254,7 @@ impl Store {
         let mut kvs = Vec::new();
         let mut count = 0;
         if let Some(bounds) = range.bounds() {
-            for (k, hist) in self.keys.range::<[u8], _>(bounds) {
+            for (k, hist) in self.keys.range::<_, [u8]>(bounds) {
                 let i = hist.partition_point(|e| e.rev.0 <= at);
                 if i == 0 {
                     continue;
@@ -258,7 +273,11 @@ impl Store {
     /// Appends a put of `key` at revision `rev` (main revision `rev.0 > self.rev` while a
     /// transaction is open). Returns the new key-value and the previous live one.
     pub(crate) fn put(&mut self, key: &[u8], value: Arc<[u8]>, lease: i64, rev: Rev) -> (Kv, Option<Kv>) {
-        let hist = self.keys.entry(key.to_vec()).or_default();
+        if !self.keys.contains_key(key) {
+            self.keys.insert(Key::from(key), Vec::new());
+        }
+        let (key, hist) = self.keys.get_key_value_mut(key).expect("inserted above");
+        let key = key.clone();
         debug_assert!(hist.last().is_none_or(|e| e.rev < rev), "history goes forward");
         let prev = hist.last().and_then(|e| e.kv.clone());
         let (create_revision, version) = match &prev {
@@ -267,19 +286,19 @@ impl Store {
         };
         let kv = Kv { create_revision, mod_revision: rev.0, version, value, lease };
         hist.push(Entry { rev, kv: Some(kv.clone()) });
-        self.size += entry_size(key, Some(&kv));
-        self.by_rev.insert(rev, key.to_vec());
+        self.size += entry_size(&key, Some(&kv));
+        self.by_rev.insert(rev, key);
         (kv, prev)
     }
 
     /// Appends a tombstone for `key` at `rev` if the key is live; returns its last value.
     pub(crate) fn delete(&mut self, key: &[u8], rev: Rev) -> Option<Kv> {
-        let hist = self.keys.get_mut(key)?;
+        let (key, hist) = self.keys.get_key_value_mut(key)?;
         let prev = hist.last()?.kv.clone()?;
         debug_assert!(hist.last().is_none_or(|e| e.rev < rev), "history goes forward");
         hist.push(Entry { rev, kv: None });
         self.size += entry_size(key, None);
-        self.by_rev.insert(rev, key.to_vec());
+        self.by_rev.insert(rev, key.clone());
         Some(prev)
     }
 
@@ -287,9 +306,9 @@ impl Store {
     pub(crate) fn live_keys(&self, range: &KeyRange) -> Vec<Vec<u8>> {
         let Some(bounds) = range.bounds() else { return Vec::new() };
         self.keys
-            .range::<[u8], _>(bounds)
+            .range::<_, [u8]>(bounds)
             .filter(|(_, h)| h.last().is_some_and(|e| e.kv.is_some()))
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| k.to_vec())
             .collect()
     }
 
@@ -310,8 +329,10 @@ impl Store {
             return Err(RevError::Future);
         }
         self.compact_rev = rev;
-        let mut emptied = Vec::new();
-        for (k, hist) in self.keys.iter_mut() {
+        // Found first, changed after: only the histories that lose entries are written (and
+        // so copied, if a snapshot still shares them).
+        let mut trimmed = Vec::new();
+        for (k, hist) in self.keys.iter() {
             // The entry a read at `rev` sees; everything before it is invisible to reads at
             // `rev` or later. A tombstone strictly below `rev` goes too (etcd keeps one at
             // exactly `rev`, so a watch from `rev` still sees that delete).
@@ -323,16 +344,19 @@ impl Store {
             if hist[i - 1].kv.is_none() && hist[i - 1].rev.0 < rev {
                 drop = i;
             }
-            for e in hist.drain(..drop) {
-                self.by_rev.remove(&e.rev);
-                self.size -= entry_size(k, e.kv.as_ref());
-            }
-            if hist.is_empty() {
-                emptied.push(k.clone());
+            if drop > 0 {
+                trimmed.push((k.clone(), drop));
             }
         }
-        for k in emptied {
-            self.keys.remove(&k);
+        for (k, drop) in trimmed {
+            let hist = self.keys.get_mut(&k).expect("listed above");
+            for e in hist.drain(..drop) {
+                self.by_rev.remove(&e.rev);
+                self.size -= entry_size(&k, e.kv.as_ref());
+            }
+            if hist.is_empty() {
+                self.keys.remove(&k);
+            }
         }
         Ok(())
     }
@@ -354,17 +378,17 @@ impl Store {
         // resumes at the revision after the last one returned.
         let full =
             |out: &Vec<Event>, next: Rev| max != 0 && out.len() >= max && out.last().is_some_and(|e| e.rev.0 != next.0);
-        let scan = |out: &mut Vec<Event>, rev: Rev, key: &Vec<u8>| {
-            let hist = &self.keys[key];
+        let scan = |out: &mut Vec<Event>, rev: Rev, key: &[u8]| {
+            let hist = self.history(key);
             let i = hist.partition_point(|e| e.rev < rev);
             debug_assert_eq!(hist[i].rev, rev);
             let prev = if i > 0 { hist[i - 1].kv.clone() } else { None };
-            out.push(Event { rev, key: key.clone(), kv: hist[i].kv.clone(), prev });
+            out.push(Event { rev, key: key.to_vec(), kv: hist[i].kv.clone(), prev });
         };
         match range {
             // A single key: walk its own history rather than the whole revision index.
             KeyRange::Single(k) => {
-                if let Some(hist) = self.keys.get(k) {
+                if let Some(hist) = self.keys.get(k.as_slice()) {
                     let start = hist.partition_point(|e| e.rev.0 < from);
                     for e in &hist[start..] {
                         if e.rev.0 > to || full(&out, e.rev) {
@@ -393,7 +417,7 @@ impl Store {
     pub fn hash(&self, rev: i64) -> u32 {
         let mut h = 0u32;
         for (r, key) in self.by_rev.range(..=(rev, i64::MAX)) {
-            let hist = &self.keys[key];
+            let hist = self.history(key);
             let e = &hist[hist.partition_point(|e| e.rev < *r)];
             h = crc32c::crc32c_append(h, &r.0.to_le_bytes());
             h = crc32c::crc32c_append(h, &r.1.to_le_bytes());
@@ -410,21 +434,15 @@ impl Store {
         h
     }
 
-    /// A copy without the revision index (the histories hold everything it says): half the
-    /// allocations of a clone. [`Store::rebuild_index`] makes it whole again.
-    pub(crate) fn clone_without_index(&self) -> Store {
-        Store {
-            keys: self.keys.clone(),
-            by_rev: BTreeMap::new(),
-            rev: self.rev,
-            compact_rev: self.compact_rev,
-            size: self.size,
-        }
+    /// The history of a key the revision index names (invariant: it has one).
+    fn history(&self, key: &[u8]) -> &[Entry] {
+        self.keys.get(key).expect("the revision index names only keys with a history")
     }
 
-    /// Rebuilds the revision index from the histories (after [`Store::clone_without_index`]).
-    pub(crate) fn rebuild_index(&mut self) {
-        self.by_rev = self.keys.iter().flat_map(|(k, hist)| hist.iter().map(move |e| (e.rev, k.clone()))).collect();
+    /// A store of these histories and counters, with its revision index rebuilt.
+    fn from_histories(keys: OrdMap<Key, Vec<Entry>>, rev: i64, compact_rev: i64, size: u64) -> Store {
+        let by_rev = keys.iter().flat_map(|(k, hist)| hist.iter().map(move |e| (e.rev, k.clone()))).collect();
+        Store { keys, by_rev, rev, compact_rev, size }
     }
 
     /// Checks the invariants written on [`Store`]; panics on a broken one.
@@ -450,5 +468,99 @@ impl Store {
         }
         assert_eq!(n, self.by_rev.len(), "revision index holds entries no history has");
         assert_eq!(size, self.size, "size accounting is off");
+    }
+}
+
+/// A byte string, serialised as one (not as a sequence of numbers).
+struct ByteStr<'a>(&'a [u8]);
+
+impl Serialize for ByteStr<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+/// A key read back from a byte string.
+struct KeyDe(Key);
+
+impl<'de> Deserialize<'de> for KeyDe {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        sixfive_raft::bytes::deserialize(d).map(KeyDe)
+    }
+}
+
+/// The histories, serialised as a map from key to history, in key order.
+struct Histories<'a>(&'a OrdMap<Key, Vec<Entry>>);
+
+impl Serialize for Histories<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, h)| (ByteStr(k), h)))
+    }
+}
+
+/// The histories read back.
+struct HistoriesDe(OrdMap<Key, Vec<Entry>>);
+
+impl<'de> Deserialize<'de> for HistoriesDe {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = HistoriesDe;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of key histories")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<HistoriesDe, A::Error> {
+                let mut keys = OrdMap::new();
+                while let Some((k, h)) = map.next_entry::<KeyDe, Vec<Entry>>()? {
+                    keys.insert(k.0, h);
+                }
+                Ok(HistoriesDe(keys))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl Serialize for Store {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("Store", 4)?;
+        st.serialize_field("keys", &Histories(&self.keys))?;
+        st.serialize_field("rev", &self.rev)?;
+        st.serialize_field("compact_rev", &self.compact_rev)?;
+        st.serialize_field("size", &self.size)?;
+        st.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Store {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename = "Store")]
+        struct Wire {
+            keys: HistoriesDe,
+            rev: i64,
+            compact_rev: i64,
+            size: u64,
+        }
+        let w = Wire::deserialize(d)?;
+        Ok(Store::from_histories(w.keys.0, w.rev, w.compact_rev, w.size))
+    }
+}
+
+/// A store as snapshots before the persistent maps encoded it: the revision index was
+/// written out too. Read (and the index dropped) so that old snapshots still restore.
+#[derive(Deserialize)]
+pub(crate) struct LegacyStore {
+    keys: HistoriesDe,
+    #[allow(dead_code, reason = "read to skip it: rebuilt from the histories")]
+    by_rev: Vec<(Rev, KeyDe)>,
+    rev: i64,
+    compact_rev: i64,
+    size: u64,
+}
+
+impl From<LegacyStore> for Store {
+    fn from(l: LegacyStore) -> Store {
+        Store::from_histories(l.keys.0, l.rev, l.compact_rev, l.size)
     }
 }

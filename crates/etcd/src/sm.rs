@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use sixfive_rsm::{ApplyCtx, StateMachine};
 
 use crate::error::EtcdError;
-use crate::mvcc::{KeyRange, RevError, Store};
+use crate::mvcc::{KeyRange, LegacyStore, RevError, Store};
 use crate::proto::etcdserverpb::{
     self as pb, CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse,
     HashKvResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveResponse, LeaseLeasesResponse,
@@ -209,6 +209,40 @@ struct State {
     leases: BTreeMap<i64, Lease>,
     /// Largest entry time applied.
     clock: Micros,
+}
+
+/// The state as snapshots encoded it before [`SNAPSHOT_FORMAT`] (the store's revision index
+/// included); still read.
+#[derive(Deserialize)]
+struct LegacyState {
+    store: LegacyStore,
+    leases: BTreeMap<i64, Lease>,
+    clock: Micros,
+}
+
+/// The first bytes of a snapshot in today's format, then the state in postcard. A legacy
+/// snapshot cannot start with them: its first byte is the number of keys, and with no key its
+/// second is the length of the (then empty) revision index, 0.
+const SNAPSHOT_FORMAT: [u8; 4] = [0x00, 0xFF, b'E', 2];
+
+/// A snapshot of `state`, appended to `out`.
+fn encode_snapshot(state: &State, mut out: Vec<u8>) -> Vec<u8> {
+    // The encoding is smaller than the store's size estimate (no per-entry overhead): one
+    // allocation, no copy as it grows.
+    out.reserve(state.store.size_bytes() as usize + 64);
+    out.extend_from_slice(&SNAPSHOT_FORMAT);
+    postcard::to_extend(state, out).expect("the state encodes")
+}
+
+/// The state a snapshot holds, in either format.
+fn decode_snapshot(b: &[u8]) -> Result<State, postcard::Error> {
+    match b.strip_prefix(&SNAPSHOT_FORMAT) {
+        Some(rest) => postcard::from_bytes(rest),
+        None => {
+            let l: LegacyState = postcard::from_bytes(b)?;
+            Ok(State { store: l.store.into(), leases: l.leases, clock: l.clock })
+        }
+    }
 }
 
 fn hdr(revision: i64) -> Option<ResponseHeader> {
@@ -1078,27 +1112,19 @@ impl StateMachine for EtcdSm {
     }
 
     fn snapshot(&self) -> Vec<u8> {
-        to_bytes(&self.state)
+        encode_snapshot(&self.state, Vec::new())
     }
 
-    /// A copy of the state, serialised later on another thread: the copy shares the values
-    /// and leaves the revision index out (rebuilt off the loop), so it costs a fraction of the
-    /// serialisation, and nothing of the write.
+    /// A copy of the state, serialised later on another thread. The store's copy is O(1)
+    /// (persistent maps, see [`Store`]); only the leases are copied.
     fn snapshot_later(&self) -> Box<dyn FnOnce() -> Vec<u8> + Send> {
-        let mut state = State {
-            store: self.state.store.clone_without_index(),
-            leases: self.state.leases.clone(),
-            clock: self.state.clock,
-        };
-        Box::new(move || {
-            state.store.rebuild_index();
-            to_bytes(&state)
-        })
+        let state = self.state.clone();
+        Box::new(move || encode_snapshot(&state, Vec::new()))
     }
 
     fn restore(&mut self, snapshot: &[u8]) {
         // A snapshot comes from a replica of this state machine; one that does not decode is
         // a broken invariant of the layer below, not bad input.
-        self.state = postcard::from_bytes(snapshot).expect("snapshot of an EtcdSm");
+        self.state = decode_snapshot(snapshot).expect("snapshot of an EtcdSm");
     }
 }

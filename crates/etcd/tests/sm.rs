@@ -429,6 +429,52 @@ fn promotion_extends_leases() {
     assert_eq!(t.apply(Command::ExpireLeases), Ok(Output::Expired(vec![7])));
 }
 
+/// A snapshot in the format written before the store's maps became persistent (the revision
+/// index included, no format mark) still restores: the same keys, revisions and hash.
+#[test]
+fn a_snapshot_in_the_legacy_format_restores() {
+    // The legacy layout, field by field as postcard wrote it (a map as its pairs).
+    type Kv = (i64, i64, i64, Vec<u8>, i64); // create, mod, version, value, lease
+    type Entry = ((i64, i64), Option<Kv>);
+    type Lease = (i64, u64, Vec<Vec<u8>>); // ttl, expiry, keys
+    #[allow(clippy::type_complexity)]
+    let legacy: ((Vec<(Vec<u8>, Vec<Entry>)>, Vec<((i64, i64), Vec<u8>)>, i64, i64, u64), Vec<(i64, Lease)>, u64) = (
+        (
+            vec![
+                (b"a".to_vec(), vec![((2, 0), Some((2, 2, 1, b"1".to_vec(), 0))), ((4, 0), None)]),
+                (b"b".to_vec(), vec![((3, 0), Some((3, 3, 1, b"22".to_vec(), 0)))]),
+            ],
+            vec![((2, 0), b"a".to_vec()), ((3, 0), b"b".to_vec()), ((4, 0), b"a".to_vec())],
+            4,
+            -1,
+            (1 + 1 + 48) + (1 + 48) + (1 + 2 + 48),
+        ),
+        vec![],
+        7 * SEC,
+    );
+    let bytes = postcard::to_allocvec(&legacy).unwrap();
+    let mut sm = EtcdSm::default();
+    sm.restore(&bytes);
+    sm.check();
+    let mut t = T::new();
+    t.put("a", "1");
+    t.put("b", "22");
+    t.del("a", "");
+    assert_eq!(sm.store().rev(), 4);
+    assert_eq!(sm.store().hash(4), t.sm.store().hash(4));
+    assert_eq!(sm.store().size_bytes(), t.sm.store().size_bytes());
+    let at = |rev| RangeRequest { key: b"a".to_vec(), range_end: b"c".to_vec(), revision: rev, ..Default::default() };
+    let restored = T { sm, index: 4, now: 7 * SEC };
+    for rev in 2..=4 {
+        assert_eq!(restored.range(at(rev)), t.range(at(rev)), "revision {rev}");
+    }
+    // Written again, it is in today's format, which restores to the same state.
+    let mut again = EtcdSm::default();
+    again.restore(&restored.sm.snapshot());
+    assert_eq!(again.store().hash(4), t.sm.store().hash(4));
+    assert_ne!(restored.sm.snapshot(), bytes, "today's format differs");
+}
+
 #[test]
 fn malformed_commands_change_nothing() {
     let mut sm = EtcdSm::default();
@@ -532,6 +578,7 @@ proptest! {
         // Snapshot and restore give the same state; hashes agree.
         let mut other = EtcdSm::default();
         other.restore(&t.sm.snapshot());
+        other.check();
         prop_assert_eq!(other.snapshot(), t.sm.snapshot());
         prop_assert_eq!(other.store().hash(cur), t.sm.store().hash(cur));
     }

@@ -7,34 +7,39 @@
 use serde::de::{Error, SeqAccess, Visitor};
 use serde::{Deserializer, Serializer};
 
-/// Serializes `v` as one byte string.
-pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_bytes(v)
+/// Serializes `v` (a `Vec<u8>`, an `Arc<[u8]>`...) as one byte string.
+pub fn serialize<S: Serializer, T: AsRef<[u8]> + ?Sized>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bytes(v.as_ref())
 }
 
-/// Deserializes a byte string (or, from formats without one, a sequence of bytes).
-pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-    struct Bytes;
-    impl<'de> Visitor<'de> for Bytes {
-        type Value = Vec<u8>;
+/// Deserializes a byte string (or, from formats without one, a sequence of bytes) into a
+/// `Vec<u8>`, an `Arc<[u8]>`...
+pub fn deserialize<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: From<Vec<u8>> + for<'a> From<&'a [u8]>,
+{
+    struct Bytes<T>(std::marker::PhantomData<T>);
+    impl<'de, T: From<Vec<u8>> + for<'a> From<&'a [u8]>> Visitor<'de> for Bytes<T> {
+        type Value = T;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a byte string")
         }
-        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-            Ok(v.to_vec())
+        fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<T, E> {
+            Ok(T::from(v))
         }
-        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-            Ok(v)
+        fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<T, E> {
+            Ok(T::from(v))
         }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
             let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
             while let Some(b) = seq.next_element::<u8>()? {
                 out.push(b);
             }
-            Ok(out)
+            Ok(T::from(out))
         }
     }
-    d.deserialize_byte_buf(Bytes)
+    d.deserialize_byte_buf(Bytes(std::marker::PhantomData))
 }
 
 #[cfg(test)]
