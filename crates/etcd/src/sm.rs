@@ -1117,9 +1117,9 @@ impl StateMachine for EtcdSm {
 
     /// A copy of the state, serialised later on another thread. The store's copy is O(1)
     /// (persistent maps, see [`Store`]); only the leases are copied.
-    fn snapshot_later(&self) -> Box<dyn FnOnce() -> Vec<u8> + Send> {
+    fn snapshot_later(&self) -> Box<dyn FnOnce(Vec<u8>) -> Vec<u8> + Send> {
         let state = self.state.clone();
-        Box::new(move || encode_snapshot(&state, Vec::new()))
+        Box::new(move |out| encode_snapshot(&state, out))
     }
 
     fn restore(&mut self, snapshot: &[u8]) {

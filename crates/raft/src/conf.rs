@@ -342,14 +342,21 @@ impl Snapshot {
     /// the application's bytes) lives inside `data` so that stores that persist a snapshot as
     /// `meta` and `data` keep it whole without knowing about configurations.
     pub fn with_conf(meta: crate::types::SnapshotMeta, conf: &ConfState, app_data: &[u8]) -> Snapshot {
+        let mut data = Snapshot::conf_prefix(conf);
+        data.extend_from_slice(app_data);
+        Snapshot { meta, data }
+    }
+
+    /// The start of a snapshot's `data` that carries `conf`: append the application's bytes
+    /// to it and the result is what [`Snapshot::with_conf`] builds, without copying them.
+    pub fn conf_prefix(conf: &ConfState) -> Vec<u8> {
         let c = conf.encode();
-        let mut data = Vec::with_capacity(16 + c.len() + app_data.len());
+        let mut data = Vec::with_capacity(16 + c.len());
         data.extend_from_slice(MAGIC);
         data.extend_from_slice(&(c.len() as u32).to_le_bytes());
         data.extend_from_slice(&c);
         data.extend_from_slice(&crc32c::crc32c(&c).to_le_bytes());
-        data.extend_from_slice(app_data);
-        Snapshot { meta, data }
+        data
     }
 
     fn split_conf(&self) -> Option<(ConfState, usize)> {

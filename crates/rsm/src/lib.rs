@@ -79,11 +79,15 @@ pub trait StateMachine {
     /// Replaces the state with a snapshot's.
     fn restore(&mut self, snapshot: &[u8]);
     /// The current state, to be serialised later on another thread (background snapshots,
-    /// [`Rsm::with_background_snapshots`]): the function must return what [`StateMachine::snapshot`]
-    /// returns now. Override it with a copy cheaper than serialising; the default serialises now.
-    fn snapshot_later(&self) -> Box<dyn FnOnce() -> Vec<u8> + Send> {
+    /// [`Rsm::with_background_snapshots`]): the function must append to the buffer it is given
+    /// what [`StateMachine::snapshot`] returns now, and return the buffer. Override it with a
+    /// copy cheaper than serialising; the default serialises now.
+    fn snapshot_later(&self) -> Box<dyn FnOnce(Vec<u8>) -> Vec<u8> + Send> {
         let data = self.snapshot();
-        Box::new(move || data)
+        Box::new(move |mut out| {
+            out.extend_from_slice(&data);
+            out
+        })
     }
 }
 
@@ -92,7 +96,7 @@ pub trait StateMachine {
 pub struct SnapshotJob<E> {
     meta: SnapshotMeta,
     conf: ConfState,
-    state: Box<dyn FnOnce() -> Vec<u8> + Send>,
+    state: Box<dyn FnOnce(Vec<u8>) -> Vec<u8> + Send>,
     writer: Option<SnapshotWriter<E>>,
 }
 
@@ -105,10 +109,13 @@ impl<E> SnapshotJob<E> {
     /// The slow part: serialises the state, builds the snapshot and, if the storage writes
     /// snapshots in the background ([`Storage::snapshot_writer`]), writes and syncs its file.
     pub fn run(self) -> TakenSnapshot<E> {
-        let data = (self.state)();
-        let app_bytes = data.len();
-        let snapshot = Arc::new(Snapshot::with_conf(self.meta, &self.conf, &data));
-        drop(data);
+        // The state is serialised straight after the configuration: the snapshot's bytes are
+        // built once, not copied (they may be hundreds of MB).
+        let prefix = Snapshot::conf_prefix(&self.conf);
+        let prefix_len = prefix.len();
+        let data = (self.state)(prefix);
+        let app_bytes = data.len() - prefix_len;
+        let snapshot = Arc::new(Snapshot { meta: self.meta, data });
         let written = match self.writer {
             Some(write) => write(&snapshot),
             None => Ok(()),

@@ -30,8 +30,9 @@ pub trait FsFile {
     fn set_len(&mut self, len: u64) -> io::Result<()>;
 }
 
-/// Creates (or truncates) a file, writes it whole and syncs it; usable from any thread.
-pub type FileWriter = Box<dyn Fn(&Path, &[u8]) -> io::Result<()> + Send>;
+/// Creates (or truncates) a file, writes its parts one after the other and syncs it; usable
+/// from any thread.
+pub type FileWriter = Box<dyn Fn(&Path, &[&[u8]]) -> io::Result<()> + Send>;
 
 /// What [`crate::FileStorage`] needs of a file system.
 pub trait Fs {
@@ -128,9 +129,11 @@ impl Fs for OsFs {
         std::fs::File::open(dir)?.sync_all()
     }
     fn file_writer(&self) -> Option<FileWriter> {
-        Some(Box::new(|path: &Path, bytes: &[u8]| {
+        Some(Box::new(|path: &Path, parts: &[&[u8]]| {
             let mut f = std::fs::File::create(path)?;
-            io::Write::write_all(&mut f, bytes)?;
+            for part in parts {
+                io::Write::write_all(&mut f, part)?;
+            }
             f.sync_data()
         }))
     }

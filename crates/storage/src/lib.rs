@@ -570,12 +570,19 @@ impl<F: Fs> FileStorage<F> {
 
 /// The snapshot file's content: `[u32 crc32c][payload]`.
 fn snapshot_file(snapshot: &Snapshot) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(snapshot.data.len() + 32);
-    bytes.extend_from_slice(&[0u8; 4]);
-    let mut bytes = postcard::to_extend(snapshot, bytes).expect("snapshots encode");
-    let crc = crc32c::crc32c(&bytes[4..]);
-    bytes[..4].copy_from_slice(&crc.to_le_bytes());
-    bytes
+    [&snapshot_file_head(snapshot)[..], &snapshot.data].concat()
+}
+
+/// [`snapshot_file`] up to the snapshot's data (the checksum covers the data too): written
+/// before the data, it makes the file without a copy of the data.
+fn snapshot_file_head(snapshot: &Snapshot) -> Vec<u8> {
+    // The payload is the snapshot in postcard: its meta, then its data as a byte string (a
+    // varint length, then the bytes).
+    let head = postcard::to_extend(&snapshot.meta, vec![0u8; 4]).expect("metas encode");
+    let mut head = postcard::to_extend(&(snapshot.data.len() as u64), head).expect("lengths encode");
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&head[4..]), &snapshot.data);
+    head[..4].copy_from_slice(&crc.to_le_bytes());
+    head
 }
 
 /// The length of [`snapshot_file`]'s result, without encoding the data.
@@ -721,7 +728,8 @@ impl<F: Fs> Storage for FileStorage<F> {
         let write = self.fs.file_writer()?;
         let path = self.dir.join(SNAPSHOT_NEXT);
         Some(Box::new(move |snapshot: &Snapshot| {
-            write(&path, &snapshot_file(snapshot)).map_err(io_err("writing", &path))
+            let head = snapshot_file_head(snapshot);
+            write(&path, &[&head, &snapshot.data]).map_err(io_err("writing", &path))
         }))
     }
 
@@ -772,6 +780,17 @@ impl<F: Fs> Storage for FileStorage<F> {
 mod tests {
     use super::*;
     use sixfive_raft::EntryKind;
+
+    #[test]
+    fn the_snapshot_file_is_its_checksum_then_the_snapshot_in_postcard() {
+        for data in [Vec::new(), vec![7u8; 5], (0..100_000u32).map(|i| i as u8).collect()] {
+            let snapshot = Snapshot { meta: SnapshotMeta { index: 300, term: 7 }, data };
+            let payload = postcard::to_allocvec(&snapshot).unwrap();
+            let whole = [&crc32c::crc32c(&payload).to_le_bytes()[..], &payload].concat();
+            assert_eq!(snapshot_file(&snapshot), whole);
+            assert_eq!(snapshot_file_len(&snapshot), whole.len() as u64);
+        }
+    }
 
     fn log_of(records: &[RecordRef]) -> Vec<u8> {
         let mut out = Vec::new();
