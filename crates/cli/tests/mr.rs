@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sixfive");
+mod common;
+use common::{BIN, free_port};
 
 fn inputs() -> Vec<String> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/gutenberg");
@@ -902,7 +903,7 @@ fn mr_job_page_in_headless_chromium() {
         return;
     };
     let dir = scratch("page");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let http = format!("127.0.0.1:{port}");
     let mut c = Reap(coordinator(&dir, &["--http", &http]));
     let map = format!("sleep 0.3; {STREAM_MAP}");

@@ -18,11 +18,8 @@ use sixfive_runtime::client::random_u64;
 use sixfive_runtime::shard::{ShardTransport, endpoint_of_url};
 use sixfive_shardkv::{Gid, ShardClerk};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sixfive");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+mod common;
+use common::{BIN, free_port};
 
 struct Server {
     gid: Gid, // 0: controller
