@@ -57,7 +57,7 @@ mod types;
 
 pub use conf::{ConfChange, ConfChangeError, ConfState};
 pub use config::{Config, ConfigError};
-pub use log::RaftLog;
+pub use log::{Compacted, RaftLog};
 pub use progress::{Progress, ProgressState};
 pub use raft::{ProposeError, Role};
 pub use raw_node::{CompactError, RawNode, Ready, Status, StepError};

@@ -6,6 +6,21 @@ use std::sync::Arc;
 
 use crate::types::{Entry, Index, RejectHint, Snapshot, SnapshotMeta, Term};
 
+/// What a compaction dropped from the log: the entries the snapshot covers and the snapshot
+/// it replaced. Freeing them can take long (hundreds of MB, a hundred thousand allocations):
+/// a driver may drop this on another thread.
+#[must_use = "dropping it frees the compacted entries here; that is fine, but say so"]
+pub struct Compacted {
+    _entries: VecDeque<Entry>,
+    _snapshot: Arc<Snapshot>,
+}
+
+impl std::fmt::Debug for Compacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Compacted({} entries)", self._entries.len())
+    }
+}
+
 /// The log.
 ///
 /// Invariants (checked by [`RaftLog::check_invariants`]):
@@ -228,12 +243,15 @@ impl RaftLog {
 
     /// [`RaftLog::compact`] with a snapshot built elsewhere (at an applied index, for the log's
     /// term there): shared, not copied.
-    pub(crate) fn compact_to(&mut self, snapshot: Arc<Snapshot>) {
+    pub(crate) fn compact_to(&mut self, snapshot: Arc<Snapshot>) -> Compacted {
         let index = snapshot.meta.index;
         debug_assert_eq!(self.term(index), Some(snapshot.meta.term), "a snapshot of another log");
         let drop = (index - self.snapshot.meta.index) as usize;
-        self.entries.drain(..drop);
-        self.snapshot = snapshot;
+        // The entries kept move to a new deque (few: the log's tail past the applied index);
+        // the dropped ones stay in the old one, for the caller to free.
+        let kept = self.entries.split_off(drop);
+        let entries = std::mem::replace(&mut self.entries, kept);
+        Compacted { _entries: entries, _snapshot: std::mem::replace(&mut self.snapshot, snapshot) }
     }
 
     /// The lowest index dropped since the last call, if any.
@@ -247,8 +265,9 @@ impl RaftLog {
     }
 
     /// Committed entries not yet handed to the application, oldest first, up to `max_bytes`
-    /// (but at least one if any). Entries in the same `Ready` are persisted before they are
-    /// applied, so these may include not-yet-persisted ones.
+    /// (but at least one if any). These may include entries not yet persisted here (in the
+    /// same `Ready`): committed means durable on a majority, so a driver may apply them before,
+    /// or while, it persists its own copy.
     pub(crate) fn to_apply(&self, max_bytes: usize) -> Vec<Entry> {
         if self.applied >= self.committed {
             return Vec::new();

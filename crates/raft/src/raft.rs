@@ -1093,10 +1093,11 @@ impl Raft {
     }
 
     /// [`Raft::compact`] with a snapshot the application built (see `RawNode::compact_to`).
-    pub(crate) fn compact_to(&mut self, snapshot: std::sync::Arc<Snapshot>, conf: ConfState) {
-        self.log.compact_to(snapshot);
+    pub(crate) fn compact_to(&mut self, snapshot: std::sync::Arc<Snapshot>, conf: ConfState) -> crate::log::Compacted {
+        let dropped = self.log.compact_to(snapshot);
         self.snap_conf = conf;
         self.refresh_conf();
+        dropped
     }
 
     // ---------------------------------------------------------------- invariants

@@ -2,7 +2,7 @@
 
 use crate::conf::{ConfChange, ConfChangeError, ConfState};
 use crate::config::{Config, ConfigError};
-use crate::log::RaftLog;
+use crate::log::{Compacted, RaftLog};
 use crate::raft::{Campaign, ProposeError, Raft, Role};
 use crate::storage::RestoredState;
 use crate::types::*;
@@ -351,15 +351,16 @@ impl RawNode {
     /// [`RawNode::snapshot_position`] said and already saved durably: the node keeps it (to send
     /// to followers) without copying its data. Refused, changing nothing, if the log was
     /// compacted past it meanwhile (a snapshot from the leader was installed) or if it does not
-    /// match the log at its index (another term or configuration).
-    pub fn compact_to(&mut self, snapshot: std::sync::Arc<Snapshot>) -> Result<(), CompactError> {
+    /// match the log at its index (another term or configuration). Returns what it dropped,
+    /// for the caller to free where the cost does not matter.
+    pub fn compact_to(&mut self, snapshot: std::sync::Arc<Snapshot>) -> Result<Compacted, CompactError> {
         let (meta, conf) = self.snapshot_position(snapshot.meta.index)?;
         if meta != snapshot.meta || snapshot.conf_state().as_ref() != Some(&conf) {
             return Err(CompactError::Mismatch);
         }
-        self.raft.compact_to(snapshot, conf);
+        let dropped = self.raft.compact_to(snapshot, conf);
         self.check();
-        Ok(())
+        Ok(dropped)
     }
 
     /// Whether `ready()` has anything to hand out.

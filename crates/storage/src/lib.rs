@@ -63,7 +63,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sixfive_raft::{Entry, HardState, Index, RestoredState, Snapshot, SnapshotMeta, SnapshotWriter, Storage, Term};
 
-use fs::{Fs, FsFile, OsFs};
+use fs::{Fs, FsFile, Garbage, OsFs};
 
 const LOG: &str = "raft.log";
 const SNAPSHOT: &str = "raft.snapshot";
@@ -240,23 +240,23 @@ impl State {
 
     /// Section 7: the log now continues from snapshot `meta`. Keep the entries after it if
     /// the log holds its last entry; else none. A log that already starts after the snapshot
-    /// has nothing covered.
-    fn drop_covered(&mut self, meta: SnapshotMeta) {
+    /// has nothing covered. Returns the entries dropped, for the caller to free.
+    fn drop_covered(&mut self, meta: SnapshotMeta) -> VecDeque<Entry> {
         if meta.index <= self.snap.index {
-            return;
+            return VecDeque::new();
         }
         self.snap = meta;
         if self.entries.front().is_none_or(|e| e.index > meta.index) {
-            return;
+            return VecDeque::new();
         }
         if self.term_at(meta.index) == Some(meta.term) {
-            while self.entries.front().is_some_and(|e| e.index <= meta.index) {
-                let e = self.entries.pop_front().expect("non-empty");
-                self.entry_bytes -= entry_size(&e);
-            }
+            let covered = self.entries.partition_point(|e| e.index <= meta.index);
+            self.entry_bytes -= self.entries.range(..covered).map(entry_size).sum::<usize>();
+            let kept = self.entries.split_off(covered);
+            std::mem::replace(&mut self.entries, kept)
         } else {
-            self.entries.clear();
             self.entry_bytes = 0;
+            std::mem::take(&mut self.entries)
         }
     }
 
@@ -273,7 +273,9 @@ impl State {
                 self.check_append(&es)?;
                 self.append(&es);
             }
-            Record::Snapshot(meta) => self.drop_covered(meta),
+            Record::Snapshot(meta) => {
+                self.drop_covered(meta);
+            }
             Record::Synced { .. } => {}
         }
         Ok(())
@@ -524,16 +526,20 @@ impl<F: Fs> FileStorage<F> {
     /// rewrites the log if most of it is dead.
     fn snapshot_in_effect(&mut self, snapshot: Arc<Snapshot>) -> Result<(), StorageError> {
         self.write(&RecordRef::Snapshot(&snapshot.meta))?;
-        self.state.drop_covered(snapshot.meta);
-        self.state.snapshot = Some(snapshot);
-        if self.log_bytes > self.raft_state_bytes() as u64 + self.rewrite_slack_bytes {
-            self.rewrite()?;
-        }
+        let entries = self.state.drop_covered(snapshot.meta);
+        let snapshot = self.state.snapshot.replace(snapshot);
+        let file = if self.log_bytes > self.raft_state_bytes() as u64 + self.rewrite_slack_bytes {
+            Some(self.rewrite()?)
+        } else {
+            None
+        };
+        self.fs.release(Garbage { file, entries, snapshot });
         Ok(())
     }
 
-    /// Replaces the log by a compact one holding only the live state, atomically.
-    fn rewrite(&mut self) -> Result<(), StorageError> {
+    /// Replaces the log by a compact one holding only the live state, atomically. Returns the
+    /// replaced file, still open.
+    fn rewrite(&mut self) -> Result<F::File, StorageError> {
         let mut out = Vec::new();
         let mut chain = CHAIN_SEED;
         let nonce = self.fs.random_u64();
@@ -558,13 +564,14 @@ impl<F: Fs> FileStorage<F> {
         }
         push(&RecordRef::HardState(&self.state.hard_state));
         let log = self.replace_file(LOG, &out)?;
-        self.log = log;
+        let old = std::mem::replace(&mut self.log, log);
         self.log_bytes = out.len() as u64;
         self.chain = chain;
         self.nonce = nonce;
         self.synced_bytes = self.log_bytes;
         let at = self.log_bytes;
-        self.write(&RecordRef::Synced { at, nonce, check: sync_check(nonce, at) })
+        self.write(&RecordRef::Synced { at, nonce, check: sync_check(nonce, at) })?;
+        Ok(old)
     }
 }
 
