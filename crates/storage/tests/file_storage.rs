@@ -611,12 +611,14 @@ fn a_sync_mark_planted_in_a_payload_does_not_count() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
+/// One release: whether a replaced log file came with it, the indices of the entries, and the
+/// index of the superseded snapshot.
+type Released = (bool, Vec<u64>, Option<u64>);
+
 /// The operating system's file system, recording what the storage releases.
 #[derive(Clone, Default)]
 struct Releasing {
-    /// Per release: whether a replaced log file came with it, the indices of the entries, and
-    /// the index of the superseded snapshot.
-    released: std::sync::Arc<std::sync::Mutex<Vec<(bool, Vec<u64>, Option<u64>)>>>,
+    released: std::sync::Arc<std::sync::Mutex<Vec<Released>>>,
 }
 
 impl Fs for Releasing {
