@@ -3,9 +3,10 @@
 //! [`Rsm`] is sans-IO like the core under it: it owns a [`RawNode`], the [`Storage`] the
 //! node persists to, and the application's [`StateMachine`]. Commands go through the log
 //! ([`Rsm::submit`]); read-only queries go through ReadIndex ([`Rsm::query`]) and never touch
-//! the log. Each call to [`Rsm::process`] runs the Ready loop (persist, then hand out the
-//! messages to send, then apply; [`Rsm::process_sending`] sends a leader's Appends before its
-//! own write) and returns the submissions that finished:
+//! the log. Each call to [`Rsm::process`] runs the Ready loop (apply what is committed, persist,
+//! then hand out the messages to send; [`Rsm::process_sending`] hands out a leader's Appends
+//! before its own write, and every answer as soon as it is known) and returns the submissions
+//! that finished:
 //!
 //! - a command finishes when the entry at its index is applied: with its result if the entry
 //!   is the one submitted here, with [`SubmitError::WrongLeader`] (not applied) if another
