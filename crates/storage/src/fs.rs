@@ -28,6 +28,9 @@ pub trait FsFile {
     fn sync(&mut self) -> io::Result<()>;
     /// Cuts (or extends with zeros) the file to `len` bytes.
     fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// From now on this file is a log: appended to and synced often, read only whole. (A
+    /// file system may prepare space ahead of its end; see [`OsFile`].)
+    fn is_log(&mut self) {}
 }
 
 /// Creates (or truncates) a file, writes its parts one after the other and syncs it; usable
@@ -101,12 +104,78 @@ impl FsFile for std::fs::File {
     }
 }
 
+/// Space [`OsFile`] writes zeros into ahead of the log's end, at a time.
+const PREZEROED_BYTES: u64 = 256 << 10;
+
+/// A file of [`OsFs`], appended to at its logical end with positional writes over space
+/// already written with zeros, [`PREZEROED_BYTES`] at a time.
+///
+/// Why: an `fdatasync` after an append that grows the file must also commit the new size and
+/// block allocation (an ext4 journal commit: a second device flush); after overwriting blocks
+/// that are already allocated and written, it flushes the data alone. Measured on this
+/// project's disk, 8 KiB writes each followed by `fdatasync`: 233-278 us growing the file,
+/// 143-145 us over zeros written before. (Space reserved with `fallocate` is no better: its
+/// blocks are "unwritten" and the first write to each is again a metadata change.)
+///
+/// The zeros after the logical end are what a reader sees past the last record: a zero
+/// length never passes for a record, so replay stops there as at a torn tail, and
+/// [`crate::FileStorage::open_with`] cuts the file back to its last record.
+#[derive(Debug)]
+pub struct OsFile {
+    file: std::fs::File,
+    /// Where the next append goes.
+    end: u64,
+    /// Bytes of the file written (with data or zeros) so far.
+    written: u64,
+    /// Whether to write zeros ahead ([`FsFile::is_log`]).
+    ahead: bool,
+}
+
+impl OsFile {
+    fn new(file: std::fs::File) -> io::Result<OsFile> {
+        let len = file.metadata()?.len();
+        Ok(OsFile { file, end: len, written: len, ahead: false })
+    }
+}
+
+impl FsFile for OsFile {
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let need = self.end + buf.len() as u64;
+        if self.ahead && need > self.written {
+            static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+            let to = need.next_multiple_of(PREZEROED_BYTES);
+            while self.written < to {
+                let n = (to - self.written).min(ZEROS.len() as u64) as usize;
+                self.file.write_all_at(&ZEROS[..n], self.written)?;
+                self.written += n as u64;
+            }
+        }
+        self.file.write_all_at(buf, self.end)?;
+        self.end = need;
+        self.written = self.written.max(need);
+        Ok(())
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)?;
+        self.end = len;
+        self.written = len;
+        Ok(())
+    }
+    fn is_log(&mut self) {
+        self.ahead = true;
+    }
+}
+
 impl Fs for OsFs {
-    type File = std::fs::File;
+    type File = OsFile;
     /// On a thread of its own: closing a replaced log of a hundred MB and more (the file
     /// system frees its blocks then) stalled the node's loop for 70-110 ms, and freeing the
     /// covered entries and the superseded snapshot for tens more.
-    fn release(&self, garbage: Garbage<std::fs::File>) {
+    fn release(&self, garbage: Garbage<OsFile>) {
         // If no thread can be started, the garbage is freed here.
         let _ = std::thread::Builder::new().name("sixfive-free".into()).spawn(move || drop(garbage));
     }
@@ -142,11 +211,12 @@ impl Fs for OsFs {
         h.write_u32(std::process::id());
         h.finish()
     }
-    fn open_append(&self, path: &Path) -> io::Result<std::fs::File> {
-        std::fs::OpenOptions::new().create(true).read(true).append(true).open(path)
+    fn open_append(&self, path: &Path) -> io::Result<OsFile> {
+        // Not O_APPEND: appends go to the logical end, before the zeros written ahead.
+        OsFile::new(std::fs::OpenOptions::new().create(true).read(true).write(true).truncate(false).open(path)?)
     }
-    fn create(&self, path: &Path) -> io::Result<std::fs::File> {
-        std::fs::File::create(path)
+    fn create(&self, path: &Path) -> io::Result<OsFile> {
+        OsFile::new(std::fs::File::create(path)?)
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         std::fs::rename(from, to)

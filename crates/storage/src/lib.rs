@@ -11,7 +11,10 @@
 //!   never fits. The first frame is a header naming the format. Payloads are a hard state, a
 //!   batch of entries (which replaces every entry from its first index on, as the trait
 //!   requires), the mark of a snapshot, or a *sync mark*. The file is only appended to; `sync`
-//!   makes it durable (`fdatasync`).
+//!   makes it durable (`fdatasync`). On [`fs::OsFs`] it is appended to over zeros written
+//!   ahead of its end ([`fs::OsFile`]), so that a sync flushes the data, not the file's growth;
+//!   past the last record a reader finds zeros, which replay takes for a torn tail, and opening
+//!   cuts them off.
 //! - `raft.snapshot`: the latest snapshot, `[u32 crc32c][payload]`, written to a temporary
 //!   file, synced, renamed into place, and the directory synced.
 //! - `raft.snapshot.next`: a snapshot the application took, written and synced on another
@@ -362,6 +365,7 @@ impl<F: Fs> FileStorage<F> {
         }
         let log_path = dir.join(LOG);
         let mut log = fs.open_append(&log_path).map_err(io_err("opening", &log_path))?;
+        log.is_log();
         fs.sync_dir(&dir).map_err(io_err("syncing", &dir))?;
         // What is on the disk, not what a failed writeback left in the page cache.
         let bytes = fs.read_durable(&log_path).map_err(io_err("reading", &log_path))?;
@@ -487,12 +491,16 @@ impl<F: Fs> FileStorage<F> {
     }
 
     /// Writes `bytes` to `name` through a temporary file: written, synced, renamed into
-    /// place, directory synced.
+    /// place, directory synced. The log is a log from the start ([`FsFile::is_log`]), so that
+    /// the space prepared ahead of its end is synced with it.
     fn replace_file(&mut self, name: &str, bytes: &[u8]) -> Result<F::File, StorageError> {
         let path = self.dir.join(name);
         let tmp = self.dir.join(format!("{name}.tmp"));
         let res = (|| {
             let mut f = self.fs.create(&tmp).map_err(io_err("creating", &tmp))?;
+            if name == LOG {
+                f.is_log();
+            }
             f.append(bytes).and_then(|()| f.sync()).map_err(io_err("writing", &tmp))?;
             self.fs.rename(&tmp, &path).map_err(io_err("renaming", &tmp))?;
             Ok(f)

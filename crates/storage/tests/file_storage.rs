@@ -622,7 +622,7 @@ struct Releasing {
 }
 
 impl Fs for Releasing {
-    type File = std::fs::File;
+    type File = sixfive_storage::fs::OsFile;
     fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
         OsFs.create_dir_all(dir)
     }
@@ -638,10 +638,10 @@ impl Fs for Releasing {
     fn random_u64(&self) -> u64 {
         OsFs.random_u64()
     }
-    fn open_append(&self, path: &Path) -> std::io::Result<std::fs::File> {
+    fn open_append(&self, path: &Path) -> std::io::Result<Self::File> {
         OsFs.open_append(path)
     }
-    fn create(&self, path: &Path) -> std::io::Result<std::fs::File> {
+    fn create(&self, path: &Path) -> std::io::Result<Self::File> {
         OsFs.create(path)
     }
     fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
@@ -653,7 +653,7 @@ impl Fs for Releasing {
     fn file_writer(&self) -> Option<sixfive_storage::fs::FileWriter> {
         OsFs.file_writer()
     }
-    fn release(&self, garbage: Garbage<std::fs::File>) {
+    fn release(&self, garbage: Garbage<Self::File>) {
         let entries = garbage.entries.iter().map(|e| e.index).collect();
         let snapshot = garbage.snapshot.as_ref().map(|s| s.meta.index);
         self.released.lock().unwrap().push((garbage.file.is_some(), entries, snapshot));
@@ -682,6 +682,34 @@ fn what_a_snapshot_makes_dead_is_released_to_the_file_system() {
     assert_eq!(fs.released.lock().unwrap()[1], (true, vec![6, 7], Some(5)));
     let st = s.initial_state().unwrap();
     assert_eq!(st.entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![8]);
+    drop(s);
+    assert_eq!(FileStorage::open(&d).unwrap().initial_state().unwrap(), st);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn the_log_is_written_over_zeros_prepared_ahead_and_reopens_the_same() {
+    // OsFs writes zeros ahead of the log's end (so that an fdatasync flushes data, not the
+    // file's growth); a reader sees them past the last record, and a reopen cuts them off.
+    let d = dir("zeros");
+    let mut s = FileStorage::open(&d).unwrap();
+    s.append(&entries(1, 50, 1)).unwrap();
+    s.save_hard_state(&HardState { term: 1, vote: Some(1), commit: 50 }).unwrap();
+    s.sync().unwrap();
+    let logical = s.log_file_bytes();
+    let on_disk = std::fs::read(d.join("raft.log")).unwrap();
+    assert!(on_disk.len() as u64 > logical, "space prepared ahead of the end");
+    assert_eq!(on_disk.len() % (256 << 10), 0, "a whole number of chunks");
+    assert!(on_disk[logical as usize..].iter().all(|&b| b == 0), "zeros past the last record");
+    let st = s.initial_state().unwrap();
+    drop(s);
+    let mut s = FileStorage::open(&d).unwrap();
+    assert_eq!(s.initial_state().unwrap(), st);
+    // Appends go on at the logical end, not after the zeros.
+    s.append(&entries(51, 60, 1)).unwrap();
+    s.sync().unwrap();
+    let st = s.initial_state().unwrap();
+    assert_eq!(st.entries.last().unwrap().index, 60);
     drop(s);
     assert_eq!(FileStorage::open(&d).unwrap().initial_state().unwrap(), st);
     std::fs::remove_dir_all(&d).unwrap();
