@@ -4,12 +4,12 @@
 //! (`check_one_leader`, `one`, `n_committed`, `wait`, ...) let scenario tests read like the
 //! course's own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use sixfive_raft::{
     ConfChange, ConfChangeError, ConfState, Config, EntryKind, Index, Message, MessageBody, NodeId, RawNode, ReadState,
-    Ready, Role, Status, Storage, Term, persist_ready,
+    Ready, Role, Status, Storage, Term, persist_ready, write_ready,
 };
 use sixfive_sim::{EventQueue, Fate, MS, Micros, NetConfig, Network, Rng, SEC};
 use sixfive_storage::fs::SimFsConfig;
@@ -42,11 +42,12 @@ pub struct ClusterConfig {
     /// Clocks run at different rates: each node's tick lasts `TICK * (1 + d)` with `d` drawn
     /// at each start from `[-clock_drift, clock_drift]`.
     pub clock_drift: f64,
-    /// Each `Ready` that must be synced is written at once and synced 0.05-3 ms later, while
-    /// the node goes on handling events (a driver that persists on another thread): the
+    /// Pipelined persistence (as the production server does it): each `Ready` that must be
+    /// synced is written at once and synced 0.05-3 ms later, while the node goes on handling
+    /// events and taking more `Ready`s, written behind it and completed in order: the
     /// followers' answers reach a leader whose own write is not durable yet, and a crash
-    /// meanwhile loses it. Otherwise a node persists each `Ready` before handling anything
-    /// else (as the production runtime does).
+    /// meanwhile loses every `Ready` in flight. Otherwise a node persists each `Ready` before
+    /// handling anything else.
     pub async_persist: bool,
 }
 
@@ -117,9 +118,9 @@ struct Slot {
     paused_until: Micros,
     /// (term, highest commit index) checked for a quorum while this instance led in that term.
     checked_commit: (Term, Index),
-    /// A `Ready` written and waiting for its sync (with `async_persist`), and whether its
-    /// early messages went out.
-    pending: Option<(Ready, bool)>,
+    /// `Ready`s written and waiting for a sync (with `async_persist`), oldest first, and
+    /// whether their early messages went out.
+    pending: VecDeque<(Ready, bool)>,
 }
 
 /// The simulated cluster.
@@ -141,19 +142,6 @@ pub struct Cluster {
 }
 
 /// Writes a `Ready`'s persistent parts in `persist_ready`'s order, without syncing.
-fn write_ready<S: Storage>(st: &mut S, rd: &Ready) -> Result<(), S::Error> {
-    if let Some(s) = &rd.snapshot {
-        st.save_snapshot(s)?;
-    }
-    if !rd.entries.is_empty() {
-        st.append(&rd.entries)?;
-    }
-    if let Some(hs) = &rd.hard_state {
-        st.save_hard_state(hs)?;
-    }
-    Ok(())
-}
-
 /// Encodes a test command from a number.
 pub fn cmd(n: u64) -> Vec<u8> {
     n.to_le_bytes().to_vec()
@@ -187,7 +175,7 @@ impl Cluster {
                     tick_micros: TICK,
                     paused_until: 0,
                     checked_commit: (0, 0),
-                    pending: None,
+                    pending: VecDeque::new(),
                 })
                 .collect(),
             checker: Checker::default(),
@@ -223,7 +211,7 @@ impl Cluster {
             tick_micros: TICK,
             paused_until: 0,
             checked_commit: (0, 0),
-            pending: None,
+            pending: VecDeque::new(),
         });
         self.trace(10, &id.to_le_bytes());
         self.restart(id);
@@ -353,6 +341,13 @@ impl Cluster {
                 d.hard_state.term
             );
         }
+        if d.hard_state.term > m.term {
+            // With pipelined persistence, a message of an earlier `Ready` goes out once later
+            // ones are durable too, which may have moved to a newer term (and truncated what
+            // it acknowledged): what it vouched for was durable, as for a message delayed in
+            // the network, and no node ever acts again in a term it left.
+            return;
+        }
         let durable_last = d.entries.last().map_or(d.snapshot.as_ref().map_or(0, |s| s.meta.index), |e| e.index);
         match &m.body {
             MessageBody::VoteResponse { pre: false, granted: true } => assert!(
@@ -394,15 +389,13 @@ impl Cluster {
     ///
     /// With [`ClusterConfig::async_persist`], a `Ready` that must be synced is written at once
     /// and synced later (a `Persisted` event): meanwhile the node goes on handling messages,
-    /// ticks and proposals (it only takes no new `Ready`), so the followers' answers to its
-    /// early `Append`s can reach a leader whose own copy is not durable yet.
+    /// ticks and proposals and takes more `Ready`s, written behind it and finished after it,
+    /// so the followers' answers to its early `Append`s can reach a leader whose own copy is
+    /// not durable yet, and committed entries are applied while later ones are in flight.
     fn drive(&mut self, id: NodeId) {
         let i = (id - 1) as usize;
         loop {
             let slot = &mut self.slots[i];
-            if slot.pending.is_some() {
-                break;
-            }
             let Some(raw) = slot.raw.as_mut() else { return };
             if !raw.has_ready() {
                 break;
@@ -416,8 +409,9 @@ impl Cluster {
                 self.send(m, 0);
             }
             let slot = &mut self.slots[i];
-            if self.cfg.async_persist && rd.must_sync() {
-                // 2'. Write now, sync when the `Persisted` event fires.
+            if self.cfg.async_persist && (rd.must_sync() || !slot.pending.is_empty()) {
+                // 2'. Write now, behind the `Ready`s in flight; sync when a `Persisted` event
+                //     fires (one that must sync schedules one), finish in order after it.
                 if write_ready(&mut slot.storage, &rd).is_err() {
                     self.storage_failures += 1;
                     self.stop_after_storage_failure(id);
@@ -425,11 +419,14 @@ impl Cluster {
                 }
                 self.check_written(id, &rd);
                 let slot = &mut self.slots[i];
-                slot.pending = Some((rd, sent_early));
-                let (node, incarnation) = (i, slot.incarnation);
-                let after = self.rng.range(50, 3 * MS);
-                self.queue.push(self.now + after, Event::Persisted { node, incarnation });
-                break;
+                let must_sync = rd.must_sync();
+                slot.pending.push_back((rd, sent_early));
+                if must_sync {
+                    let (node, incarnation) = (i, slot.incarnation);
+                    let after = self.rng.range(50, 3 * MS);
+                    self.queue.push(self.now + after, Event::Persisted { node, incarnation });
+                }
+                continue;
             }
             // 2. Persist. Possibly crash between the writes and the sync.
             if rd.must_sync() && self.cfg.crash_in_ready > 0.0 && self.rng.chance(self.cfg.crash_in_ready) {
@@ -465,10 +462,11 @@ impl Cluster {
         self.checker.on_entries(id, &rd.entries, raw.log());
     }
 
-    /// The sync of node `id`'s pending `Ready` completes (or the node crashes first).
+    /// A sync of node `id` completes (or the node crashes first): every `Ready` written so
+    /// far is durable, and they are finished in order.
     fn on_persisted(&mut self, node: usize, incarnation: u64) {
         let slot = &mut self.slots[node];
-        if slot.incarnation != incarnation || slot.pending.is_none() {
+        if slot.incarnation != incarnation || slot.pending.is_empty() {
             return;
         }
         if self.now < slot.paused_until {
@@ -478,9 +476,8 @@ impl Cluster {
         }
         let id = slot.id;
         self.trace(12, &id.to_le_bytes());
-        let slot = &mut self.slots[node];
-        let (rd, sent_early) = slot.pending.take().expect("checked");
         if self.cfg.crash_in_ready > 0.0 && self.rng.chance(self.cfg.crash_in_ready) {
+            let sent_early = self.slots[node].pending.iter().any(|(_, early)| *early);
             self.trace(3, &id.to_le_bytes());
             self.crash(id);
             self.crashes_after_early_send += u64::from(sent_early);
@@ -493,9 +490,12 @@ impl Cluster {
             return;
         }
         let delay = slot.storage.fs().map_or(0, |fs| fs.take_latency());
-        if self.finish_ready(id, rd, delay) {
-            self.drive(id);
+        while let Some((rd, _)) = self.slots[node].pending.pop_front() {
+            if !self.finish_ready(id, rd, delay) {
+                return;
+            }
         }
+        self.drive(id);
     }
 
     /// Steps 3 and 4 of a `Ready` whose writes are durable: send what acknowledges them, apply,
@@ -560,7 +560,7 @@ impl Cluster {
             } else if st.commit > slot.checked_commit.1 {
                 let term = raw.log().term(st.commit).expect("the leader holds what it committed");
                 self.slots[i].checked_commit.1 = st.commit;
-                self.commits_before_own_sync += u64::from(self.slots[i].pending.is_some());
+                self.commits_before_own_sync += u64::from(!self.slots[i].pending.is_empty());
                 self.check_commit_quorum(id, st.commit, term, &st.conf);
             }
         }
@@ -593,7 +593,7 @@ impl Cluster {
     pub fn crash(&mut self, id: NodeId) {
         let torn = self.cfg.torn_writes;
         let slot = &mut self.slots[(id - 1) as usize];
-        slot.pending = None;
+        slot.pending.clear();
         if slot.raw.take().is_some() {
             slot.storage.crash(&mut self.rng, torn);
             slot.incarnation += 1;
@@ -606,7 +606,7 @@ impl Cluster {
     fn stop_after_storage_failure(&mut self, id: NodeId) {
         let torn = self.cfg.torn_writes;
         let slot = &mut self.slots[(id - 1) as usize];
-        slot.pending = None;
+        slot.pending.clear();
         if slot.raw.take().is_some() {
             slot.storage.stop_process(&mut self.rng, torn);
             slot.incarnation += 1;

@@ -61,7 +61,7 @@ pub use log::{Compacted, RaftLog};
 pub use progress::{Progress, ProgressState};
 pub use raft::{ProposeError, Role};
 pub use raw_node::{CompactError, RawNode, Ready, Status, StepError};
-pub use storage::{RestoredState, SnapshotWriter, Storage, persist_ready};
+pub use storage::{RestoredState, SnapshotWriter, Storage, SyncJob, persist_ready, write_ready};
 pub use types::*;
 
 /// The README's examples are compiled and run as doctests, so they cannot go stale.

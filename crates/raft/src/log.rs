@@ -27,7 +27,7 @@ impl std::fmt::Debug for Compacted {
 /// - `entries[i].index == snapshot.meta.index + 1 + i` (no holes);
 /// - entry terms never decrease, and are `>= snapshot.meta.term`;
 /// - `snapshot.meta.index <= applied <= committed <= last_index()` (section 5.3, section 7);
-/// - `persisted <= last_index()`.
+/// - `persisted <= written <= last_index()`.
 #[derive(Clone, Debug)]
 pub struct RaftLog {
     /// Everything up to `snapshot.meta.index` is compacted into this snapshot (shared with the
@@ -37,8 +37,12 @@ pub struct RaftLog {
     pub(crate) entries: VecDeque<Entry>,
     /// Highest index known committed.
     pub(crate) committed: Index,
-    /// Highest index handed to the application (advanced by `advance`).
+    /// Highest index handed to the application (in a `Ready`, which the application applies
+    /// before it compacts anything).
     pub(crate) applied: Index,
+    /// Highest index handed out in a `Ready` to be written (the driver may still be writing or
+    /// syncing it: several `Ready`s may be in flight).
+    pub(crate) written: Index,
     /// Highest index the driver reported persisted (advanced by `advance`; entries restored
     /// at start-up are persisted). A leader counts its own copy only this far.
     pub(crate) persisted: Index,
@@ -59,6 +63,7 @@ impl RaftLog {
         RaftLog {
             committed: commit.clamp(base, last),
             applied: base,
+            written: last,
             persisted: last,
             snapshot,
             entries,
@@ -159,6 +164,7 @@ impl RaftLog {
             self.truncated_from = Some(self.truncated_from.map_or(first.index, |t| t.min(first.index)));
         }
         self.entries.truncate(keep);
+        self.written = self.written.min(first.index - 1);
         self.persisted = self.persisted.min(first.index - 1);
         self.entries.extend(entries.iter().cloned());
     }
@@ -225,6 +231,7 @@ impl RaftLog {
         self.entries.clear();
         self.committed = snapshot.meta.index;
         self.applied = snapshot.meta.index;
+        self.written = snapshot.meta.index;
         self.persisted = snapshot.meta.index;
         self.snapshot = Arc::new(snapshot);
         self.snapshot_pending = true;
@@ -236,6 +243,8 @@ impl RaftLog {
         let term = self.term(index).expect("compact index held in the log");
         let drop = (index - self.snapshot.meta.index) as usize;
         self.entries.drain(..drop);
+        // The snapshot is durable once saved; the entries it covers may have been in flight.
+        self.persisted = self.persisted.max(index);
         let snapshot = Snapshot::with_conf(SnapshotMeta { index, term }, conf, data);
         self.snapshot = Arc::new(snapshot.clone());
         snapshot
@@ -250,6 +259,7 @@ impl RaftLog {
         // The entries kept move to a new deque (few: the log's tail past the applied index);
         // the dropped ones stay in the old one, for the caller to free.
         let kept = self.entries.split_off(drop);
+        self.persisted = self.persisted.max(index);
         let entries = std::mem::replace(&mut self.entries, kept);
         Compacted { _entries: entries, _snapshot: std::mem::replace(&mut self.snapshot, snapshot) }
     }
@@ -259,9 +269,11 @@ impl RaftLog {
         self.truncated_from.take()
     }
 
-    /// Entries not yet handed out for persistence.
-    pub(crate) fn unpersisted(&self) -> Vec<Entry> {
-        self.slice_all(self.persisted + 1, self.last_index())
+    /// Entries not yet handed out to be written; from now on they are.
+    pub(crate) fn take_unwritten(&mut self) -> Vec<Entry> {
+        let es = self.slice_all(self.written + 1, self.last_index());
+        self.written = self.last_index();
+        es
     }
 
     /// Committed entries not yet handed to the application, oldest first, up to `max_bytes`
@@ -279,9 +291,10 @@ impl RaftLog {
         (lo.max(self.first_index())..=hi).filter_map(|i| self.entry(i).cloned()).collect()
     }
 
-    /// Marks entries through `index` persisted, unless the entry there changed meanwhile.
+    /// Marks entries through `index` persisted, unless the entry there changed meanwhile (a
+    /// `Ready` written before a truncation completes after it).
     pub(crate) fn persisted_to(&mut self, index: Index, term: Term) {
-        if index > self.persisted && self.match_term(index, term) {
+        if index > self.persisted && index <= self.written && self.match_term(index, term) {
             self.persisted = index;
         }
     }
@@ -303,6 +316,7 @@ impl RaftLog {
         assert!(base <= self.applied, "applied {} behind snapshot {base}", self.applied);
         assert!(self.applied <= self.committed, "applied {} > committed {}", self.applied, self.committed);
         assert!(self.committed <= self.last_index(), "committed {} > last {}", self.committed, self.last_index());
-        assert!(self.persisted <= self.last_index(), "persisted beyond the log");
+        assert!(self.persisted <= self.written, "persisted {} beyond written {}", self.persisted, self.written);
+        assert!(self.written <= self.last_index(), "written beyond the log");
     }
 }

@@ -22,15 +22,26 @@ use crate::types::*;
 /// 5. Serve each of `read_states` once the state machine has applied its `index`.
 ///
 /// Between `ready` and `advance` the driver may go on calling `step`, `tick`, `propose` and
-/// the rest while it persists (on another thread, say), but not `ready`: the rules below hold
-/// either way. The production runtime persists before handling anything else; the simulator
-/// does both (`ClusterConfig::async_persist`).
+/// the rest while it persists (on another thread, say), and even `ready` again: several
+/// `Ready`s may be in flight (pipelined persistence) if the driver keeps three rules:
+///
+/// - it writes the `Ready`s in the order it took them (so a later one's truncation lands after
+///   an earlier one's entries), and each write reaches the disk no earlier than those before;
+/// - it sends a `Ready`'s `persisted_messages` only once that `Ready` and every earlier one
+///   are durable (a message may acknowledge entries an earlier `Ready` carried);
+/// - it calls [`RawNode::advance`] for each, in the same order, once it is durable.
+///
+/// Committed entries are handed out once, in the `Ready` that carries them: the application
+/// applies them as it takes that `Ready` (they need no local persist: see
+/// [`Ready::committed_entries`]), unless the `Ready` carries a snapshot, which is restored
+/// after the persist with the entries after it. The simulator drives both ways
+/// (`ClusterConfig::async_persist`); the production server pipelines.
 ///
 /// # Which messages may go out before the persist, and why that is safe
 ///
 /// `messages` holds only what a leader sends to replicate, `Append`, `Heartbeat`,
-/// `Snapshot` chunks and `TimeoutNow`, and only when this `Ready` changes neither the term nor
-/// the vote (otherwise every message is in `persisted_messages`). Everything else (vote
+/// `Snapshot` chunks and `TimeoutNow`, and only when neither this `Ready` nor one still in
+/// flight changes the term or the vote (otherwise every message is in `persisted_messages`). Everything else (vote
 /// requests and answers, append, heartbeat and snapshot answers) waits for the persist.
 ///
 /// - *The term is durable before any message of that term leaves.* A node leads term `T` only
@@ -78,7 +89,9 @@ pub struct Ready {
     pub messages: Vec<Message>,
     /// Messages to send only after the persistence above.
     pub persisted_messages: Vec<Message>,
-    /// Committed entries to apply, in index order.
+    /// Committed entries to apply, in index order. Committed means durable on a majority,
+    /// so they may be applied before (or while) this node persists its own copy; the node
+    /// counts them applied once handed out, so apply them before compacting past them.
     pub committed_entries: Vec<Entry>,
     /// Reads that became safe (ReadIndex).
     pub read_states: Vec<ReadState>,
@@ -206,8 +219,11 @@ pub struct RawNode {
     raft: Raft,
     /// The hard state last handed out in a `Ready`.
     prev_hard_state: HardState,
-    /// A `Ready` was handed out and not yet advanced.
-    ready_pending: bool,
+    /// The term and vote of the last `Ready` advanced (so durable): until a new term or vote
+    /// is, every message waits for the persist.
+    durable_term_vote: (Term, Option<NodeId>),
+    /// `Ready`s handed out and not yet advanced.
+    in_flight: u64,
 }
 
 impl RawNode {
@@ -224,7 +240,8 @@ impl RawNode {
         let mut hs = state.hard_state;
         hs.commit = log.committed();
         let raft = Raft::new(cfg, hs, log);
-        let node = RawNode { prev_hard_state: raft.hard_state(), raft, ready_pending: false };
+        let hs = raft.hard_state();
+        let node = RawNode { prev_hard_state: hs, durable_term_vote: (hs.term, hs.vote), raft, in_flight: 0 };
         node.check();
         Ok(node)
     }
@@ -370,60 +387,67 @@ impl RawNode {
             || !r.read_states.is_empty()
             || r.hard_state() != self.prev_hard_state
             || r.log.snapshot_pending
-            || r.log.persisted < r.log.last_index()
+            || r.log.written < r.log.last_index()
             || r.log.applied < r.log.committed
             || r.has_pending_sends()
     }
 
     /// Collects what the driver must do; see [`Ready`] for the order. Call [`RawNode::advance`]
-    /// with it before calling `ready` again.
+    /// with it once it is durable; see [`Ready`] for taking more meanwhile.
     pub fn ready(&mut self) -> Ready {
-        assert!(!self.ready_pending, "ready() called twice without advance()");
-        self.ready_pending = true;
+        self.in_flight += 1;
         self.raft.flush();
         let r = &mut self.raft;
         let hs = r.hard_state();
         let prev = self.prev_hard_state;
         let snapshot = if r.log.snapshot_pending { Some(r.log.snapshot().clone()) } else { None };
-        let entries = r.log.unpersisted();
+        r.log.snapshot_pending = false;
+        let entries = r.log.take_unwritten();
         let new_term_or_vote = hs.term != prev.term || hs.vote != prev.vote;
         let must_sync = new_term_or_vote || !entries.is_empty() || snapshot.is_some();
         let all = std::mem::take(&mut r.msgs);
-        let (messages, persisted_messages) =
-            if new_term_or_vote { (Vec::new(), all) } else { all.into_iter().partition(may_precede_persist) };
-        Ready {
+        let (messages, persisted_messages) = if (hs.term, hs.vote) != self.durable_term_vote {
+            (Vec::new(), all)
+        } else {
+            all.into_iter().partition(may_precede_persist)
+        };
+        let committed_entries = r.log.to_apply(r.cfg.max_committed_bytes_per_ready);
+        if let Some(e) = committed_entries.last() {
+            r.log.applied_to(e.index);
+        }
+        self.prev_hard_state = hs;
+        let rd = Ready {
             hard_state: (hs != prev).then_some(hs),
             snapshot,
             entries,
             messages,
             persisted_messages,
-            committed_entries: r.log.to_apply(r.cfg.max_committed_bytes_per_ready),
+            committed_entries,
             read_states: std::mem::take(&mut r.read_states),
             must_sync,
-        }
+        };
+        self.check();
+        rd
     }
 
-    /// Tells the node that `ready` was processed: persisted, sent and applied. A leader now
-    /// counts its own copy of the entries persisted, which may commit them (the next `Ready`
-    /// then carries them in `committed_entries`).
+    /// Tells the node that `ready` (the oldest `Ready` not yet advanced) was persisted and its
+    /// messages sent. A leader now counts its own copy of the entries persisted, which may
+    /// commit them (a later `Ready` then carries them in `committed_entries`).
     pub fn advance(&mut self, ready: &Ready) {
-        assert!(self.ready_pending, "advance() without ready()");
-        self.ready_pending = false;
-        let log = &mut self.raft.log;
+        assert!(self.in_flight > 0, "advance() without ready()");
+        self.in_flight -= 1;
         if let Some(hs) = ready.hard_state {
-            self.prev_hard_state = hs;
-        }
-        if ready.snapshot.as_ref().is_some_and(|s| s.meta == log.snapshot.meta) {
-            // (Unless another snapshot arrived meanwhile: that one is still to hand out.)
-            log.snapshot_pending = false;
-        }
-        if let Some(e) = ready.committed_entries.last() {
-            log.applied_to(e.index);
+            self.durable_term_vote = (hs.term, hs.vote);
         }
         if let Some(e) = ready.entries.last() {
             self.raft.on_persisted(e.index, e.term);
         }
         self.check();
+    }
+
+    /// `Ready`s handed out and not yet advanced.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight
     }
 
     /// A summary of the node's state.

@@ -12,6 +12,10 @@ use crate::types::{Entry, HardState, Snapshot};
 /// putting it in effect: see [`Storage::snapshot_writer`].
 pub type SnapshotWriter<E> = Box<dyn FnOnce(&Snapshot) -> Result<(), E> + Send>;
 
+/// Makes durable, on a thread other than the node's, every write made before
+/// [`Storage::start_sync`] returned it; its result goes to [`Storage::finish_sync`].
+pub type SyncJob<E> = Box<dyn FnOnce() -> Result<(), E> + Send>;
+
 /// Everything a node persisted, as read back after a restart.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RestoredState {
@@ -45,6 +49,22 @@ pub trait Storage {
     /// compares with its limit to decide when to take a snapshot.
     fn raft_state_bytes(&self) -> usize;
 
+    /// Pipelined persistence, step 1: starts a sync of every write made so far without
+    /// waiting for it: the job returned does the waiting, on another thread, while the node
+    /// goes on writing (later writes may or may not be made durable by it). At most one
+    /// started sync at a time. `None` (the default): this storage syncs only in
+    /// [`Storage::sync`], which the caller then uses.
+    fn start_sync(&mut self) -> Result<Option<SyncJob<Self::Error>>, Self::Error> {
+        Ok(None)
+    }
+
+    /// Pipelined persistence, step 2: the outcome of the job from [`Storage::start_sync`]. An
+    /// error is returned (and, as for [`Storage::sync`], the storage may refuse every later
+    /// call: a failed sync may have dropped the data it was to write).
+    fn finish_sync(&mut self, result: Result<(), Self::Error>) -> Result<(), Self::Error> {
+        result
+    }
+
     /// Background snapshots, step 1: a function that writes a snapshot the application took
     /// into a file of its own and syncs it, meant to run on another thread while the node goes
     /// on (the snapshot of a large state takes seconds to write). Nothing is in effect until
@@ -72,6 +92,16 @@ pub trait Storage {
 /// returns may the `Ready`'s `persisted_messages` be sent; its `messages` may go out before
 /// (see [`crate::Ready`]).
 pub fn persist_ready<S: Storage>(storage: &mut S, ready: &crate::Ready) -> Result<(), S::Error> {
+    write_ready(storage, ready)?;
+    if ready.must_sync() {
+        storage.sync()?;
+    }
+    Ok(())
+}
+
+/// [`persist_ready`] without the sync: for a driver that syncs later (pipelined persistence,
+/// [`Storage::start_sync`]), and writes the next `Ready` meanwhile.
+pub fn write_ready<S: Storage>(storage: &mut S, ready: &crate::Ready) -> Result<(), S::Error> {
     if let Some(s) = &ready.snapshot {
         storage.save_snapshot(s)?;
     }
@@ -80,9 +110,6 @@ pub fn persist_ready<S: Storage>(storage: &mut S, ready: &crate::Ready) -> Resul
     }
     if let Some(hs) = &ready.hard_state {
         storage.save_hard_state(hs)?;
-    }
-    if ready.must_sync() {
-        storage.sync()?;
     }
     Ok(())
 }

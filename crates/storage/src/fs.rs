@@ -31,7 +31,16 @@ pub trait FsFile {
     /// From now on this file is a log: appended to and synced often, read only whole. (A
     /// file system may prepare space ahead of its end; see [`OsFile`].)
     fn is_log(&mut self) {}
+    /// A function that makes durable, from any thread, what was written to this file before
+    /// it returns (as [`FsFile::sync`]), while this handle goes on writing. `None` (the
+    /// default): this file is synced from its own thread only.
+    fn sync_handle(&self) -> Option<SyncHandle> {
+        None
+    }
 }
+
+/// See [`FsFile::sync_handle`].
+pub type SyncHandle = Box<dyn FnOnce() -> io::Result<()> + Send>;
 
 /// Creates (or truncates) a file, writes its parts one after the other and syncs it; usable
 /// from any thread.
@@ -122,7 +131,8 @@ const PREZEROED_BYTES: u64 = 256 << 10;
 /// [`crate::FileStorage::open_with`] cuts the file back to its last record.
 #[derive(Debug)]
 pub struct OsFile {
-    file: std::fs::File,
+    /// Shared with the syncs running elsewhere ([`FsFile::sync_handle`]).
+    file: std::sync::Arc<std::fs::File>,
     /// Where the next append goes.
     end: u64,
     /// Bytes of the file written (with data or zeros) so far.
@@ -134,7 +144,7 @@ pub struct OsFile {
 impl OsFile {
     fn new(file: std::fs::File) -> io::Result<OsFile> {
         let len = file.metadata()?.len();
-        Ok(OsFile { file, end: len, written: len, ahead: false })
+        Ok(OsFile { file: std::sync::Arc::new(file), end: len, written: len, ahead: false })
     }
 }
 
@@ -167,6 +177,10 @@ impl FsFile for OsFile {
     }
     fn is_log(&mut self) {
         self.ahead = true;
+    }
+    fn sync_handle(&self) -> Option<SyncHandle> {
+        let file = self.file.clone();
+        Some(Box::new(move || file.sync_data()))
     }
 }
 

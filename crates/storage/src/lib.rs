@@ -28,10 +28,12 @@
 //! zeros. Opening replays frames until the first one that is incomplete or fails its checksum.
 //! Whether that frame is a torn tail (never synced, so never acknowledged: cut it off) or
 //! corruption of synced data (refuse to start, naming file and offset) is decided by what was
-//! synced: right after every successful `fdatasync`, a sync mark recording its own offset is
-//! appended. A sync mark can only exist once everything before it is durable, so a bad frame
-//! with a valid sync mark anywhere after it is corruption; a bad frame with none after it was
-//! written after the last sync that completed, and is torn. (The one case this cannot tell:
+//! synced: after every successful `fdatasync`, a sync mark is appended recording the offset
+//! it made durable (its own offset, or an earlier one when the sync ran on another thread
+//! while the node went on writing: [`Storage::start_sync`]). A sync mark can only exist once
+//! everything before its offset is durable, so a bad frame with a valid sync mark after it
+//! vouching for the frame's bytes is corruption; a bad frame with none was written after the
+//! last sync that completed, and is torn. (The one case this cannot tell:
 //! a power loss right after a sync, before the mark itself reached the disk, followed by the
 //! disk damaging that last synced batch. Opening syncs and marks everything it read, so that
 //! window never spans a restart.)
@@ -64,7 +66,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use sixfive_raft::{Entry, HardState, Index, RestoredState, Snapshot, SnapshotMeta, SnapshotWriter, Storage, Term};
+use sixfive_raft::{Entry, HardState, Index, RestoredState, Snapshot, SnapshotMeta, SnapshotWriter, Storage, SyncJob, Term};
 
 use fs::{Fs, FsFile, Garbage, OsFs};
 
@@ -125,7 +127,8 @@ enum Record {
     HardState(HardState),
     Entries(Vec<Entry>),
     Snapshot(SnapshotMeta),
-    /// Written right after an `fdatasync` returned: every byte before `at` is durable.
+    /// Written after an `fdatasync` returned: every byte before `at` (at most this record's
+    /// offset) is durable.
     Synced {
         at: u64,
         nonce: u64,
@@ -300,6 +303,9 @@ pub struct FileStorage<F: Fs = OsFs> {
     nonce: u64,
     /// Bytes of the log made durable by the last successful sync.
     synced_bytes: u64,
+    /// A sync running elsewhere ([`Storage::start_sync`]): the log file's nonce and length
+    /// when it started (a rewrite replaces the file, and with it the nonce).
+    sync_started: Option<(u64, u64)>,
     snapshot_file_bytes: u64,
     state: State,
     /// Rewrite the log once it is this much larger than the live state.
@@ -411,6 +417,7 @@ impl<F: Fs> FileStorage<F> {
             chain,
             nonce,
             synced_bytes: 0,
+            sync_started: None,
             snapshot_file_bytes,
             state,
             rewrite_slack_bytes: 64 << 20,
@@ -624,7 +631,7 @@ fn replay(bytes: &[u8], state: &mut State, path: &Path) -> Result<(u64, u32, Opt
         let corrupt = |reason: String| StorageError::Corrupt { path: path.to_path_buf(), offset: off as u64, reason };
         let Some((r, crc, len)) = parse(bytes, off, chain) else {
             // Torn, or corrupt: a sync mark after it proves it was durable, so damaged.
-            if let Some(at) = (off + 1..bytes.len()).find(|&p| is_sync_mark(bytes, p, nonce)) {
+            if let Some(at) = (off + 1..bytes.len()).find_map(|p| is_sync_mark(bytes, p, nonce).filter(|&at| at > off as u64)) {
                 return Err(corrupt(format!(
                     "damaged record (bad length or checksum) before data synced up to byte {at}"
                 )));
@@ -640,7 +647,7 @@ fn replay(bytes: &[u8], state: &mut State, path: &Path) -> Result<(u64, u32, Opt
             }
             _ if off == 0 => return Err(corrupt("no header: not a sixfive Raft log of this format".into())),
             Record::Synced { at, nonce: n, check } => {
-                if at != off as u64 || Some(n) != nonce || check != sync_check(n, at) {
+                if at > off as u64 || Some(n) != nonce || check != sync_check(n, at) {
                     return Err(corrupt(format!("sync mark for byte {at} found at byte {off}")));
                 }
             }
@@ -673,21 +680,27 @@ fn parse(bytes: &[u8], off: usize, chain: u32) -> Option<(Record, u32, usize)> {
     Some((r, crc, 8 + len))
 }
 
-/// Whether a valid sync mark for offset `p` sits at `p` (its checksum chain is unknown here,
-/// so the mark's own check stands in for it). With the file's nonce known, only a mark with
+/// The offset a valid sync mark at `p` vouches for (at most `p`), if one sits there (its
+/// checksum chain is unknown here, so the mark's own check stands in for it). With the file's nonce known, only a mark with
 /// that nonce counts; without it (the header itself is damaged), any well-formed mark does,
 /// which errs on the side of refusing to start.
-fn is_sync_mark(bytes: &[u8], p: usize, nonce: Option<u64>) -> bool {
+fn is_sync_mark(bytes: &[u8], p: usize, nonce: Option<u64>) -> Option<u64> {
     let rest = &bytes[p..];
     if rest.len() < 9 {
-        return false;
+        return None;
     }
     let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
     if len == 0 || len > 40 || rest.len() - 8 < len {
-        return false;
+        return None;
     }
-    matches!(postcard::from_bytes(&rest[8..8 + len]), Ok(Record::Synced { at, nonce: n, check })
-        if at == p as u64 && nonce.is_none_or(|k| k == n) && check == sync_check(n, at))
+    match postcard::from_bytes(&rest[8..8 + len]) {
+        Ok(Record::Synced { at, nonce: n, check })
+            if at <= p as u64 && nonce.is_none_or(|k| k == n) && check == sync_check(n, at) =>
+        {
+            Some(at)
+        }
+        _ => None,
+    }
 }
 
 impl<F: Fs> Storage for FileStorage<F> {
@@ -765,6 +778,36 @@ impl<F: Fs> Storage for FileStorage<F> {
         self.snapshot_file_bytes = snapshot_file_len(&snapshot);
         self.snapshot_in_effect(snapshot)?;
         self.sync()
+    }
+
+    /// The log file's sync handle, used from the thread the job runs on. A mark for the
+    /// offset it made durable is appended by [`Storage::finish_sync`].
+    fn start_sync(&mut self) -> Result<Option<SyncJob<StorageError>>, StorageError> {
+        self.check_usable()?;
+        assert!(self.sync_started.is_none(), "a sync started before has not finished");
+        let Some(sync) = self.log.sync_handle() else { return Ok(None) };
+        self.sync_started = Some((self.nonce, self.log_bytes));
+        let path = self.dir.join(LOG);
+        Ok(Some(Box::new(move || sync().map_err(io_err("syncing", &path)))))
+    }
+
+    fn finish_sync(&mut self, result: Result<(), StorageError>) -> Result<(), StorageError> {
+        let started = self.sync_started.take();
+        self.check_usable()?;
+        self.poison(result)?;
+        // Unless the file was replaced meanwhile (a rewrite syncs what it writes) or a sync
+        // on this thread covered as much.
+        let Some((nonce, at)) = started.filter(|&(n, at)| n == self.nonce && at > self.synced_bytes) else {
+            return Ok(());
+        };
+        let quiet = at == self.log_bytes;
+        self.synced_bytes = at;
+        self.write(&RecordRef::Synced { at, nonce, check: sync_check(nonce, at) })?;
+        if quiet {
+            // As in `sync`: the mark needs no sync of its own.
+            self.synced_bytes = self.log_bytes;
+        }
+        Ok(())
     }
 
     fn sync(&mut self) -> Result<(), StorageError> {

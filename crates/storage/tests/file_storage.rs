@@ -174,6 +174,56 @@ fn corruption_of_synced_data_is_refused() {
 }
 
 #[test]
+fn a_sync_run_on_another_thread_vouches_only_for_what_was_written_before_it_started() {
+    let d = dir("sync-elsewhere");
+    let mut s = FileStorage::open(&d).unwrap();
+    s.append(&entries(1, 3, 1)).unwrap();
+    let job = s.start_sync().unwrap().expect("the OS file system syncs from any thread");
+    let covered = s.log_file_bytes() as usize;
+    s.append(&entries(4, 6, 1)).unwrap(); // written while the sync runs
+    let result = std::thread::spawn(job).join().unwrap();
+    s.finish_sync(result).unwrap();
+    let all = s.initial_state().unwrap();
+    drop(s);
+    let log = d.join("raft.log");
+    let pristine = std::fs::read(&log).unwrap();
+    let frames = frame_offsets(&pristine);
+    let at = frames.iter().position(|&f| f == covered).expect("entries 4-6 start where the sync started");
+    let (first, later) = (frames[at - 1], frames[at]); // entries 1-3, entries 4-6
+    assert_eq!(FileStorage::open(&d).unwrap().initial_state().unwrap(), all);
+    // The mark after entries 4-6 vouches for entries 1-3: damage there is corruption.
+    let mut bytes = pristine.clone();
+    bytes[first + 10] ^= 0xFF;
+    std::fs::write(&log, &bytes).unwrap();
+    match FileStorage::open(&d) {
+        Err(StorageError::Corrupt { offset, .. }) => assert_eq!(offset, first as u64),
+        other => panic!("damage to synced entries must be refused, got {:?}", other.map(|_| ())),
+    }
+    // Entries 4-6 were written after the sync started: lost pages there are a torn tail.
+    let mut bytes = pristine.clone();
+    bytes[later + 10] ^= 0xFF;
+    std::fs::write(&log, &bytes).unwrap();
+    let s = FileStorage::open(&d).expect("a torn tail, not corruption");
+    assert_eq!(s.initial_state().unwrap().entries, entries(1, 3, 1));
+    drop(s);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn a_sync_that_failed_on_another_thread_poisons_the_storage() {
+    let d = dir("sync-elsewhere-fails");
+    let mut s = FileStorage::open(&d).unwrap();
+    s.append(&entries(1, 3, 1)).unwrap();
+    let _job = s.start_sync().unwrap().expect("the OS file system syncs from any thread");
+    let failed = StorageError::Io { what: "syncing", path: d.join("raft.log"), source: std::io::Error::other("EIO") };
+    assert!(matches!(s.finish_sync(Err(failed)), Err(StorageError::Io { .. })));
+    assert!(matches!(s.append(&entries(4, 4, 1)), Err(StorageError::Poisoned(_))));
+    assert!(matches!(s.sync(), Err(StorageError::Poisoned(_))), "a failed sync is never retried");
+    drop(s);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
 fn a_hole_is_refused_and_changes_nothing() {
     let d = dir("hole");
     let mut s = FileStorage::open(&d).unwrap();
