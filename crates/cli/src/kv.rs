@@ -221,6 +221,11 @@ pub struct ServeArgs {
     /// too). A data directory keeps the API it was created with [default: sixfive].
     #[arg(long, env = "SIXFIVE_API")]
     api: Option<String>,
+    /// A leader writes each batch at once but syncs it on a thread of its own, going on
+    /// meanwhile, once its syncs take this many microseconds on average; below, it syncs on its
+    /// loop (a quick disk: the trip to the other thread costs more). 0: always [default: 400].
+    #[arg(long, env = "SIXFIVE_SYNC_ELSEWHERE_ABOVE_US")]
+    sync_elsewhere_above_us: Option<String>,
     /// TOML file with any of the settings above (keys as the flags, without the dashes in
     /// front: name = "n1", data-dir = "..."); flags and variables win over it.
     #[arg(long, env = "SIXFIVE_CONFIG_FILE")]
@@ -246,6 +251,7 @@ impl ServeArgs {
             election_timeout: self.election_timeout,
             snapshot_bytes: self.snapshot_bytes,
             api: self.api,
+            sync_elsewhere_above_us: self.sync_elsewhere_above_us,
         };
         if let Some(f) = &self.config_file {
             let text =

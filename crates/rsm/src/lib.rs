@@ -45,13 +45,14 @@
 //! clients send [`RsmRequest`]s and get [`RsmReply`]s.
 #![deny(missing_docs)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sixfive_raft::{
     CompactError, ConfChange, ConfChangeError, ConfState, Config, ConfigError, EntryKind, Index, Message, NodeId,
-    ProposeError, RawNode, Role, Snapshot, SnapshotMeta, SnapshotWriter, Status, Storage, Term, persist_ready,
+    ProposeError, RawNode, Ready, Role, Snapshot, SnapshotMeta, SnapshotWriter, Status, Storage, SyncJob, Term,
+    persist_ready, write_ready,
 };
 use sixfive_rpc::{CallId, Ctx, Endpoint, Micros, Node};
 
@@ -130,6 +131,28 @@ pub struct TakenSnapshot<E> {
     snapshot: Arc<Snapshot>,
     app_bytes: usize,
     written: Result<(), E>,
+}
+
+/// Pipelined persistence ([`Rsm::with_pipelined_persistence`]): what is written and waits
+/// for a sync running elsewhere.
+struct Pipeline<E> {
+    /// `Ready`s written, oldest first, each with the number of the sync that makes it durable
+    /// (0: none of its own; it waits only for those before it).
+    in_flight: VecDeque<(Ready, u64)>,
+    /// Syncs started so far (on this thread or elsewhere).
+    started: u64,
+    /// The number of the sync running elsewhere, if one is.
+    running: Option<u64>,
+    /// The job of the sync just started, for the driver to take.
+    job: Option<SyncJob<E>>,
+    /// Written since the last sync started.
+    unsynced: bool,
+    /// A `Ready` carrying a snapshot from the leader, taken while a sync ran: it is persisted
+    /// (and synced, with everything before it) once that sync is done; no `Ready` is taken
+    /// meanwhile.
+    parked: Option<Ready>,
+    /// A background snapshot that finished while a sync ran: installed once it is done.
+    install: Option<TakenSnapshot<E>>,
 }
 
 /// Why a submission did not complete.
@@ -235,7 +258,7 @@ struct LogCommand<'a> {
 }
 
 /// The replicated state machine of one node.
-pub struct Rsm<S, M> {
+pub struct Rsm<S: Storage, M> {
     raw: RawNode,
     storage: S,
     sm: M,
@@ -263,6 +286,10 @@ pub struct Rsm<S, M> {
     read_batches: BTreeMap<SubmitId, Vec<SubmitId>>,
     /// Snapshots received from a leader and installed.
     snapshots_installed: u64,
+    /// The highest index the state machine has applied (or restored from a snapshot).
+    applied: Index,
+    /// With pipelined persistence: the `Ready`s in flight.
+    pipeline: Option<Pipeline<S::Error>>,
 }
 
 impl<S: Storage, M: StateMachine> Rsm<S, M> {
@@ -276,6 +303,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             sm.restore(s.app_data());
         }
         let id = cfg.id;
+        let applied = state.snapshot.as_ref().map_or(0, |s| s.meta.index);
         let raw = RawNode::restart(cfg, state)?;
         Ok(Rsm {
             raw,
@@ -294,6 +322,8 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             reads_ready: Vec::new(),
             read_batches: BTreeMap::new(),
             snapshots_installed: 0,
+            applied,
+            pipeline: None,
         })
     }
 
@@ -323,6 +353,26 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     /// job on another thread and hands its outcome to [`Rsm::finish_snapshot`].
     pub fn with_background_snapshots(mut self) -> Self {
         self.background_snapshots = true;
+        self
+    }
+
+    /// Pipelined persistence: the node writes each `Ready` at once but syncs it on another
+    /// thread, and meanwhile goes on: it steps the followers' answers, applies and answers
+    /// what they commit, and writes the next `Ready`s behind it (see [`sixfive_raft::Ready`]
+    /// for the rules it keeps). After each processing the driver takes the sync to run with
+    /// [`Rsm::take_sync_job`] and hands its outcome to [`Rsm::finish_sync`]. A storage that
+    /// cannot sync from another thread ([`Storage::start_sync`] gives `None`) is synced in
+    /// `process` as before.
+    pub fn with_pipelined_persistence(mut self) -> Self {
+        self.pipeline = Some(Pipeline {
+            in_flight: VecDeque::new(),
+            started: 0,
+            running: None,
+            job: None,
+            unsynced: false,
+            parked: None,
+            install: None,
+        });
         self
     }
 
@@ -440,6 +490,9 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
 
     /// Applies committed entries in order, handing out the submissions they finish.
     fn apply_committed(&mut self, entries: &[sixfive_raft::Entry], out: &mut dyn FnMut(Output)) {
+        if let Some(e) = entries.last() {
+            self.applied = e.index;
+        }
         for e in entries {
             let mine = self.pending.remove(&e.index);
             if e.kind == EntryKind::Noop {
@@ -498,48 +551,193 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     /// On a storage error, messages already handed out acknowledge nothing (see
     /// [`sixfive_raft::Ready`]); answers already handed out were for committed entries.
     pub fn process_sending(&mut self, out: &mut dyn FnMut(Output)) -> Result<(), S::Error> {
-        while self.raw.has_ready() {
-            let mut rd = self.raw.ready();
-            for m in std::mem::take(&mut rd.messages) {
-                out(Output::Message(m));
-            }
-            let early = rd.snapshot.is_none();
-            if early {
-                self.apply_committed(&rd.committed_entries, out);
-            }
-            persist_ready(&mut self.storage, &rd)?;
-            for m in std::mem::take(&mut rd.persisted_messages) {
-                out(Output::Message(m));
-            }
-            if let Some(s) = &rd.snapshot {
-                self.sm.restore(s.app_data());
-                self.last_snapshot_bytes = s.app_data().len();
-                self.snapshots_installed += 1;
-                // Commands at or below the snapshot were applied or overwritten by others and
-                // cannot be told apart any more: outcome unknown (clients retry, sessions dedup).
-                let later = self.pending.split_off(&(s.meta.index + 1));
-                for (_, (_, id)) in std::mem::replace(&mut self.pending, later) {
-                    out(Output::Done(Completion { id, result: Err(SubmitError::Abandoned { leader: None }) }));
+        if self.pipeline.is_some() {
+            self.process_pipelined(out)?;
+        } else {
+            while self.raw.has_ready() {
+                let mut rd = self.raw.ready();
+                for m in std::mem::take(&mut rd.messages) {
+                    out(Output::Message(m));
+                }
+                if rd.snapshot.is_none() {
+                    self.apply_committed(&rd.committed_entries, out);
+                    self.take_read_states(&rd);
+                    persist_ready(&mut self.storage, &rd)?;
+                    self.finish_written(rd, out);
+                } else {
+                    persist_ready(&mut self.storage, &rd)?;
+                    self.finish_with_snapshot(rd, out);
                 }
             }
-            if !early {
-                self.apply_committed(&rd.committed_entries, out);
-            }
-            for rs in &rd.read_states {
-                let id = u64::from_le_bytes(rs.ctx.as_slice().try_into().expect("our ctx"));
-                if let Some((_, q)) = self.reads_waiting.remove(&id) {
-                    self.reads_ready.push((rs.index, id, q));
-                }
-                for other in self.read_batches.remove(&id).unwrap_or_default() {
-                    if let Some((_, q)) = self.reads_waiting.remove(&other) {
-                        self.reads_ready.push((rs.index, other, q));
-                    }
-                }
-            }
-            self.raw.advance(&rd);
         }
+        self.answer_reads(out);
+        if !self.background_snapshots {
+            self.maybe_snapshot()?;
+        }
+        Ok(())
+    }
+
+    /// The pipelined Ready loop (see [`Rsm::with_pipelined_persistence`]): each `Ready` is
+    /// written at once; a sync is started once none runs; a `Ready` is finished once it and
+    /// those before it are durable.
+    fn process_pipelined(&mut self, out: &mut dyn FnMut(Output)) -> Result<(), S::Error> {
+        loop {
+            while self.pipeline().parked.is_none() && self.raw.has_ready() {
+                let mut rd = self.raw.ready();
+                for m in std::mem::take(&mut rd.messages) {
+                    out(Output::Message(m));
+                }
+                if rd.snapshot.is_some() {
+                    if self.pipeline().running.is_some() {
+                        self.pipeline().parked = Some(rd);
+                        break;
+                    }
+                    self.persist_snapshot_ready(rd, out)?;
+                    continue;
+                }
+                self.apply_committed(&rd.committed_entries, out);
+                self.take_read_states(&rd);
+                write_ready(&mut self.storage, &rd)?;
+                let p = self.pipeline();
+                let sync = if rd.must_sync() {
+                    p.unsynced = true;
+                    p.started + 1
+                } else {
+                    0
+                };
+                if sync == 0 && p.in_flight.is_empty() {
+                    self.finish_written(rd, out);
+                } else {
+                    p.in_flight.push_back((rd, sync));
+                }
+            }
+            let leading = self.raw.status().role == Role::Leader;
+            let p = self.pipeline();
+            if !p.unsynced || (leading && p.running.is_some()) {
+                return Ok(());
+            }
+            p.unsynced = false;
+            p.started += 1;
+            let number = p.started;
+            // Only a leader syncs elsewhere: its own copy is one of three, and its loop has the
+            // followers' answers to handle meanwhile. A follower's answer waits for its sync
+            // anyway, and the trip to a sync thread and back would only lengthen it.
+            let job = if leading { self.storage.start_sync()? } else { None };
+            match job {
+                Some(job) => {
+                    let p = self.pipeline();
+                    p.running = Some(number);
+                    p.job = Some(job);
+                    return Ok(());
+                }
+                None => {
+                    // A follower, or a storage that syncs on this thread only.
+                    self.storage.sync()?;
+                    self.finish_synced(number, out);
+                }
+            }
+        }
+    }
+
+    fn pipeline(&mut self) -> &mut Pipeline<S::Error> {
+        self.pipeline.as_mut().expect("pipelined persistence")
+    }
+
+    /// Pipelined persistence: the sync to run now on another thread, if one was started.
+    pub fn take_sync_job(&mut self) -> Option<SyncJob<S::Error>> {
+        self.pipeline.as_mut()?.job.take()
+    }
+
+    /// Pipelined persistence: the outcome of the job from [`Rsm::take_sync_job`]. The `Ready`s
+    /// it made durable are finished (their messages handed out), then what waited for it (a
+    /// snapshot from the leader, a background snapshot's install), then the Ready loop runs
+    /// again. An error is the storage's: the node must stop.
+    pub fn finish_sync(&mut self, result: Result<(), S::Error>, out: &mut dyn FnMut(Output)) -> Result<(), S::Error> {
+        let p = self.pipeline();
+        let synced = p.running.take().expect("finish_sync without a sync job running");
+        assert!(p.job.is_none(), "finish_sync before the job was taken");
+        self.storage.finish_sync(result)?;
+        self.finish_synced(synced, out);
+        if let Some(rd) = self.pipeline().parked.take() {
+            self.persist_snapshot_ready(rd, out)?;
+        }
+        if let Some(taken) = self.pipeline().install.take() {
+            self.install_snapshot(taken)?;
+        }
+        self.process_sending(out)
+    }
+
+    /// Finishes, in order, the `Ready`s in flight that sync `synced` made durable.
+    fn finish_synced(&mut self, synced: u64, out: &mut dyn FnMut(Output)) {
+        while let Some((_, sync)) = self.pipeline().in_flight.front() {
+            if *sync > synced {
+                break;
+            }
+            let (rd, _) = self.pipeline().in_flight.pop_front().expect("looked at");
+            self.finish_written(rd, out);
+        }
+    }
+
+    /// A `Ready` with a snapshot, with no sync running: written and synced here (which makes
+    /// every `Ready` in flight durable too), then finished after them.
+    fn persist_snapshot_ready(&mut self, rd: Ready, out: &mut dyn FnMut(Output)) -> Result<(), S::Error> {
+        persist_ready(&mut self.storage, &rd)?;
+        let p = self.pipeline();
+        p.unsynced = false;
+        self.finish_synced(u64::MAX, out);
+        self.finish_with_snapshot(rd, out);
+        Ok(())
+    }
+
+    /// A durable `Ready` (its committed entries already applied): what acknowledges it goes out.
+    fn finish_written(&mut self, mut rd: Ready, out: &mut dyn FnMut(Output)) {
+        for m in std::mem::take(&mut rd.persisted_messages) {
+            out(Output::Message(m));
+        }
+        self.raw.advance(&rd);
+    }
+
+    /// A durable `Ready` carrying a snapshot: restore it, then apply what follows it.
+    fn finish_with_snapshot(&mut self, mut rd: Ready, out: &mut dyn FnMut(Output)) {
+        for m in std::mem::take(&mut rd.persisted_messages) {
+            out(Output::Message(m));
+        }
+        let s = rd.snapshot.as_ref().expect("a snapshot");
+        self.sm.restore(s.app_data());
+        self.applied = s.meta.index;
+        self.last_snapshot_bytes = s.app_data().len();
+        self.snapshots_installed += 1;
+        // Commands at or below the snapshot were applied or overwritten by others and cannot
+        // be told apart any more: outcome unknown (clients retry, sessions dedup).
+        let later = self.pending.split_off(&(s.meta.index + 1));
+        for (_, (_, id)) in std::mem::replace(&mut self.pending, later) {
+            out(Output::Done(Completion { id, result: Err(SubmitError::Abandoned { leader: None }) }));
+        }
+        self.apply_committed(&rd.committed_entries, out);
+        self.take_read_states(&rd);
+        self.raw.advance(&rd);
+    }
+
+    /// Reads whose ReadIndex round finished wait for the state machine to reach their index.
+    fn take_read_states(&mut self, rd: &Ready) {
+        for rs in &rd.read_states {
+            let id = u64::from_le_bytes(rs.ctx.as_slice().try_into().expect("our ctx"));
+            if let Some((_, q)) = self.reads_waiting.remove(&id) {
+                self.reads_ready.push((rs.index, id, q));
+            }
+            for other in self.read_batches.remove(&id).unwrap_or_default() {
+                if let Some((_, q)) = self.reads_waiting.remove(&other) {
+                    self.reads_ready.push((rs.index, other, q));
+                }
+            }
+        }
+    }
+
+    /// Answers the reads the state machine has caught up with, and fails what a lost
+    /// leadership abandoned.
+    fn answer_reads(&mut self, out: &mut dyn FnMut(Output)) {
         let mut done = Vec::new();
-        let applied = self.raw.status().applied;
+        let applied = self.applied;
         let (ready, later): (Vec<_>, Vec<_>) = self.reads_ready.drain(..).partition(|(i, _, _)| *i <= applied);
         self.reads_ready = later;
         for (_, id, q) in ready {
@@ -549,10 +747,6 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
         for c in done {
             out(Output::Done(c));
         }
-        if !self.background_snapshots {
-            self.maybe_snapshot()?;
-        }
-        Ok(())
     }
 
     /// Everything pending fails once this node stops leading or its term moves on.
@@ -588,11 +782,17 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
         self.storage.raft_state_bytes() >= threshold
     }
 
+    /// Whether a sync runs elsewhere or a `Ready` waits for one (pipelined persistence): the
+    /// storage is then written only with `Ready`s, and the state machine may lag the log.
+    fn sync_busy(&self) -> bool {
+        self.pipeline.as_ref().is_some_and(|p| p.running.is_some() || p.parked.is_some())
+    }
+
     fn maybe_snapshot(&mut self) -> Result<(), S::Error> {
-        if !self.snapshot_due() {
+        if !self.snapshot_due() || self.sync_busy() {
             return Ok(());
         }
-        let applied = self.raw.status().applied;
+        let applied = self.applied;
         let data = self.sm.snapshot();
         self.last_snapshot_bytes = data.len();
         if let Ok(snap) = self.raw.compact(applied, data) {
@@ -605,10 +805,11 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     /// Background snapshots: the snapshot due now at the applied index, if one is and none is
     /// under way. Cheap: the state is copied ([`StateMachine::snapshot_later`]), not serialised.
     pub fn take_snapshot_job(&mut self) -> Option<SnapshotJob<S::Error>> {
-        if !self.background_snapshots || self.snapshot_in_flight.is_some() || !self.snapshot_due() {
+        let parked = self.pipeline.as_ref().is_some_and(|p| p.parked.is_some());
+        if !self.background_snapshots || self.snapshot_in_flight.is_some() || parked || !self.snapshot_due() {
             return None;
         }
-        let (meta, conf) = self.raw.snapshot_position(self.raw.status().applied).ok()?;
+        let (meta, conf) = self.raw.snapshot_position(self.applied).ok()?;
         self.snapshot_in_flight = Some(meta.index);
         Some(SnapshotJob { meta, conf, state: self.sm.snapshot_later(), writer: self.storage.snapshot_writer() })
     }
@@ -617,7 +818,18 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     /// durably, then the log is compacted); `Ok(false)` if a snapshot from the leader
     /// superseded it meanwhile (it is dropped). An error is the storage's (writing the file or
     /// installing it): the node must stop, as after any storage error.
+    ///
+    /// With pipelined persistence, a snapshot that finishes while a sync runs is installed
+    /// once that sync is done ([`Rsm::finish_sync`]); this then returns `Ok(true)`.
     pub fn finish_snapshot(&mut self, taken: TakenSnapshot<S::Error>) -> Result<bool, S::Error> {
+        if self.sync_busy() {
+            self.pipeline().install = Some(taken);
+            return Ok(true);
+        }
+        self.install_snapshot(taken)
+    }
+
+    fn install_snapshot(&mut self, taken: TakenSnapshot<S::Error>) -> Result<bool, S::Error> {
         let TakenSnapshot { snapshot, app_bytes, written } = taken;
         debug_assert_eq!(self.snapshot_in_flight, Some(snapshot.meta.index), "the job handed out");
         self.snapshot_in_flight = None;
@@ -735,7 +947,7 @@ const TICK_TIMER: u64 = 1;
 /// storage refuses further writes): every waiting client is answered with
 /// [`SubmitError::Shutdown`], later requests too, nothing else runs, and [`RsmNode::failed`]
 /// says why. The process around it should exit; a restart re-reads the disk.
-pub struct RsmNode<S, M> {
+pub struct RsmNode<S: Storage, M> {
     rsm: Rsm<S, M>,
     waiting: BTreeMap<SubmitId, (Endpoint, CallId)>,
     failed: Option<String>,
@@ -796,9 +1008,20 @@ impl<S: Storage, M: StateMachine> RsmNode<S, M> {
         }
         // A leader's Appends leave before its own write and sync, the rest after them; answers
         // to committed commands before it too.
+        self.carry_out(ctx, |rsm, out| rsm.process_sending(out))
+    }
+
+    /// Runs `f` on the state machine, sending and answering what it hands out as it goes; a
+    /// storage error stops the node (everything waiting fails). Returns the completions of
+    /// submissions made directly.
+    fn carry_out(
+        &mut self,
+        ctx: &mut dyn Ctx,
+        f: impl FnOnce(&mut Rsm<S, M>, &mut dyn FnMut(Output)) -> Result<(), S::Error>,
+    ) -> Vec<Completion> {
         let waiting = &mut self.waiting;
         let mut direct = Vec::new();
-        let processed = self.rsm.process_sending(&mut |o| match o {
+        let processed = f(&mut self.rsm, &mut |o| match o {
             Output::Message(m) => ctx.send(m.to, postcard::to_allocvec(&m).expect("encodes")),
             Output::Done(c) => answer_one(ctx, waiting, c, &mut direct),
         });
@@ -808,6 +1031,25 @@ impl<S: Storage, M: StateMachine> RsmNode<S, M> {
             direct.extend(self.answer(ctx, done));
         }
         direct
+    }
+
+    /// Pipelined persistence: the sync to run now on another thread, if any (see
+    /// [`Rsm::take_sync_job`]).
+    pub fn take_sync_job(&mut self) -> Option<SyncJob<S::Error>> {
+        if self.failed.is_some() {
+            return None;
+        }
+        self.rsm.take_sync_job()
+    }
+
+    /// Pipelined persistence: a sync job's outcome (see [`Rsm::finish_sync`]): what it made
+    /// durable is sent and answered. A storage error stops the node, as in [`RsmNode::flush`].
+    /// Returns the completions of submissions made directly.
+    pub fn finish_sync(&mut self, ctx: &mut dyn Ctx, result: Result<(), S::Error>) -> Vec<Completion> {
+        if self.failed.is_some() {
+            return Vec::new();
+        }
+        self.carry_out(ctx, |rsm, out| rsm.finish_sync(result, out))
     }
 
     /// Background snapshots: the snapshot job due now, if any (see [`Rsm::take_snapshot_job`]).
@@ -1110,6 +1352,129 @@ mod tests {
         assert_eq!(last_persisted(), before + 1, "b written after");
         assert_ne!(a, b);
         assert_eq!(nodes[0].state_machine().0, 1);
+    }
+
+    /// A storage whose sync "runs elsewhere": the job does nothing and the model disk syncs
+    /// when its outcome comes back, so what was written is durable only then.
+    struct SyncLater(SharedStorage);
+    impl Storage for SyncLater {
+        type Error = String;
+        fn initial_state(&self) -> Result<sixfive_raft::RestoredState, String> {
+            self.0.initial_state()
+        }
+        fn save_hard_state(&mut self, hs: &sixfive_raft::HardState) -> Result<(), String> {
+            self.0.save_hard_state(hs)
+        }
+        fn append(&mut self, entries: &[sixfive_raft::Entry]) -> Result<(), String> {
+            self.0.append(entries)
+        }
+        fn save_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), String> {
+            self.0.save_snapshot(snapshot)
+        }
+        fn sync(&mut self) -> Result<(), String> {
+            self.0.sync()
+        }
+        fn raft_state_bytes(&self) -> usize {
+            self.0.raft_state_bytes()
+        }
+        fn start_sync(&mut self) -> Result<Option<SyncJob<String>>, String> {
+            Ok(Some(Box::new(|| Ok(()))))
+        }
+        fn finish_sync(&mut self, result: Result<(), String>) -> Result<(), String> {
+            result?;
+            self.0.sync()
+        }
+    }
+
+    #[test]
+    fn a_pipelined_leader_answers_what_its_followers_made_durable_while_its_own_sync_runs() {
+        let disks: Vec<SharedStorage> = (0..3).map(|_| SharedStorage::default()).collect();
+        let mut nodes: Vec<Rsm<SyncLater, Count>> = (1..=3)
+            .map(|id| {
+                let storage = SyncLater(disks[id as usize - 1].clone());
+                Rsm::new(Config::new(id, vec![1, 2, 3]), storage, Count(0), None).unwrap().with_pipelined_persistence()
+            })
+            .collect();
+        let durable_last = |i: usize| disks[i].0.borrow().durable().unwrap().entries.last().map_or(0, |e| e.index);
+        // Every node processes; a sync a leader started finishes at once; messages delivered.
+        let settle = |nodes: &mut Vec<Rsm<SyncLater, Count>>, done: &mut Vec<SubmitId>| {
+            for _ in 0..20 {
+                let mut msgs = Vec::new();
+                for n in nodes.iter_mut() {
+                    let mut out = |o| match o {
+                        Output::Message(m) => msgs.push(m),
+                        Output::Done(c) => done.push(c.id),
+                    };
+                    n.process_sending(&mut out).unwrap();
+                    if let Some(job) = n.take_sync_job() {
+                        n.finish_sync(job(), &mut out).unwrap();
+                    }
+                }
+                for m in msgs {
+                    let _ = nodes[m.to as usize - 1].step(m);
+                }
+            }
+        };
+        let mut done = Vec::new();
+        nodes[0].raw().campaign();
+        settle(&mut nodes, &mut done);
+        assert_eq!(nodes[0].status().role, Role::Leader);
+
+        let a = nodes[0].submit(vec![1], 0).unwrap();
+        let mut msgs = Vec::new();
+        nodes[0]
+            .process_sending(&mut |o| match o {
+                Output::Message(m) => msgs.push(m),
+                Output::Done(_) => panic!("nothing is committed yet"),
+            })
+            .unwrap();
+        let job = nodes[0].take_sync_job().expect("the leader syncs its entry elsewhere");
+        let a_index = nodes[0].status().last_index;
+        assert!(durable_last(0) < a_index, "a is written, not durable, on the leader");
+        // The followers write, sync (on their loop) and acknowledge.
+        for m in msgs {
+            let _ = nodes[m.to as usize - 1].step(m);
+        }
+        let mut acks = Vec::new();
+        for f in 1..3 {
+            acks.extend(nodes[f].process().unwrap().0);
+            assert_eq!(durable_last(f), a_index, "a follower acknowledges only what it synced");
+        }
+        for m in acks {
+            let _ = nodes[0].step(m);
+        }
+        // b comes while the leader's sync runs: written behind it, no second sync meanwhile.
+        let b = nodes[0].submit(vec![2], 0).unwrap();
+        let (mut answered, mut msgs) = (Vec::new(), Vec::new());
+        nodes[0]
+            .process_sending(&mut |o| match o {
+                Output::Message(m) => msgs.push(m),
+                Output::Done(c) => answered.push(c.id),
+            })
+            .unwrap();
+        assert_eq!(answered, vec![a], "a answered, its followers' copies durable, the leader's not");
+        assert!(durable_last(0) < a_index);
+        assert!(nodes[0].take_sync_job().is_none(), "one sync at a time");
+        assert_eq!(nodes[0].status().last_index, a_index + 1, "b is written meanwhile");
+        // The sync finishes: a is durable on the leader, and b's sync starts.
+        nodes[0].finish_sync(job(), &mut |_| {}).unwrap();
+        assert!(durable_last(0) >= a_index);
+        let job = nodes[0].take_sync_job().expect("b's sync");
+        nodes[0].finish_sync(job(), &mut |_| {}).unwrap();
+        for m in msgs {
+            let _ = nodes[m.to as usize - 1].step(m);
+        }
+        settle(&mut nodes, &mut done);
+        assert_eq!(done, vec![b]);
+        // A heartbeat tells the followers b is committed.
+        for _ in 0..Config::new(1, vec![1]).heartbeat_ticks {
+            nodes[0].tick();
+        }
+        settle(&mut nodes, &mut done);
+        assert_eq!(durable_last(0), a_index + 1);
+        for n in &nodes {
+            assert_eq!(n.state_machine().0, 2, "{:?}", n.status());
+        }
     }
 
     fn storage_state<M: StateMachine>(rsm: &Rsm<SharedStorage, M>) -> (Index, u64) {

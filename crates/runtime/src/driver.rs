@@ -57,6 +57,11 @@ pub trait Driven: Node + Send + 'static {
     fn background_work(&mut self) -> Option<BackgroundWork<Self>> {
         None
     }
+    /// A sync to run off the loop, asked after every batch (pipelined persistence): run on the
+    /// node's sync thread, one after the other, its result then run on the node.
+    fn sync_work(&mut self) -> Option<BackgroundWork<Self>> {
+        None
+    }
 }
 
 /// Work for another thread whose result is run on the node.
@@ -73,6 +78,16 @@ where
     }
     fn failure(&self) -> Option<String> {
         self.failed().map(str::to_owned)
+    }
+    /// A sync (with pipelined persistence): waited for off the loop, finished on it.
+    fn sync_work(&mut self) -> Option<BackgroundWork<Self>> {
+        let job = self.take_sync_job()?;
+        Some(Box::new(move || {
+            let result = job();
+            Box::new(move |n: &mut Self, ctx: &mut dyn Ctx| {
+                n.finish_sync(ctx, result);
+            })
+        }))
     }
     /// A snapshot job (with background snapshots): taken off the loop, finished on it.
     fn background_work(&mut self) -> Option<BackgroundWork<Self>> {
@@ -197,6 +212,8 @@ struct Loop<N> {
     router: Arc<dyn Router>,
     timers: BTreeMap<(Micros, u64), u64>,
     timer_seq: u64,
+    /// The node's sync thread ([`Driven::sync_work`]), started at the first sync.
+    syncer: Option<std::sync::mpsc::Sender<BackgroundWork<N>>>,
 }
 
 impl<N: Driven> Loop<N> {
@@ -241,6 +258,32 @@ impl<N: Driven> Loop<N> {
             // Cannot happen short of resource exhaustion; the node then stops, as on a failure.
             panic!("cannot start a background thread: {e}");
         }
+    }
+
+    /// Runs `work` on the node's sync thread: one thread for the node's whole life (a sync
+    /// every few hundred microseconds is too often to start a thread for each), taking the
+    /// syncs in order.
+    fn start_sync(&mut self, work: BackgroundWork<N>) {
+        let syncer = self.syncer.get_or_insert_with(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<BackgroundWork<N>>();
+            let input = self.input.clone();
+            let spawned = std::thread::Builder::new().name(format!("node-{}-sync", self.me)).spawn(move || {
+                // Ends once the loop (which holds the sender) is gone.
+                while let Ok(work) = rx.recv() {
+                    let job = work();
+                    let Some(tx) = input.upgrade() else { return };
+                    if tx.blocking_send(Input::With(job)).is_err() {
+                        return;
+                    }
+                }
+            });
+            if let Err(e) = spawned {
+                // Cannot happen short of resource exhaustion; the node then stops, as on a failure.
+                panic!("cannot start the sync thread: {e}");
+            }
+            tx
+        });
+        syncer.send(work).expect("the sync thread runs as long as the loop");
     }
 
     fn fire_due_timers(&mut self) {
@@ -289,6 +332,9 @@ impl<N: Driven> Loop<N> {
             if let Some(why) = self.node.failure() {
                 return Err(why);
             }
+            if let Some(work) = self.node.sync_work() {
+                self.start_sync(work);
+            }
             if let Some(work) = self.node.background_work() {
                 self.start_background(work);
             }
@@ -328,7 +374,7 @@ pub fn spawn<N: Driven>(
         .name(format!("node-{me}"))
         .spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(|e| e.to_string())?;
-            let lp = Loop { me, input: weak, node, router, timers: BTreeMap::new(), timer_seq: 0 };
+            let lp = Loop { me, input: weak, node, router, timers: BTreeMap::new(), timer_seq: 0, syncer: None };
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(lp.run(rx, observer))))
                 .map_err(|e| panic_message(e.as_ref()))?
         })

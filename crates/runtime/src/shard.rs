@@ -666,7 +666,7 @@ pub fn serve(cfg: ShardServeConfig) -> Result<(), ServeError> {
     raft.heartbeat_ticks = cfg.base.heartbeat_ticks;
     raft.election_ticks = cfg.base.election_ticks;
     raft.seed = driver::now_micros() ^ me.rotate_left(32);
-    let storage = MeteredStorage::new(storage, metrics.clone());
+    let storage = MeteredStorage::new(storage, metrics.clone(), cfg.base.sync_elsewhere_above_us);
     let snap = Some(cfg.base.snapshot_bytes);
     let node = match cfg.role {
         ShardRole::Ctrler => {

@@ -283,7 +283,7 @@ impl StateMachine for CtrlerSm {
 /// replica groups, which ask for configurations by number with one-way messages. Any replica
 /// that has applied configuration `n` answers for it: configurations never change once made,
 /// so a follower's copy is as good as the leader's.
-pub struct CtrlerServer<S> {
+pub struct CtrlerServer<S: Storage> {
     node: RsmNode<S, CtrlerSm>,
 }
 

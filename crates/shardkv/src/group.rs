@@ -319,7 +319,7 @@ enum Proposal {
 /// A replica group's server: the replicated [`ShardSm`] served to clerks (RsmRequests:
 /// commands carry [`GroupCmd::Client`], queries [`ShardRead`], answers are [`GroupReply`]),
 /// plus, while it leads, the loop that polls the controller and pushes shards given away.
-pub struct ShardServer<S> {
+pub struct ShardServer<S: Storage> {
     node: RsmNode<S, ShardSm>,
     peers: Vec<Endpoint>,
     ctrlers: Vec<Endpoint>,

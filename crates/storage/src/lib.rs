@@ -66,7 +66,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use sixfive_raft::{Entry, HardState, Index, RestoredState, Snapshot, SnapshotMeta, SnapshotWriter, Storage, SyncJob, Term};
+use sixfive_raft::{
+    Entry, HardState, Index, RestoredState, Snapshot, SnapshotMeta, SnapshotWriter, Storage, SyncJob, Term,
+};
 
 use fs::{Fs, FsFile, Garbage, OsFs};
 
@@ -631,7 +633,9 @@ fn replay(bytes: &[u8], state: &mut State, path: &Path) -> Result<(u64, u32, Opt
         let corrupt = |reason: String| StorageError::Corrupt { path: path.to_path_buf(), offset: off as u64, reason };
         let Some((r, crc, len)) = parse(bytes, off, chain) else {
             // Torn, or corrupt: a sync mark after it proves it was durable, so damaged.
-            if let Some(at) = (off + 1..bytes.len()).find_map(|p| is_sync_mark(bytes, p, nonce).filter(|&at| at > off as u64)) {
+            if let Some(at) =
+                (off + 1..bytes.len()).find_map(|p| is_sync_mark(bytes, p, nonce).filter(|&at| at > off as u64))
+            {
                 return Err(corrupt(format!(
                     "damaged record (bad length or checksum) before data synced up to byte {at}"
                 )));

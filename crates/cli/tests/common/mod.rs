@@ -114,6 +114,10 @@ impl TestCluster {
             .args(["--initial-cluster-token", token])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(&self.extra)
+            // A leader syncs on its own thread whatever the disk (the server's default decides
+            // by the disk's speed): these tests put that path under kill -9, partitions,
+            // snapshots and a full disk.
+            .env("SIXFIVE_SYNC_ELSEWHERE_ABOVE_US", "0")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null());
         cmd
