@@ -360,3 +360,74 @@ fn an_acknowledgement_of_entries_truncated_before_the_persist_is_dropped() {
     );
     n.advance(&rd);
 }
+
+/// Pipelined persistence: a driver may take the next `Ready` while earlier ones are written or
+/// synced. Each entry is handed out once, in order, and the leader counts its own copy only
+/// once the `Ready` carrying it is advanced.
+#[test]
+fn readys_in_flight_hand_out_each_entry_once_and_the_leader_counts_its_copy_on_advance() {
+    let mut c = Cluster::elected();
+    c.queue.clear();
+    let (a, _) = c.node(1).propose(b"a".to_vec()).unwrap();
+    let rd1 = c.node(1).ready();
+    let (b, _) = c.node(1).propose(b"b".to_vec()).unwrap();
+    let rd2 = c.node(1).ready();
+    assert_eq!(rd1.entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![a]);
+    assert_eq!(rd2.entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![b], "a is not handed out twice");
+    assert!(!c.node(1).has_ready());
+    assert_eq!(c.node(1).in_flight(), 2);
+    // Node 2 acknowledges both; the leader's own copies are still in flight: one copy of three.
+    let appends: Vec<Message> = rd1.messages.iter().chain(&rd2.messages).filter(|m| m.to == 2).cloned().collect();
+    assert_eq!(appends.len(), 2, "both Readys replicate at once");
+    for m in appends {
+        let (_, late) = c.deliver(m);
+        for ack in late {
+            c.node(1).step(ack).unwrap();
+        }
+    }
+    // Two copies of three (node 2's) is a quorum only with the leader's: not counted yet.
+    let rd3 = c.node(1).ready();
+    assert!(rd3.committed_entries.is_empty(), "committed with the leader's copy not durable");
+    // The first Ready is durable: a commits; b waits for the second.
+    let (_, st) = c.nodes.get_mut(&1).unwrap();
+    persist_ready(st, &rd1).unwrap();
+    persist_ready(st, &rd2).unwrap();
+    c.node(1).advance(&rd1);
+    let rd4 = c.node(1).ready();
+    assert_eq!(rd4.committed_entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![a]);
+    c.node(1).advance(&rd2);
+    c.node(1).advance(&rd3);
+    c.node(1).advance(&rd4);
+    let rd5 = c.node(1).ready();
+    assert_eq!(rd5.committed_entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![b]);
+    c.node(1).advance(&rd5);
+    assert_eq!(c.node(1).in_flight(), 0);
+}
+
+/// Pipelined persistence: while the `Ready` carrying a new term and vote is in flight, the
+/// `Ready`s after it send nothing early either, though they change neither themselves: a
+/// crash before that term is durable must not leave Appends of it behind.
+#[test]
+fn while_a_new_term_is_in_flight_no_later_ready_sends_early() {
+    let mut n = RawNode::new(config(1, vec![1, 2, 3])).unwrap();
+    n.campaign();
+    let rd1 = n.ready();
+    assert_eq!(rd1.hard_state.map(|h| (h.term, h.vote)), Some((1, Some(1))));
+    assert!(rd1.messages.is_empty());
+    // Node 2's vote arrives before the candidate's own term and vote are durable (it saw the
+    // request only after they were, but a driver finishes Readys when it can).
+    n.step(Message { from: 2, to: 1, term: 1, body: MessageBody::VoteResponse { pre: false, granted: true } }).unwrap();
+    assert_eq!(n.status().role, Role::Leader);
+    let rd2 = n.ready();
+    assert!(rd2.hard_state.is_none_or(|h| (h.term, h.vote) == (1, Some(1))), "no new term in rd2 itself");
+    assert!(rd2.messages.is_empty(), "sent before term 1 is durable: {:?}", rd2.messages);
+    assert!(rd2.persisted_messages.iter().any(|m| matches!(m.body, MessageBody::Append { .. })));
+    n.advance(&rd1);
+    n.advance(&rd2);
+    for _ in 0..Config::new(1, vec![1]).heartbeat_ticks {
+        n.tick();
+    }
+    let rd3 = n.ready();
+    assert!(rd3.messages.iter().any(|m| matches!(m.body, MessageBody::Heartbeat { .. })), "term 1 durable now");
+    n.advance(&rd3);
+}

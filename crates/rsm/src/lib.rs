@@ -1436,8 +1436,8 @@ mod tests {
             let _ = nodes[m.to as usize - 1].step(m);
         }
         let mut acks = Vec::new();
-        for f in 1..3 {
-            acks.extend(nodes[f].process().unwrap().0);
+        for (f, node) in nodes.iter_mut().enumerate().skip(1) {
+            acks.extend(node.process().unwrap().0);
             assert_eq!(durable_last(f), a_index, "a follower acknowledges only what it synced");
         }
         for m in acks {
@@ -1475,6 +1475,91 @@ mod tests {
         for n in &nodes {
             assert_eq!(n.state_machine().0, 2, "{:?}", n.status());
         }
+    }
+
+    #[test]
+    fn a_snapshot_from_a_new_leader_waits_for_the_sync_the_old_leader_started() {
+        // Node 1 leads with a sync of its own running elsewhere when it is cut off; nodes 2
+        // and 3 elect a leader, go on and compact. Reconnected, node 1 gets a snapshot while
+        // that sync still runs: the Ready carrying it waits for the sync, then is persisted
+        // and restored.
+        let disks: Vec<SharedStorage> = (0..3).map(|_| SharedStorage::default()).collect();
+        let mut nodes: Vec<Rsm<SyncLater, Count>> = (1..=3)
+            .map(|id| {
+                let storage = SyncLater(disks[id as usize - 1].clone());
+                Rsm::new(Config::new(id, vec![1, 2, 3]), storage, Count(0), Some(2_000))
+                    .unwrap()
+                    .with_pipelined_persistence()
+            })
+            .collect();
+        // Ticks, processes, delivers; syncs started elsewhere finish at once except node 1's
+        // while `hold` is set; `cut` drops everything to and from node 1.
+        let run = |nodes: &mut Vec<Rsm<SyncLater, Count>>, cut: bool, hold: bool, steps: usize| {
+            for t in 0..steps {
+                let mut msgs = Vec::new();
+                for (i, n) in nodes.iter_mut().enumerate() {
+                    if t % 10 == 0 && !(cut && i == 0) {
+                        n.tick();
+                    }
+                    let mut out = |o| {
+                        if let Output::Message(m) = o {
+                            msgs.push(m)
+                        }
+                    };
+                    n.process_sending(&mut out).unwrap();
+                    if !(hold && i == 0)
+                        && let Some(job) = n.take_sync_job()
+                    {
+                        n.finish_sync(job(), &mut out).unwrap();
+                    }
+                }
+                for m in msgs {
+                    if !(cut && (m.to == 1 || m.from == 1)) {
+                        let _ = nodes[m.to as usize - 1].step(m);
+                    }
+                }
+            }
+        };
+        nodes[0].raw().campaign();
+        run(&mut nodes, false, false, 50);
+        assert_eq!(nodes[0].status().role, Role::Leader);
+        nodes[0].submit(vec![1; 100], 0).unwrap();
+        nodes[0].process_sending(&mut |_| {}).unwrap();
+        let held = nodes[0].take_sync_job().expect("the leader syncs elsewhere");
+        run(&mut nodes, true, true, 400);
+        let leader = (1..3).find(|&i| nodes[i].status().role == Role::Leader).expect("2 and 3 elect a leader");
+        for _ in 0..100 {
+            nodes[leader].submit(vec![2; 100], 0).unwrap();
+            run(&mut nodes, true, true, 2);
+        }
+        assert!(nodes[leader].status().snapshot_index > 0, "the new leader compacted");
+        let before = nodes[0].state_machine().0;
+        run(&mut nodes, false, true, 100);
+        assert_eq!(nodes[0].status().role, Role::Follower);
+        assert_eq!(nodes[0].snapshots_installed(), 0, "the snapshot waits for the running sync");
+        assert_eq!(nodes[0].state_machine().0, before);
+        assert!(nodes[0].take_snapshot_job().is_none());
+        let mut sent = Vec::new();
+        nodes[0]
+            .finish_sync(held(), &mut |o| {
+                if let Output::Message(m) = o {
+                    sent.push(m)
+                }
+            })
+            .unwrap();
+        assert_eq!(nodes[0].snapshots_installed(), 1);
+        assert!(sent.iter().any(|m| matches!(m.body, sixfive_raft::MessageBody::SnapshotResponse { .. })));
+        for m in sent {
+            let _ = nodes[m.to as usize - 1].step(m);
+        }
+        run(&mut nodes, false, false, 100);
+        let count = nodes[leader].state_machine().0;
+        assert!(count >= 100);
+        for n in &nodes {
+            assert_eq!(n.state_machine().0, count);
+        }
+        let durable = disks[0].0.borrow().durable().unwrap().snapshot.as_ref().map_or(0, |s| s.meta.index);
+        assert!(durable > 0, "node 1's snapshot is on its disk");
     }
 
     fn storage_state<M: StateMachine>(rsm: &Rsm<SharedStorage, M>) -> (Index, u64) {

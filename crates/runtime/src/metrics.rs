@@ -190,18 +190,35 @@ pub struct MeteredStorage<S> {
     inner: S,
     metrics: std::sync::Arc<Metrics>,
     entries_since_sync: u64,
-    /// Recent syncs' mean duration in microseconds (moving average), updated by the sync
+    /// Recent syncs' duration in microseconds (see [`SyncAverage`]), updated by the sync
     /// thread too.
-    sync_micros: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    sync_micros: std::sync::Arc<SyncAverage>,
     /// Sync elsewhere once `sync_micros` reaches this.
     elsewhere_above_micros: u64,
+    /// Whether the last sync started was elsewhere (to log the changes).
+    elsewhere: bool,
 }
 
-/// Folds one sync's duration into the moving average (weight 1/8).
-fn record_sync(avg: &std::sync::atomic::AtomicU64, took: std::time::Duration) {
-    use std::sync::atomic::Ordering;
-    let sample = took.as_micros() as u64;
-    let _ = avg.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| Some(old - old / 8 + sample / 8));
+/// A slow moving average of sync durations (weight 1/256, each sample capped at twice the
+/// threshold): the disk's steady speed, which a burst of slow syncs (a snapshot's install
+/// renames and syncs files; the journal commit makes the syncs around it wait) does not move.
+pub struct SyncAverage {
+    micros: std::sync::atomic::AtomicU64,
+    cap: u64,
+}
+
+impl SyncAverage {
+    fn record(&self, took: std::time::Duration) {
+        use std::sync::atomic::Ordering;
+        // Kept times 256 for precision.
+        let sample = (took.as_micros() as u64).min(self.cap) << 8;
+        let _ =
+            self.micros.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| Some(old - old / 256 + sample / 256));
+    }
+
+    fn get(&self) -> u64 {
+        self.micros.load(std::sync::atomic::Ordering::Relaxed) >> 8
+    }
 }
 
 impl<S> MeteredStorage<S> {
@@ -212,8 +229,12 @@ impl<S> MeteredStorage<S> {
             inner,
             metrics,
             entries_since_sync: 0,
-            sync_micros: Default::default(),
+            sync_micros: std::sync::Arc::new(SyncAverage {
+                micros: Default::default(),
+                cap: elsewhere_above_micros.saturating_mul(2),
+            }),
             elsewhere_above_micros,
+            elsewhere: false,
         }
     }
 
@@ -245,7 +266,7 @@ where
     fn sync(&mut self) -> Result<(), S::Error> {
         let started = Instant::now();
         let r = self.inner.sync();
-        record_sync(&self.sync_micros, started.elapsed());
+        self.sync_micros.record(started.elapsed());
         self.metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
         self.metrics.fsyncs.inc();
         if self.entries_since_sync > 0 {
@@ -255,7 +276,16 @@ where
         r
     }
     fn start_sync(&mut self) -> Result<Option<sixfive_raft::SyncJob<S::Error>>, S::Error> {
-        if self.sync_micros.load(std::sync::atomic::Ordering::Relaxed) < self.elsewhere_above_micros {
+        let (avg, elsewhere) = (self.sync_micros.get(), self.sync_micros.get() >= self.elsewhere_above_micros);
+        if elsewhere != self.elsewhere {
+            self.elsewhere = elsewhere;
+            let (how, limit) = if elsewhere { ("on a thread of its own", "above") } else { ("on its loop", "below") };
+            tracing::info!(
+                "syncs take {avg} us on average, {limit} {} us: the leader now syncs {how}",
+                self.elsewhere_above_micros
+            );
+        }
+        if !elsewhere {
             return Ok(None);
         }
         let Some(job) = self.inner.start_sync()? else { return Ok(None) };
@@ -267,7 +297,7 @@ where
         Ok(Some(Box::new(move || {
             let started = Instant::now();
             let r = job();
-            record_sync(&avg, started.elapsed());
+            avg.record(started.elapsed());
             metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
             metrics.fsyncs.inc();
             r
