@@ -48,6 +48,22 @@ impl Drop for Servers {
     }
 }
 
+/// Holds `dir` for this run (an exclusive `flock` on the directory itself): a second
+/// `bench kv` on the same directory would wipe this one's data under its running servers.
+fn lock_bench_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let f = std::fs::File::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "another `sixfive bench kv` is using {}: wait for it to finish, or give another --data-dir",
+            dir.display()
+        ));
+    }
+    Ok(f)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
@@ -134,6 +150,9 @@ impl Phase {
     }
 }
 
+/// How long past a phase's end an operation may go unanswered before the bench gives up.
+const STUCK: Duration = Duration::from_secs(20);
+
 async fn phase(cluster: &Cluster, o: &Options, write: bool) -> Phase {
     let deadline = Instant::now() + Duration::from_secs_f64(o.secs);
     let value = "v".repeat(o.value_size);
@@ -154,13 +173,18 @@ async fn phase(cluster: &Cluster, o: &Options, write: bool) -> Phase {
                 let slot = i % versions.len();
                 let key = format!("{:0>width$}", format!("{c}-{slot}"), width = key_size);
                 let t = Instant::now();
+                // A clerk retries until the cluster answers: if it never does (a server died),
+                // the bench stops instead of waiting forever.
+                let limit = tokio::time::Instant::from_std(deadline + STUCK);
+                let stuck = || panic!("no answer {} s after the phase's end: is a server down?", STUCK.as_secs());
                 if write {
-                    match clerk.put(&key, &value, versions[slot]).await {
-                        Ok(()) => versions[slot] += 1,
-                        Err(e) => panic!("put {key}: {e}"),
+                    match tokio::time::timeout_at(limit, clerk.put(&key, &value, versions[slot])).await {
+                        Ok(Ok(())) => versions[slot] += 1,
+                        Ok(Err(e)) => panic!("put {key}: {e}"),
+                        Err(_) => stuck(),
                     }
-                } else {
-                    let _ = clerk.get(&key).await;
+                } else if tokio::time::timeout_at(limit, clerk.get(&key)).await.is_err() {
+                    stuck();
                 }
                 h.record(t.elapsed().as_micros() as u64).expect("in range");
                 ops += 1;
@@ -184,9 +208,19 @@ pub fn run(o: Options) -> ExitCode {
         eprintln!("error: --clients and --secs must be positive");
         return ExitCode::from(2);
     }
+    let _lock = match &o.endpoints {
+        Some(_) => None,
+        None => match lock_bench_dir(&o.data_dir) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let (servers, urls) = match &o.endpoints {
         Some(e) => (None, e.split(',').map(str::to_string).collect::<Vec<_>>()),
-        None => match start_servers(&o.data_dir, o.keep, "sixfive") {
+        None => match start_servers(&o.data_dir.join("sixfive"), o.keep, "sixfive") {
             Ok((s, u)) => (Some(s), u),
             Err(e) => {
                 eprintln!("error: cannot start the servers: {e}");

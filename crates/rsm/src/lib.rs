@@ -1396,19 +1396,45 @@ mod tests {
             })
             .collect();
         let durable_last = |i: usize| disks[i].0.borrow().durable().unwrap().entries.last().map_or(0, |e| e.index);
+        // Runs `f` on node `i`, keeping its messages and the ids it answered.
+        fn on(
+            n: &mut Rsm<SyncLater, Count>,
+            f: impl FnOnce(&mut Rsm<SyncLater, Count>, &mut dyn FnMut(Output)) -> Result<(), String>,
+        ) -> (Vec<Message>, Vec<SubmitId>) {
+            let (mut msgs, mut done) = (Vec::new(), Vec::new());
+            f(n, &mut |o| match o {
+                Output::Message(m) => msgs.push(m),
+                Output::Done(c) => done.push(c.id),
+            })
+            .unwrap();
+            (msgs, done)
+        }
+        // Follower `f` gets `msgs`, syncs on its loop and acknowledges; the leader hears it:
+        // what the leader answers.
+        let ack = |nodes: &mut Vec<Rsm<SyncLater, Count>>, f: usize, msgs: &[Message]| {
+            for m in msgs.iter().filter(|m| m.to == f as u64 + 1) {
+                nodes[f].step(m.clone()).unwrap();
+            }
+            let (acks, _) = on(&mut nodes[f], |n, out| n.process_sending(out));
+            for m in acks {
+                nodes[0].step(m).unwrap();
+            }
+            on(&mut nodes[0], |n, out| n.process_sending(out)).1
+        };
         // Every node processes; a sync a leader started finishes at once; messages delivered.
         let settle = |nodes: &mut Vec<Rsm<SyncLater, Count>>, done: &mut Vec<SubmitId>| {
             for _ in 0..20 {
                 let mut msgs = Vec::new();
                 for n in nodes.iter_mut() {
-                    let mut out = |o| match o {
-                        Output::Message(m) => msgs.push(m),
-                        Output::Done(c) => done.push(c.id),
-                    };
-                    n.process_sending(&mut out).unwrap();
-                    if let Some(job) = n.take_sync_job() {
-                        n.finish_sync(job(), &mut out).unwrap();
-                    }
+                    let (m, d) = on(n, |n, out| {
+                        n.process_sending(out)?;
+                        match n.take_sync_job() {
+                            Some(job) => n.finish_sync(job(), out),
+                            None => Ok(()),
+                        }
+                    });
+                    msgs.extend(m);
+                    done.extend(d);
                 }
                 for m in msgs {
                     let _ = nodes[m.to as usize - 1].step(m);
@@ -1421,57 +1447,43 @@ mod tests {
         assert_eq!(nodes[0].status().role, Role::Leader);
 
         let a = nodes[0].submit(vec![1], 0).unwrap();
-        let mut msgs = Vec::new();
-        nodes[0]
-            .process_sending(&mut |o| match o {
-                Output::Message(m) => msgs.push(m),
-                Output::Done(_) => panic!("nothing is committed yet"),
-            })
-            .unwrap();
-        let job = nodes[0].take_sync_job().expect("the leader syncs its entry elsewhere");
+        let (msgs_a, answered) = on(&mut nodes[0], |n, out| n.process_sending(out));
+        assert!(answered.is_empty());
+        let sync_a = nodes[0].take_sync_job().expect("the leader syncs its entry elsewhere");
         let a_index = nodes[0].status().last_index;
         assert!(durable_last(0) < a_index, "a is written, not durable, on the leader");
-        // The followers write, sync (on their loop) and acknowledge.
-        for m in msgs {
-            let _ = nodes[m.to as usize - 1].step(m);
-        }
-        let mut acks = Vec::new();
-        for (f, node) in nodes.iter_mut().enumerate().skip(1) {
-            acks.extend(node.process().unwrap().0);
-            assert_eq!(durable_last(f), a_index, "a follower acknowledges only what it synced");
-        }
-        for m in acks {
-            let _ = nodes[0].step(m);
-        }
+        // Node 2's copy and the leader's unsynced one: not a quorum of durable copies.
+        assert!(ack(&mut nodes, 1, &msgs_a).is_empty(), "committed on a copy that is not durable");
+        assert_eq!(durable_last(1), a_index, "a follower acknowledges only what it synced");
         // b comes while the leader's sync runs: written behind it, no second sync meanwhile.
         let b = nodes[0].submit(vec![2], 0).unwrap();
-        let (mut answered, mut msgs) = (Vec::new(), Vec::new());
-        nodes[0]
-            .process_sending(&mut |o| match o {
-                Output::Message(m) => msgs.push(m),
-                Output::Done(c) => answered.push(c.id),
-            })
-            .unwrap();
-        assert_eq!(answered, vec![a], "a answered, its followers' copies durable, the leader's not");
-        assert!(durable_last(0) < a_index);
+        let (msgs_b, answered) = on(&mut nodes[0], |n, out| n.process_sending(out));
+        assert!(answered.is_empty());
         assert!(nodes[0].take_sync_job().is_none(), "one sync at a time");
         assert_eq!(nodes[0].status().last_index, a_index + 1, "b is written meanwhile");
-        // The sync finishes: a is durable on the leader, and b's sync starts.
-        nodes[0].finish_sync(job(), &mut |_| {}).unwrap();
-        assert!(durable_last(0) >= a_index);
-        let job = nodes[0].take_sync_job().expect("b's sync");
-        nodes[0].finish_sync(job(), &mut |_| {}).unwrap();
-        for m in msgs {
-            let _ = nodes[m.to as usize - 1].step(m);
+        // Node 3's copy too: a is answered, the leader's own copy still not durable.
+        assert_eq!(ack(&mut nodes, 2, &msgs_a), vec![a]);
+        assert!(durable_last(0) < a_index);
+        // The sync ends: a is durable on the leader. b was written after it began: b's own
+        // sync starts, and until it ends node 2's copy of b alone does not commit it.
+        let (_, answered) = on(&mut nodes[0], |n, out| n.finish_sync(sync_a(), out));
+        assert!(answered.is_empty());
+        assert!(durable_last(0) >= a_index, "(this model's sync also covers what came after it began)");
+        let sync_b = nodes[0].take_sync_job().expect("b's sync");
+        assert!(ack(&mut nodes, 1, &msgs_b).is_empty(), "b committed on the leader's unsynced copy");
+        let (_, answered) = on(&mut nodes[0], |n, out| n.finish_sync(sync_b(), out));
+        assert_eq!(answered, vec![b], "node 2's copy and the leader's, durable now");
+        assert_eq!(durable_last(0), a_index + 1);
+        // Node 3 gets b too, and a heartbeat tells the followers b is committed.
+        for m in msgs_b.into_iter().filter(|m| m.to == 3) {
+            nodes[2].step(m).unwrap();
         }
         settle(&mut nodes, &mut done);
-        assert_eq!(done, vec![b]);
-        // A heartbeat tells the followers b is committed.
         for _ in 0..Config::new(1, vec![1]).heartbeat_ticks {
             nodes[0].tick();
         }
         settle(&mut nodes, &mut done);
-        assert_eq!(durable_last(0), a_index + 1);
+        assert!(done.is_empty());
         for n in &nodes {
             assert_eq!(n.state_machine().0, 2, "{:?}", n.status());
         }
