@@ -151,8 +151,6 @@ struct Pipeline<E> {
     /// (and synced, with everything before it) once that sync is done; no `Ready` is taken
     /// meanwhile.
     parked: Option<Ready>,
-    /// A background snapshot that finished while a sync ran: installed once it is done.
-    install: Option<TakenSnapshot<E>>,
 }
 
 /// Why a submission did not complete.
@@ -371,7 +369,6 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             job: None,
             unsynced: false,
             parked: None,
-            install: None,
         });
         self
     }
@@ -649,9 +646,9 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     }
 
     /// Pipelined persistence: the outcome of the job from [`Rsm::take_sync_job`]. The `Ready`s
-    /// it made durable are finished (their messages handed out), then what waited for it (a
-    /// snapshot from the leader, a background snapshot's install), then the Ready loop runs
-    /// again. An error is the storage's: the node must stop.
+    /// it made durable are finished (their messages handed out), then a snapshot from the
+    /// leader that waited for it, then the Ready loop runs again. An error is the storage's:
+    /// the node must stop.
     pub fn finish_sync(&mut self, result: Result<(), S::Error>, out: &mut dyn FnMut(Output)) -> Result<(), S::Error> {
         let p = self.pipeline();
         let synced = p.running.take().expect("finish_sync without a sync job running");
@@ -660,9 +657,6 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
         self.finish_synced(synced, out);
         if let Some(rd) = self.pipeline().parked.take() {
             self.persist_snapshot_ready(rd, out)?;
-        }
-        if let Some(taken) = self.pipeline().install.take() {
-            self.install_snapshot(taken)?;
         }
         self.process_sending(out)
     }
@@ -782,14 +776,8 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
         self.storage.raft_state_bytes() >= threshold
     }
 
-    /// Whether a sync runs elsewhere or a `Ready` waits for one (pipelined persistence): the
-    /// storage is then written only with `Ready`s, and the state machine may lag the log.
-    fn sync_busy(&self) -> bool {
-        self.pipeline.as_ref().is_some_and(|p| p.running.is_some() || p.parked.is_some())
-    }
-
     fn maybe_snapshot(&mut self) -> Result<(), S::Error> {
-        if !self.snapshot_due() || self.sync_busy() {
+        if !self.snapshot_due() {
             return Ok(());
         }
         let applied = self.applied;
@@ -805,10 +793,11 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     /// Background snapshots: the snapshot due now at the applied index, if one is and none is
     /// under way. Cheap: the state is copied ([`StateMachine::snapshot_later`]), not serialised.
     pub fn take_snapshot_job(&mut self) -> Option<SnapshotJob<S::Error>> {
-        let parked = self.pipeline.as_ref().is_some_and(|p| p.parked.is_some());
-        if !self.background_snapshots || self.snapshot_in_flight.is_some() || parked || !self.snapshot_due() {
+        if !self.background_snapshots || self.snapshot_in_flight.is_some() || !self.snapshot_due() {
             return None;
         }
+        // (Refused while a snapshot from the leader waits for a sync: the log is compacted
+        // past what the state machine applied.)
         let (meta, conf) = self.raw.snapshot_position(self.applied).ok()?;
         self.snapshot_in_flight = Some(meta.index);
         Some(SnapshotJob { meta, conf, state: self.sm.snapshot_later(), writer: self.storage.snapshot_writer() })
@@ -819,17 +808,10 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
     /// superseded it meanwhile (it is dropped). An error is the storage's (writing the file or
     /// installing it): the node must stop, as after any storage error.
     ///
-    /// With pipelined persistence, a snapshot that finishes while a sync runs is installed
-    /// once that sync is done ([`Rsm::finish_sync`]); this then returns `Ok(true)`.
+    /// With pipelined persistence it may be installed while a sync runs elsewhere: the
+    /// install syncs everything written before it, and the `Ready`s in flight still finish
+    /// when that sync does.
     pub fn finish_snapshot(&mut self, taken: TakenSnapshot<S::Error>) -> Result<bool, S::Error> {
-        if self.sync_busy() {
-            self.pipeline().install = Some(taken);
-            return Ok(true);
-        }
-        self.install_snapshot(taken)
-    }
-
-    fn install_snapshot(&mut self, taken: TakenSnapshot<S::Error>) -> Result<bool, S::Error> {
         let TakenSnapshot { snapshot, app_bytes, written } = taken;
         debug_assert_eq!(self.snapshot_in_flight, Some(snapshot.meta.index), "the job handed out");
         self.snapshot_in_flight = None;
