@@ -24,6 +24,7 @@ pub struct Options {
     pub data_dir: PathBuf,
     pub keep: bool,
     pub no_etcd: bool,
+    pub sync_delay_us: u64,
 }
 
 struct Servers {
@@ -68,7 +69,8 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
-fn start_servers(dir: &std::path::Path, keep: bool, api: &str) -> Result<(Servers, Vec<String>), String> {
+fn start_servers(dir: &std::path::Path, o: &Options, api: &str) -> Result<(Servers, Vec<String>), String> {
+    let keep = o.keep;
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -92,6 +94,7 @@ fn start_servers(dir: &std::path::Path, keep: bool, api: &str) -> Result<(Server
             .arg(format!("--initial-cluster={initial}"))
             .arg("--initial-cluster-token=bench")
             .arg(format!("--api={api}"))
+            .arg(format!("--sync-delay-us={}", o.sync_delay_us))
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .spawn()
@@ -220,7 +223,7 @@ pub fn run(o: Options) -> ExitCode {
     };
     let (servers, urls) = match &o.endpoints {
         Some(e) => (None, e.split(',').map(str::to_string).collect::<Vec<_>>()),
-        None => match start_servers(&o.data_dir.join("sixfive"), o.keep, "sixfive") {
+        None => match start_servers(&o.data_dir.join("sixfive"), &o, "sixfive") {
             Ok((s, u)) => (Some(s), u),
             Err(e) => {
                 eprintln!("error: cannot start the servers: {e}");
@@ -282,7 +285,9 @@ pub fn run(o: Options) -> ExitCode {
     }
     drop(servers);
     let via_etcd_api = if o.endpoints.is_none() { etcd_api_rows(&o) } else { None };
-    if o.endpoints.is_none() && !o.no_etcd {
+    if o.endpoints.is_none() && !o.no_etcd && o.sync_delay_us > 0 {
+        println!("(no etcd row: --sync-delay-us slows sixfive's disk only)");
+    } else if o.endpoints.is_none() && !o.no_etcd {
         etcd_side_by_side(&o, &writes, &reads, via_etcd_api.as_ref());
     }
     if o.endpoints.is_none() && !o.keep {
@@ -298,7 +303,7 @@ fn on_path(name: &str) -> Option<PathBuf> {
 /// The same sixfive cluster serving etcd's API (`--api etcd`), driven by the etcd load
 /// ([`etcd_load`]): the same client library and requests as the etcd row.
 fn etcd_api_rows(o: &Options) -> Option<(Phase, Phase)> {
-    let (servers, urls) = match start_servers(&o.data_dir.join("etcd-api"), o.keep, "etcd") {
+    let (servers, urls) = match start_servers(&o.data_dir.join("etcd-api"), o, "etcd") {
         Ok(s) => s,
         Err(e) => {
             println!("(sixfive with --api etcd: cannot start the servers: {e})");

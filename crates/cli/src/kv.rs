@@ -226,6 +226,10 @@ pub struct ServeArgs {
     /// loop (a quick disk: the trip to the other thread costs more). 0: always [default: 400].
     #[arg(long, env = "SIXFIVE_SYNC_ELSEWHERE_ABOVE_US")]
     sync_elsewhere_above_us: Option<String>,
+    /// Adds this many microseconds to every log sync, as a slower disk would (a network
+    /// volume's latency, say): to measure how the server behaves there [default: 0].
+    #[arg(long, env = "SIXFIVE_SYNC_DELAY_US")]
+    sync_delay_us: Option<String>,
     /// TOML file with any of the settings above (keys as the flags, without the dashes in
     /// front: name = "n1", data-dir = "..."); flags and variables win over it.
     #[arg(long, env = "SIXFIVE_CONFIG_FILE")]
@@ -252,6 +256,7 @@ impl ServeArgs {
             snapshot_bytes: self.snapshot_bytes,
             api: self.api,
             sync_elsewhere_above_us: self.sync_elsewhere_above_us,
+            sync_delay_us: self.sync_delay_us,
         };
         if let Some(f) = &self.config_file {
             let text =

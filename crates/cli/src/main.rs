@@ -78,6 +78,10 @@ enum BenchCommand {
         /// No etcd row even when `etcd` is on the PATH.
         #[arg(long)]
         no_etcd: bool,
+        /// Start the servers with `--sync-delay-us` (every log sync this much longer, as on a
+        /// slower disk); no etcd row then, as etcd cannot be slowed alike.
+        #[arg(long, default_value_t = 0)]
+        sync_delay_us: u64,
     },
     /// CPU cost of consensus: three in-process nodes with no IO replicate and commit entries.
     RaftCore {
@@ -200,9 +204,20 @@ fn main() -> ExitCode {
             bench::snapshot(keys, key_bytes, value_bytes, &dir)
         }
         Command::Bench {
-            what: BenchCommand::Kv { clients, secs, key_size, value_size, endpoints, data_dir, keep, no_etcd },
+            what:
+                BenchCommand::Kv { clients, secs, key_size, value_size, endpoints, data_dir, keep, no_etcd, sync_delay_us },
         } => {
-            bench_kv::run(bench_kv::Options { clients, secs, key_size, value_size, endpoints, data_dir, keep, no_etcd })
+            bench_kv::run(bench_kv::Options {
+                clients,
+                secs,
+                key_size,
+                value_size,
+                endpoints,
+                data_dir,
+                keep,
+                no_etcd,
+                sync_delay_us,
+            })
         }
         Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, no_spark, keep } } => {
             bench::mapreduce(size_mib, workers, texts.as_deref(), !no_spark, keep)

@@ -197,6 +197,8 @@ pub struct MeteredStorage<S> {
     elsewhere_above_micros: u64,
     /// Whether the last sync started was elsewhere (to log the changes).
     elsewhere: bool,
+    /// Added to every sync (`--sync-delay-us`).
+    delay: std::time::Duration,
 }
 
 /// A slow moving average of sync durations (weight 1/256, each sample capped at twice the
@@ -235,7 +237,16 @@ impl<S> MeteredStorage<S> {
             }),
             elsewhere_above_micros,
             elsewhere: false,
+            delay: std::time::Duration::ZERO,
         }
+    }
+
+    /// Every sync takes `delay` longer, as on a slower disk (the latency of a network volume,
+    /// say): to measure how the server behaves there. The sleep is where the disk's wait would
+    /// be, on whichever thread syncs.
+    pub fn with_sync_delay(mut self, delay: std::time::Duration) -> MeteredStorage<S> {
+        self.delay = delay;
+        self
     }
 
     /// The wrapped storage.
@@ -265,6 +276,9 @@ where
     }
     fn sync(&mut self) -> Result<(), S::Error> {
         let started = Instant::now();
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
         let r = self.inner.sync();
         self.sync_micros.record(started.elapsed());
         self.metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
@@ -293,9 +307,12 @@ where
             self.metrics.sync_batch_entries.observe(self.entries_since_sync as f64);
             self.entries_since_sync = 0;
         }
-        let (metrics, avg) = (self.metrics.clone(), self.sync_micros.clone());
+        let (metrics, avg, delay) = (self.metrics.clone(), self.sync_micros.clone(), self.delay);
         Ok(Some(Box::new(move || {
             let started = Instant::now();
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
             let r = job();
             avg.record(started.elapsed());
             metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());

@@ -194,10 +194,12 @@ pub struct RawConfig {
     /// `--sync-elsewhere-above-us`: a leader syncs on a thread of its own once its syncs take
     /// this many microseconds on average (0: always; default 400).
     pub sync_elsewhere_above_us: Option<String>,
+    /// `--sync-delay-us`: added to every log sync, as a slower disk would (default 0).
+    pub sync_delay_us: Option<String>,
 }
 
 /// Keys accepted in a config file (etcd's spelling), in [`RawConfig`]'s order.
-pub const CONFIG_KEYS: [&str; 15] = [
+pub const CONFIG_KEYS: [&str; 16] = [
     "name",
     "data-dir",
     "listen-client-urls",
@@ -213,10 +215,11 @@ pub const CONFIG_KEYS: [&str; 15] = [
     "snapshot-bytes",
     "api",
     "sync-elsewhere-above-us",
+    "sync-delay-us",
 ];
 
 impl RawConfig {
-    fn slots(&mut self) -> [&mut Option<String>; 15] {
+    fn slots(&mut self) -> [&mut Option<String>; 16] {
         [
             &mut self.name,
             &mut self.data_dir,
@@ -233,6 +236,7 @@ impl RawConfig {
             &mut self.snapshot_bytes,
             &mut self.api,
             &mut self.sync_elsewhere_above_us,
+            &mut self.sync_delay_us,
         ]
     }
 
@@ -301,6 +305,8 @@ pub struct ServeConfig {
     /// A leader syncs on a thread of its own once its syncs take this long on average
     /// (microseconds; see [`crate::metrics::MeteredStorage`]).
     pub sync_elsewhere_above_us: u64,
+    /// Microseconds added to every log sync (measuring a slower disk).
+    pub sync_delay_us: u64,
 }
 
 /// Default of `--sync-elsewhere-above-us`: between the 0.27 ms syncs of a disk where syncing
@@ -427,6 +433,7 @@ impl ServeConfig {
         let snapshot_bytes = number("--snapshot-bytes", raw.snapshot_bytes.as_ref(), 64usize << 20)?;
         let sync_elsewhere_above_us =
             number("--sync-elsewhere-above-us", raw.sync_elsewhere_above_us.as_ref(), DEFAULT_SYNC_ELSEWHERE_ABOVE_US)?;
+        let sync_delay_us = number("--sync-delay-us", raw.sync_delay_us.as_ref(), 0)?;
         let api = match raw.api.as_deref().unwrap_or("sixfive") {
             "sixfive" => Api::Sixfive,
             "etcd" => Api::Etcd,
@@ -448,6 +455,7 @@ impl ServeConfig {
             snapshot_bytes,
             api,
             sync_elsewhere_above_us,
+            sync_delay_us,
         })
     }
 
@@ -1120,7 +1128,8 @@ fn run<M: Served>(cfg: ServeConfig) -> Result<(), ServeError> {
     raft.heartbeat_ticks = cfg.heartbeat_ticks;
     raft.election_ticks = cfg.election_ticks;
     raft.seed = driver::now_micros() ^ who.id.rotate_left(32);
-    let storage = MeteredStorage::new(storage, metrics.clone(), cfg.sync_elsewhere_above_us);
+    let storage = MeteredStorage::new(storage, metrics.clone(), cfg.sync_elsewhere_above_us)
+        .with_sync_delay(Duration::from_micros(cfg.sync_delay_us));
     let rsm = Rsm::new(raft, storage, M::create(&cfg), Some(cfg.snapshot_bytes))
         .map_err(|e| ServeError::Config(e.to_string()))?
         .with_amortized_snapshots()
