@@ -206,19 +206,17 @@ fn main() -> ExitCode {
         Command::Bench {
             what:
                 BenchCommand::Kv { clients, secs, key_size, value_size, endpoints, data_dir, keep, no_etcd, sync_delay_us },
-        } => {
-            bench_kv::run(bench_kv::Options {
-                clients,
-                secs,
-                key_size,
-                value_size,
-                endpoints,
-                data_dir,
-                keep,
-                no_etcd,
-                sync_delay_us,
-            })
-        }
+        } => bench_kv::run(bench_kv::Options {
+            clients,
+            secs,
+            key_size,
+            value_size,
+            endpoints,
+            data_dir,
+            keep,
+            no_etcd,
+            sync_delay_us,
+        }),
         Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, no_spark, keep } } => {
             bench::mapreduce(size_mib, workers, texts.as_deref(), !no_spark, keep)
         }
