@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use sixfive_kv::KvClient;
 use sixfive_runtime::client::{Cluster, random_u64};
+use sixfive_runtime::free_port;
 
 /// Options of `bench kv`.
 pub struct Options {
@@ -63,24 +64,6 @@ fn lock_bench_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
         ));
     }
     Ok(f)
-}
-
-/// A port nothing listens on and this run has not given out, below the kernel's ephemeral
-/// range (32768-60999 by default): a port picked by binding port 0 is in that range, and
-/// before the server binds it an outgoing connection may take it ("Address already in use").
-fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const LOW: u32 = 10_000;
-    const SPAN: u32 = 10_000;
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let start = (std::process::id() * 97) % SPAN;
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (LOW + (start + n) % SPAN) as u16;
-        if n >= SPAN || std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
 }
 
 fn start_servers(dir: &std::path::Path, o: &Options, api: &str) -> Result<(Servers, Vec<String>), String> {

@@ -16,6 +16,7 @@ use sixfive_etcd::proto::etcdserverpb::{
 };
 use sixfive_etcd::proto::mvccpb;
 use sixfive_etcd::{Config, EtcdService, LocalReplica, ServiceConfig};
+use sixfive_runtime::free_port;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -361,28 +362,6 @@ async fn quiet(rx: &mut mpsc::UnboundedReceiver<Result<mvccpb::Event, i64>>) -> 
         out.push(item);
     }
     out
-}
-
-/// A port no other test of this process has been given and nothing listens on, taken below the
-/// kernel's ephemeral range (32768-60999 by default): a port picked by binding port 0 is in that
-/// range, and between the pick and the server's bind an outgoing connection of another process
-/// may take it (CI saw "Address already in use" that way).
-fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const LOW: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    // Test binaries of one `cargo test` run one after another, but start each at a different
-    // place in the span so that a server left over from an earlier binary is not in the way.
-    let start = (std::process::id() * 97) % SPAN;
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        assert!(n < SPAN, "no free port left in {LOW}..{}", LOW + SPAN);
-        let port = (LOW + (start + n) % SPAN) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
 }
 
 /// A local etcd cluster of `MEMBERS` processes; killed and its data removed on drop.

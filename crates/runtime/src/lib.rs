@@ -30,6 +30,30 @@ pub mod proto;
 pub mod server;
 pub mod shard;
 
+/// A loopback port nothing listens on and this process has not given out yet, taken below the
+/// kernel's ephemeral range (32768-60999 by default): a port picked by binding port 0 is in
+/// that range, and between the pick and the server's bind an outgoing connection of another
+/// process may take it ("Address already in use"). For tests and benchmarks that start
+/// servers on ports of their own.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Processes started one after another (test binaries of one `cargo test`) start at
+    // different places in the span, so that a server left over from an earlier one is not in
+    // the way.
+    let start = (std::process::id() * 97) % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < SPAN, "no free port left in {LOW}..{}", LOW + SPAN);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// Sends `tracing` logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
