@@ -34,8 +34,10 @@ use crate::types::*;
 /// Committed entries are handed out once, in the `Ready` that carries them: the application
 /// applies them as it takes that `Ready` (they need no local persist: see
 /// [`Ready::committed_entries`]), unless the `Ready` carries a snapshot, which is restored
-/// after the persist with the entries after it. The simulator drives both ways
-/// (`ClusterConfig::async_persist`); the production server pipelines.
+/// after the persist with the entries after it. While a `Ready` carrying a snapshot is in
+/// flight, [`RawNode::has_ready`] says no: later entries apply only on the restored state.
+/// The simulator drives both ways (`ClusterConfig::async_persist`); the production server
+/// pipelines a leader's syncs.
 ///
 /// # Which messages may go out before the persist, and why that is safe
 ///
@@ -224,6 +226,9 @@ pub struct RawNode {
     durable_term_vote: (Term, Option<NodeId>),
     /// `Ready`s handed out and not yet advanced.
     in_flight: u64,
+    /// A `Ready` carrying a snapshot is among them: no other is handed out until it is
+    /// advanced.
+    snapshot_in_flight: bool,
 }
 
 impl RawNode {
@@ -241,7 +246,13 @@ impl RawNode {
         hs.commit = log.committed();
         let raft = Raft::new(cfg, hs, log);
         let hs = raft.hard_state();
-        let node = RawNode { prev_hard_state: hs, durable_term_vote: (hs.term, hs.vote), raft, in_flight: 0 };
+        let node = RawNode {
+            prev_hard_state: hs,
+            durable_term_vote: (hs.term, hs.vote),
+            raft,
+            in_flight: 0,
+            snapshot_in_flight: false,
+        };
         node.check();
         Ok(node)
     }
@@ -383,18 +394,20 @@ impl RawNode {
     /// Whether `ready()` has anything to hand out.
     pub fn has_ready(&self) -> bool {
         let r = &self.raft;
-        !r.msgs.is_empty()
-            || !r.read_states.is_empty()
-            || r.hard_state() != self.prev_hard_state
-            || r.log.snapshot_pending
-            || r.log.written < r.log.last_index()
-            || r.log.applied < r.log.committed
-            || r.has_pending_sends()
+        !self.snapshot_in_flight
+            && (!r.msgs.is_empty()
+                || !r.read_states.is_empty()
+                || r.hard_state() != self.prev_hard_state
+                || r.log.snapshot_pending
+                || r.log.written < r.log.last_index()
+                || r.log.applied < r.log.committed
+                || r.has_pending_sends())
     }
 
     /// Collects what the driver must do; see [`Ready`] for the order. Call [`RawNode::advance`]
     /// with it once it is durable; see [`Ready`] for taking more meanwhile.
     pub fn ready(&mut self) -> Ready {
+        assert!(!self.snapshot_in_flight, "ready() while a Ready carrying a snapshot is in flight");
         self.in_flight += 1;
         self.raft.flush();
         let r = &mut self.raft;
@@ -402,6 +415,7 @@ impl RawNode {
         let prev = self.prev_hard_state;
         let snapshot = if r.log.snapshot_pending { Some(r.log.snapshot().clone()) } else { None };
         r.log.snapshot_pending = false;
+        self.snapshot_in_flight |= snapshot.is_some();
         let entries = r.log.take_unwritten();
         let new_term_or_vote = hs.term != prev.term || hs.vote != prev.vote;
         let must_sync = new_term_or_vote || !entries.is_empty() || snapshot.is_some();
@@ -436,6 +450,9 @@ impl RawNode {
     pub fn advance(&mut self, ready: &Ready) {
         assert!(self.in_flight > 0, "advance() without ready()");
         self.in_flight -= 1;
+        if ready.snapshot.is_some() {
+            self.snapshot_in_flight = false;
+        }
         if let Some(hs) = ready.hard_state {
             self.durable_term_vote = (hs.term, hs.vote);
         }

@@ -270,7 +270,12 @@ impl<N: Driven> Loop<N> {
             let spawned = std::thread::Builder::new().name(format!("node-{}-sync", self.me)).spawn(move || {
                 // Ends once the loop (which holds the sender) is gone.
                 while let Ok(work) = rx.recv() {
-                    let job = work();
+                    // A panic here would leave the node waiting for this sync forever: it is
+                    // carried to the loop instead, which stops the node with it.
+                    let job = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|e| {
+                        let why = panic_message(e.as_ref());
+                        Box::new(move |_: &mut N, _: &mut dyn Ctx| panic!("the sync thread panicked: {why}"))
+                    });
                     let Some(tx) = input.upgrade() else { return };
                     if tx.blocking_send(Input::With(job)).is_err() {
                         return;
@@ -476,6 +481,32 @@ mod tests {
         h.input.blocking_send(Input::Shutdown).unwrap();
         assert_eq!(h.join(), Ok(()));
         assert_eq!(log.0.lock().unwrap().clone(), vec!["reply 9/3 worked on node-1-bg, answered on node-1"]);
+    }
+
+    /// Its first sync panics.
+    #[derive(Default)]
+    struct BadSync(bool);
+    impl Node for BadSync {
+        fn on_start(&mut self, _ctx: &mut dyn Ctx) {}
+        fn on_timer(&mut self, _ctx: &mut dyn Ctx, _id: u64) {}
+        fn on_message(&mut self, _ctx: &mut dyn Ctx, _from: Endpoint, _message: Vec<u8>) {
+            self.0 = true;
+        }
+        fn on_request(&mut self, _ctx: &mut dyn Ctx, _from: Endpoint, _call: CallId, _request: Vec<u8>) {}
+        fn on_shutdown(&mut self, _ctx: &mut dyn Ctx) {}
+    }
+    impl Driven for BadSync {
+        fn sync_work(&mut self) -> Option<BackgroundWork<Self>> {
+            std::mem::take(&mut self.0).then(|| -> BackgroundWork<Self> { Box::new(|| panic!("disk on fire")) })
+        }
+    }
+
+    #[test]
+    fn a_panic_on_the_sync_thread_stops_the_node() {
+        let h = spawn(1, BadSync::default(), Arc::new(Log::default()), None, channel());
+        h.input.blocking_send(Input::Message { from: 2, bytes: Vec::new() }).unwrap();
+        let err = h.join().unwrap_err();
+        assert!(err.contains("the sync thread panicked: disk on fire"), "{err}");
     }
 
     #[test]
