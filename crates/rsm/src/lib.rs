@@ -608,7 +608,6 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                     p.in_flight.push_back((rd, sync));
                 }
             }
-            let leading = self.raw.status().role == Role::Leader;
             let p = self.pipeline();
             // One sync at a time, even for a node that stopped leading while its sync runs:
             // two `fdatasync`s of one file at once could see a write-back error reported to
@@ -623,6 +622,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
             // Only a leader syncs elsewhere: its own copy is one of three, and its loop has the
             // followers' answers to handle meanwhile. A follower's answer waits for its sync
             // anyway, and the trip to a sync thread and back would only lengthen it.
+            let leading = self.raw.status().role == Role::Leader;
             let job = if leading { self.storage.start_sync()? } else { None };
             match job {
                 Some(job) => {
@@ -1374,15 +1374,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_pipelined_leader_answers_what_its_followers_made_durable_while_its_own_sync_runs() {
+    /// Three pipelined nodes on model disks whose syncs run "elsewhere" ([`SyncLater`]).
+    fn pipelined_cluster(max_raft_state: Option<usize>) -> (Vec<SharedStorage>, Vec<Rsm<SyncLater, Count>>) {
         let disks: Vec<SharedStorage> = (0..3).map(|_| SharedStorage::default()).collect();
-        let mut nodes: Vec<Rsm<SyncLater, Count>> = (1..=3)
+        let nodes = (1..=3)
             .map(|id| {
                 let storage = SyncLater(disks[id as usize - 1].clone());
-                Rsm::new(Config::new(id, vec![1, 2, 3]), storage, Count(0), None).unwrap().with_pipelined_persistence()
+                Rsm::new(Config::new(id, vec![1, 2, 3]), storage, Count(0), max_raft_state)
+                    .unwrap()
+                    .with_pipelined_persistence()
             })
             .collect();
+        (disks, nodes)
+    }
+
+    #[test]
+    fn a_pipelined_leader_answers_what_its_followers_made_durable_while_its_own_sync_runs() {
+        let (disks, mut nodes) = pipelined_cluster(None);
         let durable_last = |i: usize| disks[i].0.borrow().durable().unwrap().entries.last().map_or(0, |e| e.index);
         // Runs `f` on node `i`, keeping its messages and the ids it answered.
         fn on(
@@ -1484,15 +1492,7 @@ mod tests {
         // no second sync while the first runs (two at once could hide a write-back error from
         // one of them), so it answers nothing until that sync ends; then it catches up from
         // the new leader's snapshot.
-        let disks: Vec<SharedStorage> = (0..3).map(|_| SharedStorage::default()).collect();
-        let mut nodes: Vec<Rsm<SyncLater, Count>> = (1..=3)
-            .map(|id| {
-                let storage = SyncLater(disks[id as usize - 1].clone());
-                Rsm::new(Config::new(id, vec![1, 2, 3]), storage, Count(0), Some(2_000))
-                    .unwrap()
-                    .with_pipelined_persistence()
-            })
-            .collect();
+        let (disks, mut nodes) = pipelined_cluster(Some(2_000));
         // Ticks, processes, delivers; syncs started elsewhere finish at once except node 1's
         // while `hold` is set; `cut` drops everything to and from node 1.
         let run = |nodes: &mut Vec<Rsm<SyncLater, Count>>, cut: bool, hold: bool, steps: usize| {
