@@ -230,6 +230,10 @@ pub struct ServeArgs {
     /// volume's latency, say): to measure how the server behaves there [default: 0].
     #[arg(long, env = "SIXFIVE_SYNC_DELAY_US")]
     sync_delay_us: Option<String>,
+    /// Worker threads for the network (client and peer connections) [default: half the cores,
+    /// at least one: the node's loop and its sync thread need the rest].
+    #[arg(long, env = "SIXFIVE_IO_THREADS")]
+    io_threads: Option<String>,
     /// TOML file with any of the settings above (keys as the flags, without the dashes in
     /// front: name = "n1", data-dir = "..."); flags and variables win over it.
     #[arg(long, env = "SIXFIVE_CONFIG_FILE")]
@@ -257,6 +261,7 @@ impl ServeArgs {
             api: self.api,
             sync_elsewhere_above_us: self.sync_elsewhere_above_us,
             sync_delay_us: self.sync_delay_us,
+            io_threads: self.io_threads,
         };
         if let Some(f) = &self.config_file {
             let text =

@@ -684,7 +684,7 @@ pub fn serve(cfg: ShardServeConfig) -> Result<(), ServeError> {
     let cluster_id = shard_cluster_id(&cfg.base.token);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(cfg.base.io_threads)
         .enable_all()
         .thread_name("sixfive-io")
         .build()
