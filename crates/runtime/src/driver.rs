@@ -117,8 +117,10 @@ where
 pub trait Router: Send + Sync + 'static {
     /// A one-way message to peer `to` (dropped if it cannot be queued).
     fn send(&self, to: Endpoint, bytes: Vec<u8>);
-    /// The answer to request `call` of client `to`.
+    /// The answer to request `call` of client `to` (it may wait for [`Router::flush`]).
     fn reply(&self, to: Endpoint, call: CallId, bytes: Vec<u8>);
+    /// Sends what waits: called by the loop after every batch, before it waits for more.
+    fn flush(&self) {}
 }
 
 /// A closure run on the node with a context.
@@ -239,6 +241,7 @@ impl<N: Driven> Loop<N> {
                     n.on_shutdown(ctx);
                     n.end_of_batch(ctx);
                 });
+                self.router.flush();
                 return false;
             }
         }
@@ -334,6 +337,7 @@ impl<N: Driven> Loop<N> {
             }
             self.fire_due_timers();
             self.dispatch(|n, ctx| n.end_of_batch(ctx));
+            self.router.flush();
             if let Some(why) = self.node.failure() {
                 return Err(why);
             }

@@ -25,6 +25,7 @@ pub mod etcd;
 pub mod frame;
 pub mod members;
 pub mod metrics;
+pub mod outbox;
 pub mod peer;
 pub mod proto;
 pub mod server;

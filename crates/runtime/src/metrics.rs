@@ -199,6 +199,8 @@ pub struct MeteredStorage<S> {
     elsewhere: bool,
     /// Added to every sync (`--sync-delay-us`).
     delay: std::time::Duration,
+    /// Run before a sync on the caller's thread (the node's loop sends what it gathered).
+    before_sync: Option<Box<dyn Fn() + Send>>,
 }
 
 /// A slow moving average of sync durations (weight 1/256, each sample capped at twice the
@@ -238,6 +240,7 @@ impl<S> MeteredStorage<S> {
             elsewhere_above_micros,
             elsewhere: false,
             delay: std::time::Duration::ZERO,
+            before_sync: None,
         }
     }
 
@@ -246,6 +249,13 @@ impl<S> MeteredStorage<S> {
     /// be, on whichever thread syncs.
     pub fn with_sync_delay(mut self, delay: std::time::Duration) -> MeteredStorage<S> {
         self.delay = delay;
+        self
+    }
+
+    /// Runs `f` before every sync made on the caller's thread: the node's loop blocks there,
+    /// so what it gathered to send goes out first.
+    pub fn with_before_sync(mut self, f: Box<dyn Fn() + Send>) -> MeteredStorage<S> {
+        self.before_sync = Some(f);
         self
     }
 
@@ -275,6 +285,9 @@ where
         self.inner.save_snapshot(snapshot)
     }
     fn sync(&mut self) -> Result<(), S::Error> {
+        if let Some(f) = &self.before_sync {
+            f();
+        }
         let started = Instant::now();
         if !self.delay.is_zero() {
             std::thread::sleep(self.delay);
@@ -369,5 +382,21 @@ mod tests {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn what_the_loop_gathered_goes_out_before_it_blocks_in_a_sync() {
+        let dir = std::env::temp_dir().join(format!("sixfive-before-sync-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (m, log) = (metrics.clone(), seen.clone());
+        let mut s = MeteredStorage::new(sixfive_storage::FileStorage::open(&dir).unwrap(), metrics.clone(), 400)
+            .with_before_sync(Box::new(move || log.lock().unwrap().push(m.fsyncs.get())));
+        s.sync().unwrap();
+        s.sync().unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![0, 1], "the hook runs before each sync, once");
+        assert_eq!(metrics.fsyncs.get(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

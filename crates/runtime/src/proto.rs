@@ -205,6 +205,17 @@ pub enum ServerMsg {
     },
 }
 
+impl ServerMsg {
+    /// The encoding of `ServerMsg::Reply { call, body }` up to the body's bytes (the variant,
+    /// the call id, the body's length), so that a reply is framed without copying its body
+    /// into a message first.
+    pub fn reply_head(call: u64, body_len: usize) -> Vec<u8> {
+        // Reply is variant 1; postcard writes integers and lengths as varints.
+        let head = postcard::to_allocvec(&(1u32, call)).expect("encodes");
+        postcard::to_extend(&(body_len as u64), head).expect("encodes")
+    }
+}
+
 /// What `kv status` shows for one member.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberStatus {
@@ -230,4 +241,18 @@ pub struct MemberStatus {
     pub log_bytes: u64,
     /// Bytes of the snapshot on disk.
     pub snapshot_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_head_and_its_body_are_the_encoded_reply() {
+        for (call, len) in [(0u64, 0usize), (1, 5), (u64::MAX, 300), (1 << 40, 70_000)] {
+            let body = vec![7u8; len];
+            let whole = postcard::to_allocvec(&ServerMsg::Reply { call, body: body.clone() }).unwrap();
+            assert_eq!([ServerMsg::reply_head(call, len), body].concat(), whole, "call {call}, {len} bytes");
+        }
+    }
 }

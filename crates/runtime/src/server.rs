@@ -23,7 +23,7 @@ use sixfive_raft::{Config, NodeId, Role};
 use sixfive_rpc::{CallId, Ctx, Endpoint};
 use sixfive_rsm::{Rsm, RsmNode, RsmReply, RsmRequest, StateMachine, TICK_MICROS};
 use sixfive_storage::FileStorage;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
@@ -32,6 +32,7 @@ use crate::driver::{self, Input, Router};
 use crate::frame::{self, FrameError, MAX_CLIENT_FRAME};
 use crate::members::{ChangeError, Directory, MemberOp, MembersView};
 use crate::metrics::{MeteredStorage, Metrics};
+use crate::outbox::{Outbox, Outboxes};
 use crate::peer::{self, Peer, PeerNet};
 use crate::proto::{ClientMsg, JoinAnswer, MemberStatus, ServerMsg};
 
@@ -47,8 +48,6 @@ const MEMBER_CHANGE_RETRIES: Duration = Duration::from_secs(10);
 const CLIENT_ENDPOINTS: Endpoint = 1 << 40;
 /// The server's own requests (health checks).
 const INTERNAL_ENDPOINT: Endpoint = u64::MAX;
-/// Replies queued for one client connection before new ones are dropped (the client times out).
-const CLIENT_QUEUE: usize = 8192;
 
 /// Why a server could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -720,7 +719,7 @@ impl Served for KvSm {
 /// Client connections.
 #[derive(Default)]
 struct Clients {
-    conns: Mutex<BTreeMap<Endpoint, mpsc::Sender<ServerMsg>>>,
+    conns: Mutex<BTreeMap<Endpoint, Arc<Outbox>>>,
 }
 
 /// What the peer links follow (see [`Shared::follow_membership`]).
@@ -737,6 +736,10 @@ struct NodeRouter {
     peers: Arc<PeerNet>,
     clients: Arc<Clients>,
     metrics: Arc<Metrics>,
+    /// Client connections the node replied to since its last flush. (Peers' messages still go
+    /// through their link's task: writing them on the loop measured 4% fewer writes/s, as the
+    /// leader's loop then also carries the sends' work, loopback delivery included.)
+    outboxes: Arc<Outboxes>,
 }
 
 impl Router for NodeRouter {
@@ -755,10 +758,16 @@ impl Router for NodeRouter {
             self.peers.reply(peer, call, bytes);
             return;
         }
-        let tx = self.clients.conns.lock().expect("clients").get(&to).cloned();
-        if let Some(tx) = tx {
-            let _ = tx.try_send(ServerMsg::Reply { call, body: bytes });
+        let out = self.clients.conns.lock().expect("clients").get(&to).cloned();
+        if let Some(out) = out
+            && out.push(&ServerMsg::reply_head(call, bytes.len()), &bytes)
+        {
+            self.outboxes.mark(&out);
         }
+    }
+
+    fn flush(&self) {
+        self.outboxes.flush();
     }
 }
 
@@ -1000,32 +1009,39 @@ impl<M: Served> Shared<M> {
     }
 }
 
+/// Most bytes of replies waiting for one client connection (beyond, replies are dropped and
+/// that client's calls time out, as with any lost reply).
+const CLIENT_OUTBOX_BYTES: usize = 64 << 20;
+
+/// Queues `m` for a client and sends it at once (from a network task: no batch to wait for).
+fn send_to_client(out: &Outbox, m: &ServerMsg) {
+    out.push(&postcard::to_allocvec(m).expect("encodes"), &[]);
+    out.flush();
+}
+
 /// Serves one connection of the sixfive client protocol.
 pub(crate) async fn serve_client<M: Served>(stream: TcpStream, addr: std::net::SocketAddr, sh: Arc<Shared<M>>) {
     let ep = sh.next_client.fetch_add(1, Ordering::Relaxed);
     let _ = stream.set_nodelay(true);
-    let (r, w) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<ServerMsg>(CLIENT_QUEUE);
-    sh.clients.conns.lock().expect("clients").insert(ep, tx.clone());
-    let writer = tokio::spawn(async move {
-        let mut w = BufWriter::with_capacity(1 << 16, w);
-        while let Some(m) = rx.recv().await {
-            let mut ok = frame::write(&mut w, &postcard::to_allocvec(&m).expect("encodes")).await.is_ok();
-            while ok && let Ok(m) = rx.try_recv() {
-                ok = frame::write(&mut w, &postcard::to_allocvec(&m).expect("encodes")).await.is_ok();
-            }
-            if !ok || w.flush().await.is_err() {
-                return;
-            }
+    let out = match Outbox::new(&stream, CLIENT_OUTBOX_BYTES) {
+        Ok(o) => Arc::new(o),
+        Err(e) => {
+            warn!("closing client connection from {addr}: {e}");
+            return;
         }
-    });
+    };
+    let (r, w) = stream.into_split();
+    sh.clients.conns.lock().expect("clients").insert(ep, out.clone());
+    let writer = {
+        let out = out.clone();
+        tokio::spawn(async move { out.run_writer(w).await })
+    };
     let mut r = BufReader::with_capacity(1 << 16, r);
     loop {
         match frame::read_msg::<_, ClientMsg>(&mut r, MAX_CLIENT_FRAME).await {
             Ok(ClientMsg::Hello { call }) => {
-                let _ = tx
-                    .send(ServerMsg::Hello { call, cluster_id: sh.cluster_id, id: sh.me, name: sh.name.clone() })
-                    .await;
+                let hello = ServerMsg::Hello { call, cluster_id: sh.cluster_id, id: sh.me, name: sh.name.clone() };
+                send_to_client(&out, &hello);
             }
             Ok(ClientMsg::Call { call, body }) => {
                 if sh.input.send(Input::Request { from: ep, call, bytes: body }).await.is_err() {
@@ -1033,22 +1049,22 @@ pub(crate) async fn serve_client<M: Served>(stream: TcpStream, addr: std::net::S
                 }
             }
             Ok(ClientMsg::Status { call }) => {
-                let (name, dir, tx) = (sh.name.clone(), sh.raft_dir.clone(), tx.clone());
+                let (name, dir, out) = (sh.name.clone(), sh.raft_dir.clone(), out.clone());
                 let job: driver::Job<Member<M>> = Box::new(move |n, _| {
-                    let _ = tx.try_send(ServerMsg::Status { call, status: member_status(n, &name, &dir) });
+                    send_to_client(&out, &ServerMsg::Status { call, status: member_status(n, &name, &dir) });
                 });
                 if sh.input.send(Input::With(job)).await.is_err() {
                     break;
                 }
             }
             Ok(ClientMsg::Members { call }) => {
-                let _ = tx.send(ServerMsg::Members { call, members: sh.members_view() }).await;
+                send_to_client(&out, &ServerMsg::Members { call, members: sh.members_view() });
             }
             Ok(ClientMsg::ChangeMembers { call, op }) => {
-                let (sh, tx) = (sh.clone(), tx.clone());
+                let (sh, out) = (sh.clone(), out.clone());
                 tokio::spawn(async move {
                     let result = sh.change_members(&op, MEMBER_CHANGE_RETRIES).await;
-                    let _ = tx.send(ServerMsg::MembersChanged { call, result }).await;
+                    send_to_client(&out, &ServerMsg::MembersChanged { call, result });
                 });
             }
             Err(FrameError::Closed) => break,
@@ -1062,7 +1078,7 @@ pub(crate) async fn serve_client<M: Served>(stream: TcpStream, addr: std::net::S
         }
     }
     sh.clients.conns.lock().expect("clients").remove(&ep);
-    drop(tx);
+    out.close();
     let _ = writer.await;
 }
 
@@ -1147,8 +1163,12 @@ fn run<M: Served>(cfg: ServeConfig) -> Result<(), ServeError> {
     raft.heartbeat_ticks = cfg.heartbeat_ticks;
     raft.election_ticks = cfg.election_ticks;
     raft.seed = driver::now_micros() ^ who.id.rotate_left(32);
+    // Replies the node gathered go out before its loop blocks in a sync.
+    let outboxes = Arc::new(Outboxes::default());
+    let flush = outboxes.clone();
     let storage = MeteredStorage::new(storage, metrics.clone(), cfg.sync_elsewhere_above_us)
-        .with_sync_delay(Duration::from_micros(cfg.sync_delay_us));
+        .with_sync_delay(Duration::from_micros(cfg.sync_delay_us))
+        .with_before_sync(Box::new(move || flush.flush()));
     let rsm = Rsm::new(raft, storage, M::create(&cfg), Some(cfg.snapshot_bytes))
         .map_err(|e| ServeError::Config(e.to_string()))?
         .with_amortized_snapshots()
@@ -1172,7 +1192,12 @@ fn run<M: Served>(cfg: ServeConfig) -> Result<(), ServeError> {
     };
     let peers = Arc::new(peers);
     let clients = Arc::new(Clients::default());
-    let router = Arc::new(NodeRouter { peers: peers.clone(), clients: clients.clone(), metrics: metrics.clone() });
+    let router = Arc::new(NodeRouter {
+        peers: peers.clone(),
+        clients: clients.clone(),
+        metrics: metrics.clone(),
+        outboxes: outboxes.clone(),
+    });
     let sh = Arc::new(Shared {
         me: who.id,
         name: cfg.name.clone(),
