@@ -43,6 +43,8 @@ struct State {
     handed: bool,
     /// The connection failed or closed: frames are dropped.
     closed: bool,
+    /// No more frames are taken; the writer ends once it wrote what waits.
+    finishing: bool,
 }
 
 impl Outbox {
@@ -70,7 +72,10 @@ impl Outbox {
         let mut s = self.state.lock().expect("outbox");
         let len = head.len() + body.len();
         // One frame of any size is taken (a snapshot may exceed the limit on its own).
-        if s.closed || (!s.pending.is_empty() && s.pending.len() + len + crate::frame::HEADER_BYTES > self.limit) {
+        if s.closed
+            || s.finishing
+            || (!s.pending.is_empty() && s.pending.len() + len + crate::frame::HEADER_BYTES > self.limit)
+        {
             return false;
         }
         s.pending.extend_from_slice(&(len as u32).to_le_bytes());
@@ -126,7 +131,8 @@ impl Outbox {
     }
 
     /// The connection's writer task: writes what [`Outbox::flush`] could not, as the socket
-    /// takes it. Returns when the connection fails or [`Outbox::close`] is called.
+    /// takes it. Returns when the connection fails, [`Outbox::close`] is called, or after
+    /// [`Outbox::finish`] once everything is written.
     pub async fn run_writer<W: tokio::io::AsyncWrite + Unpin>(&self, mut w: W) {
         loop {
             self.wake.notified().await;
@@ -138,6 +144,9 @@ impl Outbox {
                     }
                     if s.pending.is_empty() {
                         s.handed = false;
+                        if s.finishing {
+                            return;
+                        }
                         break;
                     }
                     std::mem::take(&mut s.pending)
@@ -148,6 +157,13 @@ impl Outbox {
                 }
             }
         }
+    }
+
+    /// Takes no more frames; what waits is still sent, then the writer task ends.
+    pub fn finish(&self) {
+        self.state.lock().expect("outbox").finishing = true;
+        self.flush();
+        self.wake.notify_one();
     }
 
     /// Drops what waits and refuses what comes; ends the writer task and shuts the
@@ -246,6 +262,33 @@ mod tests {
     }
 
     #[test]
+    fn a_finished_outbox_sends_what_waits_then_its_writer_ends() {
+        let rt = runtime();
+        rt.block_on(async {
+            let (s, mut c) = pair().await;
+            let out = Arc::new(Outbox::new(&s, 64 << 20).unwrap());
+            let (_r, w) = s.into_split();
+            let writer = tokio::spawn({
+                let out = out.clone();
+                async move { out.run_writer(w).await }
+            });
+            // 30 MB, more than loopback's buffers take while nobody reads: the rest is the
+            // writer's to send.
+            for i in 0..3000u32 {
+                assert!(out.push(&i.to_le_bytes(), &[7; 10_000]));
+            }
+            out.finish();
+            assert!(!out.push(b"late", &[]), "a finished outbox takes nothing more");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!writer.is_finished(), "the writer still has frames to send");
+            for i in 0..3000u32 {
+                assert_eq!(crate::frame::read(&mut c, 1 << 20).await.unwrap()[..4], i.to_le_bytes());
+            }
+            tokio::time::timeout(Duration::from_secs(10), writer).await.expect("the writer ends").unwrap();
+        });
+    }
+
+    #[test]
     fn a_full_outbox_drops_frames_and_a_closed_one_refuses_them() {
         let rt = runtime();
         rt.block_on(async {
@@ -260,7 +303,6 @@ mod tests {
             assert!(out.push(b"d", &[4; 40]), "room again once sent");
             out.close();
             assert!(!out.push(b"e", &[5; 4]), "closed: refused");
-            out.flush();
             assert!(matches!(crate::frame::read(&mut c, 1000).await, Err(crate::frame::FrameError::Closed)));
         });
     }

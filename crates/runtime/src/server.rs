@@ -1013,6 +1013,9 @@ impl<M: Served> Shared<M> {
 /// that client's calls time out, as with any lost reply).
 const CLIENT_OUTBOX_BYTES: usize = 64 << 20;
 
+/// How long a closed client connection may take to read the replies gathered for it.
+const CLIENT_LINGER: Duration = Duration::from_secs(10);
+
 /// Queues `m` for a client and sends it at once (from a network task: no batch to wait for).
 fn send_to_client(out: &Outbox, m: &ServerMsg) {
     out.push(&postcard::to_allocvec(m).expect("encodes"), &[]);
@@ -1077,9 +1080,12 @@ pub(crate) async fn serve_client<M: Served>(stream: TcpStream, addr: std::net::S
             }
         }
     }
+    // Replies already gathered still go out (a client may half-close and read its answers),
+    // for as long as the client reads them.
     sh.clients.conns.lock().expect("clients").remove(&ep);
+    out.finish();
+    let _ = tokio::time::timeout(CLIENT_LINGER, writer).await;
     out.close();
-    let _ = writer.await;
 }
 
 async fn serve_http<M: Served>(stream: TcpStream, sh: Arc<Shared<M>>) {
