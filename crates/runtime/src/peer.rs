@@ -357,6 +357,9 @@ pub fn start<N: Send + 'static>(
             AbortOnDrop(link_rt.spawn(link.run(rx, from_them)))
         })
     };
+    // The links first: a peer's connection accepted before them would be refused as unknown.
+    let net = PeerNet { links: links.clone(), spawn_link, rt, shared: shared.clone(), metrics: metrics.clone(), calls };
+    net.set_members(members, members, &Default::default());
     let mut tasks = Vec::new();
     for l in listeners {
         let (links, metrics, shared) = (links.clone(), metrics.clone(), shared.clone());
@@ -386,8 +389,6 @@ pub fn start<N: Send + 'static>(
             }
         }));
     }
-    let net = PeerNet { links, spawn_link, rt, shared, metrics, calls };
-    net.set_members(members, members, &Default::default());
     (net, tasks)
 }
 
