@@ -221,17 +221,24 @@ mod tests {
         (s, c)
     }
 
+    /// An outbox on a connected pair, its writer task running: (the outbox, the side a test
+    /// reads, the writer).
+    async fn with_writer() -> (Arc<Outbox>, tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
+        let (s, c) = pair().await;
+        let out = Arc::new(Outbox::new(&s, 64 << 20).unwrap());
+        let (_r, w) = s.into_split();
+        let writer = tokio::spawn({
+            let out = out.clone();
+            async move { out.run_writer(w).await }
+        });
+        (out, c, writer)
+    }
+
     #[test]
     fn frames_from_another_thread_arrive_whole_and_in_order_when_the_socket_fills() {
         let rt = runtime();
         rt.block_on(async {
-            let (s, mut c) = pair().await;
-            let out = Arc::new(Outbox::new(&s, 64 << 20).unwrap());
-            let (_r, w) = s.into_split();
-            let writer = tokio::spawn({
-                let out = out.clone();
-                async move { out.run_writer(w).await }
-            });
+            let (out, mut c, writer) = with_writer().await;
             // 16 MB, far more than loopback's socket buffers take while nobody reads: most
             // of it goes through the writer task, and frames pushed meanwhile queue behind.
             let frames = 2000u32;
@@ -265,13 +272,7 @@ mod tests {
     fn a_finished_outbox_sends_what_waits_then_its_writer_ends() {
         let rt = runtime();
         rt.block_on(async {
-            let (s, mut c) = pair().await;
-            let out = Arc::new(Outbox::new(&s, 64 << 20).unwrap());
-            let (_r, w) = s.into_split();
-            let writer = tokio::spawn({
-                let out = out.clone();
-                async move { out.run_writer(w).await }
-            });
+            let (out, mut c, writer) = with_writer().await;
             // 30 MB, more than loopback's buffers take while nobody reads: the rest is the
             // writer's to send.
             for i in 0..3000u32 {
