@@ -129,6 +129,10 @@ struct Phase {
     ops: u64,
     secs: f64,
     hist: Histogram<u64>,
+    /// Requests that failed (etcd's API answers "leader changed" or "unavailable" around an
+    /// election; its clients retry, as the load does), and the first failure.
+    errors: u64,
+    first_error: Option<String>,
 }
 
 impl Phase {
@@ -138,8 +142,12 @@ impl Phase {
 
     fn row(&self, what: &str) -> String {
         let q = |p: f64| self.hist.value_at_quantile(p) as f64 / 1000.0;
+        let errors = match &self.first_error {
+            Some(e) => format!(", {} failed and retried, the first: {e}", self.errors),
+            None => String::new(),
+        };
         format!(
-            "{what:<22} {:>10.0} ops/s   p50 {:>7.2} ms   p99 {:>7.2} ms   p99.9 {:>7.2} ms   ({} ops in {:.1} s)",
+            "{what:<22} {:>10.0} ops/s   p50 {:>7.2} ms   p99 {:>7.2} ms   p99.9 {:>7.2} ms   ({} ops in {:.1} s{errors})",
             self.ops as f64 / self.secs,
             q(0.5),
             q(0.99),
@@ -149,6 +157,10 @@ impl Phase {
         )
     }
 }
+
+/// Failed requests one etcd-API client tries again before the load gives up (the cluster is
+/// down, not electing).
+const ERRORS_PER_CLIENT: u64 = 100;
 
 /// How long past a phase's end an operation may go unanswered before the bench gives up.
 const STUCK: Duration = Duration::from_secs(20);
@@ -200,7 +212,7 @@ async fn phase(cluster: &Cluster, o: &Options, write: bool) -> Phase {
         ops += n;
         hist.add(h).expect("same bounds");
     }
-    Phase { ops, secs: started.elapsed().as_secs_f64(), hist }
+    Phase { ops, secs: started.elapsed().as_secs_f64(), hist, errors: 0, first_error: None }
 }
 
 pub fn run(o: Options) -> ExitCode {
@@ -441,30 +453,42 @@ fn etcd_load(endpoints: &[String], o: &Options) -> Result<(Phase, Phase), String
                 let (value, key_size) = (value.clone(), o.key_size);
                 tasks.push(tokio::spawn(async move {
                     let mut h = Histogram::<u64>::new(3).expect("histogram");
-                    let (mut ops, mut i) = (0u64, 0usize);
+                    let (mut ops, mut i, mut errors, mut first_error) = (0u64, 0usize, 0u64, None);
                     while Instant::now() < stop {
                         let key = format!("{:0>width$}", format!("{c}-{}", i % 16), width = key_size);
                         let t = Instant::now();
-                        if write {
-                            client.put(key, value.clone(), None).await.map_err(|e| format!("put: {e}"))?;
+                        let result = if write {
+                            client.put(key, value.clone(), None).await.map(drop).map_err(|e| format!("put: {e}"))
                         } else {
-                            client.get(key, None).await.map_err(|e| format!("get: {e}"))?;
+                            client.get(key, None).await.map(drop).map_err(|e| format!("get: {e}"))
+                        };
+                        if let Err(e) = result {
+                            // Counted, and tried again after a pause, as etcd's clients do.
+                            errors += 1;
+                            first_error.get_or_insert(e);
+                            if errors > ERRORS_PER_CLIENT {
+                                return Err(first_error.expect("set"));
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
                         }
                         h.record(t.elapsed().as_micros() as u64).expect("in range");
                         ops += 1;
                         i += 1;
                     }
-                    Ok::<_, String>((ops, h))
+                    Ok::<_, String>((ops, h, errors, first_error))
                 }));
             }
             let mut hist = Histogram::<u64>::new(3).expect("histogram");
-            let mut ops = 0;
+            let (mut ops, mut errors, mut first_error) = (0, 0, None);
             for t in tasks {
-                let (n, h) = t.await.map_err(|e| e.to_string())??;
+                let (n, h, e, first) = t.await.map_err(|e| e.to_string())??;
                 ops += n;
+                errors += e;
+                first_error = first_error.or(first);
                 hist.add(h).expect("same bounds");
             }
-            out.push(Phase { ops, secs: started.elapsed().as_secs_f64(), hist });
+            out.push(Phase { ops, secs: started.elapsed().as_secs_f64(), hist, errors, first_error });
         }
         let reads = out.pop().expect("two phases");
         let writes = out.pop().expect("two phases");

@@ -847,3 +847,42 @@ fn a_lost_server_is_replaced_under_load() {
     drop(n4);
     tc.ok = true;
 }
+
+/// `bench kv` starts its clusters, prints every row with a rate, and holds its directory: a
+/// second run on it is refused instead of wiping the first one's servers.
+#[test]
+fn bench_kv_prints_its_rows_and_refuses_a_second_run_on_its_directory() {
+    let dir = std::env::temp_dir().join(format!("sixfive-bench-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let first = Command::new(BIN)
+        .args(["bench", "kv", "--secs", "1", "--clients", "16", "--no-etcd"])
+        .arg(format!("--data-dir={}", dir.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first run holds the directory from its start until it ends.
+    std::thread::sleep(Duration::from_millis(500));
+    let second = Command::new(BIN)
+        .args(["bench", "kv", "--secs", "1", "--no-etcd"])
+        .arg(format!("--data-dir={}", dir.display()))
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("another `sixfive bench kv` is using"));
+    let out = first.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for row in [
+        "sixfive writes (Put)",
+        "sixfive reads (Get, RI)",
+        "sixfive --api etcd writes (Put)",
+        "sixfive --api etcd reads (Get, lin.)",
+    ] {
+        let line = text.lines().find(|l| l.starts_with(row)).unwrap_or_else(|| panic!("no {row:?} row in\n{text}"));
+        let rate: f64 = line[row.len()..].split_whitespace().next().unwrap().parse().unwrap();
+        assert!(rate > 0.0, "{line}");
+    }
+    assert!(text.contains("fsyncs per write"), "{text}");
+    assert!(!dir.exists(), "the bench removes its data when done");
+}
