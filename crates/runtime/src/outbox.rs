@@ -21,6 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
+/// The buffer of an outbox sent empty is kept up to this size (reused, not reallocated).
+const KEPT_CAPACITY: usize = 1 << 20;
+
 /// Frames waiting for one connection, and the right to write it.
 pub struct Outbox {
     /// A duplicate of the connection's socket (closed with the outbox: a write after the
@@ -123,6 +126,10 @@ impl Outbox {
             }
         }
         s.pending.drain(..sent);
+        if s.pending.is_empty() && s.pending.capacity() > KEPT_CAPACITY {
+            // A burst's buffer is not kept for the connection's whole life.
+            s.pending = Vec::new();
+        }
         if !s.pending.is_empty() {
             s.handed = true;
             drop(s);
