@@ -228,6 +228,13 @@ mod tests {
         (s, c)
     }
 
+    /// The next frame's payload, or a failure after 10 s (a test fails, it does not hang).
+    async fn read(c: &mut tokio::net::TcpStream) -> Result<Vec<u8>, crate::frame::FrameError> {
+        tokio::time::timeout(Duration::from_secs(10), crate::frame::read(c, 1 << 20))
+            .await
+            .expect("a frame within 10 s")
+    }
+
     /// An outbox on a connected pair, its writer task running: (the outbox, the side a test
     /// reads, the writer).
     async fn with_writer() -> (Arc<Outbox>, tokio::net::TcpStream, tokio::task::JoinHandle<()>) {
@@ -264,14 +271,14 @@ mod tests {
             });
             tokio::time::sleep(Duration::from_millis(200)).await;
             for i in 0..frames {
-                let payload = crate::frame::read(&mut c, 1 << 20).await.expect("a whole frame");
+                let payload = read(&mut c).await.expect("a whole frame");
                 assert_eq!(payload[..4], i.to_le_bytes(), "frame {i} in its place");
                 assert_eq!(payload.len(), 4 + 8000 + (i as usize % 7));
                 assert!(payload[4..].iter().all(|b| *b == i as u8), "frame {i} intact");
             }
             pusher.join().unwrap();
             out.close();
-            writer.await.unwrap();
+            tokio::time::timeout(Duration::from_secs(10), writer).await.expect("the writer ends").unwrap();
         });
     }
 
@@ -290,7 +297,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             assert!(!writer.is_finished(), "the writer still has frames to send");
             for i in 0..3000u32 {
-                assert_eq!(crate::frame::read(&mut c, 1 << 20).await.unwrap()[..4], i.to_le_bytes());
+                assert_eq!(read(&mut c).await.unwrap()[..4], i.to_le_bytes());
             }
             tokio::time::timeout(Duration::from_secs(10), writer).await.expect("the writer ends").unwrap();
         });
@@ -306,12 +313,12 @@ mod tests {
             assert!(out.push(b"b", &[2; 40]));
             assert!(!out.push(b"c", &[3; 40]), "over the limit: dropped");
             out.flush();
-            assert_eq!(crate::frame::read(&mut c, 1000).await.unwrap(), [&b"a"[..], &[1; 40]].concat());
-            assert_eq!(crate::frame::read(&mut c, 1000).await.unwrap(), [&b"b"[..], &[2; 40]].concat());
+            assert_eq!(read(&mut c).await.unwrap(), [&b"a"[..], &[1; 40]].concat());
+            assert_eq!(read(&mut c).await.unwrap(), [&b"b"[..], &[2; 40]].concat());
             assert!(out.push(b"d", &[4; 40]), "room again once sent");
             out.close();
             assert!(!out.push(b"e", &[5; 4]), "closed: refused");
-            assert!(matches!(crate::frame::read(&mut c, 1000).await, Err(crate::frame::FrameError::Closed)));
+            assert!(matches!(read(&mut c).await, Err(crate::frame::FrameError::Closed)));
         });
     }
 }
