@@ -220,11 +220,33 @@ mod tests {
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime")
     }
 
-    /// A connected pair on loopback: (the side an outbox writes, the side a test reads).
+    /// Sets a socket's buffer (`SO_SNDBUF` or `SO_RCVBUF`) to `bytes`, which also stops the
+    /// kernel from growing it: loopback's grow to tens of MB, and the writer task would then
+    /// have nothing to do.
+    fn small_buffer(socket: &impl AsRawFd, option: libc::c_int, bytes: libc::c_int) {
+        // SAFETY: setsockopt(2) with a pointer to a live int of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "setsockopt: {}", io::Error::last_os_error());
+    }
+
+    /// A connected pair on loopback with small buffers: (the side an outbox writes, the side a
+    /// test reads).
     async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        // The receive buffer before connecting: the window is agreed on then.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        small_buffer(&socket, libc::SO_RCVBUF, 32 << 10);
+        let c = socket.connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
+        small_buffer(&s, libc::SO_SNDBUF, 32 << 10);
         (s, c)
     }
 
@@ -253,8 +275,9 @@ mod tests {
         let rt = runtime();
         rt.block_on(async {
             let (out, mut c, writer) = with_writer().await;
-            // 16 MB, far more than loopback's socket buffers take while nobody reads: most
-            // of it goes through the writer task, and frames pushed meanwhile queue behind.
+            // 16 MB through socket buffers of 32 KiB: most of it goes through the writer task,
+            // and the frames pushed and flushed meanwhile (while it writes, as the reader
+            // reads) must queue behind it.
             let frames = 2000u32;
             let pusher = std::thread::spawn({
                 let out = out.clone();
@@ -262,14 +285,13 @@ mod tests {
                     for i in 0..frames {
                         let body = vec![i as u8; 8000 + (i as usize % 7)];
                         assert!(out.push(&i.to_le_bytes(), &body));
-                        if i % 10 == 9 {
-                            out.flush();
-                        }
+                        out.flush();
+                        // Paced, so that pushes and flushes go on while the writer writes.
+                        std::thread::sleep(Duration::from_micros(50));
                     }
                     out.flush();
                 }
             });
-            tokio::time::sleep(Duration::from_millis(200)).await;
             for i in 0..frames {
                 let payload = read(&mut c).await.expect("a whole frame");
                 assert_eq!(payload[..4], i.to_le_bytes(), "frame {i} in its place");
@@ -279,6 +301,41 @@ mod tests {
             pusher.join().unwrap();
             out.close();
             tokio::time::timeout(Duration::from_secs(10), writer).await.expect("the writer ends").unwrap();
+        });
+    }
+
+    /// Step by step on one thread, so that the order is certain: the writer task is partway
+    /// through a frame when the socket gains room, and a frame flushed then must not be sent
+    /// into the middle of it.
+    #[test]
+    fn a_frame_flushed_while_the_writer_writes_waits_behind_it() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (out, mut c, writer) = with_writer().await;
+            let big = vec![1u8; 4 << 20];
+            assert!(out.push(b"A", &big));
+            out.flush(); // fills the socket; the rest is handed to the writer
+            assert!(out.state.lock().unwrap().handed, "the socket took 4 MiB at once");
+            tokio::time::sleep(Duration::from_millis(20)).await; // the writer takes it and waits
+            assert!(out.push(b"B", b"small"));
+            let mut room = vec![0u8; 100_000];
+            tokio::io::AsyncReadExt::read_exact(&mut c, &mut room).await.unwrap();
+            out.flush(); // the socket has room now, but the writer is inside frame A
+            let mut rest = Vec::new();
+            while rest.len() + room.len() < 8 + 1 + big.len() + 8 + 1 + 5 {
+                let mut buf = vec![0u8; 65_536];
+                let n = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut c, &mut buf))
+                    .await
+                    .expect("bytes within 10 s")
+                    .unwrap();
+                rest.extend_from_slice(&buf[..n]);
+            }
+            let stream = [room, rest].concat();
+            let mut expected = crate::frame::encode(&[&b"A"[..], &big].concat());
+            expected.extend(crate::frame::encode(b"Bsmall"));
+            assert!(stream == expected, "the frames arrive whole and in order");
+            out.close();
+            writer.await.unwrap();
         });
     }
 
@@ -308,10 +365,15 @@ mod tests {
         let rt = runtime();
         rt.block_on(async {
             let (s, mut c) = pair().await;
-            let out = Outbox::new(&s, 100).unwrap();
+            // Each frame takes 8 + 1 + 40 = 49 bytes: the limit takes two, exactly.
+            let out = Outbox::new(&s, 98).unwrap();
             assert!(out.push(b"a", &[1; 40]));
-            assert!(out.push(b"b", &[2; 40]));
+            assert!(out.push(b"b", &[2; 40]), "up to the limit: taken");
             assert!(!out.push(b"c", &[3; 40]), "over the limit: dropped");
+            let one = Outbox::new(&s, 97).unwrap();
+            assert!(one.push(b"a", &[1; 40]));
+            assert!(!one.push(b"b", &[2; 40]), "a byte short: dropped");
+            assert!(Outbox::new(&s, 10).unwrap().push(b"big", &[0; 1000]), "one frame of any size is taken");
             out.flush();
             assert_eq!(read(&mut c).await.unwrap(), [&b"a"[..], &[1; 40]].concat());
             assert_eq!(read(&mut c).await.unwrap(), [&b"b"[..], &[2; 40]].concat());
