@@ -315,7 +315,7 @@ pub struct ServeConfig {
 }
 
 /// Default of `--io-threads`: half the cores, at least one. The node's loop and its sync
-/// thread need the rest; on 2 cores one network thread gave 12% more reads/s and 5% more
+/// thread need the rest; on 2 cores one network thread gave 14% more reads/s and 5% more
 /// writes/s than two (fewer wake-ups of one thread by another: docs/benchmarks.md).
 pub fn default_io_threads() -> usize {
     (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1)
