@@ -208,6 +208,25 @@ pub struct MeteredStorage<S> {
     before_sync: Option<Box<dyn Fn() + Send>>,
 }
 
+/// Runs `sync` (after `delay`, `--sync-delay-us`), and records how long it took, on the loop
+/// or on the sync thread alike.
+fn timed_sync<E>(
+    delay: std::time::Duration,
+    avg: &SyncAverage,
+    metrics: &Metrics,
+    sync: impl FnOnce() -> Result<(), E>,
+) -> Result<(), E> {
+    let started = Instant::now();
+    if !delay.is_zero() {
+        std::thread::sleep(delay);
+    }
+    let r = sync();
+    avg.record(started.elapsed());
+    metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
+    metrics.fsyncs.inc();
+    r
+}
+
 /// A slow moving average of sync durations (weight 1/256, each sample capped at twice the
 /// threshold): the disk's steady speed, which a burst of slow syncs (a snapshot's install
 /// renames and syncs files; the journal commit makes the syncs around it wait) does not move.
@@ -264,6 +283,14 @@ impl<S> MeteredStorage<S> {
         self
     }
 
+    /// The entries written since the last sync make one group-commit batch.
+    fn count_batch(&mut self) {
+        if self.entries_since_sync > 0 {
+            self.metrics.sync_batch_entries.observe(self.entries_since_sync as f64);
+            self.entries_since_sync = 0;
+        }
+    }
+
     /// The wrapped storage.
     pub fn inner(&self) -> &S {
         &self.inner
@@ -293,18 +320,8 @@ where
         if let Some(f) = &self.before_sync {
             f();
         }
-        let started = Instant::now();
-        if !self.delay.is_zero() {
-            std::thread::sleep(self.delay);
-        }
-        let r = self.inner.sync();
-        self.sync_micros.record(started.elapsed());
-        self.metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
-        self.metrics.fsyncs.inc();
-        if self.entries_since_sync > 0 {
-            self.metrics.sync_batch_entries.observe(self.entries_since_sync as f64);
-            self.entries_since_sync = 0;
-        }
+        let r = timed_sync(self.delay, &self.sync_micros, &self.metrics, || self.inner.sync());
+        self.count_batch();
         r
     }
     fn start_sync(&mut self) -> Result<Option<sixfive_raft::SyncJob<S::Error>>, S::Error> {
@@ -329,22 +346,9 @@ where
             return Ok(None);
         }
         let Some(job) = self.inner.start_sync()? else { return Ok(None) };
-        if self.entries_since_sync > 0 {
-            self.metrics.sync_batch_entries.observe(self.entries_since_sync as f64);
-            self.entries_since_sync = 0;
-        }
+        self.count_batch();
         let (metrics, avg, delay) = (self.metrics.clone(), self.sync_micros.clone(), self.delay);
-        Ok(Some(Box::new(move || {
-            let started = Instant::now();
-            if !delay.is_zero() {
-                std::thread::sleep(delay);
-            }
-            let r = job();
-            avg.record(started.elapsed());
-            metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
-            metrics.fsyncs.inc();
-            r
-        })))
+        Ok(Some(Box::new(move || timed_sync(delay, &avg, &metrics, job))))
     }
     fn finish_sync(&mut self, result: Result<(), S::Error>) -> Result<(), S::Error> {
         self.inner.finish_sync(result)
