@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -158,6 +159,33 @@ impl Phase {
     }
 }
 
+/// The latencies of one phase, recorded by all its clients (one thread) into one histogram:
+/// one per client (256 of tens of KiB each) made each record a cache miss, a tenth of the
+/// bench's own CPU, taken from the servers it shares the machine with.
+#[derive(Clone)]
+struct Latencies(Rc<RefCell<Histogram<u64>>>);
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Latencies(Rc::new(RefCell::new(Histogram::new(3).expect("histogram"))))
+    }
+}
+
+impl Latencies {
+    fn record(&self, d: Duration) {
+        self.0.borrow_mut().record(d.as_micros() as u64).expect("auto-resizing histogram");
+    }
+
+    fn take(&self) -> Histogram<u64> {
+        self.0.borrow().clone()
+    }
+}
+
+/// The 16 keys client `c` writes and reads, padded to `size` bytes.
+fn client_keys(c: usize, size: usize) -> Vec<String> {
+    (0..16).map(|slot| format!("{:0>size$}", format!("{c}-{slot}"))).collect()
+}
+
 /// Failed requests one etcd-API client tries again before the load gives up (the cluster is
 /// down, not electing).
 const ERRORS_PER_CLIENT: u64 = 100;
@@ -171,48 +199,46 @@ async fn phase(cluster: &Cluster, o: &Options, write: bool) -> Phase {
     let started = Instant::now();
     let mut tasks = Vec::new();
     let value = Rc::new(value);
+    let hist = Latencies::default();
     for c in 0..o.clients {
         let mut clerk = cluster.clerk(random_u64());
         let value = value.clone();
-        let key_size = o.key_size;
+        let keys = client_keys(c, o.key_size);
+        let h = hist.clone();
         tasks.push(tokio::task::spawn_local(async move {
-            let mut h = Histogram::<u64>::new(3).expect("histogram");
-            let mut versions = vec![0u64; 16];
+            let mut versions = vec![0u64; keys.len()];
             let mut ops = 0u64;
             let mut i = 0usize;
             while Instant::now() < deadline {
                 // Each client owns 16 keys: a Put with the version it knows is one round trip.
                 let slot = i % versions.len();
-                let key = format!("{:0>width$}", format!("{c}-{slot}"), width = key_size);
+                let key = &keys[slot];
                 let t = Instant::now();
                 // A clerk retries until the cluster answers: if it never does (a server died),
                 // the bench stops instead of waiting forever.
                 let limit = tokio::time::Instant::from_std(deadline + STUCK);
                 let stuck = || panic!("no answer {} s after the phase's end: is a server down?", STUCK.as_secs());
                 if write {
-                    match tokio::time::timeout_at(limit, clerk.put(&key, &value, versions[slot])).await {
+                    match tokio::time::timeout_at(limit, clerk.put(key, &value, versions[slot])).await {
                         Ok(Ok(())) => versions[slot] += 1,
                         Ok(Err(e)) => panic!("put {key}: {e}"),
                         Err(_) => stuck(),
                     }
-                } else if tokio::time::timeout_at(limit, clerk.get(&key)).await.is_err() {
+                } else if tokio::time::timeout_at(limit, clerk.get(key)).await.is_err() {
                     stuck();
                 }
-                h.record(t.elapsed().as_micros() as u64).expect("in range");
+                h.record(t.elapsed());
                 ops += 1;
                 i += 1;
             }
-            (ops, h, versions)
+            ops
         }));
     }
-    let mut hist = Histogram::<u64>::new(3).expect("histogram");
     let mut ops = 0;
     for t in tasks {
-        let (n, h, _) = t.await.expect("client task");
-        ops += n;
-        hist.add(h).expect("same bounds");
+        ops += t.await.expect("client task");
     }
-    Phase { ops, secs: started.elapsed().as_secs_f64(), hist, errors: 0, first_error: None }
+    Phase { ops, secs: started.elapsed().as_secs_f64(), hist: hist.take(), errors: 0, first_error: None }
 }
 
 pub fn run(o: Options) -> ExitCode {
@@ -443,19 +469,20 @@ fn etcd_load(endpoints: &[String], o: &Options) -> Result<(Phase, Phase), String
             }
         }
         let value = "v".repeat(o.value_size);
+        let local = tokio::task::LocalSet::new();
         let mut out = Vec::new();
         for write in [true, false] {
             let stop = Instant::now() + Duration::from_secs_f64(o.secs);
             let started = Instant::now();
             let mut tasks = Vec::new();
+            let hist = Latencies::default();
             for c in 0..o.clients {
                 let mut client = clients[c % clients.len()].clone();
-                let (value, key_size) = (value.clone(), o.key_size);
-                tasks.push(tokio::spawn(async move {
-                    let mut h = Histogram::<u64>::new(3).expect("histogram");
+                let (value, keys, h) = (value.clone(), client_keys(c, o.key_size), hist.clone());
+                tasks.push(local.spawn_local(async move {
                     let (mut ops, mut i, mut errors, mut first_error) = (0u64, 0usize, 0u64, None);
                     while Instant::now() < stop {
-                        let key = format!("{:0>width$}", format!("{c}-{}", i % 16), width = key_size);
+                        let key = keys[i % keys.len()].clone();
                         let t = Instant::now();
                         let result = if write {
                             client.put(key, value.clone(), None).await.map(drop).map_err(|e| format!("put: {e}"))
@@ -472,23 +499,21 @@ fn etcd_load(endpoints: &[String], o: &Options) -> Result<(Phase, Phase), String
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         }
-                        h.record(t.elapsed().as_micros() as u64).expect("in range");
+                        h.record(t.elapsed());
                         ops += 1;
                         i += 1;
                     }
-                    Ok::<_, String>((ops, h, errors, first_error))
+                    Ok::<_, String>((ops, errors, first_error))
                 }));
             }
-            let mut hist = Histogram::<u64>::new(3).expect("histogram");
             let (mut ops, mut errors, mut first_error) = (0, 0, None);
             for t in tasks {
-                let (n, h, e, first) = t.await.map_err(|e| e.to_string())??;
+                let (n, e, first) = local.run_until(t).await.map_err(|e| e.to_string())??;
                 ops += n;
                 errors += e;
                 first_error = first_error.or(first);
-                hist.add(h).expect("same bounds");
             }
-            out.push(Phase { ops, secs: started.elapsed().as_secs_f64(), hist, errors, first_error });
+            out.push(Phase { ops, secs: started.elapsed().as_secs_f64(), hist: hist.take(), errors, first_error });
         }
         let reads = out.pop().expect("two phases");
         let writes = out.pop().expect("two phases");
