@@ -79,7 +79,7 @@ pub fn check_store(history: &[Record]) {
         KvStore::default(),
         |s: &KvStore, op: &Op| {
             let mut next = s.clone();
-            let r = next.apply(op);
+            let r = next.apply(op.clone());
             (next, r)
         },
         |op: &Op| {

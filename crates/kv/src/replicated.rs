@@ -83,7 +83,7 @@ impl KvSm {
                 return OpResult::Err(KvError::Stale);
             }
         }
-        let reply = self.store.apply(&req.op);
+        let reply = self.store.apply(req.op);
         if let Some(old) =
             self.sessions.insert(req.client, Session { seq: req.seq, reply: reply.clone(), last_active: now })
         {

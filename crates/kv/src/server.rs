@@ -55,7 +55,7 @@ impl KvServer {
                     return s.reply.clone().expect("checked");
                 }
             }
-            let r = self.store.apply(&req.op);
+            let r = self.store.apply(req.op);
             self.sessions.insert(req.client, Session { seq: req.seq, reply: Some(r.clone()) });
             return r;
         }
@@ -64,7 +64,7 @@ impl KvServer {
         {
             s.reply = None; // the client has its Append's answer: forget it
         }
-        self.store.apply(&req.op)
+        self.store.apply(req.op)
     }
 
     /// The store (for tests and tools).

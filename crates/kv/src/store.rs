@@ -220,36 +220,37 @@ impl KvStore {
         }
     }
 
-    /// Applies `op`. A refused operation changes nothing.
-    pub fn apply(&mut self, op: &Op) -> OpResult {
-        if let Err(e) = self.validate(op) {
+    /// Applies `op` (taken by value: its key and value move into the store, not copied). A
+    /// refused operation changes nothing.
+    pub fn apply(&mut self, op: Op) -> OpResult {
+        if let Err(e) = self.validate(&op) {
             return OpResult::Err(e);
         }
         if op.is_read_only() {
-            return self.read(op);
+            return self.read(&op);
         }
         match op {
-            Op::Put { key, value, version } => match self.data.get_mut(key) {
-                Some((v, ver)) if *ver == *version => {
-                    *v = value.clone();
+            Op::Put { key, value, version } => match self.data.get_mut(&key) {
+                Some((v, ver)) if *ver == version => {
+                    *v = value;
                     *ver += 1;
                     OpResult::Ok
                 }
                 Some(_) => OpResult::Err(KvError::Version),
-                None if *version == 0 => {
-                    self.data.insert(key.clone(), (value.clone(), 1));
+                None if version == 0 => {
+                    self.data.insert(key, (value, 1));
                     OpResult::Ok
                 }
                 None => OpResult::Err(KvError::NoKey),
             },
             Op::Append { key, arg } => {
-                let e = self.data.entry(key.clone()).or_insert((String::new(), 0));
+                let e = self.data.entry(key).or_insert((String::new(), 0));
                 let old = e.0.clone();
-                e.0.push_str(arg);
+                e.0.push_str(&arg);
                 e.1 += 1;
                 OpResult::Appended { old }
             }
-            Op::Delete { key } => match self.data.remove(key) {
+            Op::Delete { key } => match self.data.remove(&key) {
                 Some(_) => OpResult::Ok,
                 None => OpResult::Err(KvError::NoKey),
             },
@@ -312,23 +313,23 @@ mod tests {
     #[test]
     fn versioned_put_semantics() {
         let mut s = KvStore::default();
-        assert_eq!(s.apply(&get("k")), OpResult::Err(KvError::NoKey));
-        assert_eq!(s.apply(&put("k", "a", 1)), OpResult::Err(KvError::NoKey));
-        assert_eq!(s.apply(&put("k", "a", 0)), OpResult::Ok);
-        assert_eq!(s.apply(&put("k", "b", 0)), OpResult::Err(KvError::Version));
-        assert_eq!(s.apply(&get("k")), OpResult::Value { value: "a".into(), version: 1 });
-        assert_eq!(s.apply(&put("k", "b", 1)), OpResult::Ok);
-        assert_eq!(s.apply(&get("k")), OpResult::Value { value: "b".into(), version: 2 });
+        assert_eq!(s.apply(get("k")), OpResult::Err(KvError::NoKey));
+        assert_eq!(s.apply(put("k", "a", 1)), OpResult::Err(KvError::NoKey));
+        assert_eq!(s.apply(put("k", "a", 0)), OpResult::Ok);
+        assert_eq!(s.apply(put("k", "b", 0)), OpResult::Err(KvError::Version));
+        assert_eq!(s.apply(get("k")), OpResult::Value { value: "a".into(), version: 1 });
+        assert_eq!(s.apply(put("k", "b", 1)), OpResult::Ok);
+        assert_eq!(s.apply(get("k")), OpResult::Value { value: "b".into(), version: 2 });
     }
 
     #[test]
     fn append_delete_scan() {
         let mut s = KvStore::default();
-        assert_eq!(s.apply(&Op::Append { key: "a".into(), arg: "x".into() }), OpResult::Appended { old: "".into() });
-        assert_eq!(s.apply(&Op::Append { key: "a".into(), arg: "y".into() }), OpResult::Appended { old: "x".into() });
-        assert_eq!(s.apply(&get("a")), OpResult::Value { value: "xy".into(), version: 2 });
+        assert_eq!(s.apply(Op::Append { key: "a".into(), arg: "x".into() }), OpResult::Appended { old: "".into() });
+        assert_eq!(s.apply(Op::Append { key: "a".into(), arg: "y".into() }), OpResult::Appended { old: "x".into() });
+        assert_eq!(s.apply(get("a")), OpResult::Value { value: "xy".into(), version: 2 });
         for k in ["b", "c", "d"] {
-            s.apply(&put(k, k, 0));
+            s.apply(put(k, k, 0));
         }
         let scan =
             |start: &str, end: Option<&str>, limit| Op::Scan { start: start.into(), end: end.map(Into::into), limit };
@@ -336,34 +337,34 @@ mod tests {
             OpResult::Entries(e) => e.into_iter().map(|(k, _, _)| k).collect::<Vec<_>>(),
             r => panic!("{r:?}"),
         };
-        assert_eq!(keys(s.apply(&scan("b", Some("d"), 10))), vec!["b", "c"]);
-        assert_eq!(keys(s.apply(&scan("", None, 2))), vec!["a", "b"]);
-        assert_eq!(keys(s.apply(&scan("d", Some("a"), 10))), Vec::<String>::new());
-        assert_eq!(s.apply(&Op::Delete { key: "b".into() }), OpResult::Ok);
-        assert_eq!(s.apply(&Op::Delete { key: "b".into() }), OpResult::Err(KvError::NoKey));
-        assert_eq!(s.apply(&put("b", "again", 0)), OpResult::Ok, "a deleted key starts over at version 0");
+        assert_eq!(keys(s.apply(scan("b", Some("d"), 10))), vec!["b", "c"]);
+        assert_eq!(keys(s.apply(scan("", None, 2))), vec!["a", "b"]);
+        assert_eq!(keys(s.apply(scan("d", Some("a"), 10))), Vec::<String>::new());
+        assert_eq!(s.apply(Op::Delete { key: "b".into() }), OpResult::Ok);
+        assert_eq!(s.apply(Op::Delete { key: "b".into() }), OpResult::Err(KvError::NoKey));
+        assert_eq!(s.apply(put("b", "again", 0)), OpResult::Ok, "a deleted key starts over at version 0");
     }
 
     #[test]
     fn limits_refuse_and_change_nothing() {
         let mut s = KvStore::default();
-        s.apply(&put("k", "v", 0));
+        s.apply(put("k", "v", 0));
         let before = s.clone();
         let long_key = "k".repeat(MAX_KEY_BYTES + 1);
-        assert!(matches!(s.apply(&put(&long_key, "v", 0)), OpResult::Err(KvError::KeyTooLarge { .. })));
+        assert!(matches!(s.apply(put(&long_key, "v", 0)), OpResult::Err(KvError::KeyTooLarge { .. })));
         let big = "x".repeat(MAX_VALUE_BYTES + 1);
-        assert!(matches!(s.apply(&put("k", &big, 1)), OpResult::Err(KvError::ValueTooLarge { .. })));
+        assert!(matches!(s.apply(put("k", &big, 1)), OpResult::Err(KvError::ValueTooLarge { .. })));
         let half = "x".repeat(MAX_VALUE_BYTES / 2 + 1);
-        assert_eq!(s.apply(&Op::Append { key: "h".into(), arg: half.clone() }), OpResult::Appended { old: "".into() });
+        assert_eq!(s.apply(Op::Append { key: "h".into(), arg: half.clone() }), OpResult::Appended { old: "".into() });
         let after_first = s.clone();
         assert!(matches!(
-            s.apply(&Op::Append { key: "h".into(), arg: half }),
+            s.apply(Op::Append { key: "h".into(), arg: half }),
             OpResult::Err(KvError::ValueTooLarge { .. })
         ));
         assert_eq!(s, after_first);
         let scan = Op::Scan { start: "".into(), end: None, limit: MAX_SCAN_LIMIT + 1 };
-        assert!(matches!(s.apply(&scan), OpResult::Err(KvError::ScanLimit { .. })));
-        s.apply(&Op::Delete { key: "h".into() });
+        assert!(matches!(s.apply(scan), OpResult::Err(KvError::ScanLimit { .. })));
+        s.apply(Op::Delete { key: "h".into() });
         assert_eq!(s, before);
     }
 }

@@ -521,7 +521,7 @@ impl Cluster {
             assert_eq!(e.index, slot.sm.last_applied + 1, "node {id} applied index {} out of order", e.index);
             slot.sm.last_applied = e.index;
             if e.kind == EntryKind::Normal {
-                slot.sm.cmds.insert(e.index, e.data.clone());
+                slot.sm.cmds.insert(e.index, e.data.to_vec());
             }
             self.checker.on_apply(id, term, e);
             if self.cfg.snapshot_every.is_some_and(|n| (e.index + 1) % n == 0) {

@@ -80,7 +80,7 @@ fn random_op(rng: &mut Rng, st: &sixfive_raft::RestoredState, term: &mut u64, st
                     term: *term,
                     index: i,
                     kind: EntryKind::Normal,
-                    data: vec![(i % 251) as u8; rng.range(0, data_max) as usize],
+                    data: vec![(i % 251) as u8; rng.range(0, data_max) as usize].into(),
                 })
                 .collect();
             Op::Append(es)

@@ -17,16 +17,16 @@ pub fn serialize<S: Serializer, T: AsRef<[u8]> + ?Sized>(v: &T, s: S) -> Result<
 pub fn deserialize<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
-    T: From<Vec<u8>> + for<'a> From<&'a [u8]>,
+    T: From<Vec<u8>>,
 {
     struct Bytes<T>(std::marker::PhantomData<T>);
-    impl<'de, T: From<Vec<u8>> + for<'a> From<&'a [u8]>> Visitor<'de> for Bytes<T> {
+    impl<'de, T: From<Vec<u8>>> Visitor<'de> for Bytes<T> {
         type Value = T;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a byte string")
         }
         fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<T, E> {
-            Ok(T::from(v))
+            Ok(T::from(v.to_vec()))
         }
         fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<T, E> {
             Ok(T::from(v))

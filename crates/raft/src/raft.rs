@@ -321,7 +321,7 @@ impl Raft {
         let data = next.encode();
         self.uncommitted_bytes += data.len();
         let index = self.log.last_index() + 1;
-        self.log.append(&[Entry { term: self.term, index, kind: EntryKind::ConfChange, data }]);
+        self.log.append(&[Entry { term: self.term, index, kind: EntryKind::ConfChange, data: data.into() }]);
         self.conf = next;
         self.conf_at = (index, self.term);
         self.sync_progress();
@@ -557,7 +557,7 @@ impl Raft {
 
     fn append_entry(&mut self, kind: EntryKind, data: Vec<u8>) -> Index {
         let index = self.log.last_index() + 1;
-        self.log.append(&[Entry { term: self.term, index, kind, data }]);
+        self.log.append(&[Entry { term: self.term, index, kind, data: data.into() }]);
         // The leader counts itself only once the entry is persisted (`on_persisted`): its
         // Appends may go out before its own write (see `Ready`), so followers alone may
         // commit it meanwhile, as `maybe_commit` after their answers does.

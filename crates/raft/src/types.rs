@@ -1,5 +1,6 @@
 //! The values that cross the core's boundary: log entries, persistent state, snapshots, messages.
 
+pub use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// A node's identity. Zero is never a valid id (it is rejected by [`crate::Config::validate`]).
@@ -33,7 +34,7 @@ pub struct Entry {
     pub kind: EntryKind,
     /// The command; empty for a no-op.
     #[serde(with = "crate::bytes")]
-    pub data: Vec<u8>,
+    pub data: Bytes,
 }
 
 impl Entry {
@@ -207,6 +208,18 @@ impl Snapshot {
         head[..8].copy_from_slice(&self.meta.index.to_le_bytes());
         head[8..].copy_from_slice(&self.meta.term.to_le_bytes());
         crc32c::crc32c_append(crc32c::crc32c(&head), &self.data)
+    }
+}
+
+impl Message {
+    /// About the size of the message's encoding (usually a little more), so that it is
+    /// encoded into one allocation instead of a buffer doubled a dozen times.
+    pub fn size_hint(&self) -> usize {
+        64 + match &self.body {
+            MessageBody::Append { entries, .. } => entries.iter().map(Entry::size_bytes).sum(),
+            MessageBody::Snapshot { data, .. } => data.len(),
+            _ => 0,
+        }
     }
 }
 

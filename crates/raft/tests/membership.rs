@@ -162,7 +162,7 @@ fn learner_receives_log_but_never_counts() {
     let mut net = with_learner();
     assert_eq!(net.status(4).conf, conf(&[1, 2, 3], &[], &[4]));
     assert_eq!(net.status(4).commit, net.status(1).commit, "the learner follows the log");
-    assert!(net.applied[&4].iter().any(|e| e.data == b"a"));
+    assert!(net.applied[&4].iter().any(|e| e.data == b"a"[..]));
     // Voters 2 and 3 gone: leader 1 and learner 4 hold the entry, which is no majority.
     net.isolate(2);
     net.isolate(3);
@@ -396,7 +396,7 @@ fn leader_removes_itself() {
     assert_eq!(net.status(1).role, Role::Follower, "a removed node campaigned");
     let l = leaders[0];
     net.propose(l, b"after");
-    assert!(net.applied[&l].iter().any(|e| e.data == b"after"));
+    assert!(net.applied[&l].iter().any(|e| e.data == b"after"[..]));
 }
 
 /// While its removal is uncommitted the leader leads, but does not count itself in C_new.

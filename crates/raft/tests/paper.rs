@@ -132,7 +132,7 @@ impl Net {
     fn normal_applied(&self, id: NodeId) -> Vec<Vec<u8>> {
         self.applied
             .get(&id)
-            .map_or(vec![], |v| v.iter().filter(|e| e.kind == EntryKind::Normal).map(|e| e.data.clone()).collect())
+            .map_or(vec![], |v| v.iter().filter(|e| e.kind == EntryKind::Normal).map(|e| e.data.to_vec()).collect())
     }
 }
 
@@ -306,7 +306,7 @@ fn conflicts_truncated_duplicates_harmless_5_3() {
     net.heal();
     net.tick_all(10);
     net.stabilize();
-    let log1: Vec<_> = net.nodes[&1].log().entries().map(|e| e.data.clone()).collect();
+    let log1: Vec<_> = net.nodes[&1].log().entries().map(|e| e.data.to_vec()).collect();
     assert!(!log1.contains(&b"lost".to_vec()), "conflicting entry survived: {log1:?}");
     assert!(log1.contains(&b"kept".to_vec()));
     // A stale copy of an old Append that matches must not truncate what follows.
@@ -372,8 +372,8 @@ fn vote_refused_to_stale_log_5_4_1() {
 fn old_term_entries_not_committed_by_counting_5_4_2() {
     // Node 1 restarts holding entries of term 1 that were never committed, with term 2 on disk.
     let entries = vec![
-        Entry { term: 1, index: 1, kind: EntryKind::Normal, data: b"a".to_vec() },
-        Entry { term: 1, index: 2, kind: EntryKind::Normal, data: b"b".to_vec() },
+        Entry { term: 1, index: 1, kind: EntryKind::Normal, data: b"a".to_vec().into() },
+        Entry { term: 1, index: 2, kind: EntryKind::Normal, data: b"b".to_vec().into() },
     ];
     let state = RestoredState { hard_state: HardState { term: 2, vote: None, commit: 0 }, snapshot: None, entries };
     let mut c = Config::new(1, vec![1, 2, 3]);
@@ -591,7 +591,7 @@ fn leadership_transfer_3_10() {
     let st = net.status(3);
     assert_eq!(st.role, Role::Leader, "transfer target did not take over");
     assert_eq!(net.status(1).role, Role::Follower);
-    assert!(net.nodes[&3].log().entries().any(|e| e.data == b"x"), "target lacks the leader's entries");
+    assert!(net.nodes[&3].log().entries().any(|e| e.data == b"x"[..]), "target lacks the leader's entries");
 }
 
 /// Thesis 3.10: a transfer that cannot finish within an election timeout is abandoned.
@@ -692,7 +692,7 @@ fn restart_restores_persisted_state() {
         (before.term, before.vote, before.commit, before.last_index, 2)
     );
     assert_eq!(after.role, Role::Follower);
-    assert_eq!(m.log().entry(3).unwrap().data, b"b");
+    assert_eq!(m.log().entry(3).unwrap().data, b"b"[..]);
 }
 
 /// Regression (found by the swarm, seed 639018616): a follower that restarts in the middle of a
@@ -766,7 +766,7 @@ fn drain(n: &mut RawNode) -> Vec<Message> {
 
 /// Node 2 of three, restarted in term 2 holding `n` entries of term 1 that it never saw committed.
 fn follower_with_term1_entries(n: u64) -> RawNode {
-    let entries = (1..=n).map(|i| Entry { term: 1, index: i, kind: EntryKind::Normal, data: vec![i as u8] }).collect();
+    let entries = (1..=n).map(|i| Entry { term: 1, index: i, kind: EntryKind::Normal, data: vec![i as u8].into() }).collect();
     let state = RestoredState { hard_state: HardState { term: 2, vote: None, commit: 0 }, snapshot: None, entries };
     RawNode::restart(Config::new(2, vec![1, 2, 3]), state).unwrap()
 }
@@ -780,7 +780,7 @@ fn append_from_1(term: Term, prev_index: Index, prev_term: Term, entries: Vec<En
 #[test]
 fn append_refused_on_prev_mismatch_rule_2_5_3() {
     let mut n = follower_with_term1_entries(3);
-    let new = |index| vec![Entry { term: 2, index, kind: EntryKind::Normal, data: b"new".to_vec() }];
+    let new = |index| vec![Entry { term: 2, index, kind: EntryKind::Normal, data: b"new".to_vec().into() }];
     for (prev_index, prev_term) in [(3, 2), (4, 1), (2, 2)] {
         n.step(append_from_1(2, prev_index, prev_term, new(prev_index + 1), 3)).unwrap();
         let answers = drain(&mut n);
@@ -809,13 +809,13 @@ fn follower_commit_bounded_by_last_new_entry_rule_5_5_3() {
     drain(&mut n);
     assert_eq!(n.status().commit, 1, "committed entries not known to match the leader");
     // An entry of term 2 at index 2 replaces the stale tail; the commit stops at it.
-    let e2 = Entry { term: 2, index: 2, kind: EntryKind::Normal, data: b"two".to_vec() };
+    let e2 = Entry { term: 2, index: 2, kind: EntryKind::Normal, data: b"two".to_vec().into() };
     n.step(append_from_1(2, 1, 1, vec![e2], 5)).unwrap();
     drain(&mut n);
     let st = n.status();
     assert_eq!((st.last_index, st.commit), (2, 2));
     // A leader commit below the last new entry bounds it the other way.
-    let e3 = Entry { term: 2, index: 3, kind: EntryKind::Normal, data: b"three".to_vec() };
+    let e3 = Entry { term: 2, index: 3, kind: EntryKind::Normal, data: b"three".to_vec().into() };
     n.step(append_from_1(2, 2, 2, vec![e3], 2)).unwrap();
     drain(&mut n);
     assert_eq!(n.status().commit, 2);

@@ -98,7 +98,7 @@ impl Cluster {
     }
 
     fn applied_data(&self, id: NodeId) -> Vec<Vec<u8>> {
-        self.applied[&id].iter().filter(|e| e.kind == EntryKind::Normal).map(|e| e.data.clone()).collect()
+        self.applied[&id].iter().filter(|e| e.kind == EntryKind::Normal).map(|e| e.data.to_vec()).collect()
     }
 }
 
@@ -288,7 +288,7 @@ fn a_lone_voter_commits_its_entry_once_written() {
     n.advance(&rd);
     assert_eq!(n.status().commit, index);
     let rd = n.ready();
-    assert_eq!(rd.committed_entries.last().map(|e| (e.index, e.data.clone())), Some((index, b"x".to_vec())));
+    assert_eq!(rd.committed_entries.last().map(|e| (e.index, e.data.to_vec())), Some((index, b"x".to_vec())));
     n.advance(&rd);
 }
 
@@ -318,7 +318,7 @@ fn heartbeats_leave_early_and_their_answers_wait() {
 #[test]
 fn an_acknowledgement_of_entries_truncated_before_the_persist_is_dropped() {
     let mut n = RawNode::new(config(3, vec![1, 2, 3])).unwrap();
-    let entry = |index, term, d: &[u8]| Entry { term, index, kind: EntryKind::Normal, data: d.to_vec() };
+    let entry = |index, term, d: &[u8]| Entry { term, index, kind: EntryKind::Normal, data: d.to_vec().into() };
     let append = |from, term, entries: Vec<Entry>| Message {
         from,
         to: 3,

@@ -502,7 +502,7 @@ impl<S: Storage, M: StateMachine> Rsm<S, M> {
                 // In effect in the core since it was appended; now committed and applied.
                 if let Some((term, id)) = mine {
                     let result = if term == e.term {
-                        Ok(e.data.clone())
+                        Ok(e.data.to_vec())
                     } else {
                         Err(SubmitError::WrongLeader { leader: None })
                     };
@@ -1010,7 +1010,9 @@ impl<S: Storage, M: StateMachine> RsmNode<S, M> {
         let waiting = &mut self.waiting;
         let mut direct = Vec::new();
         let processed = f(&mut self.rsm, &mut |o| match o {
-            Output::Message(m) => ctx.send(m.to, postcard::to_allocvec(&m).expect("encodes")),
+            Output::Message(m) => {
+                ctx.send(m.to, postcard::to_extend(&m, Vec::with_capacity(m.size_hint())).expect("encodes"))
+            }
             Output::Done(c) => answer_one(ctx, waiting, c, &mut direct),
         });
         if let Err(e) = processed {

@@ -199,7 +199,7 @@ impl ShardSm {
                 return GroupReply::Done(OpResult::Err(KvError::Stale));
             }
         }
-        let reply = shard.data.store.apply(&req.op);
+        let reply = shard.data.store.apply(req.op);
         shard.data.sessions.insert(req.client, Session { seq: req.seq, reply: reply.clone(), last_active: now });
         if sweep {
             // Idle sessions go; decided by log time only, so every replica drops the same ones.

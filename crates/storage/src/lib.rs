@@ -159,15 +159,20 @@ fn sync_check(nonce: u64, at: u64) -> u32 {
     crc32c::crc32c(&b)
 }
 
-/// Frames `payload` after a frame whose checksum was `chain`; returns the bytes and this
-/// frame's checksum.
-fn frame(chain: u32, payload: &[u8]) -> (Vec<u8>, u32) {
-    let len = (payload.len() as u32).to_le_bytes();
-    let crc = crc32c::crc32c_append(crc32c::crc32c_append(chain, &len), payload);
-    let mut out = Vec::with_capacity(payload.len() + 8);
-    out.extend_from_slice(&len);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(payload);
+/// Encodes and frames `r` after a frame whose checksum was `chain`; returns the bytes and this
+/// frame's checksum. Encoded in place, into one allocation of about the right size.
+fn frame(chain: u32, r: &RecordRef) -> (Vec<u8>, u32) {
+    let hint = match r {
+        RecordRef::Entries(es) => es.iter().map(Entry::size_bytes).sum::<usize>(),
+        _ => 0,
+    };
+    let mut out = Vec::with_capacity(64 + hint);
+    out.extend_from_slice(&[0; 8]);
+    let mut out = postcard::to_extend(r, out).expect("records encode");
+    let len = ((out.len() - 8) as u32).to_le_bytes();
+    let crc = crc32c::crc32c_append(crc32c::crc32c_append(chain, &len), &out[8..]);
+    out[..4].copy_from_slice(&len);
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
     (out, crc)
 }
 
@@ -478,14 +483,13 @@ impl<F: Fs> FileStorage<F> {
 
     fn write(&mut self, r: &RecordRef) -> Result<(), StorageError> {
         self.check_usable()?;
-        let payload = postcard::to_allocvec(r).expect("records encode");
-        if payload.len() > MAX_RECORD_BYTES {
+        let (bytes, crc) = frame(self.chain, r);
+        if bytes.len() - 8 > MAX_RECORD_BYTES {
             return Err(StorageError::Invalid(format!(
                 "a record of {} bytes is over the limit of {MAX_RECORD_BYTES}",
-                payload.len()
+                bytes.len() - 8
             )));
         }
-        let (bytes, crc) = frame(self.chain, &payload);
         let path = self.dir.join(LOG);
         let res = self.log.append(&bytes).map_err(io_err("appending to", &path));
         self.poison(res)?;
@@ -561,7 +565,7 @@ impl<F: Fs> FileStorage<F> {
         let mut chain = CHAIN_SEED;
         let nonce = self.fs.random_u64();
         let mut push = |r: &RecordRef| {
-            let (bytes, crc) = frame(chain, &postcard::to_allocvec(r).expect("records encode"));
+            let (bytes, crc) = frame(chain, r);
             out.extend(bytes);
             chain = crc;
         };
@@ -858,7 +862,7 @@ mod tests {
         let mut out = Vec::new();
         let mut chain = CHAIN_SEED;
         for r in records {
-            let (b, c) = frame(chain, &postcard::to_allocvec(r).unwrap());
+            let (b, c) = frame(chain, r);
             out.extend(b);
             chain = c;
         }
@@ -866,7 +870,7 @@ mod tests {
     }
 
     fn e(index: u64, term: u64) -> Entry {
-        Entry { index, term, kind: EntryKind::Normal, data: vec![1] }
+        Entry { index, term, kind: EntryKind::Normal, data: vec![1].into() }
     }
 
     fn refused(records: &[RecordRef]) -> String {

@@ -16,7 +16,7 @@ fn dir(name: &str) -> PathBuf {
 }
 
 fn entry(index: u64, term: u64) -> Entry {
-    Entry { term, index, kind: EntryKind::Normal, data: format!("cmd-{index}-{term}").into_bytes() }
+    Entry { term, index, kind: EntryKind::Normal, data: format!("cmd-{index}-{term}").into_bytes().into() }
 }
 
 fn entries(lo: u64, hi: u64, term: u64) -> Vec<Entry> {
@@ -506,7 +506,7 @@ mod on_a_simulated_disk {
                 term: 1,
                 index: i,
                 kind: sixfive_raft::EntryKind::Normal,
-                data: vec![(i % 251) as u8; 5000],
+                data: vec![(i % 251) as u8; 5000].into(),
             })
             .collect()
     }
@@ -628,15 +628,15 @@ mod on_a_simulated_disk {
 fn a_sync_mark_planted_in_a_payload_does_not_count() {
     let d = dir("forge");
     let mut s = FileStorage::open(&d).unwrap();
-    s.append(&[Entry { term: 1, index: 1, kind: EntryKind::Normal, data: vec![1; 10] }]).unwrap();
+    s.append(&[Entry { term: 1, index: 1, kind: EntryKind::Normal, data: vec![1; 10].into() }]).unwrap();
     s.sync().unwrap();
     let synced = s.log_file_bytes() as usize;
-    s.append(&[Entry { term: 1, index: 2, kind: EntryKind::Normal, data: vec![2; 3 * 4096] }]).unwrap();
+    s.append(&[Entry { term: 1, index: 2, kind: EntryKind::Normal, data: vec![2; 3 * 4096].into() }]).unwrap();
     // Entry 3 carries, for every guess of a nonce a client might try, a well-formed mark for
     // the offset where its data lands.
     let p = s.log_file_bytes();
     let n = 64;
-    let probe = Entry { term: 1, index: 3, kind: EntryKind::Normal, data: vec![0; n] };
+    let probe = Entry { term: 1, index: 3, kind: EntryKind::Normal, data: vec![0; n].into() };
     let payload_len = 1 + postcard::to_allocvec(&vec![probe]).unwrap().len();
     let q = p + 8 + (payload_len - n) as u64;
     let guess = 0u64;
@@ -648,7 +648,7 @@ fn a_sync_mark_planted_in_a_payload_does_not_count() {
     data.extend_from_slice(&[0xAB; 4]);
     data.extend_from_slice(&mark);
     data.resize(n, 0);
-    s.append(&[Entry { term: 1, index: 3, kind: EntryKind::Normal, data }]).unwrap();
+    s.append(&[Entry { term: 1, index: 3, kind: EntryKind::Normal, data: data.into() }]).unwrap();
     drop(s); // never synced
     // Power loss: one page inside entry 2 never reached the disk; the rest did.
     let log = d.join("raft.log");
