@@ -5,9 +5,9 @@
 //! through the `etcd-client` crate; and when `etcd` is on the PATH, a three-member etcd cluster
 //! gets that same load through the same client, and the ratios are printed.
 
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 

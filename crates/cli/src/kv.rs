@@ -223,15 +223,17 @@ pub struct ServeArgs {
     api: Option<String>,
     /// A leader writes each batch at once but syncs it on a thread of its own, going on
     /// meanwhile, once its syncs take this many microseconds on average; below, it syncs on its
-    /// loop (a quick disk: the trip to the other thread costs more). 0: always [default: 400].
+    /// loop (a quick disk: the trip to the other thread costs more). 0: always [default: 0
+    /// with the network on the node's thread (`--io-threads 0`), else 400].
     #[arg(long, env = "SIXFIVE_SYNC_ELSEWHERE_ABOVE_US")]
     sync_elsewhere_above_us: Option<String>,
     /// Adds this many microseconds to every log sync, as a slower disk would (a network
     /// volume's latency, say): to measure how the server behaves there [default: 0].
     #[arg(long, env = "SIXFIVE_SYNC_DELAY_US")]
     sync_delay_us: Option<String>,
-    /// Worker threads for the network (client and peer connections) [default: half the cores,
-    /// at least one: the node's loop and its sync thread need the rest].
+    /// Threads for the network (client and peer connections). 0: none, the node's own thread
+    /// reads and writes its connections between its batches (no hand-off between threads on a
+    /// request's way) [default: 0].
     #[arg(long, env = "SIXFIVE_IO_THREADS")]
     io_threads: Option<String>,
     /// TOML file with any of the settings above (keys as the flags, without the dashes in

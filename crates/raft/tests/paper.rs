@@ -766,7 +766,8 @@ fn drain(n: &mut RawNode) -> Vec<Message> {
 
 /// Node 2 of three, restarted in term 2 holding `n` entries of term 1 that it never saw committed.
 fn follower_with_term1_entries(n: u64) -> RawNode {
-    let entries = (1..=n).map(|i| Entry { term: 1, index: i, kind: EntryKind::Normal, data: vec![i as u8].into() }).collect();
+    let entries =
+        (1..=n).map(|i| Entry { term: 1, index: i, kind: EntryKind::Normal, data: vec![i as u8].into() }).collect();
     let state = RestoredState { hard_state: HardState { term: 2, vote: None, commit: 0 }, snapshot: None, entries };
     RawNode::restart(Config::new(2, vec![1, 2, 3]), state).unwrap()
 }

@@ -376,16 +376,50 @@ pub fn spawn<N: Driven>(
     node: N,
     router: Arc<dyn Router>,
     observer: Option<Observer<N>>,
+    channel: (mpsc::Sender<Input<N>>, mpsc::Receiver<Input<N>>),
+) -> DriverHandle<N> {
+    spawn_on(None, me, node, router, observer, channel)
+}
+
+/// A runtime for [`spawn_on`]: one thread's, with I/O, for the tasks that should run on the
+/// node's own thread between its batches (its network, so that a request reaches the loop
+/// without a hand-off between threads).
+pub fn loop_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
+}
+
+/// How long the tasks on a loop's own runtime run after the loop ends: what it answered last
+/// goes out.
+const LINGER: Duration = Duration::from_millis(100);
+
+/// [`spawn`], on `rt` (from [`loop_runtime`]) if given: the tasks spawned on it before run on
+/// the node's thread too, whenever the loop waits for input.
+pub fn spawn_on<N: Driven>(
+    rt: Option<tokio::runtime::Runtime>,
+    me: Endpoint,
+    node: N,
+    router: Arc<dyn Router>,
+    observer: Option<Observer<N>>,
     (input, rx): (mpsc::Sender<Input<N>>, mpsc::Receiver<Input<N>>),
 ) -> DriverHandle<N> {
     let weak = input.downgrade();
     let thread = std::thread::Builder::new()
         .name(format!("node-{me}"))
         .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(|e| e.to_string())?;
+            let shared = rt.is_some();
+            let rt = match rt {
+                Some(rt) => rt,
+                None => {
+                    tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(|e| e.to_string())?
+                }
+            };
             let lp = Loop { me, input: weak, node, router, timers: BTreeMap::new(), timer_seq: 0, syncer: None };
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(lp.run(rx, observer))))
-                .map_err(|e| panic_message(e.as_ref()))?
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(lp.run(rx, observer))))
+                .map_err(|e| panic_message(e.as_ref()));
+            if shared {
+                rt.block_on(async { tokio::time::sleep(LINGER).await });
+            }
+            result?
         })
         .expect("spawn the node thread");
     DriverHandle { input, thread }

@@ -191,11 +191,13 @@ pub struct RawConfig {
     /// `--api`: `sixfive` or `etcd` (default `sixfive`).
     pub api: Option<String>,
     /// `--sync-elsewhere-above-us`: a leader syncs on a thread of its own once its syncs take
-    /// this many microseconds on average (0: always; default 400).
+    /// this many microseconds on average (0: always, the default with `--io-threads 0`; else
+    /// 400).
     pub sync_elsewhere_above_us: Option<String>,
     /// `--sync-delay-us`: added to every log sync, as a slower disk would (default 0).
     pub sync_delay_us: Option<String>,
-    /// `--io-threads`: threads for the network (0, the default: half the cores, at least one).
+    /// `--io-threads`: threads for the network (0, the default: none, the network runs on the
+    /// node's own thread).
     pub io_threads: Option<String>,
 }
 
@@ -314,15 +316,31 @@ pub struct ServeConfig {
     pub io_threads: usize,
 }
 
-/// Default of `--io-threads`: half the cores, at least one. The node's loop and its sync
-/// thread need the rest; on 2 cores one network thread gave 14% more reads/s and 5% more
-/// writes/s than two (fewer wake-ups of one thread by another: docs/benchmarks.md).
-pub fn default_io_threads() -> usize {
-    (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1)
+/// The runtimes of a server: one for control (signals, metrics, the stop sequence: `io_threads`
+/// threads, at least one, which carry the network too when `io_threads` is positive) and, when
+/// `io_threads` is 0 (the default), the node's own thread's, which then carries the network:
+/// its connections are read and written between the node's batches, and a request reaches the
+/// node with no hand-off from one thread to another (on 2 cores, with the leader's sync on a
+/// thread of its own: +16% writes/s, +44% reads/s over one network thread; docs/benchmarks.md,
+/// "Session 10").
+pub(crate) fn runtimes(
+    io_threads: usize,
+) -> Result<(tokio::runtime::Runtime, Option<tokio::runtime::Runtime>), ServeError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(io_threads.max(1))
+        .enable_all()
+        .thread_name("sixfive-io")
+        .build()
+        .map_err(io("starting the runtime"))?;
+    let on_loop =
+        if io_threads == 0 { Some(driver::loop_runtime().map_err(io("starting the node's runtime"))?) } else { None };
+    Ok((rt, on_loop))
 }
 
-/// Default of `--sync-elsewhere-above-us`: between the 0.27 ms syncs of a disk where syncing
-/// elsewhere costs 5% and the 0.5 ms where it gains 18% (docs/benchmarks.md).
+/// Default of `--sync-elsewhere-above-us` with I/O threads: between the 0.27 ms syncs of a disk
+/// where syncing elsewhere costs 5% and the 0.5 ms where it gains 18% (docs/benchmarks.md).
+/// With the network on the node's thread (`--io-threads 0`) the default is 0, always elsewhere:
+/// a sync on the loop would stop the network too.
 pub const DEFAULT_SYNC_ELSEWHERE_ABOVE_US: u64 = 400;
 
 /// `http://host:port` -> `host:port`; `https://` is refused until TLS exists.
@@ -443,14 +461,14 @@ impl ServeConfig {
             )));
         }
         let snapshot_bytes = number("--snapshot-bytes", raw.snapshot_bytes.as_ref(), 64usize << 20)?;
-        let sync_elsewhere_above_us =
-            number("--sync-elsewhere-above-us", raw.sync_elsewhere_above_us.as_ref(), DEFAULT_SYNC_ELSEWHERE_ABOVE_US)?;
-        let sync_delay_us = number("--sync-delay-us", raw.sync_delay_us.as_ref(), 0)?;
         let io_threads = match number("--io-threads", raw.io_threads.as_ref(), 0usize)? {
-            0 => default_io_threads(),
             n if n <= 1024 => n,
             n => return Err(ServeError::Config(format!("--io-threads {n}: at most 1024"))),
         };
+        let elsewhere = if io_threads == 0 { 0 } else { DEFAULT_SYNC_ELSEWHERE_ABOVE_US };
+        let sync_elsewhere_above_us =
+            number("--sync-elsewhere-above-us", raw.sync_elsewhere_above_us.as_ref(), elsewhere)?;
+        let sync_delay_us = number("--sync-delay-us", raw.sync_delay_us.as_ref(), 0)?;
         let api = match raw.api.as_deref().unwrap_or("sixfive") {
             "sixfive" => Api::Sixfive,
             "etcd" => Api::Etcd,
@@ -1155,12 +1173,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
 
 fn run<M: Served>(cfg: ServeConfig) -> Result<(), ServeError> {
     let _lock = lock_data_dir(&cfg.data_dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.io_threads)
-        .enable_all()
-        .thread_name("sixfive-io")
-        .build()
-        .map_err(io("starting the runtime"))?;
+    let (rt, loop_rt) = runtimes(cfg.io_threads)?;
     let who = identity(&cfg, &rt)?;
     let raft_dir = cfg.data_dir.join("raft");
     let storage = FileStorage::open(&raft_dir)?;
@@ -1183,17 +1196,18 @@ fn run<M: Served>(cfg: ServeConfig) -> Result<(), ServeError> {
     let restored = rsm.status();
     let node: Member<M> = RsmNode::new(rsm).with_group_commit();
     let cluster_id = who.cluster_id;
-    let (peer_l, client_l, metrics_l) = rt.block_on(async {
-        Ok::<_, ServeError>((
-            bind(&cfg.listen_peer, "peers").await?,
-            bind(&cfg.listen_client, "clients").await?,
-            bind(&cfg.listen_metrics, "metrics").await?,
-        ))
+    // The network's tasks (and its sockets' readiness): on the node's own thread, or on the
+    // I/O threads.
+    let net = loop_rt.as_ref().unwrap_or(&rt);
+    let (peer_l, client_l) = net.block_on(async {
+        Ok::<_, ServeError>((bind(&cfg.listen_peer, "peers").await?, bind(&cfg.listen_client, "clients").await?))
     })?;
+    let metrics_l = rt.block_on(bind(&cfg.listen_metrics, "metrics"))?;
+    let net = net.handle().clone();
     let (input, rx) = driver::channel::<Member<M>>();
     let me = peer::Me { id: who.id, cluster_id, client_urls: cfg.advertise_client.clone(), name: cfg.name.clone() };
     let (peers, mut tasks) = {
-        let _g = rt.enter();
+        let _g = net.enter();
         peer::start(me, &who.base.members, peer_l, input.clone(), metrics.clone())
     };
     let peers = Arc::new(peers);
@@ -1224,7 +1238,6 @@ fn run<M: Served>(cfg: ServeConfig) -> Result<(), ServeError> {
     });
     let sh2 = sh.clone();
     let observer: driver::Observer<Member<M>> = Box::new(move |n: &Member<M>| sh2.observe(n));
-    let handle = driver::spawn(who.id, node, router, Some(observer), (input, rx));
     let client_tasks = {
         let _g = rt.enter();
         for l in metrics_l {
@@ -1237,8 +1250,10 @@ fn run<M: Served>(cfg: ServeConfig) -> Result<(), ServeError> {
             }));
         }
         tasks.push(tokio::spawn(sh.clone().promote_caught_up()));
+        let _g = net.enter();
         M::serve_clients(sh.clone(), client_l)
     };
+    let handle = driver::spawn_on(loop_rt, who.id, node, router, Some(observer), (input, rx));
     info!(
         name = %cfg.name,
         id = who.id,
@@ -1305,17 +1320,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn io_threads_default_to_half_the_cores_and_are_range_checked() {
+    fn io_threads_default_to_the_nodes_own_thread_and_are_range_checked() {
         let cfg = |toml: &str| {
             let mut raw = RawConfig::default();
             raw.fill_from_toml(toml).expect("toml");
             ServeConfig::from_raw(&raw)
         };
-        assert_eq!(cfg("").unwrap().io_threads, default_io_threads());
-        assert_eq!(cfg("io-threads = 0").unwrap().io_threads, default_io_threads());
-        assert_eq!(cfg("io-threads = 3").unwrap().io_threads, 3);
-        let cores = std::thread::available_parallelism().unwrap().get();
-        assert_eq!(default_io_threads(), (cores / 2).max(1));
+        let threads = |c: ServeConfig| (c.io_threads, c.sync_elsewhere_above_us);
+        // The network on the node's thread, whose syncs then go elsewhere.
+        assert_eq!(threads(cfg("").unwrap()), (0, 0));
+        assert_eq!(threads(cfg("io-threads = 0").unwrap()), (0, 0));
+        assert_eq!(threads(cfg("io-threads = 3").unwrap()), (3, DEFAULT_SYNC_ELSEWHERE_ABOVE_US));
+        assert_eq!(threads(cfg("io-threads = 3\nsync-elsewhere-above-us = 7").unwrap()), (3, 7));
+        assert_eq!(threads(cfg("sync-elsewhere-above-us = 7").unwrap()), (0, 7));
         for bad in ["io-threads = 5000", "io-threads = \"many\"", "io-threads = -1"] {
             let err = cfg(bad).unwrap_err().to_string();
             assert!(err.contains("--io-threads"), "{bad}: {err}");

@@ -683,13 +683,10 @@ pub fn serve(cfg: ShardServeConfig) -> Result<(), ServeError> {
     let restored = node.rsm_status();
     let cluster_id = shard_cluster_id(&cfg.base.token);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.base.io_threads)
-        .enable_all()
-        .thread_name("sixfive-io")
-        .build()
-        .map_err(io("starting the runtime"))?;
-    let listeners = rt.block_on(async {
+    let (rt, loop_rt) = crate::server::runtimes(cfg.base.io_threads)?;
+    // The network's tasks: on the node's own thread, or on the I/O threads.
+    let net_rt = loop_rt.as_ref().unwrap_or(&rt);
+    let listeners = net_rt.block_on(async {
         let mut out = Vec::new();
         for a in cfg.base.listen_peer.iter().chain(&cfg.extra_client) {
             out.push(TcpListener::bind(a).await.map_err(io(&format!("cannot listen on http://{a}")))?);
@@ -700,7 +697,7 @@ pub fn serve(cfg: ShardServeConfig) -> Result<(), ServeError> {
     let net = Arc::new(Net {
         me,
         cluster_id,
-        rt: rt.handle().clone(),
+        rt: net_rt.handle().clone(),
         links: Mutex::new(BTreeMap::new()),
         metrics: metrics.clone(),
     });
@@ -708,7 +705,8 @@ pub fn serve(cfg: ShardServeConfig) -> Result<(), ServeError> {
     let router = Arc::new(ShardRouter { net, clients: clients.clone(), metrics: metrics.clone() });
     let m2 = metrics.clone();
     let observer: driver::Observer<ShardNode> = Box::new(move |n: &ShardNode| m2.observe(&n.rsm_status()));
-    let handle = driver::spawn(me, node, router, Some(observer), (input.clone(), rx));
+    let net_rt = net_rt.handle().clone();
+    let handle = driver::spawn_on(loop_rt, me, node, router, Some(observer), (input.clone(), rx));
     let sh = Arc::new(Shared {
         me,
         name: cfg.base.name.clone(),
@@ -721,7 +719,7 @@ pub fn serve(cfg: ShardServeConfig) -> Result<(), ServeError> {
     });
     let mut accept_tasks = Vec::new();
     {
-        let _g = rt.enter();
+        let _g = net_rt.enter();
         for l in listeners {
             let sh = sh.clone();
             accept_tasks.push(tokio::spawn(async move {
