@@ -83,7 +83,9 @@ async fn workload<F: std::future::Future<Output = ()>>(
 
 #[test]
 fn three_nodes_linearizable_history() {
-    let mut tc = TestCluster::new("basic", 3, &[]);
+    // With network threads: the layout other than the default (the network on each node's own
+    // thread), which every other test here runs.
+    let mut tc = TestCluster::new("basic", 3, &["--io-threads=2"]);
     run_local(async {
         workload(&tc, 5, 3, tokio::time::sleep(Duration::from_secs(3))).await;
     });

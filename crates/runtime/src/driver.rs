@@ -521,6 +521,50 @@ mod tests {
         assert_eq!(log.0.lock().unwrap().clone(), vec!["reply 9/3 worked on node-1-bg, answered on node-1"]);
     }
 
+    #[test]
+    fn tasks_on_the_loops_runtime_run_on_its_thread_before_and_after_the_loop() {
+        let log = Arc::new(Log::default());
+        let rt = loop_runtime().unwrap();
+        let (input, rx) = channel::<Echo>();
+        let (ran_on, on) = std::sync::mpsc::channel();
+        let (late, late_rx) = tokio::sync::oneshot::channel::<()>();
+        {
+            // Spawned before the loop runs, as a server's network is: a "connection" that
+            // hands the loop a request, then one that still runs once the loop has ended.
+            let _g = rt.enter();
+            let (input, first) = (input.clone(), ran_on.clone());
+            tokio::spawn(async move {
+                first.send(std::thread::current().name().map(String::from)).unwrap();
+                input.send(Input::Request { from: 9, call: 3, bytes: b"hi".to_vec() }).await.unwrap();
+            });
+            tokio::spawn(async move {
+                late_rx.await.unwrap();
+                ran_on.send(std::thread::current().name().map(String::from)).unwrap();
+            });
+        }
+        let h = spawn_on(Some(rt), 1, Echo::default(), log.clone(), None, (input, rx));
+        assert_eq!(on.recv_timeout(Duration::from_secs(10)).unwrap().as_deref(), Some("node-1"));
+        for _ in 0..500 {
+            if !log.0.lock().unwrap().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        h.input.blocking_send(Input::Shutdown).unwrap();
+        // Once the node said goodbye its loop returns without waiting again: the task let go
+        // now can only run in the linger after it.
+        for _ in 0..500 {
+            if log.0.lock().unwrap().iter().any(|l| l == "send 2 bye") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        late.send(()).unwrap();
+        assert_eq!(h.join(), Ok(()));
+        assert_eq!(log.0.lock().unwrap().first().map(String::as_str), Some("reply 9/3 hi"));
+        assert_eq!(on.recv_timeout(Duration::from_secs(1)).unwrap().as_deref(), Some("node-1"));
+    }
+
     /// Its first sync panics.
     #[derive(Default)]
     struct BadSync(bool);
