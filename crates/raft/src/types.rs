@@ -235,3 +235,54 @@ impl MessageBody {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(m: &Message) -> usize {
+        postcard::to_allocvec(m).unwrap().len()
+    }
+
+    #[test]
+    fn a_messages_size_hint_covers_its_encoding_without_waste() {
+        let entry = |index: Index| Entry { term: 3, index, kind: EntryKind::Normal, data: vec![7; 150].into() };
+        let append = Message {
+            from: 1,
+            to: 2,
+            term: 3,
+            body: MessageBody::Append {
+                prev_index: 99,
+                prev_term: 3,
+                entries: (100..200).map(entry).collect(),
+                commit: 98,
+            },
+        };
+        let chunk = Message {
+            from: 1,
+            to: 2,
+            term: 3,
+            body: MessageBody::Snapshot {
+                meta: SnapshotMeta { index: 1 << 40, term: 3 },
+                stream: 1,
+                offset: 1 << 20,
+                data: vec![1; 5000],
+                done: false,
+                checksum: 0xdead_beef,
+            },
+        };
+        let vote = Message {
+            from: 1,
+            to: 2,
+            term: 3,
+            body: MessageBody::Vote { pre: false, last_index: 1 << 50, last_term: 3, transfer: false },
+        };
+        for m in [&append, &chunk, &vote] {
+            // Enough for one allocation, and at most a few bytes per entry and 64 more.
+            let (hint, len) = (m.size_hint(), encoded(m));
+            assert!(hint >= len, "{hint} < {len}: {:?}", m.body);
+            let entries = if let MessageBody::Append { entries, .. } = &m.body { entries.len() } else { 0 };
+            assert!(hint <= len + 24 * entries + 64, "{hint} for {len} bytes: {:?}", m.body);
+        }
+    }
+}
