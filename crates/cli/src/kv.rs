@@ -233,7 +233,8 @@ pub struct ServeArgs {
     sync_delay_us: Option<String>,
     /// Threads for the network (client and peer connections). 0: none, the node's own thread
     /// reads and writes its connections between its batches (no hand-off between threads on a
-    /// request's way) [default: 0].
+    /// request's way; `shardkv serve`, whose syncs are on its loop, takes half the cores, at
+    /// least one) [default: 0].
     #[arg(long, env = "SIXFIVE_IO_THREADS")]
     io_threads: Option<String>,
     /// TOML file with any of the settings above (keys as the flags, without the dashes in

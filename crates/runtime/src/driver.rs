@@ -392,6 +392,9 @@ pub fn loop_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// goes out.
 const LINGER: Duration = Duration::from_millis(100);
 
+/// How long the loop's runtime waits for its blocking tasks as the thread ends.
+const SHUTDOWN: Duration = Duration::from_millis(200);
+
 /// [`spawn`], on `rt` (from [`loop_runtime`]) if given: the tasks spawned on it before run on
 /// the node's thread too, whenever the loop waits for input.
 pub fn spawn_on<N: Driven>(
@@ -419,6 +422,9 @@ pub fn spawn_on<N: Driven>(
             if shared {
                 rt.block_on(async { tokio::time::sleep(LINGER).await });
             }
+            // Not a plain drop, which would wait without limit for the blocking pool (a peer's
+            // host name resolving, say).
+            rt.shutdown_timeout(SHUTDOWN);
             result?
         })
         .expect("spawn the node thread");

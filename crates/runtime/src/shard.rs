@@ -683,10 +683,18 @@ pub fn serve(cfg: ShardServeConfig) -> Result<(), ServeError> {
     let restored = node.rsm_status();
     let cluster_id = shard_cluster_id(&cfg.base.token);
 
-    let (rt, loop_rt) = crate::server::runtimes(cfg.base.io_threads)?;
-    // The network's tasks: on the node's own thread, or on the I/O threads.
-    let net_rt = loop_rt.as_ref().unwrap_or(&rt);
-    let listeners = net_rt.block_on(async {
+    // A shard server's syncs are not pipelined (each is on its loop), so its network keeps
+    // threads of its own (`--io-threads 0`: half the cores, at least one): on the loop, a
+    // leader's Appends and answers would wait behind its sync.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let io_threads = if cfg.base.io_threads == 0 { (cores / 2).max(1) } else { cfg.base.io_threads };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(io_threads)
+        .enable_all()
+        .thread_name("sixfive-io")
+        .build()
+        .map_err(io("starting the runtime"))?;
+    let listeners = rt.block_on(async {
         let mut out = Vec::new();
         for a in cfg.base.listen_peer.iter().chain(&cfg.extra_client) {
             out.push(TcpListener::bind(a).await.map_err(io(&format!("cannot listen on http://{a}")))?);
@@ -697,7 +705,7 @@ pub fn serve(cfg: ShardServeConfig) -> Result<(), ServeError> {
     let net = Arc::new(Net {
         me,
         cluster_id,
-        rt: net_rt.handle().clone(),
+        rt: rt.handle().clone(),
         links: Mutex::new(BTreeMap::new()),
         metrics: metrics.clone(),
     });
@@ -705,8 +713,7 @@ pub fn serve(cfg: ShardServeConfig) -> Result<(), ServeError> {
     let router = Arc::new(ShardRouter { net, clients: clients.clone(), metrics: metrics.clone() });
     let m2 = metrics.clone();
     let observer: driver::Observer<ShardNode> = Box::new(move |n: &ShardNode| m2.observe(&n.rsm_status()));
-    let net_rt = net_rt.handle().clone();
-    let handle = driver::spawn_on(loop_rt, me, node, router, Some(observer), (input.clone(), rx));
+    let handle = driver::spawn(me, node, router, Some(observer), (input.clone(), rx));
     let sh = Arc::new(Shared {
         me,
         name: cfg.base.name.clone(),
@@ -719,7 +726,7 @@ pub fn serve(cfg: ShardServeConfig) -> Result<(), ServeError> {
     });
     let mut accept_tasks = Vec::new();
     {
-        let _g = net_rt.enter();
+        let _g = rt.enter();
         for l in listeners {
             let sh = sh.clone();
             accept_tasks.push(tokio::spawn(async move {
