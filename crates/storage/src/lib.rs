@@ -543,18 +543,28 @@ impl<F: Fs> FileStorage<F> {
         Ok(())
     }
 
-    /// The snapshot file now holds `snapshot`: logs its mark, drops the entries it covers and
-    /// rewrites the log if most of it is dead.
-    fn snapshot_in_effect(&mut self, snapshot: Arc<Snapshot>) -> Result<(), StorageError> {
+    /// The snapshot file, opened before a new one replaces it: held open, its blocks are not
+    /// freed by the rename (on the node's loop) but when [`Fs::release`] lets go of it.
+    fn hold_snapshot_file(&mut self) -> Result<Option<F::File>, StorageError> {
+        if self.snapshot_file_bytes == 0 {
+            return Ok(None);
+        }
+        let path = self.dir.join(SNAPSHOT);
+        let res = self.fs.open(&path).map_err(io_err("opening", &path));
+        self.poison(res).map(Some)
+    }
+
+    /// The snapshot file now holds `snapshot` (and `replaced` is the file it replaced): logs
+    /// its mark, drops the entries it covers and rewrites the log if most of it is dead.
+    fn snapshot_in_effect(&mut self, snapshot: Arc<Snapshot>, replaced: Option<F::File>) -> Result<(), StorageError> {
         self.write(&RecordRef::Snapshot(&snapshot.meta))?;
         let entries = self.state.drop_covered(snapshot.meta);
         let snapshot = self.state.snapshot.replace(snapshot);
-        let file = if self.log_bytes > self.raft_state_bytes() as u64 + self.rewrite_slack_bytes {
-            Some(self.rewrite()?)
-        } else {
-            None
-        };
-        self.fs.release(Garbage { file, entries, snapshot });
+        let mut files: Vec<F::File> = replaced.into_iter().collect();
+        if self.log_bytes > self.raft_state_bytes() as u64 + self.rewrite_slack_bytes {
+            files.push(self.rewrite()?);
+        }
+        self.fs.release(Garbage { files, entries, snapshot });
         Ok(())
     }
 
@@ -755,9 +765,10 @@ impl<F: Fs> Storage for FileStorage<F> {
         // nothing is pending, as in `persist_ready`, where the snapshot comes first.
         self.sync()?;
         let bytes = snapshot_file(snapshot);
+        let replaced = self.hold_snapshot_file()?;
         self.replace_file(SNAPSHOT, &bytes)?;
         self.snapshot_file_bytes = bytes.len() as u64;
-        self.snapshot_in_effect(Arc::new(snapshot.clone()))
+        self.snapshot_in_effect(Arc::new(snapshot.clone()), replaced)
     }
 
     fn snapshot_writer(&self) -> Option<SnapshotWriter<StorageError>> {
@@ -780,11 +791,12 @@ impl<F: Fs> Storage for FileStorage<F> {
         // that replaces it is.
         self.sync()?;
         let (next, path) = (self.dir.join(SNAPSHOT_NEXT), self.dir.join(SNAPSHOT));
+        let replaced = self.hold_snapshot_file()?;
         let res = self.fs.rename(&next, &path).map_err(io_err("renaming", &next));
         self.poison(res)?;
         self.sync_dir()?;
         self.snapshot_file_bytes = snapshot_file_len(&snapshot);
-        self.snapshot_in_effect(snapshot)?;
+        self.snapshot_in_effect(snapshot, replaced)?;
         self.sync()
     }
 

@@ -663,7 +663,7 @@ fn a_sync_mark_planted_in_a_payload_does_not_count() {
 
 /// One release: whether a replaced log file came with it, the indices of the entries, and the
 /// index of the superseded snapshot.
-type Released = (bool, Vec<u64>, Option<u64>);
+type Released = (usize, Vec<u64>, Option<u64>);
 
 /// The operating system's file system, recording what the storage releases.
 #[derive(Clone, Default)]
@@ -694,6 +694,9 @@ impl Fs for Releasing {
     fn create(&self, path: &Path) -> std::io::Result<Self::File> {
         OsFs.create(path)
     }
+    fn open(&self, path: &Path) -> std::io::Result<Self::File> {
+        OsFs.open(path)
+    }
     fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
         OsFs.rename(from, to)
     }
@@ -706,15 +709,16 @@ impl Fs for Releasing {
     fn release(&self, garbage: Garbage<Self::File>) {
         let entries = garbage.entries.iter().map(|e| e.index).collect();
         let snapshot = garbage.snapshot.as_ref().map(|s| s.meta.index);
-        self.released.lock().unwrap().push((garbage.file.is_some(), entries, snapshot));
+        self.released.lock().unwrap().push((garbage.files.len(), entries, snapshot));
     }
 }
 
 #[test]
 fn what_a_snapshot_makes_dead_is_released_to_the_file_system() {
-    // The replaced log file, the covered entries and the superseded snapshot go to
-    // `Fs::release` (which the OS file system frees on another thread), none of it lost to
-    // the log: a reopen finds the same state.
+    // The replaced files (the log a rewrite replaced, the previous snapshot file, held open
+    // so that its rename does not free it), the covered entries and the superseded snapshot
+    // go to `Fs::release` (which the OS file system frees on another thread), none of it lost
+    // to the log: a reopen finds the same state.
     let d = dir("release");
     let fs = Releasing::default();
     let mut s = FileStorage::open_with(fs.clone(), &d).unwrap().with_rewrite_slack(64);
@@ -725,11 +729,11 @@ fn what_a_snapshot_makes_dead_is_released_to_the_file_system() {
     let first = std::sync::Arc::new(Snapshot { meta: SnapshotMeta { index: 5, term: 1 }, data: vec![5; 10] });
     write(&first).unwrap();
     s.install_written_snapshot(first).unwrap();
-    assert_eq!(fs.released.lock().unwrap().clone(), vec![(true, (1..=5).collect(), None)]);
+    assert_eq!(fs.released.lock().unwrap().clone(), vec![(1, (1..=5).collect(), None)]);
     let second = Snapshot { meta: SnapshotMeta { index: 7, term: 1 }, data: vec![7; 10] };
     s.save_snapshot(&second).unwrap();
     s.sync().unwrap();
-    assert_eq!(fs.released.lock().unwrap()[1], (true, vec![6, 7], Some(5)));
+    assert_eq!(fs.released.lock().unwrap()[1], (2, vec![6, 7], Some(5)));
     let st = s.initial_state().unwrap();
     assert_eq!(st.entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![8]);
     drop(s);
