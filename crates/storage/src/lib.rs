@@ -55,7 +55,21 @@
 //! Each call costs O(size of its arguments): entries live in a deque indexed by position, the
 //! Raft state size is kept as a running total. Once a snapshot has made most of the log dead
 //! and the file has grown past the live state by the rewrite slack, the log is rewritten
-//! compactly (temporary file, sync, rename, directory sync): amortised O(1) per byte written.
+//! compactly: amortised O(1) per byte written.
+//!
+//! ## The rewrite, off the node's thread
+//! The live state is captured (the retained entries are reference-counted, so this is cheap)
+//! and written as a new log, `raft.log.tmp`, and synced, on a thread of its own (with
+//! [`fs::OsFs`]; the simulator's file system writes it at once and puts it in place later, so
+//! that the same steps run under fault injection). Meanwhile `raft.log` stays the log: it is
+//! appended to and synced as before, and a crash at any point before the rename finds it
+//! whole (a leftover `raft.log.tmp` is never read). When the new file is ready, at the next
+//! sync on the node's thread, whatever changed since the capture is appended to it (the
+//! snapshot mark, the entries from the lowest index changed since, the hard state), it is
+//! synced, renamed over `raft.log`, and the directory synced: the new file then holds every
+//! record the old one had made durable. (If what changed cannot be said by appending, because
+//! the log was cut back to before every entry changed since, the new file is dropped and the
+//! next snapshot starts another rewrite.) The old file is released to [`fs::Fs::release`].
 #![deny(missing_docs)]
 
 pub mod fs;
@@ -73,6 +87,8 @@ use sixfive_raft::{
 use fs::{Fs, FsFile, Garbage, OsFs};
 
 const LOG: &str = "raft.log";
+/// A rewritten log, until it is renamed over [`LOG`].
+const LOG_TMP: &str = "raft.log.tmp";
 const SNAPSHOT: &str = "raft.snapshot";
 /// A snapshot written off the node's thread, waiting to be installed.
 const SNAPSHOT_NEXT: &str = "raft.snapshot.next";
@@ -174,6 +190,79 @@ fn frame(chain: u32, r: &RecordRef) -> (Vec<u8>, u32) {
     out[..4].copy_from_slice(&len);
     out[4..8].copy_from_slice(&crc.to_le_bytes());
     (out, crc)
+}
+
+/// Frames records one after the other into one buffer.
+struct Framer {
+    out: Vec<u8>,
+    /// Checksum of the last frame.
+    chain: u32,
+}
+
+impl Framer {
+    fn push(&mut self, r: &RecordRef) {
+        let (bytes, crc) = frame(self.chain, r);
+        self.out.extend(bytes);
+        self.chain = crc;
+    }
+
+    /// Entries, in records of at most [`REWRITE_RECORD_BYTES`] of commands (at least one
+    /// entry each).
+    fn push_entries(&mut self, entries: &[Entry]) {
+        let mut start = 0;
+        while start < entries.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < entries.len() && (end == start || bytes + entries[end].data.len() <= REWRITE_RECORD_BYTES) {
+                bytes += entries[end].data.len();
+                end += 1;
+            }
+            self.push(&RecordRef::Entries(&entries[start..end]));
+            start = end;
+        }
+    }
+}
+
+/// A compact log file holding `snap`, `entries` and `hs`: its bytes and last checksum.
+fn compact_log(nonce: u64, snap: &SnapshotMeta, entries: &[Entry], hs: &HardState) -> (Vec<u8>, u32) {
+    let bytes = entries.iter().map(entry_size).sum::<usize>();
+    let mut f = Framer { out: Vec::with_capacity(bytes + 256), chain: CHAIN_SEED };
+    f.push(&RecordRef::Header { format: FORMAT, nonce });
+    f.push(&RecordRef::Snapshot(snap));
+    f.push_entries(entries);
+    f.push(&RecordRef::HardState(hs));
+    (f.out, f.chain)
+}
+
+/// A rewrite of the log under way (see the crate's docs): what the new file was made from.
+struct Rewrite {
+    /// The new file's nonce.
+    nonce: u64,
+    /// The snapshot and hard state it holds.
+    snap: SnapshotMeta,
+    hard_state: HardState,
+    /// The lowest index changed since the capture (by an append, or by a newer snapshot:
+    /// one past its index): the entries from there on are appended to the new file.
+    touched_from: Option<Index>,
+    /// The new file's length and last checksum, once written and synced.
+    written: Written,
+}
+
+/// See [`Rewrite::written`].
+enum Written {
+    /// Written at once (a file system without [`Fs::file_writer`]), put in place after
+    /// `polls` more polls: as a thread, it may finish at any time.
+    Now {
+        result: Result<(u64, u32), StorageError>,
+        polls: u64,
+    },
+    Elsewhere(std::sync::mpsc::Receiver<Result<(u64, u32), StorageError>>),
+}
+
+impl Rewrite {
+    fn touch(&mut self, index: Index) {
+        self.touched_from = Some(self.touched_from.map_or(index, |t| t.min(index)));
+    }
 }
 
 /// The Raft state held, with the invariants the log must keep.
@@ -317,6 +406,10 @@ pub struct FileStorage<F: Fs = OsFs> {
     state: State,
     /// Rewrite the log once it is this much larger than the live state.
     rewrite_slack_bytes: u64,
+    /// A rewrite under way.
+    rewrite: Option<Rewrite>,
+    /// Rewrites put in place since the storage was opened.
+    rewrites: u64,
     poisoned: Option<String>,
 }
 
@@ -428,6 +521,8 @@ impl<F: Fs> FileStorage<F> {
             snapshot_file_bytes,
             state,
             rewrite_slack_bytes: 64 << 20,
+            rewrite: None,
+            rewrites: 0,
             poisoned: None,
         };
         if valid == 0 {
@@ -449,6 +544,11 @@ impl<F: Fs> FileStorage<F> {
     /// Size of the log file.
     pub fn log_file_bytes(&self) -> u64 {
         self.log_bytes
+    }
+
+    /// How many times the log was rewritten compactly since the storage was opened.
+    pub fn log_rewrites(&self) -> u64 {
+        self.rewrites
     }
 
     /// Size of the snapshot file (0 without a snapshot).
@@ -504,23 +604,17 @@ impl<F: Fs> FileStorage<F> {
     }
 
     /// Writes `bytes` to `name` through a temporary file: written, synced, renamed into
-    /// place, directory synced. The log is a log from the start ([`FsFile::is_log`]), so that
-    /// the space prepared ahead of its end is synced with it.
-    fn replace_file(&mut self, name: &str, bytes: &[u8]) -> Result<F::File, StorageError> {
+    /// place, directory synced.
+    fn replace_file(&mut self, name: &str, bytes: &[u8]) -> Result<(), StorageError> {
         let path = self.dir.join(name);
         let tmp = self.dir.join(format!("{name}.tmp"));
         let res = (|| {
             let mut f = self.fs.create(&tmp).map_err(io_err("creating", &tmp))?;
-            if name == LOG {
-                f.is_log();
-            }
             f.append(bytes).and_then(|()| f.sync()).map_err(io_err("writing", &tmp))?;
-            self.fs.rename(&tmp, &path).map_err(io_err("renaming", &tmp))?;
-            Ok(f)
+            self.fs.rename(&tmp, &path).map_err(io_err("renaming", &tmp))
         })();
-        let f = self.poison(res)?;
-        self.sync_dir()?;
-        Ok(f)
+        self.poison(res)?;
+        self.sync_dir()
     }
 
     /// Refuses a snapshot that is not newer than the one held, or that contradicts the log
@@ -558,51 +652,141 @@ impl<F: Fs> FileStorage<F> {
     /// its mark, drops the entries it covers and rewrites the log if most of it is dead.
     fn snapshot_in_effect(&mut self, snapshot: Arc<Snapshot>, replaced: Option<F::File>) -> Result<(), StorageError> {
         self.write(&RecordRef::Snapshot(&snapshot.meta))?;
+        if let Some(rw) = &mut self.rewrite {
+            rw.touch(snapshot.meta.index + 1);
+        }
         let entries = self.state.drop_covered(snapshot.meta);
         let snapshot = self.state.snapshot.replace(snapshot);
-        let mut files: Vec<F::File> = replaced.into_iter().collect();
-        if self.log_bytes > self.raft_state_bytes() as u64 + self.rewrite_slack_bytes {
-            files.push(self.rewrite()?);
+        self.fs.release(Garbage { files: replaced.into_iter().collect(), entries, snapshot });
+        if self.rewrite.is_none() && self.log_bytes > self.raft_state_bytes() as u64 + self.rewrite_slack_bytes {
+            self.start_rewrite();
         }
-        self.fs.release(Garbage { files, entries, snapshot });
         Ok(())
     }
 
-    /// Replaces the log by a compact one holding only the live state, atomically. Returns the
-    /// replaced file, still open.
-    fn rewrite(&mut self) -> Result<F::File, StorageError> {
-        let mut out = Vec::new();
-        let mut chain = CHAIN_SEED;
+    /// Starts rewriting the log compactly: captures the live state and writes it, synced, to
+    /// [`LOG_TMP`], on a thread of its own when the file system can write from one
+    /// ([`Fs::file_writer`]), else at once; [`FileStorage::poll_rewrite`] puts it in place.
+    fn start_rewrite(&mut self) {
         let nonce = self.fs.random_u64();
-        let mut push = |r: &RecordRef| {
-            let (bytes, crc) = frame(chain, r);
-            out.extend(bytes);
-            chain = crc;
-        };
-        push(&RecordRef::Header { format: FORMAT, nonce });
-        push(&RecordRef::Snapshot(&self.state.snap));
-        let entries = self.state.entries.make_contiguous();
-        let mut start = 0;
-        while start < entries.len() {
-            let mut end = start;
-            let mut bytes = 0;
-            while end < entries.len() && (end == start || bytes + entries[end].data.len() <= REWRITE_RECORD_BYTES) {
-                bytes += entries[end].data.len();
-                end += 1;
+        let (snap, hard_state) = (self.state.snap, self.state.hard_state);
+        let entries: Vec<Entry> = self.state.entries.iter().cloned().collect();
+        let tmp = self.dir.join(LOG_TMP);
+        let written = match self.fs.file_writer() {
+            Some(write) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let job = move || {
+                    let (bytes, chain) = compact_log(nonce, &snap, &entries, &hard_state);
+                    let r = write(&tmp, &[&bytes]).map(|()| (bytes.len() as u64, chain));
+                    let _ = tx.send(r.map_err(io_err("writing", &tmp)));
+                };
+                // If no thread can be started, the rewrite is dropped (the receiver finds the
+                // sender gone) and the next snapshot tries again.
+                let _ = std::thread::Builder::new().name("sixfive-rewrite".into()).spawn(job);
+                Written::Elsewhere(rx)
             }
-            push(&RecordRef::Entries(&entries[start..end]));
-            start = end;
+            None => {
+                let (bytes, chain) = compact_log(nonce, &snap, &entries, &hard_state);
+                let r = (|| {
+                    let mut f = self.fs.create(&tmp)?;
+                    f.append(&bytes)?;
+                    f.sync()
+                })();
+                let result = r.map(|()| (bytes.len() as u64, chain)).map_err(io_err("writing", &tmp));
+                Written::Now { result, polls: self.fs.random_u64() % 4 }
+            }
+        };
+        self.rewrite = Some(Rewrite { nonce, snap, hard_state, touched_from: None, written });
+    }
+
+    /// Puts a rewritten log in place if it is ready (or, with `wait`, once it is): appends
+    /// what changed since its capture, syncs it, renames it over the log, syncs the directory.
+    fn poll_rewrite(&mut self, wait: bool) -> Result<(), StorageError> {
+        let Some(rw) = &mut self.rewrite else { return Ok(()) };
+        let received = match &mut rw.written {
+            Written::Now { polls, .. } if *polls > 0 && !wait => {
+                *polls -= 1;
+                return Ok(());
+            }
+            Written::Now { .. } => None,
+            Written::Elsewhere(rx) if wait => Some(rx.recv().ok()),
+            Written::Elsewhere(rx) => match rx.try_recv() {
+                Ok(r) => Some(Some(r)),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(()),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => Some(None),
+            },
+        };
+        let rw = self.rewrite.take().expect("checked above");
+        let written = match (rw.written, received) {
+            (Written::Now { result, .. }, _) | (_, Some(Some(result))) => result,
+            // The thread could not be started: the next snapshot tries again.
+            _ => return Ok(()),
+        };
+        let (len, chain) = self.poison(written)?;
+        // The entries to append again: from the lowest index changed since the capture.
+        let first = self.state.entries.front().map(|e| e.index);
+        let again = match (rw.touched_from, first) {
+            (None, _) => None,
+            (Some(t), Some(first)) if t.max(first) <= self.state.last_index() => Some(t.max(first)),
+            // Cut back below everything changed since: not expressible by appending.
+            (Some(_), _) => return Ok(()),
+        };
+        let mut delta = Framer { out: Vec::new(), chain };
+        if self.state.snap != rw.snap {
+            delta.push(&RecordRef::Snapshot(&self.state.snap));
         }
-        push(&RecordRef::HardState(&self.state.hard_state));
-        let log = self.replace_file(LOG, &out)?;
+        if let (Some(from), Some(first)) = (again, first) {
+            let entries = self.state.entries.make_contiguous();
+            delta.push_entries(&entries[(from - first) as usize..]);
+        }
+        if self.state.hard_state != rw.hard_state {
+            delta.push(&RecordRef::HardState(&self.state.hard_state));
+        }
+        let (tmp, path) = (self.dir.join(LOG_TMP), self.dir.join(LOG));
+        let res = (|| {
+            let mut f = self.fs.open(&tmp).map_err(io_err("opening", &tmp))?;
+            f.is_log();
+            if !delta.out.is_empty() {
+                f.append(&delta.out).and_then(|()| f.sync()).map_err(io_err("writing", &tmp))?;
+            }
+            self.fs.rename(&tmp, &path).map_err(io_err("renaming", &tmp))?;
+            Ok(f)
+        })();
+        let log = self.poison(res)?;
+        self.sync_dir()?;
         let old = std::mem::replace(&mut self.log, log);
-        self.log_bytes = out.len() as u64;
-        self.chain = chain;
-        self.nonce = nonce;
+        self.log_bytes = len + delta.out.len() as u64;
+        self.chain = delta.chain;
+        self.nonce = rw.nonce;
         self.synced_bytes = self.log_bytes;
-        let at = self.log_bytes;
+        let (at, nonce) = (self.log_bytes, self.nonce);
         self.write(&RecordRef::Synced { at, nonce, check: sync_check(nonce, at) })?;
-        Ok(old)
+        // As in `sync`: the mark needs no sync of its own.
+        self.synced_bytes = self.log_bytes;
+        self.fs.release(Garbage { files: vec![old], entries: VecDeque::new(), snapshot: None });
+        self.rewrites += 1;
+        #[cfg(debug_assertions)]
+        self.check_replays_to_state(&path);
+        Ok(())
+    }
+
+    /// Checks that the log file replays to the state held (the invariant every write keeps).
+    #[cfg(debug_assertions)]
+    fn check_replays_to_state(&self, path: &Path) {
+        let bytes = self.fs.read(path).expect("the log reads back");
+        let mut st = State::default();
+        let (valid, chain, nonce) = replay(&bytes, &mut st, path).expect("the log replays");
+        assert_eq!((valid, chain, nonce), (self.log_bytes, self.chain, Some(self.nonce)), "the log's extent");
+        assert_eq!(st.hard_state, self.state.hard_state, "the log's hard state");
+        assert_eq!(st.snap, self.state.snap, "the log's snapshot");
+        assert!(st.entries == self.state.entries, "the log's entries");
+    }
+
+    /// Waits for a rewrite of the log under way, if any, and puts it in place (as the next
+    /// sync does once it is ready): for tests, and for whoever wants the log compact now.
+    pub fn finish_rewrite(&mut self) -> Result<(), StorageError> {
+        self.check_usable()?;
+        self.poll_rewrite(true)
     }
 }
 
@@ -754,6 +938,9 @@ impl<F: Fs> Storage for FileStorage<F> {
         }
         self.state.check_append(entries).map_err(StorageError::Invalid)?;
         self.write(&RecordRef::Entries(entries))?;
+        if let Some(rw) = &mut self.rewrite {
+            rw.touch(entries[0].index);
+        }
         self.state.append(entries);
         Ok(())
     }
@@ -796,8 +983,9 @@ impl<F: Fs> Storage for FileStorage<F> {
         self.poison(res)?;
         self.sync_dir()?;
         self.snapshot_file_bytes = snapshot_file_len(&snapshot);
-        self.snapshot_in_effect(snapshot, replaced)?;
-        self.sync()
+        // Its mark in the log need not be synced now: the file is durable, and opening puts
+        // in effect a snapshot file newer than the log's last mark.
+        self.snapshot_in_effect(snapshot, replaced)
     }
 
     /// The log file's sync handle, used from the thread the job runs on. A mark for the
@@ -805,6 +993,7 @@ impl<F: Fs> Storage for FileStorage<F> {
     fn start_sync(&mut self) -> Result<Option<SyncJob<StorageError>>, StorageError> {
         self.check_usable()?;
         assert!(self.sync_started.is_none(), "a sync started before has not finished");
+        self.poll_rewrite(false)?;
         let Some(sync) = self.log.sync_handle() else { return Ok(None) };
         self.sync_started = Some((self.nonce, self.log_bytes));
         let path = self.dir.join(LOG);
@@ -832,6 +1021,7 @@ impl<F: Fs> Storage for FileStorage<F> {
 
     fn sync(&mut self) -> Result<(), StorageError> {
         self.check_usable()?;
+        self.poll_rewrite(false)?;
         if self.synced_bytes == self.log_bytes {
             return Ok(());
         }

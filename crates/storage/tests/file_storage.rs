@@ -314,8 +314,10 @@ fn log_is_rewritten_and_stays_bounded() {
         })
         .unwrap();
         s.sync().unwrap();
+        s.finish_rewrite().unwrap();
         assert!(s.log_file_bytes() < 4096 + 2048, "log file grew to {} bytes", s.log_file_bytes());
     }
+    assert!(s.log_rewrites() >= 4, "{} rewrites", s.log_rewrites());
     let before = s.initial_state().unwrap();
     drop(s);
     assert_eq!(FileStorage::open(&d).unwrap().initial_state().unwrap(), before);
@@ -729,11 +731,16 @@ fn what_a_snapshot_makes_dead_is_released_to_the_file_system() {
     let first = std::sync::Arc::new(Snapshot { meta: SnapshotMeta { index: 5, term: 1 }, data: vec![5; 10] });
     write(&first).unwrap();
     s.install_written_snapshot(first).unwrap();
-    assert_eq!(fs.released.lock().unwrap().clone(), vec![(1, (1..=5).collect(), None)]);
+    assert_eq!(fs.released.lock().unwrap().clone(), vec![(0, (1..=5).collect(), None)]);
+    // The log's rewrite, started by the install, put in place: the old log is released.
+    s.finish_rewrite().unwrap();
+    assert_eq!(s.log_rewrites(), 1);
+    assert_eq!(fs.released.lock().unwrap()[1], (1, vec![], None));
     let second = Snapshot { meta: SnapshotMeta { index: 7, term: 1 }, data: vec![7; 10] };
     s.save_snapshot(&second).unwrap();
     s.sync().unwrap();
-    assert_eq!(fs.released.lock().unwrap()[1], (2, vec![6, 7], Some(5)));
+    // The first snapshot's file, held open when the second replaced it.
+    assert_eq!(fs.released.lock().unwrap()[2], (1, vec![6, 7], Some(5)));
     let st = s.initial_state().unwrap();
     assert_eq!(st.entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![8]);
     drop(s);
