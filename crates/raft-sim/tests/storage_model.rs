@@ -12,7 +12,8 @@ fn file_storage_agrees_with_the_in_memory_model() {
         let mut rng = Rng::new(seed);
         let dir = std::env::temp_dir().join(format!("sixfive-storage-model-{}-{seed}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let mut file = FileStorage::open(&dir).unwrap().with_rewrite_slack(rng.range(200, 5000));
+        let slack = rng.range(200, 5000);
+        let mut file = FileStorage::open(&dir).unwrap().with_rewrite_slack(slack);
         let mut model = SimStorage::default();
         let mut term = 1;
         for step in 0..300 {
@@ -31,7 +32,7 @@ fn file_storage_agrees_with_the_in_memory_model() {
                     // Clean restart: everything written so far is on disk (process exit keeps
                     // the page cache), so the reopened state must equal the model's.
                     drop(file);
-                    file = FileStorage::open(&dir).unwrap();
+                    file = FileStorage::open(&dir).unwrap().with_rewrite_slack(slack);
                 }
             }
             assert_eq!(file.initial_state().unwrap(), model.initial_state().unwrap(), "seed {seed} step {step}");

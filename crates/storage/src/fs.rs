@@ -28,6 +28,8 @@ pub trait FsFile {
     fn sync(&mut self) -> io::Result<()>;
     /// Cuts (or extends with zeros) the file to `len` bytes.
     fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// The file's length (for a log, its logical end: see [`OsFile`]).
+    fn size(&self) -> io::Result<u64>;
     /// From now on this file is a log: appended to and synced often, read only whole. (A
     /// file system may prepare space ahead of its end; see [`OsFile`].)
     fn is_log(&mut self) {}
@@ -72,6 +74,9 @@ pub trait Fs {
     fn open(&self, path: &Path) -> io::Result<Self::File>;
     /// Renames `from` to `to`, replacing `to` (durable once their directory is synced).
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file's name (durable once its directory is synced; its blocks are freed
+    /// when no handle holds it open).
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
     /// Makes the directory's entries (creations, renames) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// For writing files on another thread (snapshots in the background): `None` (the
@@ -117,6 +122,9 @@ impl FsFile for std::fs::File {
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         std::fs::File::set_len(self, len)
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
     }
 }
 
@@ -182,6 +190,9 @@ impl FsFile for OsFile {
         self.written = len;
         Ok(())
     }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.end)
+    }
     fn is_log(&mut self) {
         self.ahead = true;
     }
@@ -204,15 +215,33 @@ impl Fs for OsFs {
     /// a replaced snapshot of 260 MB, freed by the rename that replaced it, made the rename's
     /// directory sync take 17-46 ms. (RocksDB deletes its files by chunks for the same
     /// reason.)
+    ///
+    /// One thread for the whole process frees everything released, in order.
     fn release(&self, garbage: Garbage<OsFile>) {
-        let free = move || {
+        type Free = Box<dyn FnOnce() + Send>;
+        static FREER: std::sync::OnceLock<Option<std::sync::Mutex<std::sync::mpsc::Sender<Free>>>> =
+            std::sync::OnceLock::new();
+        let freer = FREER.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Free>();
+            let spawned = std::thread::Builder::new().name("sixfive-free".into()).spawn(move || {
+                for free in rx {
+                    free();
+                }
+            });
+            spawned.ok().map(|_| std::sync::Mutex::new(tx))
+        });
+        let free: Free = Box::new(move || {
             for f in &garbage.files {
                 free_gradually(&f.file);
             }
             drop(garbage);
-        };
-        // If no thread can be started, the garbage is freed here.
-        let _ = std::thread::Builder::new().name("sixfive-free".into()).spawn(free);
+        });
+        // If no thread could be started, the garbage is freed here.
+        if let Some(Err(std::sync::mpsc::SendError(free))) =
+            freer.as_ref().map(|tx| tx.lock().unwrap_or_else(|e| e.into_inner()).send(free))
+        {
+            free();
+        }
     }
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         std::fs::create_dir_all(dir)
@@ -260,6 +289,9 @@ impl Fs for OsFs {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         std::fs::rename(from, to)
     }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         std::fs::File::open(dir)?.sync_all()
     }
@@ -286,13 +318,13 @@ impl Fs for OsFs {
     }
 }
 
-/// Cuts a file no longer named down to nothing, [`FREE_CHUNK_BYTES`] at a time, each step
-/// made durable before the next; stops at the first error (the rest is freed when the file is
-/// closed).
+/// Cuts a file no longer named down to at most [`FREE_CHUNK_BYTES`], that much at a time,
+/// each step made durable before the next; stops at the first error. The rest is freed when
+/// the file is closed.
 fn free_gradually(file: &std::fs::File) {
     let Ok(meta) = file.metadata() else { return };
     let mut len = meta.len();
-    while len > 0 {
+    while len > FREE_CHUNK_BYTES {
         len = len.saturating_sub(FREE_CHUNK_BYTES);
         if file.set_len(len).and_then(|()| file.sync_data()).is_err() {
             return;
@@ -315,7 +347,7 @@ mod os_tests {
         OsFs.rename(&dir.join("g"), &path).unwrap();
         assert_eq!(held.file.metadata().unwrap().len(), 2 * FREE_CHUNK_BYTES + 5, "held open after the rename");
         free_gradually(&held.file);
-        assert_eq!(held.file.metadata().unwrap().len(), 0);
+        assert_eq!(held.file.metadata().unwrap().len(), 5, "cut by whole chunks; the rest goes with the handle");
         assert_eq!(std::fs::read(&path).unwrap(), b"new", "only the held file was cut");
         assert!(OsFs.open(&dir.join("missing")).is_err(), "open does not create");
         std::fs::remove_dir_all(&dir).unwrap();
@@ -608,6 +640,10 @@ mod sim {
             })
         }
 
+        fn size(&self) -> io::Result<u64> {
+            self.with(|st, ino| Ok(st.inodes[&ino].current.len() as u64))
+        }
+
         fn set_len(&mut self, len: u64) -> io::Result<()> {
             self.with(|st, ino| {
                 st.fault("ftruncate")?;
@@ -704,6 +740,15 @@ mod sim {
                 let ino = st.lookup(from).ok_or_else(|| not_found(from))?;
                 st.names.get_mut(parent(from)).expect("listed").remove(from);
                 st.link(to, ino)
+            })
+        }
+
+        fn remove_file(&self, path: &Path) -> io::Result<()> {
+            self.with(|st| {
+                st.fault("unlink")?;
+                st.lookup(path).ok_or_else(|| not_found(path))?;
+                st.names.get_mut(parent(path)).expect("listed").remove(path);
+                Ok(())
             })
         }
 

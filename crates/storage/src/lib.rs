@@ -63,13 +63,16 @@
 //! [`fs::OsFs`]; the simulator's file system writes it at once and puts it in place later, so
 //! that the same steps run under fault injection). Meanwhile `raft.log` stays the log: it is
 //! appended to and synced as before, and a crash at any point before the rename finds it
-//! whole (a leftover `raft.log.tmp` is never read). When the new file is ready, at the next
-//! sync on the node's thread, whatever changed since the capture is appended to it (the
-//! snapshot mark, the entries from the lowest index changed since, the hard state), it is
-//! synced, renamed over `raft.log`, and the directory synced: the new file then holds every
-//! record the old one had made durable. (If what changed cannot be said by appending, because
-//! the log was cut back to before every entry changed since, the new file is dropped and the
-//! next snapshot starts another rewrite.) The old file is released to [`fs::Fs::release`].
+//! whole (a leftover `raft.log.tmp` is never read, and the next open removes it). When the
+//! new file is ready, at the next sync on the node's thread, whatever changed since the
+//! capture is appended to it (the snapshot mark, the entries from the lowest index changed
+//! since, the hard state), it is synced, renamed over `raft.log`, and the directory synced: the
+//! new file then holds every record the old one had made durable. The old file is released
+//! to [`fs::Fs::release`]. Until the rename, giving up loses nothing, so a rewrite is dropped
+//! (and the next snapshot starts another) when writing the new file failed, when it is not
+//! the length its writer reported, or when what changed cannot be said by appending (the log
+//! was cut back below every entry changed since). Dropping the storage waits for its
+//! rewrite's thread, so that no thread writes the directory after it is closed.
 #![deny(missing_docs)]
 
 pub mod fs;
@@ -528,6 +531,11 @@ impl<F: Fs> FileStorage<F> {
         if valid == 0 {
             s.write(&RecordRef::Header { format: FORMAT, nonce })?;
         }
+        // A rewrite that a crash (or a drop) interrupted: never read, never to be used.
+        let tmp = s.dir.join(LOG_TMP);
+        if s.fs.exists(&tmp).map_err(io_err("inspecting", &tmp))? {
+            s.drop_rewritten_file();
+        }
         if mark_snapshot {
             s.write(&RecordRef::Snapshot(&file_meta))?;
         }
@@ -639,13 +647,12 @@ impl<F: Fs> FileStorage<F> {
 
     /// The snapshot file, opened before a new one replaces it: held open, its blocks are not
     /// freed by the rename (on the node's loop) but when [`Fs::release`] lets go of it.
-    fn hold_snapshot_file(&mut self) -> Result<Option<F::File>, StorageError> {
+    /// (If it cannot be opened, the rename frees it: slower, not wrong.)
+    fn hold_snapshot_file(&mut self) -> Option<F::File> {
         if self.snapshot_file_bytes == 0 {
-            return Ok(None);
+            return None;
         }
-        let path = self.dir.join(SNAPSHOT);
-        let res = self.fs.open(&path).map_err(io_err("opening", &path));
-        self.poison(res).map(Some)
+        self.fs.open(&self.dir.join(SNAPSHOT)).ok()
     }
 
     /// The snapshot file now holds `snapshot` (and `replaced` is the file it replaced): logs
@@ -717,19 +724,27 @@ impl<F: Fs> FileStorage<F> {
             },
         };
         let rw = self.rewrite.take().expect("checked above");
-        let written = match (rw.written, received) {
-            (Written::Now { result, .. }, _) | (_, Some(Some(result))) => result,
-            // The thread could not be started: the next snapshot tries again.
-            _ => return Ok(()),
+        // Until the rename, nothing is lost by giving up: the log is whole, and the next
+        // snapshot starts another rewrite. So a rewrite that failed (the thread could not be
+        // started, or writing the new file failed: its failed sync cannot have dropped any of
+        // the log's pages) is dropped, not a reason to stop the node.
+        let Some((len, chain)) = (match (rw.written, received) {
+            (Written::Now { result, .. }, _) | (_, Some(Some(result))) => result.ok(),
+            _ => None,
+        }) else {
+            self.drop_rewritten_file();
+            return Ok(());
         };
-        let (len, chain) = self.poison(written)?;
         // The entries to append again: from the lowest index changed since the capture.
         let first = self.state.entries.front().map(|e| e.index);
         let again = match (rw.touched_from, first) {
             (None, _) => None,
             (Some(t), Some(first)) if t.max(first) <= self.state.last_index() => Some(t.max(first)),
             // Cut back below everything changed since: not expressible by appending.
-            (Some(_), _) => return Ok(()),
+            (Some(_), _) => {
+                self.drop_rewritten_file();
+                return Ok(());
+            }
         };
         let mut delta = Framer { out: Vec::new(), chain };
         if self.state.snap != rw.snap {
@@ -743,16 +758,24 @@ impl<F: Fs> FileStorage<F> {
             delta.push(&RecordRef::HardState(&self.state.hard_state));
         }
         let (tmp, path) = (self.dir.join(LOG_TMP), self.dir.join(LOG));
-        let res = (|| {
-            let mut f = self.fs.open(&tmp).map_err(io_err("opening", &tmp))?;
+        let prepared = (|| {
+            let mut f = self.fs.open(&tmp)?;
+            if f.size()? != len {
+                return Err(io::Error::other("not the file the rewrite wrote"));
+            }
             f.is_log();
             if !delta.out.is_empty() {
-                f.append(&delta.out).and_then(|()| f.sync()).map_err(io_err("writing", &tmp))?;
+                f.append(&delta.out)?;
+                f.sync()?;
             }
-            self.fs.rename(&tmp, &path).map_err(io_err("renaming", &tmp))?;
             Ok(f)
         })();
-        let log = self.poison(res)?;
+        let Ok(log) = prepared else {
+            self.drop_rewritten_file();
+            return Ok(());
+        };
+        let res = self.fs.rename(&tmp, &path).map_err(io_err("renaming", &tmp));
+        self.poison(res)?;
         self.sync_dir()?;
         let old = std::mem::replace(&mut self.log, log);
         self.log_bytes = len + delta.out.len() as u64;
@@ -768,6 +791,17 @@ impl<F: Fs> FileStorage<F> {
         #[cfg(debug_assertions)]
         self.check_replays_to_state(&path);
         Ok(())
+    }
+
+    /// Lets go of a rewritten log that will not take the log's place: its name is removed and
+    /// its blocks freed off the node's thread ([`Fs::release`]). Failures are ignored: the
+    /// file is never read, and the next rewrite replaces it.
+    fn drop_rewritten_file(&mut self) {
+        let tmp = self.dir.join(LOG_TMP);
+        if let Ok(f) = self.fs.open(&tmp) {
+            let _ = self.fs.remove_file(&tmp);
+            self.fs.release(Garbage { files: vec![f], entries: VecDeque::new(), snapshot: None });
+        }
     }
 
     /// Checks that the log file replays to the state held (the invariant every write keeps).
@@ -787,6 +821,16 @@ impl<F: Fs> FileStorage<F> {
     pub fn finish_rewrite(&mut self) -> Result<(), StorageError> {
         self.check_usable()?;
         self.poll_rewrite(true)
+    }
+}
+
+impl<F: Fs> Drop for FileStorage<F> {
+    /// Waits for a rewrite's thread: it writes the directory's [`LOG_TMP`], which a storage
+    /// opened on the directory after this one would otherwise share with it.
+    fn drop(&mut self) {
+        if let Some(Rewrite { written: Written::Elsewhere(rx), .. }) = self.rewrite.take() {
+            let _ = rx.recv();
+        }
     }
 }
 
@@ -952,7 +996,7 @@ impl<F: Fs> Storage for FileStorage<F> {
         // nothing is pending, as in `persist_ready`, where the snapshot comes first.
         self.sync()?;
         let bytes = snapshot_file(snapshot);
-        let replaced = self.hold_snapshot_file()?;
+        let replaced = self.hold_snapshot_file();
         self.replace_file(SNAPSHOT, &bytes)?;
         self.snapshot_file_bytes = bytes.len() as u64;
         self.snapshot_in_effect(Arc::new(snapshot.clone()), replaced)
@@ -978,7 +1022,7 @@ impl<F: Fs> Storage for FileStorage<F> {
         // that replaces it is.
         self.sync()?;
         let (next, path) = (self.dir.join(SNAPSHOT_NEXT), self.dir.join(SNAPSHOT));
-        let replaced = self.hold_snapshot_file()?;
+        let replaced = self.hold_snapshot_file();
         let res = self.fs.rename(&next, &path).map_err(io_err("renaming", &next));
         self.poison(res)?;
         self.sync_dir()?;

@@ -702,6 +702,9 @@ impl Fs for Releasing {
     fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
         OsFs.rename(from, to)
     }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        OsFs.remove_file(path)
+    }
     fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
         OsFs.sync_dir(dir)
     }
@@ -773,5 +776,76 @@ fn the_log_is_written_over_zeros_prepared_ahead_and_reopens_the_same() {
     assert_eq!(st.entries.last().unwrap().index, 60);
     drop(s);
     assert_eq!(FileStorage::open(&d).unwrap().initial_state().unwrap(), st);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn a_rewrite_put_in_place_late_carries_what_was_written_meanwhile() {
+    // The rewrite's thread captured the state at the snapshot; until its file takes the log's
+    // place, the node goes on: entries appended (one append cutting back the log), the hard
+    // state, a second snapshot, a sync running on another thread across the swap. The new
+    // log must hold all of it, and a sync job of the replaced file must finish harmlessly.
+    let d = dir("late-rewrite");
+    // Commands large enough that a snapshot leaves most of the log dead.
+    let entries = |lo: u64, hi: u64, term: u64| -> Vec<Entry> {
+        (lo..=hi).map(|i| Entry { term, index: i, kind: EntryKind::Normal, data: vec![i as u8; 200].into() }).collect()
+    };
+    let mut s = FileStorage::open(&d).unwrap().with_rewrite_slack(64);
+    s.append(&entries(1, 40, 1)).unwrap();
+    s.save_hard_state(&HardState { term: 1, vote: Some(1), commit: 30 }).unwrap();
+    s.sync().unwrap();
+    let job = s.start_sync().unwrap().expect("the OS file system syncs elsewhere");
+    s.append(&entries(41, 50, 1)).unwrap();
+    s.save_snapshot(&Snapshot { meta: SnapshotMeta { index: 10, term: 1 }, data: vec![1; 10] }).unwrap();
+    assert_eq!(s.log_rewrites(), 0, "under way");
+    s.append(&entries(45, 47, 2)).unwrap();
+    s.save_hard_state(&HardState { term: 2, vote: Some(2), commit: 44 }).unwrap();
+    s.save_snapshot(&Snapshot { meta: SnapshotMeta { index: 20, term: 1 }, data: vec![2; 10] }).unwrap();
+    s.append(&entries(48, 49, 2)).unwrap();
+    s.finish_rewrite().unwrap();
+    assert_eq!(s.log_rewrites(), 1);
+    // The sync started on the replaced file finishes without a mark in the new one.
+    s.finish_sync(job()).unwrap();
+    s.append(&entries(50, 52, 2)).unwrap();
+    s.sync().unwrap();
+    let st = s.initial_state().unwrap();
+    assert_eq!(st.entries.first().map(|e| e.index), Some(21));
+    assert_eq!(st.entries.last().map(|e| (e.index, e.term)), Some((52, 2)));
+    assert_eq!(st.entries.iter().find(|e| e.index == 46).map(|e| e.term), Some(2), "the cut-back append");
+    assert_eq!(st.hard_state, HardState { term: 2, vote: Some(2), commit: 44 });
+    drop(s);
+    assert_eq!(FileStorage::open(&d).unwrap().initial_state().unwrap(), st);
+    assert!(!d.join("raft.log.tmp").exists(), "the rewritten file took the log's name");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn dropping_the_storage_waits_for_its_rewrite_and_opening_removes_the_leftover() {
+    // A rewrite's thread writes raft.log.tmp; a storage dropped while it runs waits for it (a
+    // storage opened next on the directory, in the same process, would otherwise share that
+    // file with it: the review reproduced a damaged log so). The next open removes the
+    // leftover, which nothing reads.
+    let d = dir("drop-rewrite");
+    let big = |lo: u64, hi: u64| -> Vec<Entry> {
+        (lo..=hi)
+            .map(|i| Entry { term: 1, index: i, kind: EntryKind::Normal, data: vec![i as u8; 1 << 20].into() })
+            .collect()
+    };
+    let mut a = FileStorage::open(&d).unwrap().with_rewrite_slack(1);
+    for k in 0..4 {
+        a.append(&big(k * 8 + 1, k * 8 + 8)).unwrap();
+    }
+    a.save_hard_state(&HardState { term: 1, vote: Some(1), commit: 32 }).unwrap();
+    a.sync().unwrap();
+    a.save_snapshot(&Snapshot { meta: SnapshotMeta { index: 1, term: 1 }, data: vec![1; 10] }).unwrap();
+    let st = a.initial_state().unwrap();
+    drop(a);
+    let tmp = d.join("raft.log.tmp");
+    let written = std::fs::metadata(&tmp).map_or(0, |m| m.len());
+    assert!(written > 31 << 20, "the rewrite was whole when the drop returned ({written} bytes)");
+    let b = FileStorage::open(&d).unwrap();
+    assert!(!tmp.exists(), "the leftover is removed");
+    assert_eq!(b.initial_state().unwrap(), st);
+    drop(b);
     std::fs::remove_dir_all(&d).unwrap();
 }
