@@ -194,6 +194,17 @@ pub struct Store {
     size: u64,
 }
 
+/// The value a history holds at revision `at` (main revision), if the key is live there. The
+/// last entry first: reads and writes at the current revision, nearly all of them, need no
+/// search.
+fn at_rev(hist: &[Entry], at: i64) -> Option<&Kv> {
+    let i = match hist.last() {
+        Some(last) if last.rev.0 <= at => hist.len(),
+        _ => hist.partition_point(|e| e.rev.0 <= at),
+    };
+    hist.get(i.checked_sub(1)?)?.kv.as_ref()
+}
+
 /// Approximate bytes one history entry holds (key, value and fixed fields).
 fn entry_size(key: &[u8], kv: Option<&Kv>) -> u64 {
     (key.len() + kv.map_or(0, |kv| kv.value.len()) + 48) as u64
@@ -227,12 +238,7 @@ impl Store {
 
     /// The value of `key` at revision `at` (main revision), if it is live there.
     pub fn get_at(&self, key: &[u8], at: i64) -> Option<&Kv> {
-        let hist = self.keys.get(key)?;
-        let i = hist.partition_point(|e| e.rev.0 <= at);
-        if i == 0 {
-            return None;
-        }
-        hist[i - 1].kv.as_ref()
+        at_rev(self.keys.get(key)?, at)
     }
 
     /// Checks a read revision against the store (0 or negative: the current one), as etcd's
@@ -255,11 +261,7 @@ impl Store {
         let mut count = 0;
         if let Some(bounds) = range.bounds() {
             for (k, hist) in self.keys.range::<_, [u8]>(bounds) {
-                let i = hist.partition_point(|e| e.rev.0 <= at);
-                if i == 0 {
-                    continue;
-                }
-                if let Some(kv) = &hist[i - 1].kv {
+                if let Some(kv) = at_rev(hist, at) {
                     count += 1;
                     if !count_only && (limit == 0 || kvs.len() < limit) {
                         kvs.push(kv.to_proto(k));
@@ -273,19 +275,25 @@ impl Store {
     /// Appends a put of `key` at revision `rev` (main revision `rev.0 > self.rev` while a
     /// transaction is open). Returns the new key-value and the previous live one.
     pub(crate) fn put(&mut self, key: &[u8], value: Arc<[u8]>, lease: i64, rev: Rev) -> (Kv, Option<Kv>) {
-        if !self.keys.contains_key(key) {
-            self.keys.insert(Key::from(key), Vec::new());
-        }
-        let (key, hist) = self.keys.get_key_value_mut(key).expect("inserted above");
-        let key = key.clone();
-        debug_assert!(hist.last().is_none_or(|e| e.rev < rev), "history goes forward");
-        let prev = hist.last().and_then(|e| e.kv.clone());
-        let (create_revision, version) = match &prev {
-            Some(p) => (p.create_revision, p.version + 1),
-            None => (rev.0, 1),
+        let next = |prev: Option<&Kv>| {
+            let (create_revision, version) = prev.map_or((rev.0, 1), |p| (p.create_revision, p.version + 1));
+            Kv { create_revision, mod_revision: rev.0, version, value, lease }
         };
-        let kv = Kv { create_revision, mod_revision: rev.0, version, value, lease };
-        hist.push(Entry { rev, kv: Some(kv.clone()) });
+        // One lookup of the key when it has a history (the common case).
+        let (key, kv, prev) = match self.keys.get_key_value_mut(key) {
+            Some((key, hist)) => {
+                debug_assert!(hist.last().is_none_or(|e| e.rev < rev), "history goes forward");
+                let prev = hist.last().and_then(|e| e.kv.clone());
+                let kv = next(prev.as_ref());
+                hist.push(Entry { rev, kv: Some(kv.clone()) });
+                (key.clone(), kv, prev)
+            }
+            None => {
+                let (key, kv) = (Key::from(key), next(None));
+                self.keys.insert(key.clone(), vec![Entry { rev, kv: Some(kv.clone()) }]);
+                (key, kv, None)
+            }
+        };
         self.size += entry_size(&key, Some(&kv));
         self.by_rev.insert(rev, key);
         (kv, prev)

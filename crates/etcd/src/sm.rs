@@ -553,13 +553,21 @@ impl<'a> Tx<'a> {
 
     /// etcd `put`.
     fn put(&mut self, p: &PutRequest) -> Result<PutResponse, EtcdError> {
-        let cur = self.st.store.get_at(&p.key, self.cur()).cloned();
-        if (p.ignore_value || p.ignore_lease) && cur.is_none() {
-            return Err(EtcdError::KeyNotFound);
-        }
-        let value =
-            if p.ignore_value { cur.as_ref().expect("checked").value.clone() } else { p.value.as_slice().into() };
-        let lease = if p.ignore_lease { cur.as_ref().expect("checked").lease } else { p.lease };
+        // The key's current value matters only to a put that keeps its value or lease.
+        let cur = if p.ignore_value || p.ignore_lease {
+            let cur = self.st.store.get_at(&p.key, self.cur()).ok_or(EtcdError::KeyNotFound)?;
+            Some((cur.value.clone(), cur.lease))
+        } else {
+            None
+        };
+        let value = match &cur {
+            Some((value, _)) if p.ignore_value => value.clone(),
+            _ => p.value.as_slice().into(),
+        };
+        let lease = match cur {
+            Some((_, lease)) if p.ignore_lease => lease,
+            _ => p.lease,
+        };
         if lease != 0 && !self.st.leases.contains_key(&lease) {
             return Err(EtcdError::LeaseNotFound);
         }
