@@ -337,7 +337,7 @@ mod os_tests {
     use super::*;
 
     #[test]
-    fn a_released_file_is_cut_to_nothing_through_its_handle() {
+    fn a_released_file_is_cut_by_chunks_through_its_handle() {
         let dir = std::env::temp_dir().join(format!("sixfive-free-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f");

@@ -825,7 +825,7 @@ impl<F: Fs> FileStorage<F> {
 }
 
 impl<F: Fs> Drop for FileStorage<F> {
-    /// Waits for a rewrite's thread: it writes the directory's [`LOG_TMP`], which a storage
+    /// Waits for a rewrite's thread: it writes the directory's `raft.log.tmp`, which a storage
     /// opened on the directory after this one would otherwise share with it.
     fn drop(&mut self) {
         if let Some(Rewrite { written: Written::Elsewhere(rx), .. }) = self.rewrite.take() {
