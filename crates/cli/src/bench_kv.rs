@@ -3,7 +3,8 @@
 //! reads/s with latency percentiles, fsyncs per write, group-commit batch sizes and each
 //! server's peak RSS. Then the same cluster serving etcd's API (`--api etcd`) gets the load
 //! through the `etcd-client` crate; and when `etcd` is on the PATH, a three-member etcd cluster
-//! gets that same load through the same client, and the ratios are printed.
+//! gets that same load through the same client, and the ratios are printed. With
+//! `--etcd-endpoints`, only that load, against a running server of etcd's API.
 
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ pub struct Options {
     pub key_size: usize,
     pub value_size: usize,
     pub endpoints: Option<String>,
+    pub etcd_endpoints: Option<String>,
     pub data_dir: PathBuf,
     pub keep: bool,
     pub no_etcd: bool,
@@ -246,6 +248,9 @@ pub fn run(o: Options) -> ExitCode {
         eprintln!("error: --clients and --secs must be positive");
         return ExitCode::from(2);
     }
+    if let Some(e) = &o.etcd_endpoints {
+        return etcd_api_at(e, &o);
+    }
     let _lock = match &o.endpoints {
         Some(_) => None,
         None => match lock_bench_dir(&o.data_dir) {
@@ -333,6 +338,26 @@ pub fn run(o: Options) -> ExitCode {
 
 fn on_path(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| PathBuf::from(d).join(name)).find(|p| p.is_file())
+}
+
+/// The etcd load ([`etcd_load`]) against the running server of etcd's API at `endpoints`.
+fn etcd_api_at(endpoints: &str, o: &Options) -> ExitCode {
+    let urls: Vec<String> = endpoints.split(',').map(str::to_string).collect();
+    match etcd_load(&urls, o) {
+        Ok((w, r)) => {
+            println!(
+                "bench kv through the etcd-client crate against {endpoints}: {} clients, {} s per phase, {} B keys, {} B values",
+                o.clients, o.secs, o.key_size, o.value_size
+            );
+            println!("{}", w.row("writes (Put)"));
+            println!("{}", r.row("reads (Get, lin.)"));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The same sixfive cluster serving etcd's API (`--api etcd`), driven by the etcd load

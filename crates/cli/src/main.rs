@@ -75,8 +75,13 @@ enum BenchCommand {
         #[arg(long, default_value_t = 128)]
         value_size: usize,
         /// Measure this running cluster instead of starting one.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "etcd_endpoints")]
         endpoints: Option<String>,
+        /// Measure this running server of etcd's API (etcd, `kv serve --api etcd`, or any
+        /// other) through the `etcd-client` crate, with the load of the etcd rows, instead of
+        /// starting clusters.
+        #[arg(long)]
+        etcd_endpoints: Option<String>,
         /// Where the fresh cluster keeps its data (removed afterwards unless --keep).
         #[arg(long, default_value = "sixfive-bench-data")]
         data_dir: std::path::PathBuf,
@@ -213,13 +218,25 @@ fn main() -> ExitCode {
         }
         Command::Bench {
             what:
-                BenchCommand::Kv { clients, secs, key_size, value_size, endpoints, data_dir, keep, no_etcd, sync_delay_us },
+                BenchCommand::Kv {
+                    clients,
+                    secs,
+                    key_size,
+                    value_size,
+                    endpoints,
+                    etcd_endpoints,
+                    data_dir,
+                    keep,
+                    no_etcd,
+                    sync_delay_us,
+                },
         } => bench_kv::run(bench_kv::Options {
             clients,
             secs,
             key_size,
             value_size,
             endpoints,
+            etcd_endpoints,
             data_dir,
             keep,
             no_etcd,

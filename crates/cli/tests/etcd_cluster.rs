@@ -564,3 +564,28 @@ fn etcdctl_member_add_promote_remove() {
     let _ = n4.wait();
     tc.ok = true;
 }
+
+/// `bench kv --etcd-endpoints` drives a running server of etcd's API through the etcd-client
+/// crate, and prints a writes and a reads row with their rates; nothing else is started.
+#[test]
+fn bench_kv_drives_a_running_etcd_api_server() {
+    let mut tc = TestCluster::new("etcd-bench", 1, ETCD);
+    run_local(async {
+        tc.leader().await;
+    });
+    let out = Command::new(BIN)
+        .args(["bench", "kv", "--secs", "0.5", "--clients", "8", "--etcd-endpoints", &tc.urls().join(",")])
+        .current_dir(&tc.root)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for row in ["writes (Put)", "reads (Get, lin.)"] {
+        let line = text.lines().find(|l| l.starts_with(row)).unwrap_or_else(|| panic!("no {row:?} row in\n{text}"));
+        let rate: f64 = line[row.len()..].split_whitespace().next().unwrap().parse().unwrap();
+        assert!(rate > 0.0, "{line}");
+    }
+    assert!(!text.contains("sixfive writes"), "only the etcd-API load runs:\n{text}");
+    assert!(!tc.root.join("sixfive-bench-data").exists(), "no cluster of its own");
+    tc.ok = true;
+}
