@@ -766,7 +766,7 @@ impl Drop for KillOnDrop {
 /// server on another port replaces it: `kv member add`, started with `--initial-cluster-state
 /// existing`, catches up by snapshot, is promoted by the leader, and the lost one is removed.
 /// The history stays linearizable, nothing acknowledged is lost, and the new member then
-/// carries the majority.
+/// carries the majority with a founding member restarted with today's member list.
 /// (The new server is started before it is added: it is refused with the reason, and joins
 /// once added.)
 #[test]
@@ -776,6 +776,7 @@ fn a_lost_server_is_replaced_under_load() {
     let n4_log = tc.root.join("n4.log");
     let old = tc.urls().join(",");
     let n4 = std::cell::RefCell::new(None);
+    let n2_again = std::cell::RefCell::new(None);
     run_local(async {
         let faults = async {
             tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -833,20 +834,60 @@ fn a_lost_server_is_replaced_under_load() {
         let from_one = Cluster::connect(&tc.urls()[..1], 1_000_000).await.unwrap();
         assert_eq!(from_one.endpoints, vec![1, 2, 4], "{:?}", from_one.urls);
         assert!(from_one.urls.contains(&(4, format!("127.0.0.1:{c4}"))), "{:?}", from_one.urls);
+        // n2, a founding member, restarts with today's member list (in an order that would
+        // make it id 1) and no token: its data directory says who it is, as with etcd.
+        assert!(tc.terminate(1).success());
+        let (n2, n2_log) = (&tc.servers[1], tc.root.join("n2-again.log"));
+        let today = format!(
+            "n2=http://127.0.0.1:{},n1=http://127.0.0.1:{},n4=http://127.0.0.1:{p4}",
+            n2.peer_port, tc.servers[0].peer_port
+        );
+        let again = Command::new(BIN)
+            .args(["kv", "serve", "--name", "n2", "--initial-cluster", &today])
+            .arg(format!("--data-dir={}", n2.dir.display()))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{}", n2.client_port))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{}", n2.peer_port))
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500", "--snapshot-bytes", "20000"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&n2_log).unwrap())
+            .spawn()
+            .unwrap();
+        *n2_again.borrow_mut() = Some(KillOnDrop(again));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = std::fs::read_to_string(&n2_log).unwrap_or_default();
+            let exited = n2_again.borrow_mut().as_mut().unwrap().0.try_wait().unwrap();
+            assert!(exited.is_none(), "n2 did not restart ({exited:?}):\n{log}");
+            let rejoined = match Cluster::connect(std::slice::from_ref(&tc.urls()[1]), 1_000_000).await {
+                Ok(c) => c.transport.status(c.endpoints[0], 1_000_000).await.is_ok_and(|st| st.leader.is_some()),
+                Err(_) => false,
+            };
+            if rejoined {
+                break;
+            }
+            assert!(Instant::now() < deadline, "n2 did not rejoin the cluster:\n{log}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         // n4 now carries the majority with n2.
         tc.kill9(0);
         let cluster = Cluster::connect(&[tc.urls()[1].clone(), new], 1_000_000).await.unwrap();
         let mut clerk = cluster.clerk(random_u64());
         assert!(values.iter().any(|v| !v.is_empty()));
-        for (i, want) in values.iter().enumerate() {
-            let got = match clerk.get(&format!("k{i}")).await {
-                Err(sixfive_kv::KvError::NoKey) => String::new(),
-                r => r.unwrap().0,
-            };
-            assert_eq!(&got, want, "key k{i}");
-        }
+        let read_all = async {
+            for (i, want) in values.iter().enumerate() {
+                let got = match clerk.get(&format!("k{i}")).await {
+                    Err(sixfive_kv::KvError::NoKey) => String::new(),
+                    r => r.unwrap().0,
+                };
+                assert_eq!(&got, want, "key k{i}");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), read_all).await.expect("n2 and n4 serve every key");
     });
-    drop(n4);
+    let log = std::fs::read_to_string(tc.root.join("n2-again.log")).unwrap();
+    assert!(log.contains("--initial-cluster ignored"), "{log}");
+    drop((n4, n2_again));
     tc.ok = true;
 }
 

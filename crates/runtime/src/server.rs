@@ -297,6 +297,11 @@ pub struct ServeConfig {
     pub state: ClusterState,
     /// The cluster's token.
     pub token: String,
+    /// Whether `--initial-cluster-token` was given (not the default): a restart checks it
+    /// against the data directory's.
+    pub token_given: bool,
+    /// Whether `--initial-cluster` was given: a restart ignores it (the membership is the log's).
+    pub initial_cluster_given: bool,
     /// Where `/metrics` and `/health` are served.
     pub listen_metrics: Vec<String>,
     /// Raft heartbeat interval, in ticks of 10 ms.
@@ -484,6 +489,8 @@ impl ServeConfig {
             members,
             state,
             token: raw.initial_cluster_token.clone().unwrap_or_else(|| "sixfive-cluster".into()),
+            token_given: raw.initial_cluster_token.is_some(),
+            initial_cluster_given: raw.initial_cluster.is_some(),
             listen_metrics,
             heartbeat_ticks,
             election_ticks,
@@ -538,13 +545,18 @@ pub(crate) struct Identity {
 /// Finds out who this server is from its data directory's `member` file; a new member of a new
 /// cluster writes it; a new member of a running cluster (`--initial-cluster-state existing`)
 /// first asks the members listed in `--initial-cluster` to let it join (it must have been
-/// added), then writes what they told it.
+/// added), then writes what they told it. Once written, the file is who the server is: a
+/// restart ignores `--initial-cluster` (the membership has moved on in the log since), as
+/// etcd does, and refuses only what contradicts the file (another name, API or token).
 fn identity(cfg: &ServeConfig, rt: &tokio::runtime::Runtime) -> Result<Identity, ServeError> {
     let path = cfg.data_dir.join("member");
     match std::fs::read_to_string(&path) {
-        Ok(have) if have.lines().any(|l| l == "joined=1") => joined_identity(cfg, &have),
+        Ok(have) if have.lines().any(|l| l == "joined=1" || l.starts_with("member=")) => recorded_identity(cfg, &have),
         Ok(_) => {
+            // Written before member files recorded the members: the flags must still describe
+            // the cluster it was born in, and then the file says so itself.
             check_member_file(cfg)?;
+            write_member_file(&cfg.data_dir, &founding_record(cfg))?;
             Ok(born_identity(cfg))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -555,7 +567,7 @@ fn identity(cfg: &ServeConfig, rt: &tokio::runtime::Runtime) -> Result<Identity,
                 });
             }
             if cfg.state == ClusterState::New {
-                check_member_file(cfg)?;
+                write_member_file(&cfg.data_dir, &founding_record(cfg))?;
                 return Ok(born_identity(cfg));
             }
             let me = &cfg.members[&cfg.id];
@@ -589,7 +601,7 @@ fn identity(cfg: &ServeConfig, rt: &tokio::runtime::Runtime) -> Result<Identity,
             }
             write_member_file(&cfg.data_dir, &text)?;
             info!(id, cluster_id = %format!("{cluster_id:016x}"), "joined the cluster as a learner");
-            joined_identity(cfg, &text)
+            recorded_identity(cfg, &text)
         }
         Err(e) => Err(io(format!("reading {}", path.display()))(e)),
     }
@@ -605,8 +617,21 @@ fn born_identity(cfg: &ServeConfig) -> Identity {
     }
 }
 
-/// The identity a joined member's `member` file records (its name and API must match).
-fn joined_identity(cfg: &ServeConfig, text: &str) -> Result<Identity, ServeError> {
+/// What a founding member's `member` file records: [`check_member_file`]'s lines, the token
+/// and the initial members (`member=id=name=address`, as a joined member's file lists them).
+fn founding_record(cfg: &ServeConfig) -> String {
+    let mut text = member_header(cfg);
+    text.push_str(&format!("token={}\n", cfg.token));
+    for (id, p) in &cfg.members {
+        text.push_str(&format!("member={id}={}={}\n", p.name, p.addr));
+    }
+    text
+}
+
+/// The identity a `member` file records: a founding member's (the initial members are its
+/// first voters) or a joined member's (its voters come from the log). Its name and API must
+/// be this server's, and its token too when `--initial-cluster-token` is given.
+fn recorded_identity(cfg: &ServeConfig, text: &str) -> Result<Identity, ServeError> {
     let bad = |reason: String| ServeError::ForeignData { dir: cfg.data_dir.clone(), reason };
     let field = |k: &str| text.lines().find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix('=')));
     let name = field("name").unwrap_or("");
@@ -615,7 +640,20 @@ fn joined_identity(cfg: &ServeConfig, text: &str) -> Result<Identity, ServeError
     }
     let api = field("api").unwrap_or("sixfive");
     if api != cfg.api.name() {
-        return Err(bad(format!("it holds data of the {api} API, but this server serves {}", cfg.api.name())));
+        return Err(bad(format!(
+            "it holds data of the {api} API (api={api}), but this server serves {} (--api {})",
+            cfg.api.name(),
+            cfg.api.name()
+        )));
+    }
+    if let Some(token) = field("token")
+        && cfg.token_given
+        && token != cfg.token
+    {
+        return Err(bad(format!(
+            "it holds another cluster's data (token {token:?}), but --initial-cluster-token is {:?}",
+            cfg.token
+        )));
     }
     let cluster_id = field("cluster-id")
         .and_then(|c| u64::from_str_radix(c, 16).ok())
@@ -630,7 +668,17 @@ fn joined_identity(cfg: &ServeConfig, text: &str) -> Result<Identity, ServeError
         let i = i.parse().map_err(|_| bad(format!("its member file has a malformed line member={l}")))?;
         members.insert(i, Peer { name: n.into(), addr: a.into() });
     }
-    Ok(Identity { id, cluster_id, base: Directory::of(members), voters: Vec::new() })
+    if !members.contains_key(&id) {
+        return Err(bad(format!("its member file does not list its own id {id}")));
+    }
+    let joined = text.lines().any(|l| l == "joined=1");
+    if cfg.initial_cluster_given && !joined && members != cfg.members {
+        info!(
+            "--initial-cluster ignored: the data directory is member {id} of the cluster it records; the log has the membership since"
+        );
+    }
+    let voters = if joined { Vec::new() } else { members.keys().copied().collect() };
+    Ok(Identity { id, cluster_id, base: Directory::of(members), voters })
 }
 
 fn write_member_file(dir: &Path, text: &str) -> Result<(), ServeError> {
@@ -641,14 +689,21 @@ fn write_member_file(dir: &Path, text: &str) -> Result<(), ServeError> {
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io("syncing the data directory"))
 }
 
-/// Checks the data directory was made for this member of this cluster (or marks it so).
-fn check_member_file(cfg: &ServeConfig) -> Result<(), ServeError> {
-    let path = cfg.data_dir.join("member");
-    let mut want = format!("cluster-id={:016x}\nname={}\nid={}\n", cfg.cluster_id(), cfg.name, cfg.id);
+/// The lines that name the cluster and member a data directory belongs to.
+fn member_header(cfg: &ServeConfig) -> String {
+    let mut text = format!("cluster-id={:016x}\nname={}\nid={}\n", cfg.cluster_id(), cfg.name, cfg.id);
     // The state machines differ: a data directory serves the API it was made with.
     if cfg.api != Api::Sixfive {
-        want.push_str(&format!("api={}\n", cfg.api.name()));
+        text.push_str(&format!("api={}\n", cfg.api.name()));
     }
+    text
+}
+
+/// Checks the data directory was made for this member of this cluster (or marks it so): the
+/// flags must name the same cluster and member as its `member` file.
+fn check_member_file(cfg: &ServeConfig) -> Result<(), ServeError> {
+    let path = cfg.data_dir.join("member");
+    let want = member_header(cfg);
     match std::fs::read_to_string(&path) {
         Ok(have) if have == want => Ok(()),
         Ok(have) => Err(ServeError::ForeignData {
@@ -1337,5 +1392,60 @@ mod tests {
             let err = cfg(bad).unwrap_err().to_string();
             assert!(err.contains("--io-threads"), "{bad}: {err}");
         }
+    }
+
+    /// A founding member's data directory says who it is: a restart with another
+    /// `--initial-cluster` (the membership has changed since) keeps the recorded id, cluster
+    /// id and first voters; another name, API or (given) token is refused. A member file of the
+    /// older shape (no members listed) is checked against the flags, then brought up to date.
+    #[test]
+    fn a_restart_takes_its_identity_from_the_data_directory() {
+        let dir = std::env::temp_dir().join(format!("sixfive-identity-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let cfg = |extra: &str| {
+            let mut raw = RawConfig::default();
+            let toml = format!("name = \"n2\"\ndata-dir = \"{}\"\n{extra}", dir.display());
+            raw.fill_from_toml(&toml).expect("toml");
+            ServeConfig::from_raw(&raw).unwrap()
+        };
+        let first = "initial-cluster = \"n1=http://127.0.0.1:1,n2=http://127.0.0.1:2,n3=http://127.0.0.1:3\"\n\
+                     initial-cluster-token = \"t\"\nlisten-peer-urls = \"http://127.0.0.1:2\"";
+        let born = identity(&cfg(first), &rt).unwrap();
+        assert_eq!((born.id, born.voters.clone()), (2, vec![1, 2, 3]));
+        let text = std::fs::read_to_string(dir.join("member")).unwrap();
+        assert!(text.contains("token=t\n") && text.contains("member=3=n3=127.0.0.1:3\n"), "{text}");
+
+        // n3 was removed and n4 added; n2 restarts with the list of today, in another order
+        // (where it would be id 1), or with no list at all, and no token.
+        let today = "initial-cluster = \"n2=http://127.0.0.1:2,n1=http://127.0.0.1:1,n4=http://127.0.0.1:4\"\n\
+                     listen-peer-urls = \"http://127.0.0.1:2\"";
+        for flags in [today, "listen-peer-urls = \"http://127.0.0.1:2\""] {
+            let again = identity(&cfg(flags), &rt).unwrap();
+            assert_eq!((again.id, again.cluster_id, again.voters.clone()), (2, born.cluster_id, vec![1, 2, 3]));
+            assert_eq!(again.base.members.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
+        }
+        // What contradicts the file is refused.
+        let err = identity(&cfg(&format!("{today}\ninitial-cluster-token = \"other\"")), &rt).unwrap_err();
+        assert!(err.to_string().contains("another cluster's data"), "{err}");
+        let err = identity(&cfg(&format!("{today}\napi = \"etcd\"")), &rt).unwrap_err();
+        assert!(err.to_string().contains("api=sixfive"), "{err}");
+        let mut raw = RawConfig::default();
+        let as_n1 = first.replace("127.0.0.1:2\"", "127.0.0.1:1\"");
+        raw.fill_from_toml(&format!("name = \"n1\"\ndata-dir = \"{}\"\n{as_n1}", dir.display())).unwrap();
+        let err = identity(&ServeConfig::from_raw(&raw).unwrap(), &rt).unwrap_err();
+        assert!(err.to_string().contains("member \"n2\""), "{err}");
+
+        // The older shape: only the header, which the flags must match; then rewritten.
+        let old = member_header(&cfg(first));
+        std::fs::write(dir.join("member"), &old).unwrap();
+        let err = identity(&cfg(today), &rt).unwrap_err();
+        assert!(err.to_string().contains("another cluster's data, or another member's"), "{err}");
+        assert_eq!(std::fs::read_to_string(dir.join("member")).unwrap(), old, "a refusal changes nothing");
+        assert_eq!(identity(&cfg(first), &rt).unwrap().voters, vec![1, 2, 3]);
+        assert_eq!(std::fs::read_to_string(dir.join("member")).unwrap(), text, "brought up to date");
+        assert_eq!(identity(&cfg(today), &rt).unwrap().id, 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
