@@ -1119,6 +1119,41 @@ mod tests {
         Entry { index, term, kind: EntryKind::Normal, data: vec![1].into() }
     }
 
+    /// A rewrite frames the entries in records of at most `REWRITE_RECORD_BYTES` of commands
+    /// (exactly that much fits), each with at least one entry (a larger entry goes alone), and
+    /// the file replays to the same state.
+    #[test]
+    fn a_rewrite_frames_its_entries_in_records_of_bounded_size() {
+        let mib = 1 << 20;
+        let sizes = [7 * mib, 7 * mib, 7 * mib, 17 * mib, 0, 9 * mib, 7 * mib, 1];
+        let entries: Vec<Entry> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Entry {
+                index: 11 + i as u64,
+                term: 2,
+                kind: EntryKind::Normal,
+                data: vec![i as u8; n].into(),
+            })
+            .collect();
+        let snap = SnapshotMeta { index: 10, term: 1 };
+        let hs = HardState { term: 2, vote: Some(3), commit: 14 };
+        let (bytes, last) = compact_log(42, &snap, &entries, &hs);
+        let (mut off, mut chain, mut groups) = (0, CHAIN_SEED, Vec::new());
+        while let Some((r, c, len)) = parse(&bytes, off, chain) {
+            if let Record::Entries(es) = r {
+                groups.push(es.iter().map(|e| e.index).collect::<Vec<_>>());
+            }
+            (off, chain) = (off + len, c);
+        }
+        assert_eq!((off, chain), (bytes.len(), last), "every record parses, in one chain");
+        assert_eq!(groups, vec![vec![11, 12], vec![13], vec![14], vec![15, 16, 17], vec![18]]);
+        let mut state = State::default();
+        replay(&bytes, &mut state, Path::new("raft.log")).unwrap();
+        assert_eq!((state.snap, state.hard_state), (snap, hs));
+        assert_eq!(state.entries.iter().cloned().collect::<Vec<_>>(), entries);
+    }
+
     fn refused(records: &[RecordRef]) -> String {
         let bytes = log_of(records);
         match replay(&bytes, &mut State::default(), Path::new("raft.log")) {
