@@ -192,16 +192,18 @@ pub struct ServeArgs {
     /// This member's peer URLs as the other members reach them [default: --listen-peer-urls].
     #[arg(long, env = "SIXFIVE_INITIAL_ADVERTISE_PEER_URLS")]
     initial_advertise_peer_urls: Option<String>,
-    /// Every member of the cluster: name=http://host:port,... (the same on every member;
-    /// member ids are the positions in this list) [default: this member alone].
+    /// Every member of a new cluster: name=http://host:port,... (the same on every member;
+    /// member ids are the positions in this list); a joining member's list names members to
+    /// ask. Ignored once the data directory has a member [default: this member alone].
     #[arg(long, env = "SIXFIVE_INITIAL_CLUSTER")]
     initial_cluster: Option<String>,
     /// `new` when creating the cluster, `existing` when a member with empty data joins a running
     /// one (it catches up from the leader) [default: new].
     #[arg(long, env = "SIXFIVE_INITIAL_CLUSTER_STATE")]
     initial_cluster_state: Option<String>,
-    /// Token that tells clusters apart: members of two clusters refuse each other
-    /// [default: sixfive-cluster].
+    /// Token that tells clusters apart: members of two clusters refuse each other; on a
+    /// restart, if given, it must be the one the data directory records [default:
+    /// sixfive-cluster].
     #[arg(long, env = "SIXFIVE_INITIAL_CLUSTER_TOKEN")]
     initial_cluster_token: Option<String>,
     /// URLs to serve /metrics (Prometheus) and /health on [default: none].

@@ -460,7 +460,12 @@ fn a_data_directory_keeps_the_api_it_was_made_with() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("api=etcd") && err.contains("refusing to start"), "{err}");
+    assert!(
+        !out.status.success()
+            && err.contains("the etcd API, but this server has --api sixfive")
+            && err.contains("refusing to start"),
+        "{err}"
+    );
     tc.ok = true;
 }
 

@@ -281,7 +281,9 @@ impl RawConfig {
 pub struct ServeConfig {
     /// This member's name.
     pub name: String,
-    /// Its id (its position in the initial cluster, from 1).
+    /// Its id in `--initial-cluster` (its position there, from 1): the id a new member of a
+    /// new cluster takes. A server that has run takes its id from its data directory instead
+    /// (`Identity::id`), whatever the flags say.
     pub id: NodeId,
     /// The data directory.
     pub data_dir: PathBuf,
@@ -291,6 +293,9 @@ pub struct ServeConfig {
     pub advertise_client: Vec<String>,
     /// Where peers connect.
     pub listen_peer: Vec<String>,
+    /// What peers are told (`--initial-advertise-peer-urls`): a restart checks that its
+    /// recorded peer address is one of them.
+    pub advertise_peer: Vec<String>,
     /// Every member: id -> (name, peer address).
     pub members: BTreeMap<NodeId, Peer>,
     /// New or existing cluster.
@@ -403,8 +408,17 @@ impl ServeConfig {
     /// Checks `raw` and fills the defaults.
     pub fn from_raw(raw: &RawConfig) -> Result<ServeConfig, ServeError> {
         let name = raw.name.clone().unwrap_or_else(|| "default".into());
-        if name.is_empty() || name.contains(['=', ',']) {
-            return Err(ServeError::Config(format!("--name {name:?}: must be non-empty, without '=' or ','")));
+        if name.is_empty() || name.contains(['=', ',']) || name.chars().any(char::is_control) {
+            return Err(ServeError::Config(format!(
+                "--name {name:?}: must be non-empty, without '=', ',' or control characters"
+            )));
+        }
+        if let Some(t) = &raw.initial_cluster_token
+            && (t.is_empty() || t.chars().any(char::is_control))
+        {
+            return Err(ServeError::Config(format!(
+                "--initial-cluster-token {t:?}: must be non-empty, without control characters"
+            )));
         }
         let data_dir = PathBuf::from(raw.data_dir.clone().unwrap_or_else(|| format!("{name}.sixfive")));
         let listen_client = url_list(raw.listen_client_urls.as_deref().unwrap_or("http://127.0.0.1:2379"))?;
@@ -425,6 +439,11 @@ impl ServeConfig {
                 ServeError::Config(format!("--initial-cluster: {part:?} is not name=http://host:port"))
             })?;
             let n = n.trim().to_string();
+            if n.is_empty() || n.chars().any(char::is_control) {
+                return Err(ServeError::Config(format!(
+                    "--initial-cluster: member name {n:?} must be non-empty, without control characters"
+                )));
+            }
             let addr = parse_url(u)?;
             if members.values().any(|p: &Peer| p.name == n) {
                 return Err(ServeError::Config(format!("--initial-cluster: member name {n:?} appears twice")));
@@ -486,6 +505,7 @@ impl ServeConfig {
             listen_client,
             advertise_client,
             listen_peer,
+            advertise_peer,
             members,
             state,
             token: raw.initial_cluster_token.clone().unwrap_or_else(|| "sixfive-cluster".into()),
@@ -555,7 +575,17 @@ fn identity(cfg: &ServeConfig, rt: &tokio::runtime::Runtime) -> Result<Identity,
         Ok(_) => {
             // Written before member files recorded the members: the flags must still describe
             // the cluster it was born in, and then the file says so itself.
-            check_member_file(cfg)?;
+            check_member_file(cfg).map_err(|e| match e {
+                ServeError::ForeignData { dir, reason } => ServeError::ForeignData {
+                    dir,
+                    reason: format!(
+                        "{reason}. Its member file is an older sixfive's, which did not record the \
+                         members: start it once with its original --initial-cluster and \
+                         --initial-cluster-token, and later starts may leave them out"
+                    ),
+                },
+                e => e,
+            })?;
             write_member_file(&cfg.data_dir, &founding_record(cfg))?;
             Ok(born_identity(cfg))
         }
@@ -640,11 +670,7 @@ fn recorded_identity(cfg: &ServeConfig, text: &str) -> Result<Identity, ServeErr
     }
     let api = field("api").unwrap_or("sixfive");
     if api != cfg.api.name() {
-        return Err(bad(format!(
-            "it holds data of the {api} API (api={api}), but this server serves {} (--api {})",
-            cfg.api.name(),
-            cfg.api.name()
-        )));
+        return Err(bad(format!("it holds data of the {api} API, but this server has --api {}", cfg.api.name())));
     }
     if let Some(token) = field("token")
         && cfg.token_given
@@ -668,13 +694,28 @@ fn recorded_identity(cfg: &ServeConfig, text: &str) -> Result<Identity, ServeErr
         let i = i.parse().map_err(|_| bad(format!("its member file has a malformed line member={l}")))?;
         members.insert(i, Peer { name: n.into(), addr: a.into() });
     }
-    if !members.contains_key(&id) {
+    let Some(mine) = members.get(&id) else {
         return Err(bad(format!("its member file does not list its own id {id}")));
+    };
+    // Peers reach a member at the address it was added under; there is no changing it.
+    if !cfg.advertise_peer.contains(&mine.addr) {
+        return Err(bad(format!(
+            "its member {id} has the peer URL http://{}, but this server advertises {}: a member keeps \
+             its peer URL (to move it, remove the member and add a new one)",
+            mine.addr,
+            cfg.advertise_peer.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>().join(",")
+        )));
     }
     let joined = text.lines().any(|l| l == "joined=1");
     if cfg.initial_cluster_given && !joined && members != cfg.members {
-        info!(
-            "--initial-cluster ignored: the data directory is member {id} of the cluster it records; the log has the membership since"
+        let list = |m: &BTreeMap<NodeId, Peer>| {
+            m.values().map(|p| format!("{}=http://{}", p.name, p.addr)).collect::<Vec<_>>().join(",")
+        };
+        warn!(
+            "--initial-cluster {} ignored: the data directory is member {id} of a cluster born as {}; \
+             the membership since is in the log",
+            list(&cfg.members),
+            list(&members)
         );
     }
     let voters = if joined { Vec::new() } else { members.keys().copied().collect() };
@@ -699,8 +740,8 @@ fn member_header(cfg: &ServeConfig) -> String {
     text
 }
 
-/// Checks the data directory was made for this member of this cluster (or marks it so): the
-/// flags must name the same cluster and member as its `member` file.
+/// Checks that the flags name the same cluster and member as the data directory's `member`
+/// file, or writes one that does (a shard server's, which records only these lines).
 fn check_member_file(cfg: &ServeConfig) -> Result<(), ServeError> {
     let path = cfg.data_dir.join("member");
     let want = member_header(cfg);
@@ -1396,56 +1437,77 @@ mod tests {
 
     /// A founding member's data directory says who it is: a restart with another
     /// `--initial-cluster` (the membership has changed since) keeps the recorded id, cluster
-    /// id and first voters; another name, API or (given) token is refused. A member file of the
-    /// older shape (no members listed) is checked against the flags, then brought up to date.
+    /// id, first voters and their addresses; another name, API, peer URL or (given) token is
+    /// refused. A member file of the older shape (no members listed) is checked against the
+    /// flags, then brought up to date.
     #[test]
     fn a_restart_takes_its_identity_from_the_data_directory() {
         let dir = std::env::temp_dir().join(format!("sixfive-identity-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let cfg = |extra: &str| {
+        let raw = |name: &str, extra: &str| {
             let mut raw = RawConfig::default();
-            let toml = format!("name = \"n2\"\ndata-dir = \"{}\"\n{extra}", dir.display());
+            let toml = format!("name = \"{name}\"\ndata-dir = \"{}\"\n{extra}", dir.display());
             raw.fill_from_toml(&toml).expect("toml");
-            ServeConfig::from_raw(&raw).unwrap()
+            ServeConfig::from_raw(&raw)
         };
+        let cfg = |extra: &str| raw("n2", extra).unwrap();
+        let refused = |extra: &str| identity(&cfg(extra), &rt).unwrap_err().to_string();
         let first = "initial-cluster = \"n1=http://127.0.0.1:1,n2=http://127.0.0.1:2,n3=http://127.0.0.1:3\"\n\
                      initial-cluster-token = \"t\"\nlisten-peer-urls = \"http://127.0.0.1:2\"";
         let born = identity(&cfg(first), &rt).unwrap();
         assert_eq!((born.id, born.voters.clone()), (2, vec![1, 2, 3]));
         let text = std::fs::read_to_string(dir.join("member")).unwrap();
         assert!(text.contains("token=t\n") && text.contains("member=3=n3=127.0.0.1:3\n"), "{text}");
+        let addrs = |who: &Identity| who.base.members.iter().map(|(i, p)| (*i, p.addr.clone())).collect::<Vec<_>>();
 
-        // n3 was removed and n4 added; n2 restarts with the list of today, in another order
-        // (where it would be id 1), or with no list at all, and no token.
-        let today = "initial-cluster = \"n2=http://127.0.0.1:2,n1=http://127.0.0.1:1,n4=http://127.0.0.1:4\"\n\
-                     listen-peer-urls = \"http://127.0.0.1:2\"";
-        for flags in [today, "listen-peer-urls = \"http://127.0.0.1:2\""] {
+        // n3 was removed and n4, n5 added; n2 restarts with the list of today, in another
+        // order (where it would be id 1), or with no list at all, and no token or the same.
+        let today = "initial-cluster = \"n2=http://127.0.0.1:2,n1=http://127.0.0.1:1,n4=http://127.0.0.1:4,\
+                     n5=http://127.0.0.1:5\"\nlisten-peer-urls = \"http://127.0.0.1:2\"";
+        let same_token = format!("{today}\ninitial-cluster-token = \"t\"");
+        for flags in [today, "listen-peer-urls = \"http://127.0.0.1:2\"", &same_token] {
             let again = identity(&cfg(flags), &rt).unwrap();
             assert_eq!((again.id, again.cluster_id, again.voters.clone()), (2, born.cluster_id, vec![1, 2, 3]));
-            assert_eq!(again.base.members.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
+            assert_eq!(addrs(&again), addrs(&born));
         }
-        // What contradicts the file is refused.
-        let err = identity(&cfg(&format!("{today}\ninitial-cluster-token = \"other\"")), &rt).unwrap_err();
-        assert!(err.to_string().contains("another cluster's data"), "{err}");
-        let err = identity(&cfg(&format!("{today}\napi = \"etcd\"")), &rt).unwrap_err();
-        assert!(err.to_string().contains("api=sixfive"), "{err}");
-        let mut raw = RawConfig::default();
+        // What contradicts the file is refused, and changes nothing.
+        assert!(refused(&format!("{today}\ninitial-cluster-token = \"other\"")).contains("another cluster's data"));
+        assert!(
+            refused(&format!("{today}\napi = \"etcd\"")).contains("the sixfive API, but this server has --api etcd")
+        );
+        let moved = refused("listen-peer-urls = \"http://127.0.0.1:9\"");
+        assert!(
+            moved.contains("peer URL http://127.0.0.1:2, but this server advertises http://127.0.0.1:9"),
+            "{moved}"
+        );
         let as_n1 = first.replace("127.0.0.1:2\"", "127.0.0.1:1\"");
-        raw.fill_from_toml(&format!("name = \"n1\"\ndata-dir = \"{}\"\n{as_n1}", dir.display())).unwrap();
-        let err = identity(&ServeConfig::from_raw(&raw).unwrap(), &rt).unwrap_err();
+        let err = identity(&raw("n1", &as_n1).unwrap(), &rt).unwrap_err();
         assert!(err.to_string().contains("member \"n2\""), "{err}");
+        assert_eq!(std::fs::read_to_string(dir.join("member")).unwrap(), text);
+        let no_self = text.replace("member=2=n2=127.0.0.1:2\n", "");
+        std::fs::write(dir.join("member"), &no_self).unwrap();
+        assert!(refused(today).contains("does not list its own id 2"));
 
         // The older shape: only the header, which the flags must match; then rewritten.
         let old = member_header(&cfg(first));
         std::fs::write(dir.join("member"), &old).unwrap();
-        let err = identity(&cfg(today), &rt).unwrap_err();
-        assert!(err.to_string().contains("another cluster's data, or another member's"), "{err}");
+        let err = refused(today);
+        assert!(err.contains("another cluster's data, or another member's") && err.contains("start it once"), "{err}");
         assert_eq!(std::fs::read_to_string(dir.join("member")).unwrap(), old, "a refusal changes nothing");
         assert_eq!(identity(&cfg(first), &rt).unwrap().voters, vec![1, 2, 3]);
         assert_eq!(std::fs::read_to_string(dir.join("member")).unwrap(), text, "brought up to date");
         assert_eq!(identity(&cfg(today), &rt).unwrap().id, 2);
+
+        // What the file could not hold is refused in the flags.
+        for bad in ["initial-cluster-token = \"t\\nmember=9=x=127.0.0.1:9\"", "initial-cluster-token = \"\""] {
+            let err = raw("n2", &format!("{today}\n{bad}")).unwrap_err().to_string();
+            assert!(err.contains("--initial-cluster-token"), "{err}");
+        }
+        assert!(raw("n2\\njoined=1", "").unwrap_err().to_string().contains("control characters"));
+        let err = raw("n2", "initial-cluster = \"n2=http://127.0.0.1:2380,n\\r1=http://127.0.0.1:1\"").unwrap_err();
+        assert!(err.to_string().contains("control characters"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
