@@ -570,7 +570,20 @@ pub(crate) struct Identity {
 /// etcd does, and refuses only what contradicts the file (another name, API or token).
 fn identity(cfg: &ServeConfig, rt: &tokio::runtime::Runtime) -> Result<Identity, ServeError> {
     let path = cfg.data_dir.join("member");
-    match std::fs::read_to_string(&path) {
+    let member_file = std::fs::read_to_string(&path);
+    if member_file.is_ok() && !cfg.data_dir.join("raft").join("raft.log").exists() {
+        // A member with its Raft state gone would start with no vote and no log: it could vote
+        // twice in a term, or count for entries it no longer holds.
+        return Err(ServeError::ForeignData {
+            dir: cfg.data_dir.clone(),
+            reason: "it names a member but holds no Raft log (raft/raft.log): that member's votes and \
+                     log are lost, and starting it without them could elect two leaders in one term. \
+                     Remove the member and add a new one (kv member remove / add); if this server's \
+                     very first start was interrupted, remove the data directory and start again"
+                .into(),
+        });
+    }
+    match member_file {
         Ok(have) if have.lines().any(|l| l == "joined=1" || l.starts_with("member=")) => recorded_identity(cfg, &have),
         Ok(_) => {
             // Written before member files recorded the members: the flags must still describe
@@ -1459,6 +1472,11 @@ mod tests {
         let born = identity(&cfg(first), &rt).unwrap();
         assert_eq!((born.id, born.voters.clone()), (2, vec![1, 2, 3]));
         let text = std::fs::read_to_string(dir.join("member")).unwrap();
+        // No start without the Raft log (lost, or the first start died before the storage made
+        // it): a member without its votes could vote twice in a term.
+        assert!(refused(first).contains("holds no Raft log"));
+        std::fs::create_dir_all(dir.join("raft")).unwrap();
+        std::fs::write(dir.join("raft").join("raft.log"), b"").unwrap();
         assert!(text.contains("token=t\n") && text.contains("member=3=n3=127.0.0.1:3\n"), "{text}");
         let addrs = |who: &Identity| who.base.members.iter().map(|(i, p)| (*i, p.addr.clone())).collect::<Vec<_>>();
 
