@@ -62,6 +62,9 @@ pub enum EtcdError {
     /// A watch with a user-chosen id already used on its stream.
     #[error("mvcc: duplicate watch ID provided on the WatchStream")]
     DuplicateWatchId,
+    /// A watch whose range holds no key (`range_end` at or below `key`).
+    #[error("mvcc: watcher range is empty")]
+    EmptyWatcherRange,
     /// An operation this server does not provide (yet).
     #[error("etcdserver: not capable")]
     NotCapable,
@@ -116,8 +119,8 @@ impl EtcdError {
             | RequestTooLarge | Malformed | MemberBadUrls => Code::InvalidArgument,
             Compacted | FutureRev | LeaseTtlTooLarge => Code::OutOfRange,
             LeaseNotFound | MemberNotFound => Code::NotFound,
-            LeaseExist | NotCapable | DuplicateWatchId | PeerUrlExist | MemberNotLearner | LearnerNotReady
-            | BadMembershipChange => Code::FailedPrecondition,
+            LeaseExist | NotCapable | DuplicateWatchId | EmptyWatcherRange | PeerUrlExist | MemberNotLearner
+            | LearnerNotReady | BadMembershipChange => Code::FailedPrecondition,
             NoLeader | LeaderChanged | Stopped | Timeout => Code::Unavailable,
         }
     }

@@ -342,8 +342,9 @@ impl Store {
         let mut trimmed = Vec::new();
         for (k, hist) in self.keys.iter() {
             // The entry a read at `rev` sees; everything before it is invisible to reads at
-            // `rev` or later. A tombstone strictly below `rev` goes too (etcd keeps one at
-            // exactly `rev`, so a watch from `rev` still sees that delete).
+            // `rev` or later. A tombstone strictly below `rev` goes too; one at exactly `rev`
+            // stays, so a watch from `rev` still sees that delete (etcd lost it before its
+            // fix, etcd-io/etcd#18274 for issue #18089; Debian's 3.4.23 still may).
             let i = hist.partition_point(|e| e.rev.0 <= rev);
             if i == 0 {
                 continue;

@@ -713,6 +713,11 @@ impl<R: Replica> EtcdService<R> {
                 if c.start_revision < 0 {
                     return tx.send(Ok(refuse(EtcdError::Compacted.to_string()))).await.map_err(closed);
                 }
+                // As etcd's watch stream: a range that holds no key is refused ("\0" means
+                // every key from `key` on, not an end).
+                if !c.range_end.is_empty() && c.range_end != [0] && key >= c.range_end {
+                    return tx.send(Ok(refuse(EtcdError::EmptyWatcherRange.to_string()))).await.map_err(closed);
+                }
                 let id = if c.watch_id != 0 {
                     if watchers.contains_key(&c.watch_id) {
                         return tx.send(Ok(refuse(EtcdError::DuplicateWatchId.to_string()))).await.map_err(closed);

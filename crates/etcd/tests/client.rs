@@ -311,6 +311,34 @@ async fn watch_on_compacted_revision_is_cancelled_with_the_compact_revision() {
     assert_eq!(revs, [5, 6]);
 }
 
+/// As etcd: a watch whose range holds no key (`range_end` at or below `key`) is refused at once
+/// with one response, created and canceled, for watch id -1; `"\0"` as the end means "from
+/// `key` on" and is served; the stream goes on serving its other watches.
+#[tokio::test]
+async fn a_watch_on_an_empty_range_is_refused_at_once() {
+    let s = start(ServiceConfig::default()).await;
+    let mut c = client(&s).await;
+    let mut w = c.watch("b", Some(WatchOptions::new().with_range("c"))).await.unwrap();
+    assert!(next(&mut w).await.created());
+    for (key, end) in [("c", "a/3"), ("b", "b")] {
+        w.watch(key, Some(WatchOptions::new().with_range(end).with_start_revision(1))).await.unwrap();
+        let r = next(&mut w).await;
+        assert!(r.created() && r.canceled(), "{key:?}..{end:?}: {r:?}");
+        assert_eq!((r.watch_id(), r.cancel_reason()), (-1, "mvcc: watcher range is empty"));
+    }
+    w.watch("b", Some(WatchOptions::new().with_from_key())).await.unwrap();
+    let from_key = next(&mut w).await;
+    assert!(from_key.created() && !from_key.canceled(), "{from_key:?}");
+    c.put("bb", "1", None).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let r = next(&mut w).await;
+        seen.extend(r.events().iter().map(|e| (r.watch_id(), e.kv().unwrap().key_str().unwrap().to_string())));
+    }
+    seen.sort();
+    assert_eq!(seen, [(0, "bb".to_string()), (from_key.watch_id(), "bb".to_string())]);
+}
+
 #[tokio::test]
 async fn watch_resumes_from_the_last_seen_revision_without_loss() {
     let s = start(ServiceConfig::default()).await;

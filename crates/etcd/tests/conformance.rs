@@ -516,7 +516,13 @@ async fn run_seed(seed: u64, ops: usize) {
             // a key range, with filters; created on both, compared at the end.
             let (key, range_end) = g.span();
             let low = g.compacted.max(2) - 1;
-            let start_revision = low + g.rng.below((g.rev + 2 - low) as u64) as i64;
+            let mut start_revision = low + g.rng.below((g.rev + 2 - low) as u64) as i64;
+            // Not from the compaction revision itself: there the oracle (etcd 3.4.23) may drop
+            // a delete made at that revision, the bug etcd-io/etcd#18089 fixed later (sixfive
+            // keeps it: see the store's compaction and the `compaction_follows_etcd` test).
+            if start_revision == g.compacted {
+                start_revision += 1;
+            }
             let filters = match g.rng.below(4) {
                 0 => vec![0],
                 1 => vec![1],
