@@ -18,16 +18,40 @@ use sixfive_runtime::client::{Cluster, random_u64};
 use sixfive_runtime::free_port;
 
 /// Options of `bench kv`.
+#[derive(clap::Args)]
 pub struct Options {
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 256)]
     pub clients: usize,
+    /// Seconds per phase (writes, then reads).
+    #[arg(long, default_value_t = 10.0)]
     pub secs: f64,
+    /// Key size in bytes.
+    #[arg(long, default_value_t = 16)]
     pub key_size: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 128)]
     pub value_size: usize,
+    /// Measure this running cluster instead of starting one.
+    #[arg(long, conflicts_with = "etcd_endpoints")]
     pub endpoints: Option<String>,
+    /// Measure this running server of etcd's API (etcd, `kv serve --api etcd`, or any
+    /// other) through the `etcd-client` crate, with the load of the etcd rows, instead of
+    /// starting clusters.
+    #[arg(long)]
     pub etcd_endpoints: Option<String>,
-    pub data_dir: PathBuf,
+    /// Where the fresh cluster keeps its data (removed afterwards unless --keep).
+    #[arg(long, default_value = "sixfive-bench-data")]
+    pub data_dir: std::path::PathBuf,
+    /// Keep the data directory.
+    #[arg(long)]
     pub keep: bool,
+    /// No etcd row even when `etcd` is on the PATH.
+    #[arg(long)]
     pub no_etcd: bool,
+    /// Start the servers with `--sync-delay-us` (every log sync this much longer, as on a
+    /// slower disk); no etcd row then, as etcd cannot be slowed alike.
+    #[arg(long, default_value_t = 0)]
     pub sync_delay_us: u64,
 }
 

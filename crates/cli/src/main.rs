@@ -61,41 +61,7 @@ enum Command {
 enum BenchCommand {
     /// The replicated KV on a fresh local three-member cluster (data on disk): writes/s and
     /// linearizable reads/s with latency percentiles, fsyncs per write, peak RSS.
-    Kv {
-        /// Concurrent clients.
-        #[arg(long, default_value_t = 256)]
-        clients: usize,
-        /// Seconds per phase (writes, then reads).
-        #[arg(long, default_value_t = 10.0)]
-        secs: f64,
-        /// Key size in bytes.
-        #[arg(long, default_value_t = 16)]
-        key_size: usize,
-        /// Value size in bytes.
-        #[arg(long, default_value_t = 128)]
-        value_size: usize,
-        /// Measure this running cluster instead of starting one.
-        #[arg(long, conflicts_with = "etcd_endpoints")]
-        endpoints: Option<String>,
-        /// Measure this running server of etcd's API (etcd, `kv serve --api etcd`, or any
-        /// other) through the `etcd-client` crate, with the load of the etcd rows, instead of
-        /// starting clusters.
-        #[arg(long)]
-        etcd_endpoints: Option<String>,
-        /// Where the fresh cluster keeps its data (removed afterwards unless --keep).
-        #[arg(long, default_value = "sixfive-bench-data")]
-        data_dir: std::path::PathBuf,
-        /// Keep the data directory.
-        #[arg(long)]
-        keep: bool,
-        /// No etcd row even when `etcd` is on the PATH.
-        #[arg(long)]
-        no_etcd: bool,
-        /// Start the servers with `--sync-delay-us` (every log sync this much longer, as on a
-        /// slower disk); no etcd row then, as etcd cannot be slowed alike.
-        #[arg(long, default_value_t = 0)]
-        sync_delay_us: u64,
-    },
+    Kv(bench_kv::Options),
     /// CPU cost of consensus: three in-process nodes with no IO replicate and commit entries.
     RaftCore {
         /// Entries to commit.
@@ -216,32 +182,7 @@ fn main() -> ExitCode {
         Command::Bench { what: BenchCommand::Snapshot { keys, key_bytes, value_bytes, dir } } => {
             bench::snapshot(keys, key_bytes, value_bytes, &dir)
         }
-        Command::Bench {
-            what:
-                BenchCommand::Kv {
-                    clients,
-                    secs,
-                    key_size,
-                    value_size,
-                    endpoints,
-                    etcd_endpoints,
-                    data_dir,
-                    keep,
-                    no_etcd,
-                    sync_delay_us,
-                },
-        } => bench_kv::run(bench_kv::Options {
-            clients,
-            secs,
-            key_size,
-            value_size,
-            endpoints,
-            etcd_endpoints,
-            data_dir,
-            keep,
-            no_etcd,
-            sync_delay_us,
-        }),
+        Command::Bench { what: BenchCommand::Kv(o) } => bench_kv::run(o),
         Command::Bench { what: BenchCommand::Mr { size_mib, workers, texts, no_spark, keep } } => {
             bench::mapreduce(size_mib, workers, texts.as_deref(), !no_spark, keep)
         }

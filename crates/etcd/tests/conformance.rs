@@ -582,7 +582,7 @@ async fn same_responses_as_etcd() {
     let ops: usize = std::env::var("OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(1500);
     let seeds: Vec<u64> = match std::env::var("SEED").ok().and_then(|s| s.parse().ok()) {
         Some(s) => vec![s],
-        None => vec![1, 2, 3, 4],
+        None => (1..=8).collect(),
     };
     for seed in seeds {
         run_seed(seed, ops).await;
