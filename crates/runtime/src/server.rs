@@ -567,7 +567,8 @@ pub(crate) struct Identity {
 /// first asks the members listed in `--initial-cluster` to let it join (it must have been
 /// added), then writes what they told it. Once written, the file is who the server is: a
 /// restart ignores `--initial-cluster` (the membership has moved on in the log since), as
-/// etcd does, and refuses only what contradicts the file (another name, API or token).
+/// etcd does, and refuses only what contradicts the file (another name, API, peer URL or
+/// token) and a member whose Raft log is gone.
 fn identity(cfg: &ServeConfig, rt: &tokio::runtime::Runtime) -> Result<Identity, ServeError> {
     let path = cfg.data_dir.join("member");
     let member_file = std::fs::read_to_string(&path);
