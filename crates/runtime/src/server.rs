@@ -572,34 +572,15 @@ pub(crate) struct Identity {
 fn identity(cfg: &ServeConfig, rt: &tokio::runtime::Runtime) -> Result<Identity, ServeError> {
     let path = cfg.data_dir.join("member");
     let member_file = std::fs::read_to_string(&path);
-    if member_file.is_ok() && !cfg.data_dir.join("raft").join("raft.log").exists() {
-        // A member with its Raft state gone would start with no vote and no log: it could vote
-        // twice in a term, or count for entries it no longer holds.
-        return Err(ServeError::ForeignData {
-            dir: cfg.data_dir.clone(),
-            reason: "it names a member but holds no Raft log (raft/raft.log): that member's votes and \
-                     log are lost, and starting it without them could elect two leaders in one term. \
-                     Remove the member and add a new one (kv member remove / add); if this server's \
-                     very first start was interrupted, remove the data directory and start again"
-                .into(),
-        });
+    if member_file.is_ok() {
+        check_raft_log_kept(&cfg.data_dir)?;
     }
     match member_file {
         Ok(have) if have.lines().any(|l| l == "joined=1" || l.starts_with("member=")) => recorded_identity(cfg, &have),
-        Ok(_) => {
+        Ok(have) => {
             // Written before member files recorded the members: the flags must still describe
             // the cluster it was born in, and then the file says so itself.
-            check_member_file(cfg).map_err(|e| match e {
-                ServeError::ForeignData { dir, reason } => ServeError::ForeignData {
-                    dir,
-                    reason: format!(
-                        "{reason}. Its member file is an older sixfive's, which did not record the \
-                         members: start it once with its original --initial-cluster and \
-                         --initial-cluster-token, and later starts may leave them out"
-                    ),
-                },
-                e => e,
-            })?;
+            check_older_member_file(cfg, &have)?;
             write_member_file(&cfg.data_dir, &founding_record(cfg))?;
             Ok(born_identity(cfg))
         }
@@ -661,7 +642,7 @@ fn born_identity(cfg: &ServeConfig) -> Identity {
     }
 }
 
-/// What a founding member's `member` file records: [`check_member_file`]'s lines, the token
+/// What a founding member's `member` file records: [`member_header`]'s lines, the token
 /// and the initial members (`member=id=name=address`, as a joined member's file lists them).
 fn founding_record(cfg: &ServeConfig) -> String {
     let mut text = member_header(cfg);
@@ -754,24 +735,41 @@ fn member_header(cfg: &ServeConfig) -> String {
     text
 }
 
-/// Checks that the flags name the same cluster and member as the data directory's `member`
-/// file, or writes one that does (a shard server's, which records only these lines).
-fn check_member_file(cfg: &ServeConfig) -> Result<(), ServeError> {
-    let path = cfg.data_dir.join("member");
+/// Checks a member file of an older sixfive (only [`member_header`]'s lines, `have`): the
+/// flags must name the same cluster and member, as at its first start.
+fn check_older_member_file(cfg: &ServeConfig, have: &str) -> Result<(), ServeError> {
     let want = member_header(cfg);
-    match std::fs::read_to_string(&path) {
-        Ok(have) if have == want => Ok(()),
-        Ok(have) => Err(ServeError::ForeignData {
-            dir: cfg.data_dir.clone(),
-            reason: format!(
-                "it holds the data of [{}], but this server is [{}] (another cluster's data, or another member's)",
-                have.trim().replace('\n', " "),
-                want.trim().replace('\n', " ")
-            ),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_member_file(&cfg.data_dir, &want),
-        Err(e) => Err(io(format!("reading {}", path.display()))(e)),
+    if have == want {
+        return Ok(());
     }
+    Err(ServeError::ForeignData {
+        dir: cfg.data_dir.clone(),
+        reason: format!(
+            "it holds the data of [{}], but this server is [{}] (another cluster's data, or another \
+             member's). Its member file is an older sixfive's, which did not record the members: start \
+             it once with its original --initial-cluster and --initial-cluster-token, and later starts \
+             may leave them out",
+            have.trim().replace('\n', " "),
+            want.trim().replace('\n', " ")
+        ),
+    })
+}
+
+/// Refuses a data directory that names a member but has lost its Raft log: started without
+/// its vote and its log, a member could vote twice in a term, or count for entries it no
+/// longer holds.
+pub(crate) fn check_raft_log_kept(dir: &Path) -> Result<(), ServeError> {
+    if dir.join("raft").join("raft.log").exists() {
+        return Ok(());
+    }
+    Err(ServeError::ForeignData {
+        dir: dir.to_path_buf(),
+        reason: "it names a member but holds no Raft log (raft/raft.log): that member's votes and log \
+                 are lost, and starting it without them could elect two leaders in one term. Remove the \
+                 member and add a new one (or, for a shard group, rebuild the group); if this server's \
+                 very first start was interrupted, remove the data directory and start again"
+            .into(),
+    })
 }
 
 fn file_len(p: &Path) -> u64 {

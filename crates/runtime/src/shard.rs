@@ -622,7 +622,7 @@ fn check_member_file(cfg: &ShardServeConfig) -> Result<(), ServeError> {
     let want = cfg.member_line();
     let io = |what: String| move |source| ServeError::Io { what, source };
     match std::fs::read_to_string(&path) {
-        Ok(have) if have == want => Ok(()),
+        Ok(have) if have == want => crate::server::check_raft_log_kept(dir),
         Ok(have) => Err(ServeError::ForeignData {
             dir: dir.clone(),
             reason: format!(
@@ -839,5 +839,29 @@ mod tests {
         assert!(endpoint_of("[::1]:2380").is_err());
         assert!(endpoint_of("0.0.0.0:2380").is_err());
         assert!(endpoint_of_url("https://127.0.0.1:1").is_err());
+    }
+
+    /// A shard server's data directory is marked at the first start; a restart needs the same
+    /// member and its Raft log (one that lost it could vote twice in a term).
+    #[test]
+    fn a_member_without_its_raft_log_is_refused() {
+        let dir = std::env::temp_dir().join(format!("sixfive-shard-member-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut raw = crate::server::RawConfig::default();
+        raw.fill_from_toml(&format!(
+            "name = \"c1\"\ndata-dir = \"{}\"\nlisten-peer-urls = \"http://127.0.0.1:26100\"",
+            dir.display()
+        ))
+        .unwrap();
+        let cfg =
+            ShardServeConfig::new(ServeConfig::from_raw(&raw).unwrap(), ShardRole::Ctrler, None, Vec::new()).unwrap();
+        check_member_file(&cfg).unwrap();
+        let err = check_member_file(&cfg).unwrap_err().to_string();
+        assert!(err.contains("holds no Raft log"), "{err}");
+        std::fs::create_dir_all(dir.join("raft")).unwrap();
+        std::fs::write(dir.join("raft").join("raft.log"), b"").unwrap();
+        check_member_file(&cfg).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
