@@ -1477,6 +1477,10 @@ mod tests {
         std::fs::create_dir_all(dir.join("raft")).unwrap();
         std::fs::write(dir.join("raft").join("raft.log"), b"").unwrap();
         assert!(text.contains("token=t\n") && text.contains("member=3=n3=127.0.0.1:3\n"), "{text}");
+        // A sixfive member's file names no API (as older files, which compare whole); an etcd
+        // member's does.
+        assert!(!text.contains("api="), "{text}");
+        assert!(member_header(&cfg(&format!("{first}\napi = \"etcd\""))).contains("api=etcd\n"));
         let addrs = |who: &Identity| who.base.members.iter().map(|(i, p)| (*i, p.addr.clone())).collect::<Vec<_>>();
 
         // n3 was removed and n4, n5 added; n2 restarts with the list of today, in another
