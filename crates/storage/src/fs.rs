@@ -219,8 +219,7 @@ impl Fs for OsFs {
     /// One thread for the whole process frees everything released, in order.
     fn release(&self, garbage: Garbage<OsFile>) {
         type Free = Box<dyn FnOnce() + Send>;
-        static FREER: std::sync::OnceLock<Option<std::sync::Mutex<std::sync::mpsc::Sender<Free>>>> =
-            std::sync::OnceLock::new();
+        static FREER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Free>>> = std::sync::OnceLock::new();
         let freer = FREER.get_or_init(|| {
             let (tx, rx) = std::sync::mpsc::channel::<Free>();
             let spawned = std::thread::Builder::new().name("sixfive-free".into()).spawn(move || {
@@ -228,7 +227,7 @@ impl Fs for OsFs {
                     free();
                 }
             });
-            spawned.ok().map(|_| std::sync::Mutex::new(tx))
+            spawned.ok().map(|_| tx)
         });
         let free: Free = Box::new(move || {
             for f in &garbage.files {
@@ -237,9 +236,7 @@ impl Fs for OsFs {
             drop(garbage);
         });
         // If no thread could be started, the garbage is freed here.
-        if let Some(Err(std::sync::mpsc::SendError(free))) =
-            freer.as_ref().map(|tx| tx.lock().unwrap_or_else(|e| e.into_inner()).send(free))
-        {
+        if let Some(Err(std::sync::mpsc::SendError(free))) = freer.as_ref().map(|tx| tx.send(free)) {
             free();
         }
     }
